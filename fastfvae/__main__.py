@@ -1,0 +1,5 @@
+import sys
+
+from fastfvae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""Shared test set-up.
+
+On a machine without CUDA, Triton kernels run under Triton's interpreter: the variable
+must be set before any kernel module is imported, so it is set here, first.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout (CI always has it); skip where it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: shared calibration/parity data not available here")
+    return SHARED
