@@ -1,0 +1,6 @@
+"""Loss terms (plain torch reference formulas): VAE terms and FactorVAE's total correlation."""
+
+from fastfvae.objectives.total_correlation import (  # noqa: F401
+    discriminator_accuracy, discriminator_loss, factor_vae_loss, permute_dims, tc_estimate,
+)
+from fastfvae.objectives.vae import beta_vae_loss, gaussian_kl, kl_loss, recon_loss, reparameterize  # noqa: F401

@@ -1,0 +1,3 @@
+"""Training: the config, the reference step, the loop, checkpoints."""
+
+from fastfvae.train.config import PRESETS, TrainConfig, preset  # noqa: F401

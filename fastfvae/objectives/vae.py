@@ -1,0 +1,35 @@
+"""The VAE terms: reparameterisation, Bernoulli reconstruction loss, Gaussian KL, beta-VAE loss.
+
+Plain torch: these are the reference formulas the fused ops (`fastfvae.ops`) are checked against.
+All losses are summed over pixels / latent dims and averaged over the batch (nats per image).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + eps * exp(logvar / 2), with caller-supplied noise eps ~ N(0, I) of mu's shape."""
+    return mu + eps * torch.exp(0.5 * logvar)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(N(mu, diag exp(logvar)) || N(0, I)) summed over dims: [B]."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1)
+
+
+def kl_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL to the prior, summed over latent dims, averaged over the batch (scalar)."""
+    return gaussian_kl(mu, logvar).mean()
+
+
+def recon_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bernoulli negative log-likelihood: BCE-with-logits summed over pixels, averaged over the batch."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+def beta_vae_loss(recon: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta-VAE (Higgins et al. 2017; Kim & Mnih Eq. 2 negated): recon + beta * KL."""
+    return recon + beta * kl

@@ -1,0 +1,195 @@
+"""`TrainConfig`: every setting of a training run in one dataclass, defaults from the paper.
+
+Sources: Kim & Mnih, "Disentangling by Factorising" (ICML 2018; the seed text in
+``shared/seed``, §6) for the architecture, gamma = 35 and the discriminator; the paper's
+appendix settings as restated in issue 3 for Adam (VAE lr 1e-4, betas (0.9, 0.999); D lr 1e-4,
+betas (0.5, 0.9)), batch 64 and 3e5 iterations; Algorithm 1 for the second batch of permuted
+codes. The CLI maps its flags onto these fields; the resolved config is written as
+``config.json`` in the run folder and inside every checkpoint, and restored on resume.
+
+Presets (`preset(name)`):
+
+- ``paper``: the seed's §6 run: FactorVAE, gamma 35, D 6 x 1000, **5** D updates per VAE
+  update, batch 64, z 10, 300k steps, permuted codes from a second batch (Algorithm 1).
+- ``dlib``: disentanglement_lib's shared settings for its FactorVAE models: batch 64, z 10,
+  300k steps, encoder/decoder FC width 256, 1 D update, permuted codes from the *same* batch
+  (dlib permutes the codes of the batch it trains the VAE on). dlib sweeps gamma over
+  10..100; gamma stays 35 unless ``--gamma`` is given.
+
+The defaults equal ``paper`` except ``d_steps = 1`` (the common choice; the seed notes that
+fewer D updates "work fine"), which makes a default step ~3x cheaper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastfvae.errors import FastFVAEError
+
+MODELS = ("factorvae", "betavae")
+PERM_BATCHES = ("second", "same")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Every field has the paper's default; see the module docstring for sources."""
+
+    # --- objective ---------------------------------------------------------------------------
+    #: "factorvae" (recon + KL + gamma * TC, with a discriminator) or "betavae" (recon + beta * KL).
+    model: str = "factorvae"
+    #: FactorVAE's TC weight (seed §6: 35; the full paper sweeps 10..100).
+    gamma: float = 35.0
+    #: beta-VAE's KL weight (used only with model="betavae"; 4 is Higgins et al.'s dSprites choice).
+    beta: float = 4.0
+
+    # --- architecture ------------------------------------------------------------------------
+    #: Latent dimensions (paper: 10).
+    z_dim: int = 10
+    #: Width of the encoder's / decoder's fully connected layer (paper: 128; dlib: 256).
+    fc_dim: int = 128
+    #: Discriminator hidden width and number of hidden layers (seed §6: 6 layers of 1000).
+    d_hidden: int = 1000
+    d_layers: int = 6
+    #: Discriminator LeakyReLU negative slope (paper: 0.2).
+    d_slope: float = 0.2
+
+    # --- optimisation ------------------------------------------------------------------------
+    #: Number of VAE updates (paper: 3e5 iterations).
+    steps: int = 300_000
+    #: Images per batch (paper: 64). At least 2: permuting dimensions across a batch needs 2 rows.
+    batch_size: int = 64
+    #: Discriminator updates per VAE update (seed §6 used 5; 1 is the common choice).
+    d_steps: int = 1
+    #: Where the permuted codes come from: "second" = a second, independent batch (paper's
+    #: Algorithm 1, 1Konny), "same" = the batch the VAE step used (disentanglement_lib).
+    perm_batch: str = "second"
+    #: VAE Adam learning rate and betas (paper: 1e-4, (0.9, 0.999)).
+    vae_lr: float = 1e-4
+    vae_betas: tuple[float, float] = (0.9, 0.999)
+    #: Discriminator Adam learning rate and betas (paper: 1e-4, (0.5, 0.9)).
+    d_lr: float = 1e-4
+    d_betas: tuple[float, float] = (0.5, 0.9)
+    #: Adam epsilon for both optimisers (Adam's / TensorFlow's default).
+    adam_eps: float = 1e-8
+
+    # --- run ---------------------------------------------------------------------------------
+    #: Seeds the model initialisation, the batch order (EpochSampler) and the step noise generator.
+    seed: int = 0
+    #: dSprites file (.npz or .hdf5); None = `fastfvae.data.load_dsprites()`'s default (cached
+    #: real file, else the procedural set).
+    data: str | None = None
+    #: "auto" (cuda if available, else cpu), "cpu" or "cuda".
+    device: str = "auto"
+    #: Run folder: config.json, train_log.jsonl, checkpoints, figures.
+    out: str = "runs/fastfvae"
+    #: Write a checkpoint every N steps (and always at the end); 0 = only at the end.
+    ckpt_every: int = 10_000
+    #: Log a JSONL line / refresh the progress numbers every N steps.
+    log_every: int = 100
+    #: The preset the config started from (recorded for the record only).
+    preset: str | None = None
+
+    # --- fast path / evaluation (their semantics live in fastfvae.fast / fastfvae.metrics) ------
+    #: Use the fast compiled step instead of the reference step.
+    fast: bool = False
+    #: Batch loader for the fast path.
+    loader: str = "torch"
+    #: Arithmetic precision for the fast path ("fp32" for the reference step).
+    precision: str = "fp32"
+    #: Evaluate disentanglement metrics every N steps (0 = never during training).
+    eval_every: int = 0
+
+    #: Test hook, never set by the CLI: make the loss NaN at this step (checks the NaN guard).
+    debug_nan_at_step: int | None = field(default=None, repr=False)
+
+    # -------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise FastFVAEError (one line) for any out-of-range setting; returns self."""
+        def bad(name: str, value: Any, expected: str) -> FastFVAEError:
+            return FastFVAEError(f"{name} must be {expected}, got {value!r}")
+
+        if self.model not in MODELS:
+            raise bad("model", self.model, " or ".join(MODELS))
+        if self.perm_batch not in PERM_BATCHES:
+            raise bad("perm-batch", self.perm_batch, " or ".join(PERM_BATCHES))
+        if self.device not in DEVICES:
+            raise bad("device", self.device, ", ".join(DEVICES))
+        for name in ("gamma", "beta", "d_slope"):
+            value = getattr(self, name)
+            if not (value >= 0.0 and value != float("inf")):
+                raise bad(name.replace("_", "-"), value, "a finite number >= 0")
+        for name in ("vae_lr", "d_lr", "adam_eps"):
+            if not getattr(self, name) > 0.0:
+                raise bad(name.replace("_", "-"), getattr(self, name), "> 0")
+        for name in ("vae_betas", "d_betas"):
+            betas = tuple(getattr(self, name))
+            if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+                raise bad(name.replace("_", "-"), betas, "two numbers in [0, 1)")
+        if self.batch_size < 2:
+            raise bad("batch-size", self.batch_size, ">= 2 (permuting codes across a batch needs 2 rows)")
+        minimum = {"z_dim": 1, "fc_dim": 1, "d_hidden": 1, "d_layers": 1, "d_steps": 1, "steps": 0,
+                   "ckpt_every": 0, "log_every": 1, "eval_every": 0}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise bad(name.replace("_", "-"), value, f"an integer >= {low}")
+        return self
+
+    # --- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("debug_nan_at_step")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FastFVAEError(f"unknown config field(s) {', '.join(unknown)}; expected fields of TrainConfig")
+        kwargs = {k: tuple(v) if k in ("vae_betas", "d_betas") else v for k, v in d.items()}
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+#: Fields a resumed run may change; every other field must match the checkpoint's config.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "data", "device", "out", "ckpt_every", "log_every", "preset",
+    "fast", "loader", "precision", "eval_every", "debug_nan_at_step",
+})
+
+
+def resume_conflicts(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Names of the fields where ``requested`` differs from the checkpoint's ``saved`` config
+    in a way a resumed run cannot honour (anything but `RESUMABLE_CHANGES`)."""
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(requested)
+    return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
+
+
+def _paper() -> TrainConfig:
+    return TrainConfig(model="factorvae", gamma=35.0, d_steps=5, steps=300_000, batch_size=64,
+                       z_dim=10, perm_batch="second", preset="paper")
+
+
+def _dlib() -> TrainConfig:
+    return TrainConfig(model="factorvae", d_steps=1, steps=300_000, batch_size=64, z_dim=10,
+                       fc_dim=256, perm_batch="same", preset="dlib")
+
+
+PRESETS = {"paper": _paper, "dlib": _dlib}
+
+
+def preset(name: str) -> TrainConfig:
+    """The named preset's config (FastFVAEError for an unknown name)."""
+    if name not in PRESETS:
+        raise FastFVAEError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()

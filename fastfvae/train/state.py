@@ -1,0 +1,107 @@
+"""The mutable state of a run: models, optimisers, the noise generator, the batch sampler, the step.
+
+Everything a checkpoint must hold to continue a run bit-exactly lives here (plus the global
+RNG states, which `fastfvae.train.checkpoint` adds). Initialisation is deterministic:
+``torch.manual_seed(cfg.seed)`` then the VAE, then the discriminator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from fastfvae.data.sampling import EpochSampler
+from fastfvae.errors import FastFVAEError
+from fastfvae.models import VAE, Discriminator
+from fastfvae.train.config import TrainConfig
+
+
+class Models(NamedTuple):
+    vae: VAE
+    disc: Discriminator | None  # None for beta-VAE
+
+
+class Optimizers(NamedTuple):
+    vae: torch.optim.Adam
+    disc: torch.optim.Adam | None
+
+
+def noise_seed(seed: int) -> int:
+    """Seed of the step-noise generator, derived from (and decorrelated from) the run seed."""
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastFVAEError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def build_models(cfg: TrainConfig, device: torch.device | str = "cpu") -> Models:
+    """Fresh models, initialised from ``cfg.seed`` (VAE first, then D)."""
+    torch.manual_seed(cfg.seed)
+    vae = VAE(cfg.z_dim, cfg.fc_dim).to(device)
+    disc = None
+    if cfg.model == "factorvae":
+        disc = Discriminator(cfg.z_dim, cfg.d_hidden, cfg.d_layers, cfg.d_slope).to(device)
+    return Models(vae, disc)
+
+
+def build_optimizers(cfg: TrainConfig, models: Models) -> Optimizers:
+    """Adam for the VAE (encoder + decoder) and, for FactorVAE, a separate Adam for D."""
+    vae_opt = torch.optim.Adam(models.vae.parameters(), lr=cfg.vae_lr, betas=tuple(cfg.vae_betas), eps=cfg.adam_eps)
+    disc_opt = None
+    if models.disc is not None:
+        disc_opt = torch.optim.Adam(models.disc.parameters(), lr=cfg.d_lr, betas=tuple(cfg.d_betas), eps=cfg.adam_eps)
+    return Optimizers(vae_opt, disc_opt)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training. ``step`` = VAE updates done so far."""
+
+    cfg: TrainConfig
+    models: Models
+    optims: Optimizers
+    generator: torch.Generator  # CPU generator for all step noise (eps, eps2, permutation keys)
+    sampler: EpochSampler
+    device: torch.device
+    step: int = 0
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, num_rows: int, device: torch.device | str = "cpu") -> "TrainState":
+        device = torch.device(device)
+        models = build_models(cfg, device)
+        generator = torch.Generator().manual_seed(noise_seed(cfg.seed))
+        sampler = EpochSampler(num_rows, cfg.batch_size, seed=cfg.seed)
+        return cls(cfg, models, build_optimizers(cfg, models), generator, sampler, device)
+
+    def state_dict(self) -> dict:
+        """Models, optimisers, generator, sampler and step (tensors stay on their device)."""
+        m, o = self.models, self.optims
+        return {
+            "step": self.step,
+            "vae": m.vae.state_dict(),
+            "disc": None if m.disc is None else m.disc.state_dict(),
+            "vae_opt": o.vae.state_dict(),
+            "disc_opt": None if o.disc is None else o.disc.state_dict(),
+            "generator": self.generator.get_state(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        m, o = self.models, self.optims
+        m.vae.load_state_dict(state["vae"])
+        o.vae.load_state_dict(state["vae_opt"])
+        if m.disc is not None:
+            m.disc.load_state_dict(state["disc"])
+            o.disc.load_state_dict(state["disc_opt"])
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
