@@ -69,6 +69,15 @@ def test_resume_mid_epoch_on_any_kind(data, reference, kind, resume_kind):
     second.close()
 
 
+def test_resume_from_a_bare_epoch_sampler_state(data, reference):
+    sampler = EpochSampler(N, B, SEED)
+    for _ in range(3):
+        sampler.next_rows()
+    loader = make_loader("dali", data, B, 0)
+    loader.load_state_dict(sampler.state_dict())  # as the reference loop checkpoints it
+    assert np.array_equal(np.asarray(loader.next_batch_with_rows()[1]), reference[3])
+
+
 @pytest.mark.parametrize("kind", LOADER_KINDS)
 def test_rewind_a_running_loader(data, reference, kind):
     loader = make_loader(kind, data, B, SEED)

@@ -117,6 +117,9 @@ class BatchLoader:
         return {"order": self.order, "sampler": self._position.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from a loader's `state_dict`, or from a bare `EpochSampler.state_dict()`."""
+        if "num_rows" in state:  # a bare EpochSampler state (the reference loop's checkpoint)
+            state = {"order": "epoch", "sampler": state}
         if state.get("order", "epoch") != self.order:
             raise FastFVAEError(
                 f"loader state is for the {state.get('order')!r} row order, this loader uses {self.order!r}"

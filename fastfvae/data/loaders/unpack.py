@@ -12,11 +12,33 @@ import torch
 IMAGE_SIZE = 64
 
 
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """float32 [256, 8]: the 8 bits (MSB first) of every byte value."""
+    table = _BIT_TABLES.get(device)
+    if table is None:
+        values = torch.arange(256, dtype=torch.int64).unsqueeze(-1)
+        table = ((values >> torch.arange(7, -1, -1)) & 1).to(device=device, dtype=torch.float32)
+        _BIT_TABLES[device] = table
+    return table
+
+
 def unpack_bits(packed_rows: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 512] bit-packed rows -> float32 [B, 1, 64, 64] in {0., 1.}, on the same device."""
-    shifts = torch.arange(7, -1, -1, device=packed_rows.device, dtype=torch.uint8)
-    bits = (packed_rows.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed_rows.shape[0], 1, IMAGE_SIZE, IMAGE_SIZE).to(torch.float32)
+    """uint8 [B, 512] bit-packed rows -> float32 [B, 1, 64, 64] in {0., 1.}, on the same device.
+
+    Under ``torch.compile`` this is a broadcast shift by 7..0, ``& 1`` and a cast, which
+    Inductor fuses into one kernel; eagerly, a lookup in a [256, 8] table of bits does the
+    same in two kernels (about 4x faster on the CPU than the unfused shifts). Same result.
+    """
+    n = packed_rows.shape[0]
+    if torch.compiler.is_compiling():
+        shifts = torch.arange(7, -1, -1, device=packed_rows.device, dtype=torch.uint8)
+        bits = ((packed_rows.unsqueeze(-1) >> shifts) & 1).to(torch.float32)
+    else:
+        bits = _bit_table(packed_rows.device).index_select(0, packed_rows.reshape(-1).to(torch.int64))
+    return bits.reshape(n, 1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def gather_unpack(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
