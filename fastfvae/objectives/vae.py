@@ -15,9 +15,14 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) ->
     return mu + eps * torch.exp(0.5 * logvar)
 
 
+def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_j, exp(logvar_j)) || N(0, 1)) of every sample and dim: [B, D]."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Per-sample KL(N(mu, diag exp(logvar)) || N(0, I)) summed over dims: [B]."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1)
+    return gaussian_kl_per_dim(mu, logvar).sum(dim=1)
 
 
 def kl_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -69,10 +69,21 @@ def holds_run(out: Path) -> bool:
     return (out / CONFIG_NAME).exists() or (out / CHECKPOINT_NAME).exists()
 
 
-def prepare_out(out: Path, resuming_in_place: bool) -> None:
-    """Create ``out`` and check it is writable and free (FastFVAEError otherwise); writes nothing."""
+def check_out(out: Path, resuming_in_place: bool) -> None:
+    """FastFVAEError unless ``out`` can hold a new run (or is the run being resumed); no side effects."""
+    if out.exists() and not out.is_dir():
+        raise FastFVAEError(f"cannot write to --out {out}: it exists and is not a directory")
     if holds_run(out) and not resuming_in_place:
         raise FastFVAEError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FastFVAEError(f"cannot write to --out {out}: {ancestor} is not a writable directory")
+
+
+def make_out(out: Path) -> None:
+    """Create ``out`` and prove it is writable (FastFVAEError otherwise)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -132,15 +143,17 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
             raise FastFVAEError(f"the checkpoint is already at step {done} of --steps {cfg.steps}; "
                                 f"pass a larger --steps to train further")
     in_place = resume is not None and out.resolve() == checkpoint_path(resume).parent.resolve()
-    prepare_out(out, in_place)
-    if data is None:
-        data = load_training_data(cfg.data)
+    check_out(out, in_place)
+    device = resolve_device(cfg.device)
     if step_builder is None:
         if cfg.fast:
             raise FastFVAEError("cfg.fast needs the fast path's step_builder (the CLI passes it)")
         step_builder = make_reference_step
+    if data is None:
+        data = load_training_data(cfg.data)
+    make_out(out)
 
-    state = TrainState.create(cfg, len(data), resolve_device(cfg.device))
+    state = TrainState.create(cfg, len(data), device)
     log = MetricLog(out)
     elapsed0 = 0.0
     if payload is not None:

@@ -1,0 +1,136 @@
+"""`fastfvae train`: train FactorVAE or beta-VAE on dSprites, then draw the run's figures.
+
+Flags map onto `fastfvae.train.config.TrainConfig` fields; a flag left out keeps the value
+of the preset (``--preset``), of the resumed checkpoint (``--resume``), or the paper default.
+Extension points for other parts: `add_arguments` (more flags), `overrides_from_args`
+(flag -> field), `step_builder_for` (the step implementation), `callbacks_for` (per-step hooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastfvae.train.checkpoint import checkpoint_path, config_of, load_checkpoint
+from fastfvae.train.config import MODELS, PERM_BATCHES, PRESETS, TrainConfig, preset
+from fastfvae.train.loop import RunResult, TrainingDiverged, run_training
+from fastfvae.train.progress import LOG_NAME, read_log
+
+DEFAULTS = TrainConfig()
+
+DESCRIPTION = """\
+Train FactorVAE (Kim & Mnih 2018) or beta-VAE on dSprites.
+
+Without --data it uses the cached real dSprites file if there is one, else the procedural
+dSprites (identical content, rendered on the fly). Writes into --out: config.json,
+train_log.jsonl, checkpoint.pt, reconstructions.png, traversals.png, traversals.gif and
+loss_curves.png. Ctrl-C saves a checkpoint; --resume continues a run bit-exactly (CPU).
+"""
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The train flags. Choices are checked by TrainConfig.validate / preset(), not argparse, so a
+    bad value is a one-line FastFVAEError (exit 2) like every other bad input."""
+    d = DEFAULTS
+    p.add_argument("--model", metavar="{" + ",".join(MODELS) + "}", default=None,
+                   help=f"factorvae: recon + KL + gamma*TC with a discriminator; betavae: recon + beta*KL "
+                        f"(default {d.model})")
+    p.add_argument("--gamma", type=float, default=None, help=f"FactorVAE TC weight, >= 0 (default {d.gamma:g})")
+    p.add_argument("--beta", type=float, default=None, help=f"beta-VAE KL weight, >= 0 (default {d.beta:g})")
+    p.add_argument("--steps", type=int, default=None, help=f"total VAE updates (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per batch, >= 2 (default {d.batch_size})")
+    p.add_argument("--z-dim", type=int, default=None, help=f"latent dimensions, >= 1 (default {d.z_dim})")
+    p.add_argument("--d-steps", type=int, default=None,
+                   help=f"discriminator updates per VAE update (default {d.d_steps}; the paper preset uses 5)")
+    p.add_argument("--perm-batch", metavar="{" + ",".join(PERM_BATCHES) + "}", default=None,
+                   help="where D's permuted codes come from: 'second' = a second batch (paper's Algorithm 1), "
+                        f"'same' = the VAE's batch (disentanglement_lib) (default {d.perm_batch})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed for init, batch order and noise (default {d.seed})")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="dSprites .npz/.hdf5 file (default: cached real file, else procedural dSprites)")
+    p.add_argument("--device", metavar="{auto,cpu,cuda}", default=None,
+                   help=f"where to train; auto = cuda if available (default {d.device})")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"run folder; must not hold a run unless resuming (default {d.out}; "
+                        "with --resume: the resumed run's folder)")
+    p.add_argument("--ckpt-every", type=int, default=None, metavar="N",
+                   help=f"checkpoint every N steps, 0 = only at the end (default {d.ckpt_every})")
+    p.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help=f"log a JSONL line every N steps (default {d.log_every})")
+    p.add_argument("--resume", default=None, metavar="DIR|CKPT",
+                   help="continue the run in DIR (or from checkpoint file CKPT) with its saved config; "
+                        "only --steps, --out, --data, --device, --ckpt-every, --log-every may change")
+    p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", default=None,
+                   help="start from a named config: paper (seed §6: gamma 35, 5 D steps, second batch, "
+                        "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given explicitly on the command line (flag dest == field name)."""
+    fields = TrainConfig.__dataclass_fields__
+    return {dest: value for dest, value in vars(args).items() if dest in fields and value is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset / resumed config / defaults, then the explicit flags on top; validated."""
+    if args.preset is not None:
+        base = preset(args.preset)
+    elif args.resume is not None:
+        base = config_of(load_checkpoint(args.resume))
+    else:
+        base = TrainConfig()
+    overrides = overrides_from_args(args)
+    if args.resume is not None and "out" not in overrides:
+        overrides["out"] = str(checkpoint_path(args.resume).parent)
+    return base.replace(**overrides).validate()
+
+
+def step_builder_for(cfg: TrainConfig):
+    """The step implementation for ``cfg``: None = the reference step."""
+    if cfg.fast:
+        from fastfvae.fast import make_fast_step
+
+        return make_fast_step
+    return None
+
+
+def callbacks_for(cfg: TrainConfig, args: argparse.Namespace) -> list:
+    """Per-step callbacks (e.g. periodic evaluation); none by default."""
+    return []
+
+
+def write_outputs(result: RunResult, args: argparse.Namespace) -> None:
+    from fastfvae.viz.figures import write_run_figures
+
+    if args.no_figures:
+        return
+    records = read_log(result.out / LOG_NAME) if (result.out / LOG_NAME).exists() else []
+    paths = write_run_figures(result.state.models.vae, result.data, result.out, records)
+    print(f"figures: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        result = run_training(cfg, resume=args.resume, step_builder=step_builder_for(cfg),
+                              callbacks=callbacks_for(cfg, args), progress=not args.no_progress)
+    except TrainingDiverged as exc:
+        print(f"fastfvae: error: {exc}", file=sys.stderr)
+        return 1
+    step = result.state.step
+    if result.status == "interrupted":
+        print(f"fastfvae: interrupted at step {step}; checkpoint saved to {result.checkpoint} "
+              f"(continue with: fastfvae train --resume {result.out})", file=sys.stderr)
+        return 130
+    print(f"trained {cfg.model} for {step} steps; checkpoint: {result.checkpoint}", file=sys.stderr)
+    write_outputs(result, args)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train FactorVAE / beta-VAE on dSprites", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,42 @@
+"""`fastfvae traverse CKPT`: redraw a run's figures (reconstructions, traversals PNG/GIF, loss curves)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastfvae.train.checkpoint import checkpoint_path, load_models
+from fastfvae.train.loop import load_training_data, make_out
+from fastfvae.train.progress import LOG_NAME, read_log
+
+DESCRIPTION = """\
+Draw the figures of a trained model: reconstructions.png, traversals.png (each latent dim
+swept over [-3, 3] around a few fixed images, one row per dim, dims ordered by KL),
+traversals.gif, and loss_curves.png when the run's train_log.jsonl is beside the checkpoint.
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastfvae.viz.figures import write_run_figures
+
+    vae, _, cfg = load_models(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint_path(args.checkpoint).parent
+    data = load_training_data(args.data if args.data is not None else cfg.data)
+    make_out(out)
+    log = checkpoint_path(args.checkpoint).parent / LOG_NAME
+    records = read_log(log) if log.exists() else None
+    paths = write_run_figures(vae, data, out, records, num_images=args.images)
+    print(f"figures: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("traverse", help="draw a checkpoint's reconstructions and latent traversals",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CKPT", help="a run folder or a checkpoint.pt file")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write the figures (default: the run folder)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="dSprites file for the images shown (default: the run's --data, else the default set)")
+    p.add_argument("--images", type=int, default=3, metavar="N", help="fixed images in the traversals (default 3)")
+    p.set_defaults(func=run)

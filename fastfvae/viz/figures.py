@@ -1,0 +1,134 @@
+"""The figures a run is judged by: reconstructions, latent traversals (PNG + GIF), loss curves.
+
+`write_run_figures(vae, data, out)` writes, into ``out``:
+
+- ``reconstructions.png``: pairs of rows, originals above their reconstructions sigmoid(dec(mu(x))).
+- ``traversals.png``: one panel per fixed image; in each, one row per latent dim, ordered by
+  decreasing mean KL (the informative dims first; the KL of each is in the row label), each dim
+  swept over [-3, 3] with the other dims at the image's posterior mean.
+- ``traversals.gif``: the same sweeps animated (-3 -> 3 -> -3): rows = fixed images,
+  columns = dims in KL order.
+- ``loss_curves.png``: the JSONL log's curves (loss, recon, KL, TC, D accuracy) against steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fastfvae.viz.decode import kl_per_dim, reconstructions, traversals  # noqa: E402
+from fastfvae.viz.grids import tile, to_uint8  # noqa: E402
+
+SWEEP = np.linspace(-3.0, 3.0, 10)
+GIF_SWEEP = np.linspace(-3.0, 3.0, 16)
+
+
+def fixed_rows(data, count: int) -> np.ndarray:
+    """Rows of the images to show: on the full dSprites, one centred image per shape (large,
+    unrotated) then random ones; otherwise ``count`` rows drawn with a fixed seed."""
+    n = len(data)
+    rng = np.random.default_rng(0)
+    if getattr(data, "is_full", False):
+        # (shape, scale, orientation, posX, posY) over the 5 varying factors
+        shapes = np.array([[s, 5, 0, 16, 16] for s in range(3)])
+        picked = list(data.rows_from_factors(shapes))
+        rest = [int(r) for r in rng.choice(n, count, replace=False) if r not in picked]
+        return np.array((picked + rest)[:count], dtype=np.int64)
+    return np.sort(rng.choice(n, min(count, n), replace=False)).astype(np.int64)
+
+
+def save_reconstruction_grid(vae, images, path: Path, cols: int = 8) -> Path:
+    """Originals over reconstructions, ``cols`` per row (images [n, 1, 64, 64], n multiple of cols)."""
+    originals = images[:, 0].float().numpy()
+    recons = reconstructions(vae, images)
+    rows = []
+    for start in range(0, len(originals), cols):
+        rows += [originals[start:start + cols], recons[start:start + cols]]
+    grid = tile(np.stack(rows), pad=2)
+    Image.fromarray(to_uint8(grid, scale=2)).save(path)
+    return path
+
+
+def save_traversal_png(sweeps: np.ndarray, dims: np.ndarray, kls: np.ndarray, path: Path) -> Path:
+    """sweeps [n_images, n_dims, n_values, H, W] -> one labelled panel per image."""
+    n_img, n_dims, n_val, h, w = sweeps.shape
+    panels = [tile(sweeps[i], pad=2) for i in range(n_img)]
+    ph, pw = panels[0].shape
+    dpi = 100
+    fig_w = (n_img * pw + (n_img - 1) * 20 + 90) / dpi
+    fig_h = (ph + 60) / dpi
+    fig, axes = plt.subplots(1, n_img, figsize=(fig_w, fig_h), dpi=dpi, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(panels[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([(w + 2) * j + w / 2 for j in (0, n_val - 1)], [f"{SWEEP[0]:+.0f}", f"{SWEEP[-1]:+.0f}"],
+                      fontsize=7)
+        ax.set_yticks([(h + 2) * r + h / 2 for r in range(n_dims)])
+        ax.set_yticklabels([f"z{d} KL {k:.2f}" for d, k in zip(dims, kls[dims])] if i == 0 else [], fontsize=7)
+        ax.set_title(f"image {i + 1}", fontsize=8)
+    fig.suptitle("latent traversals (rows: dims by decreasing KL; columns: value -3 .. +3)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_traversal_gif(sweeps: np.ndarray, path: Path, ms_per_frame: int = 120) -> Path:
+    """sweeps [n_images, n_dims, n_frames, H, W] -> GIF; frame t shows every (image, dim) at value t."""
+    n_frames = sweeps.shape[2]
+    order = list(range(n_frames)) + list(range(n_frames - 2, 0, -1))  # ping-pong
+    frames = [Image.fromarray(to_uint8(tile(sweeps[:, :, t], pad=2), scale=2)) for t in order]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    return path
+
+
+def save_loss_curves(records: list[dict], path: Path) -> Path:
+    """Plot each logged metric against step (metrics absent from the log are skipped)."""
+    panels = [("loss", "VAE loss"), ("recon", "reconstruction (nats/image)"), ("kl", "KL (nats)"),
+              ("tc", "TC estimate"), ("d_acc", "discriminator accuracy")]
+    panels = [(k, t) for k, t in panels if any(r.get(k) is not None for r in records)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 2.8), dpi=100,
+                             squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no logged steps", ha="center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_run_figures(vae, data, out, records: list[dict] | None = None, num_images: int = 3,
+                      num_recons: int = 16, kl_rows: int = 1024) -> dict[str, Path]:
+    """Write the four figures into ``out``; returns {name: path}. ``records``: the JSONL log."""
+    out = Path(out)
+    was_training = vae.training
+    vae.eval()
+    try:
+        rng = np.random.default_rng(1)
+        kl_images = data.float_batch(np.sort(rng.choice(len(data), min(kl_rows, len(data)), replace=False)))
+        kls = kl_per_dim(vae, kl_images)
+        dims = np.argsort(-kls, kind="stable")
+        shown = data.float_batch(fixed_rows(data, num_images))
+        recon_rows = np.sort(rng.choice(len(data), min(num_recons, len(data)), replace=False))
+        paths = {
+            "reconstructions": save_reconstruction_grid(vae, data.float_batch(recon_rows), out / "reconstructions.png"),
+            "traversals": save_traversal_png(traversals(vae, shown, dims, SWEEP), dims, kls, out / "traversals.png"),
+            "traversals_gif": save_traversal_gif(traversals(vae, shown, dims, GIF_SWEEP), out / "traversals.gif"),
+        }
+        if records is not None:
+            paths["loss_curves"] = save_loss_curves(records, out / "loss_curves.png")
+        return paths
+    finally:
+        vae.train(was_training)
