@@ -8,6 +8,7 @@ from scipy.stats import chisquare
 from fastfvae.data import DSprites, pack_images
 from fastfvae.data.dsprites import FACTOR_SIZES, NUM_IMAGES, classes_of
 from fastfvae.data.loaders import gather_unpack, make_loader, uniform_rows, unpack_bits
+from fastfvae.data.loaders.unpack import _bit_table
 
 N = 300
 
@@ -23,9 +24,13 @@ def test_unpack_bits_matches_numpy():
     images[0] = 0
     images[1] = 1
     images[2, 0, :8] = [1, 0, 0, 0, 0, 0, 0, 1]  # MSB-first bit order within a byte
-    out = unpack_bits(torch.from_numpy(pack_images(images)))
+    packed = torch.from_numpy(pack_images(images))
+    out = unpack_bits(packed)
     assert out.dtype == torch.float32 and out.shape == (5, 1, 64, 64)
     assert np.array_equal(out.numpy()[:, 0], images.astype(np.float32))
+    # The bit-table path eager GPU runs take, here on the CPU.
+    table = _bit_table(torch.device("cpu")).index_select(0, packed.reshape(-1).long())
+    assert torch.equal(table.reshape(out.shape), out)
 
 
 def test_gather_unpack_is_one_graph_without_host_sync(data):
@@ -37,6 +42,10 @@ def test_gather_unpack_is_one_graph_without_host_sync(data):
     # The traced (shift-and-mask) path and the eager (bit-table) path agree with numpy.
     assert torch.equal(compiled(packed, rows), data.float_batch(rows.numpy()))
     assert torch.equal(gather_unpack(packed, rows), data.float_batch(rows.numpy()))
+    # In-graph random rows (the default generator: Dynamo cannot trace a torch.Generator).
+    drawn = torch.compile(lambda p: gather_unpack(p, uniform_rows(N, 8, p.device)), fullgraph=True,
+                          backend="aot_eager")(packed)
+    assert drawn.shape == (8, 1, 64, 64) and set(drawn.unique().tolist()) <= {0.0, 1.0}
 
 
 @pytest.mark.slow

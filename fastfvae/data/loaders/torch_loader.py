@@ -2,14 +2,17 @@
 
 The batch sampler is an `EpochSampler` (infinite; epochs roll over), the dataset fetches a
 whole batch at once (``__getitems__``) as ``DSprites.float_batch`` of its rows (numpy
-unpacking on the host), ``num_workers`` worker processes (0 by default), ``pin_memory`` when
-the target is CUDA. Workers run ahead (``prefetch_factor`` batches each), so the loader tracks
-the consumed position itself and restarts the DataLoader iterator on ``load_state_dict``.
-Worker processes are forked by default on Linux: create the loader before CUDA is
-initialised, or pass ``multiprocessing_context="spawn"``.
+unpacking on the host), ``num_workers`` worker processes (default 0 on the CPU, up to 4 for
+a GPU), ``pin_memory`` when the target is CUDA. Workers run ahead (``prefetch_factor``
+batches each), so the loader tracks the consumed position itself and restarts the
+DataLoader iterator on ``load_state_dict``. Workers are forked (Linux default) and touch only
+numpy, never CUDA, so forking after CUDA is initialised is safe; ``multiprocessing_context=
+"spawn"`` is available where fork is not.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -43,11 +46,13 @@ def _as_is(batch):
 class TorchLoader(BatchLoader):
     kind = "torch"
 
-    def __init__(self, data, batch_size: int, seed: int = 0, device="cpu", num_workers: int = 0,
+    def __init__(self, data, batch_size: int, seed: int = 0, device="cpu", num_workers: int | None = None,
                  prefetch_factor: int = 2, multiprocessing_context=None):
+        super().__init__(data, batch_size, seed, device)
+        if num_workers is None:  # the CPU trains on every core; a GPU run can spare some
+            num_workers = 0 if self.device.type == "cpu" else min(4, os.cpu_count() or 1)
         if num_workers < 0:
             raise FastFVAEError(f"num_workers must be >= 0, got {num_workers}")
-        super().__init__(data, batch_size, seed, device)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self._iter = None

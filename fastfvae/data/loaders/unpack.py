@@ -1,12 +1,15 @@
-"""Bit unpacking of dSprites rows in pure torch ops (graph-safe: no host sync, static shapes).
+"""Gathering and bit unpacking of dSprites rows on the device (graph-safe: no host sync,
+static shapes).
 
 A packed row is ``np.packbits`` of a flattened 64x64 image (MSB first). `gather_unpack` is
-written so that ``torch.compile`` can place it inside a compiled training step: one
-``index_select`` of the bytes, a broadcast right shift by 7..0, ``& 1``, and a cast.
+written so that ``torch.compile`` can place it inside a compiled training step, where it
+traces to pure torch ops: one ``index_select`` of the bytes, a broadcast right shift by
+7..0, ``& 1``, and a cast. `uniform_rows` draws rows in the graph.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IMAGE_SIZE = 64
@@ -29,13 +32,16 @@ def unpack_bits(packed_rows: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 512] bit-packed rows -> float32 [B, 1, 64, 64] in {0., 1.}, on the same device.
 
     Under ``torch.compile`` this is a broadcast shift by 7..0, ``& 1`` and a cast, which
-    Inductor fuses into one kernel; eagerly, a lookup in a [256, 8] table of bits does the
-    same in two kernels (about 4x faster on the CPU than the unfused shifts). Same result.
+    Inductor fuses into one kernel. Eagerly, on a GPU, a lookup in a [256, 8] table of bits
+    does the same in two kernels; on the CPU, ``np.unpackbits`` (2x faster than the table,
+    8x faster than unfused shifts). The same result on every path.
     """
     n = packed_rows.shape[0]
     if torch.compiler.is_compiling():
         shifts = torch.arange(7, -1, -1, device=packed_rows.device, dtype=torch.uint8)
         bits = ((packed_rows.unsqueeze(-1) >> shifts) & 1).to(torch.float32)
+    elif packed_rows.device.type == "cpu":
+        bits = torch.from_numpy(np.unpackbits(packed_rows.contiguous().numpy(), axis=1)).to(torch.float32)
     else:
         bits = _bit_table(packed_rows.device).index_select(0, packed_rows.reshape(-1).to(torch.int64))
     return bits.reshape(n, 1, IMAGE_SIZE, IMAGE_SIZE)
