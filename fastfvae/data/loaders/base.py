@@ -47,8 +47,9 @@ class EpochOrder:
 class BatchLoader:
     """Base: validates arguments, tracks the consumed position, implements the iterator protocol.
 
-    Subclasses implement ``_produce() -> (images, rows)`` and ``_restart()`` (drop anything
-    prefetched; the next `_produce` must start at `global_batch`).
+    Subclasses implement ``_produce() -> (images, rows)`` (the batch at `global_batch`) and,
+    if they prefetch, ``close()``: `load_state_dict` calls ``_restart()`` (by default
+    ``close()``), and the next `_produce` starts afresh at the loaded position.
     """
 
     kind = "base"
@@ -149,7 +150,8 @@ class BatchLoader:
         raise NotImplementedError
 
     def _restart(self) -> None:
-        """Forget prefetched batches (the position changed)."""
+        """Forget prefetched batches (the position changed); rebuilt on the next batch."""
+        self.close()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rows={self.num_rows}, batch_size={self.batch_size}, "

@@ -98,8 +98,5 @@ class DaliLoader(BatchLoader):
         images = unpack_bits(out["packed"].to(self.device, non_blocking=True))
         return images, out["rows"].reshape(-1)
 
-    def _restart(self) -> None:
-        self.close()
-
     def close(self) -> None:
         self._iter = self._pipe = None

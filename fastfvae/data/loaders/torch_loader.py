@@ -75,9 +75,6 @@ class TorchLoader(BatchLoader):
         images, rows = next(self._iter)
         return images.to(self.device, non_blocking=True), rows
 
-    def _restart(self) -> None:
-        self.close()
-
     def close(self) -> None:
         it, self._iter = self._iter, None
         shutdown = getattr(it, "_shutdown_workers", None)  # worker iterators only
