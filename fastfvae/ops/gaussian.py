@@ -1,0 +1,196 @@
+"""Reparameterised sample and KL of a diagonal Gaussian posterior, as fused custom ops.
+
+For q = N(mu, exp(logvar)) and the prior N(0, I), over the last dimension:
+
+    reparameterize(mu, logvar, eps)     -> z  = mu + exp(logvar / 2) * eps      (mu's shape, dtype)
+    gaussian_kl(mu, logvar)             -> kl = 0.5 * sum(mu^2 + exp(logvar) - 1 - logvar, -1)
+    gaussian_sample_kl(mu, logvar, eps) -> (z, kl), one fused kernel each way
+
+mu, logvar, eps: one shape [..., D] (usually [B, D]), one float dtype, one device; eps is
+the caller's noise (``torch.randn_like(mu, generator=...)``), so nothing is random inside.
+kl has shape [...] and dtype float32 (float64 for float64 inputs): it is computed in float32
+for float16/bfloat16 inputs and a loss should be summed in float32 anyway. Gradients flow to
+mu, logvar and eps (first order). Numerics (both paths): no cancellation in
+``exp(lv) - 1 - lv`` near lv = 0; ``exp(lv/2) * eps`` stays finite while the product is
+(lv up to ~+340 with small eps; eps = 0 gives z = mu exactly); kl is +inf only where it exceeds
+the float32 range (an entry with logvar > ~88.7, or logvar = -inf); logvar = +inf gives z = nan.
+"""
+
+import torch
+from torch import Tensor
+
+from fastfvae.errors import FastFVAEError
+from fastfvae.ops.dispatch import kernels, use_triton
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> None:
+    for name, t in (("logvar", logvar), ("eps", eps)):
+        if t is None:
+            continue
+        if t.shape != mu.shape or t.dtype != mu.dtype or t.device != mu.device:
+            raise FastFVAEError(
+                f"gaussian ops: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected mu's "
+                f"{tuple(mu.shape)} {mu.dtype} on {mu.device}"
+            )
+    if mu.dim() < 1 or not mu.is_floating_point():
+        raise FastFVAEError(f"gaussian ops: mu must be a float tensor [..., D], got {tuple(mu.shape)} {mu.dtype}")
+
+
+def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_rows(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous().view(-1, t.shape[-1])
+
+
+# --- torch reference (CPU, float64, and anything the kernels do not take) -------------------
+
+def _expm1_minus_x(x: Tensor) -> Tensor:
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x / 40320))))))
+    return torch.where(x.abs() < 0.5, series, torch.expm1(x) - x)
+
+
+def _std_times_eps(half_lv: Tensor, eps: Tensor) -> Tensor:
+    big = half_lv > 80.0
+    huge = torch.exp(torch.where(big, half_lv, 0.0) + eps.abs().log()) * eps.sign()
+    return torch.where(big, huge, torch.exp(torch.where(big, 0.0, half_lv)) * eps)
+
+
+def _reference_forward(mu, logvar, eps, want_z: bool, want_kl: bool):
+    acc = _kl_dtype(mu.dtype)
+    m, lv = mu.to(acc), logvar.to(acc)
+    z = (m + _std_times_eps(0.5 * lv, eps.to(acc))).to(mu.dtype) if want_z else None
+    kl = 0.5 * (m * m + _expm1_minus_x(lv)).sum(-1) if want_kl else None
+    return z, kl
+
+
+def _reference_backward(mu, logvar, eps, grad_z, grad_kl):
+    acc = _kl_dtype(mu.dtype)
+    m, lv = mu.to(acc), logvar.to(acc)
+    gmu = torch.zeros_like(m)
+    glv = torch.zeros_like(lv)
+    if grad_z is not None:
+        gz = grad_z.to(acc)
+        gmu = gmu + gz
+        glv = glv + 0.5 * gz * _std_times_eps(0.5 * lv, eps.to(acc))
+    if grad_kl is not None:
+        gkl = grad_kl.to(acc).unsqueeze(-1)
+        gmu = gmu + gkl * m
+        glv = glv + 0.5 * gkl * torch.expm1(lv)
+    return gmu.to(mu.dtype), glv.to(logvar.dtype)
+
+
+# --- implementation shared by the three forward ops --------------------------------------
+
+def _forward(mu: Tensor, logvar: Tensor, eps: Tensor | None, want_z: bool, want_kl: bool):
+    _check(mu, logvar, eps)
+    if mu.numel() == 0 or not use_triton(mu, dtypes=_KERNEL_DTYPES):
+        if mu.numel() == 0:
+            return (mu.new_empty(mu.shape) if want_z else None,
+                    mu.new_zeros(mu.shape[:-1], dtype=_kl_dtype(mu.dtype)) if want_kl else None)
+        z, kl = _reference_forward(mu, logvar, eps, want_z, want_kl)
+        return (z.contiguous() if want_z else None), (kl.contiguous() if want_kl else None)
+    z = mu.new_empty(mu.shape) if want_z else None
+    kl = mu.new_empty(mu.shape[:-1], dtype=torch.float32) if want_kl else None
+    kernels("gaussian").gaussian_forward(
+        _as_rows(mu), _as_rows(logvar), _as_rows(eps),
+        None if z is None else z.view(-1, mu.shape[-1]), None if kl is None else kl.view(-1),
+    )
+    return z, kl
+
+
+@torch.library.custom_op("fastfvae::gaussian_sample_kl", mutates_args=())
+def _gaussian_sample_kl(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    return _forward(mu, logvar, eps, True, True)
+
+
+@torch.library.custom_op("fastfvae::reparameterize", mutates_args=())
+def _reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    return _forward(mu, logvar, eps, True, False)[0]
+
+
+@torch.library.custom_op("fastfvae::gaussian_kl", mutates_args=())
+def _gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    return _forward(mu, logvar, None, False, True)[1]
+
+
+@torch.library.custom_op("fastfvae::gaussian_backward", mutates_args=())
+def _gaussian_backward(
+    mu: Tensor, logvar: Tensor, eps: Tensor | None, grad_z: Tensor | None, grad_kl: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(grad_mu, grad_logvar) of z and/or kl; grad_z needs eps; either gradient may be None."""
+    _check(mu, logvar, eps)
+    if mu.numel() == 0 or not use_triton(mu, dtypes=_KERNEL_DTYPES):
+        gmu, glv = _reference_backward(mu, logvar, eps, grad_z, grad_kl)
+        return gmu.contiguous(), glv.contiguous()
+    gmu, glv = mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+    gkl = None if grad_kl is None else grad_kl.contiguous().view(-1)
+    kernels("gaussian").gaussian_backward(
+        _as_rows(mu), _as_rows(logvar), _as_rows(eps), _as_rows(grad_z), gkl,
+        gmu.view(-1, mu.shape[-1]), glv.view(-1, mu.shape[-1]),
+    )
+    return gmu, glv
+
+
+@_gaussian_sample_kl.register_fake
+def _(mu, logvar, eps):
+    _check(mu, logvar, eps)
+    return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:-1], dtype=_kl_dtype(mu.dtype))
+
+
+@_reparameterize.register_fake
+def _(mu, logvar, eps):
+    _check(mu, logvar, eps)
+    return mu.new_empty(mu.shape)
+
+
+@_gaussian_kl.register_fake
+def _(mu, logvar):
+    _check(mu, logvar)
+    return mu.new_empty(mu.shape[:-1], dtype=_kl_dtype(mu.dtype))
+
+
+@_gaussian_backward.register_fake
+def _(mu, logvar, eps, grad_z, grad_kl):
+    return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+
+# --- autograd ------------------------------------------------------------------------------
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grads(ctx, grad_z, grad_kl):
+    mu, logvar, *rest = ctx.saved_tensors
+    eps = rest[0] if rest else None
+    gmu, glv = _gaussian_backward(mu, logvar, eps, grad_z, grad_kl)
+    if eps is None:
+        return gmu, glv
+    geps = None
+    if ctx.needs_input_grad[2] and grad_z is not None:
+        geps = (grad_z.to(_kl_dtype(mu.dtype)) * torch.exp(0.5 * logvar.to(_kl_dtype(mu.dtype)))).to(eps.dtype)
+    return gmu, glv, geps
+
+
+_gaussian_sample_kl.register_autograd(lambda ctx, gz, gkl: _grads(ctx, gz, gkl), setup_context=_save_inputs)
+_reparameterize.register_autograd(lambda ctx, gz: _grads(ctx, gz, None), setup_context=_save_inputs)
+_gaussian_kl.register_autograd(lambda ctx, gkl: _grads(ctx, None, gkl), setup_context=_save_inputs)
+
+
+def gaussian_sample_kl(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mu + exp(logvar/2) * eps, per-sample KL to N(0, I))`` in one kernel; see the module doc."""
+    return _gaussian_sample_kl(mu, logvar, eps)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    """``mu + exp(logvar / 2) * eps``, overflow-safe; see the module doc."""
+    return _reparameterize(mu, logvar, eps)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dimension, float32; see the module doc."""
+    return _gaussian_kl(mu, logvar)
