@@ -45,6 +45,8 @@ def fixed_rows(data, count: int) -> np.ndarray:
 
 def save_reconstruction_grid(vae, images, path: Path, cols: int = 8) -> Path:
     """Originals over reconstructions, ``cols`` per row (images [n, 1, 64, 64], n multiple of cols)."""
+    cols = min(cols, len(images))
+    images = images[:len(images) // cols * cols]
     originals = images[:, 0].float().numpy()
     recons = reconstructions(vae, images)
     rows = []
@@ -97,6 +99,8 @@ def save_loss_curves(records: list[dict], path: Path) -> Path:
     for ax, (key, title) in zip(axes[0], panels):
         pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        if key in ("loss", "recon") and all(p[1] > 0 for p in pts):
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
