@@ -12,17 +12,9 @@ from fastfvae.train.checkpoint import load_checkpoint, load_models, save_checkpo
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.loop import TrainingDiverged, run_training
 from fastfvae.train.progress import read_log
-from train_data import small_dsprites
+from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
 
 SMALL = dict(batch_size=16, d_hidden=64, d_layers=2, log_every=2, ckpt_every=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _params(result):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pytest
+import torch
 
 from fastfvae.data import FACTOR_SIZES, DSprites, FactorGrid
 
@@ -28,3 +30,12 @@ def small_dsprites(n: int = 2048, seed: int = 0) -> DSprites:
     except ImportError:  # pragma: no cover - the renderer is part of the data layer
         render = _squares
     return DSprites.from_images(render(classes), classes, source="test-subset")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training tests on one intra-op thread (2-thread OpenMP regions stall on a shared 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,123 @@
+"""`fastfvae train` / `fastfvae traverse` through the CLI: end to end on the default data, resume,
+and every bad input -> exit 2, one line on stderr, no traceback, nothing overwritten."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastfvae.cli import main
+from fastfvae.train.checkpoint import load_checkpoint
+from fastfvae.train.config import TrainConfig
+from fastfvae.train.loop import run_training
+from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+
+TINY = ["--batch-size", "8", "--no-progress", "--no-figures"]
+FIGURES = ("reconstructions.png", "traversals.png", "traversals.gif", "loss_curves.png")
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory) -> Path:
+    """A finished small run (API, small data) that bad commands must leave untouched."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    cfg = TrainConfig(steps=2, batch_size=8, d_hidden=32, d_layers=2, out=str(out), log_every=1)
+    run_training(cfg, data=small_dsprites(256), progress=False)
+    return out
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _files(tmp: Path) -> dict:
+    (tmp / "garbage.npz").write_bytes(b"this is not dSprites")
+    (tmp / "a_file").write_text("x")
+    return {"garbage": str(tmp / "garbage.npz"), "file": str(tmp / "a_file"), "new": str(tmp / "new")}
+
+
+#: bad command lines (f: scratch files, r: an existing run); --out defaults to a fresh folder
+BAD = {
+    "unknown preset": lambda f, r: ["--preset", "nope"],
+    "negative gamma": lambda f, r: ["--gamma", "-1"],
+    "negative beta": lambda f, r: ["--model", "betavae", "--beta", "-0.5"],
+    "batch < 2": lambda f, r: ["--batch-size", "1"],
+    "z-dim < 1": lambda f, r: ["--z-dim", "0"],
+    "unknown model": lambda f, r: ["--model", "vae"],
+    "unknown perm-batch": lambda f, r: ["--perm-batch", "both"],
+    "unreadable data": lambda f, r: ["--data", f["garbage"]],
+    "missing data": lambda f, r: ["--data", f["new"] + ".npz"],
+    "out is a file": lambda f, r: ["--out", f["file"]],
+    "out under a file": lambda f, r: ["--out", f["file"] + "/sub"],
+    "out holds a run": lambda f, r: ["--out", r],
+    "resume other model": lambda f, r: ["--resume", r, "--model", "betavae", "--steps", "4"],
+    "resume other config": lambda f, r: ["--resume", r, "--gamma", "3", "--steps", "4"],
+    "resume not a checkpoint": lambda f, r: ["--resume", f["garbage"]],
+    "resume finished run": lambda f, r: ["--resume", r],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line(case, tmp_path, existing_run, capsys):
+    before = _digest(existing_run)
+    files = _files(tmp_path)
+    argv = BAD[case](files, str(existing_run))
+    defaults = [] if "--resume" in argv else ["--out", files["new"], "--steps", "2"]  # resume: in place
+    assert main(["train", *TINY, *defaults, *argv]) == 2  # later flags win: the bad one comes last
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastfvae: error: "), err
+    assert _digest(existing_run) == before
+    assert not (tmp_path / "new" / "config.json").exists()
+
+
+def test_bad_input_through_the_real_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastfvae", "train", "--gamma", "-2", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["fastfvae: error: gamma must be a finite number >= 0, got -2.0"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--gamma", "--beta", "--steps", "--batch-size", "--z-dim", "--d-steps", "--perm-batch",
+                 "--seed", "--data", "--device", "--out", "--ckpt-every", "--log-every", "--resume", "--preset"):
+        assert flag in text
+
+
+def test_train_resume_traverse_end_to_end(tmp_path, capsys):
+    """The README commands on the default data path (procedural dSprites when no file is cached)."""
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    for name in ("config.json", "train_log.jsonl", "checkpoint.pt", *FIGURES):
+        assert (out / name).stat().st_size > 0, name
+    assert main(["train", "--resume", str(out), "--steps", "5", "--no-progress", "--no-figures"]) == 0
+    assert load_checkpoint(out)["state"]["step"] == 5
+    figs = tmp_path / "figs"
+    assert main(["traverse", str(out), "--out", str(figs)]) == 0
+    assert sorted(p.name for p in figs.iterdir()) == sorted(FIGURES)
+
+
+def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path, existing_run):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastfvae", "train", "--steps", "100000", "--batch-size", "8",
+                             "--log-every", "1", "--out", str(out), "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.stat().st_size > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted at step" in err.strip().splitlines()[-1]
+    assert load_checkpoint(out)["state"]["step"] >= 1
