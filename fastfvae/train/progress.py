@@ -85,8 +85,8 @@ class _RateColumn(ProgressColumn):
         return Text("-- it/s" if not speed else f"{speed:.1f} it/s", style="progress.data.speed")
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 class TrainProgress:
@@ -117,7 +117,7 @@ class TrainProgress:
             return
         fields = {}
         if means is not None:
-            fields["stats"] = (f"recon {_fmt(means['recon'])}  KL {_fmt(means['kl'])}  "
-                               f"TC {_fmt(means['tc'])}  D acc {_fmt(means['d_acc'])}")
+            fields["stats"] = (f"recon {_fmt(means['recon'], '.1f')}  KL {_fmt(means['kl'], '.2f')}  "
+                               f"TC {_fmt(means['tc'], '.3f')}  D acc {_fmt(means['d_acc'], '.2f')}")
             fields["rate"] = rate
         self.progress.update(self.task, completed=step, **fields)
