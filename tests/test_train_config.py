@@ -1,0 +1,49 @@
+"""TrainConfig: paper defaults, presets, validation, JSON round trip, what a resume may change."""
+
+import json
+
+import pytest
+
+from fastfvae.errors import FastFVAEError
+from fastfvae.train.config import PRESETS, TrainConfig, preset, resume_conflicts
+
+
+def test_defaults_are_the_papers():
+    c = TrainConfig()
+    assert (c.model, c.gamma, c.z_dim, c.batch_size, c.steps) == ("factorvae", 35.0, 10, 64, 300_000)
+    assert (c.vae_lr, c.vae_betas, c.d_lr, c.d_betas) == (1e-4, (0.9, 0.999), 1e-4, (0.5, 0.9))
+    assert (c.d_hidden, c.d_layers, c.d_slope, c.d_steps, c.perm_batch) == (1000, 6, 0.2, 1, "second")
+
+
+def test_presets():
+    assert set(PRESETS) == {"paper", "dlib"}
+    paper, dlib = preset("paper"), preset("dlib")
+    assert paper.d_steps == 5 and paper.perm_batch == "second" and paper.gamma == 35.0
+    assert dlib.perm_batch == "same" and dlib.fc_dim == 256 and dlib.batch_size == 64 and dlib.steps == 300_000
+    with pytest.raises(FastFVAEError, match="unknown preset 'x'"):
+        preset("x")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"gamma": -1.0}, "gamma"), ({"beta": float("nan")}, "beta"), ({"batch_size": 1}, "batch-size"),
+    ({"z_dim": 0}, "z-dim"), ({"d_steps": 0}, "d-steps"), ({"model": "vae"}, "model"),
+    ({"perm_batch": "x"}, "perm-batch"), ({"device": "tpu"}, "device"), ({"vae_lr": 0.0}, "vae-lr"),
+    ({"steps": -1}, "steps"), ({"log_every": 0}, "log-every"),
+])
+def test_validation_is_one_line(change, match):
+    with pytest.raises(FastFVAEError, match=match) as info:
+        TrainConfig(**change).validate()
+    assert "\n" not in str(info.value)
+
+
+def test_json_round_trip():
+    c = preset("dlib").replace(gamma=10.0, data="x.npz")
+    assert TrainConfig.from_dict(json.loads(c.to_json())) == c
+    with pytest.raises(FastFVAEError, match="unknown config field"):
+        TrainConfig.from_dict({"gama": 1})
+
+
+def test_resume_conflicts():
+    saved = TrainConfig(steps=100)
+    assert resume_conflicts(saved, saved.replace(steps=200, out="elsewhere", device="cpu", log_every=7)) == []
+    assert resume_conflicts(saved, saved.replace(gamma=3.0, model="betavae")) == ["model", "gamma"]
