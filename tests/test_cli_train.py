@@ -121,3 +121,23 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path, existing_run
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted at step" in err.strip().splitlines()[-1]
     assert load_checkpoint(out)["state"]["step"] >= 1
+
+
+def test_diverged_run_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
+    import fastfvae.cli.train as cli_train
+    from fastfvae.train.loop import TrainingDiverged
+
+    def diverge(cfg, **kw):
+        raise TrainingDiverged("loss became NaN/inf at step 5; training stopped, no checkpoint was written")
+
+    monkeypatch.setattr(cli_train, "run_training", diverge)
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fastfvae: error: loss became NaN/inf at step 5; training stopped, no checkpoint was written"]
+
+
+def test_traverse_bad_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["traverse", str(tmp_path / "nothing"), "--out", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastfvae: error: no checkpoint")
+    assert not (tmp_path / "figs").exists()
