@@ -1,0 +1,92 @@
+"""The ``backend`` fixture shared by the fused-op tests (tests/test_ops_*.py).
+
+Each op test runs once per backend:
+
+* ``torch``  -- CPU tensors, the torch reference path;
+* ``interp`` -- CPU tensors through the real Triton kernels under Triton's interpreter
+  (``FASTFVAE_TRITON_ON_CPU=1``; tests/conftest.py sets ``TRITON_INTERPRET=1`` when there is
+  no CUDA, so this is skipped on GPU machines, where ``cuda`` covers the kernels);
+* ``cuda``   -- CUDA tensors, the Triton kernels compiled for the GPU (skipped without CUDA).
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fastfvae.ops.dispatch import kernels
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: torch.device
+
+    @property
+    def runs_kernels(self) -> bool:
+        return self.name != "torch"
+
+    @contextlib.contextmanager
+    def expect_kernel(self, monkeypatch, module: str, launcher: str):
+        """Count calls of ``fastfvae.kernels.<module>.<launcher>``; on exit, check the dispatch."""
+        mod = kernels(module)
+        original = getattr(mod, launcher)
+        calls = []
+
+        def spy(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(mod, launcher, spy)
+        yield calls
+        monkeypatch.setattr(mod, launcher, original)
+        assert bool(calls) == self.runs_kernels, f"{self.name}: kernel {module}.{launcher} calls = {len(calls)}"
+
+
+_PARAMS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("interp", id="interp", marks=pytest.mark.skipif(
+        not INTERPRETING, reason="Triton interpreter off (TRITON_INTERPRET=1 is set only without CUDA)")),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")),
+]
+
+
+@pytest.fixture(params=_PARAMS)
+def backend(request, monkeypatch) -> Backend:
+    name = request.param
+    monkeypatch.delenv("FASTFVAE_NO_TRITON", raising=False)
+    if name == "interp":
+        monkeypatch.setenv("FASTFVAE_TRITON_ON_CPU", "1")
+    else:
+        monkeypatch.delenv("FASTFVAE_TRITON_ON_CPU", raising=False)
+    return Backend(name, torch.device("cuda" if name == "cuda" else "cpu"))
+
+
+@pytest.fixture(params=[pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"))])
+def cuda_backend(request, monkeypatch) -> Backend:
+    """CUDA only: for checks the interpreter cannot do (bfloat16 tl.dot, large sizes)."""
+    monkeypatch.delenv("FASTFVAE_NO_TRITON", raising=False)
+    return Backend("cuda", torch.device("cuda"))
+
+
+def graph_breaks_of(fn, *args) -> tuple[int, int, object]:
+    """(graph breaks, graphs, output) of ``torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)``.
+
+    The output's ``.sum()`` is back-propagated so the backward graph is traced too.
+    """
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().sum() for o in outs).backward()
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return breaks, graphs, out
