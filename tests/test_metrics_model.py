@@ -123,3 +123,23 @@ def test_cli_eval_of_a_checkpoint(vae, data, tmp_path, monkeypatch, capsys):
     assert report["scores"] == evaluate_model(vae, data, ("mig", "reconstruction"), config=config)
     assert {"encode", "mig", "reconstruction"} <= set(report["seconds"])
     assert "reconstruction_bce" in printed and "encode dataset" in printed
+
+
+def test_periodic_factor_vae_callback(vae, data, tmp_path):
+    import io
+    import json
+    from types import SimpleNamespace
+
+    from fastfvae.metrics import periodic_factor_vae
+
+    settings = CONFIG["factor_vae"]
+    stream = io.StringIO()
+    callback = periodic_factor_vae(2, lambda: data, out_dir=tmp_path, config=settings, stream=stream)
+    state = SimpleNamespace(models=SimpleNamespace(vae=vae), step=0)
+    for step in (1, 2, 3, 4):
+        state.step = step
+        callback(state, {})
+    lines = [json.loads(line) for line in (tmp_path / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]
+    assert lines[0]["factor_vae"] == factor_vae_score_of_model(vae, data, config=settings)
+    assert stream.getvalue().count("FactorVAE metric") == 2

@@ -15,6 +15,7 @@ from fastfvae.metrics.evaluate import (  # noqa: F401
 from fastfvae.metrics.factor_vae import compute_factor_vae  # noqa: F401
 from fastfvae.metrics.gaussian_tc import compute_unsupervised, gaussian_total_correlation  # noqa: F401
 from fastfvae.metrics.mig import compute_mig  # noqa: F401
+from fastfvae.metrics.periodic import periodic_factor_vae  # noqa: F401
 from fastfvae.metrics.reconstruction import reconstruction_error  # noqa: F401
 from fastfvae.metrics.sampling import CodeTable, generate_batch_factor_code  # noqa: F401
 from fastfvae.metrics.sap import compute_sap  # noqa: F401
