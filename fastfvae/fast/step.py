@@ -1,0 +1,206 @@
+"""The fast training step: the reference step's algorithm with less work, one function per iteration.
+
+`make_fast_step(state, data, options)` is a ``step_builder`` for `fastfvae.train.loop.run_training`:
+it returns a `StepFn` taking the same `StepInputs` (rows, eps, eps2, keys drawn in the
+reference's documented order) and updating the same models, so with fp32 it computes what
+`fastfvae.train.reference.reference_step` computes, up to float round-off. What it does
+differently, and why each change leaves the result unchanged:
+
+1. **One D forward on z serves both losses.** The reference runs D on z for the TC term,
+   then again on ``z.detach()`` for D's first update. D's parameters are not changed by the
+   VAE update in between, so both forwards give identical logits: the fast step keeps the
+   first one's graph (``retain_graph``) and back-propagates the VAE loss into the VAE
+   parameters only (``backward(inputs=vae params)``) and D's loss into D's parameters only
+   (``backward(inputs=D params)``): the same gradients as the reference's two passes.
+2. Updates k >= 1 (``--d-steps`` > 1) run D once on the concatenation [z_q; permuted z_p]
+   (one 2B GEMM chain instead of two B ones; the loss is formed from the two halves).
+3. Fused Adam (one kernel over all tensors; capturable on CUDA) instead of the per-tensor loop.
+4. Convolutions in channels_last (oneDNN's native layout on CPU, NHWC tensor cores on GPU).
+5. Optional bf16 autocast (``precision="bf16"``).
+6. Batches come from the dataset resident on the device, bit-packed (``--loader device``):
+   gather + unpack are part of the step; or from the torch/DALI loaders, in the same order.
+7. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
+   is compiled (Inductor) and captured as one CUDA graph (`fastfvae.fast.graph`): one replay
+   per step, no host synchronisation; metrics stay on the device until the loop logs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from fastfvae.errors import FastFVAEError
+from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
+from fastfvae.fast.optim import fast_optimizers
+from fastfvae.fast.precision import autocast, check_precision
+from fastfvae.objectives import discriminator_accuracy, discriminator_loss, recon_loss
+from fastfvae.train.reference import StepInputs
+
+LOADERS = ("device", "torch", "dali")
+COMPILE_MODES = ("auto", "none", "model")
+METRIC_NAMES = ("loss", "recon", "kl", "tc", "d_loss", "d_acc")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """How the fast step runs. ``None`` / ``"auto"`` fields resolve per device (`resolved`)."""
+
+    precision: str = "fp32"          # "fp32" (parity) or "bf16" (autocast)
+    loader: str = "device"           # where batches come from: device | torch | dali
+    compile: str = "auto"            # none | model (torch.compile the networks) | auto
+    channels_last: bool = True
+    fused_adam: bool = True
+    fused_ops: bool | None = None    # fastfvae.ops Triton ops; None = on CUDA when available
+    cuda_graph: bool | None = None   # capture the whole step as one CUDA graph; None = on CUDA
+
+    def resolved(self, device: torch.device) -> "FastOptions":
+        check_precision(self.precision)
+        if self.loader not in LOADERS:
+            raise FastFVAEError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        if self.compile not in COMPILE_MODES:
+            raise FastFVAEError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        cuda = device.type == "cuda"
+        fused_ops = (cuda and fused_ops_available()) if self.fused_ops is None else self.fused_ops
+        # On CPU, compiling the networks does not pay (convolutions and GEMMs are oneDNN/MKL
+        # calls either way; see the README's measurements): eager is the CPU default.
+        compile_mode = ("model" if cuda else "none") if self.compile == "auto" else self.compile
+        cuda_graph = cuda if self.cuda_graph is None else self.cuda_graph
+        if cuda_graph and not cuda:
+            raise FastFVAEError("cuda_graph needs a CUDA device")
+        return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph)
+
+
+class FastStep:
+    """The fast step for one `TrainState`. Call with `StepInputs`; returns 0-dim metric tensors."""
+
+    def __init__(self, state, data, options: FastOptions | None = None) -> None:
+        self.state, self.cfg, self.device = state, state.cfg, state.device
+        self.options = opts = (options or FastOptions()).resolved(self.device)
+        self.factorvae = self.cfg.model == "factorvae"
+        self.second = self.factorvae and self.cfg.perm_batch == "second"
+        vae, disc = state.models
+        if opts.channels_last:
+            vae.to(memory_format=torch.channels_last)
+        if opts.fused_adam:
+            state.optims = fast_optimizers(state.optims)
+        self.vae_params = list(vae.parameters())
+        self.disc_params = [] if disc is None else list(disc.parameters())
+        self.ops: OpSet = select_ops(disc, bool(opts.fused_ops))
+        self._encode, self._decode, self._disc = vae.encode, vae.decode, self.ops.disc
+        if opts.compile == "model":
+            self._encode, self._decode = torch.compile(vae.encode), torch.compile(vae.decode)
+            self._disc = None if disc is None else torch.compile(self.ops.disc)
+        self._batches = _BatchSource(opts.loader, data, state, self.device, opts.channels_last)
+        self._graph = None
+        if opts.cuda_graph:
+            from fastfvae.fast.graph import GraphedStep
+
+            self._graph = GraphedStep(self)
+
+    # --- the iteration -------------------------------------------------------------------
+    def __call__(self, inputs: StepInputs) -> dict:
+        if self._graph is not None:
+            return self._graph(inputs)
+        x, x2 = self._batches.images(inputs)
+        to = self.device
+        eps = inputs.eps.to(to)
+        eps2 = None if inputs.eps2 is None else inputs.eps2.to(to)
+        keys = None if inputs.keys is None else inputs.keys.to(to)
+        return self.body(x, x2, eps, eps2, keys)
+
+    def body(self, x, x2, eps, eps2, keys) -> dict:
+        """One iteration on device tensors; no host synchronisation (graph-capturable)."""
+        cfg, opts, ops = self.cfg, self.options, self.ops
+        optims = self.state.optims
+        with autocast(opts.precision, self.device):
+            mu, logvar = self._encode(x)
+            z, kl_per_sample = ops.sample_kl(mu.float(), logvar.float(), eps)
+            recon = recon_loss(self._decode(z).float(), x)
+            kl = kl_per_sample.mean()
+            if self.factorvae:
+                logits_q = self._disc(z).float()
+                tc = (logits_q[:, 0] - logits_q[:, 1]).mean()
+                loss = recon + kl + cfg.gamma * tc
+            else:
+                loss = recon + cfg.beta * kl
+        loss.backward(inputs=self.vae_params, retain_graph=self.factorvae)
+        optims.vae.step()
+        optims.vae.zero_grad(set_to_none=True)
+        metrics = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+        if not self.factorvae:
+            return metrics
+
+        z_q = z.detach()
+        z_p = z_q
+        if self.second:
+            with torch.no_grad(), autocast(opts.precision, self.device):
+                mu2, logvar2 = self._encode(x2)
+                z_p, _ = ops.sample_kl(mu2.float(), logvar2.float(), eps2)
+        b = z_q.shape[0]
+        for k in range(keys.shape[0]):
+            with autocast(opts.precision, self.device):
+                if k == 0:  # D(z_q) with D's current parameters is logits_q: reuse it (see 1.)
+                    logits_p = self._disc(ops.permute(z_p, keys[0])).float()
+                else:
+                    both = self._disc(torch.cat([z_q, ops.permute(z_p, keys[k])])).float()
+                    logits_q, logits_p = both[:b], both[b:]
+                d_loss = discriminator_loss(logits_q, logits_p)
+            d_loss.backward(inputs=self.disc_params)
+            optims.disc.step()
+            optims.disc.zero_grad(set_to_none=True)
+        metrics.update(tc=tc.detach(), d_loss=d_loss.detach(),
+                       d_acc=discriminator_accuracy(logits_q.detach(), logits_p.detach()))
+        return metrics
+
+
+class _BatchSource:
+    """The step's batches in the sampler's order: gathered from the resident packed set
+    (``device``) or taken from a torch/DALI loader kept in step with the run's sampler."""
+
+    def __init__(self, kind: str, data, state, device: torch.device, channels_last: bool) -> None:
+        from fastfvae.data.loaders import make_loader
+
+        self.kind, self.device = kind, device
+        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.loader = make_loader(kind, data, state.cfg.batch_size, seed=state.cfg.seed, device=device)
+        if kind != "device":
+            self.loader.load_state_dict({"order": "epoch", "sampler": state.sampler.state_dict()})
+        self.packed = getattr(self.loader, "packed", None)
+
+    def rows_tensor(self, rows: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        return rows.to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 rows of the resident set -> float32 [B, 1, 64, 64] (graph-safe)."""
+        from fastfvae.data.loaders import gather_unpack
+
+        return gather_unpack(self.packed, rows).contiguous(memory_format=self.format)
+
+    def _from_loader(self, rows: np.ndarray) -> torch.Tensor:
+        images, got = self.loader.next_batch_with_rows()
+        if isinstance(got, torch.Tensor):
+            got = None if got.is_cuda else got.numpy()  # never synchronise a GPU for a check
+        if got is not None and not np.array_equal(got, rows):
+            raise RuntimeError(f"the {self.kind} loader is out of step with the run's sampler")
+        return images.to(self.device).contiguous(memory_format=self.format)
+
+    def images(self, inputs: StepInputs):
+        if self.kind == "device":
+            x = self.gather(self.rows_tensor(inputs.rows))
+            x2 = None if inputs.rows2 is None else self.gather(self.rows_tensor(inputs.rows2))
+        else:
+            x = self._from_loader(inputs.rows)
+            x2 = None if inputs.rows2 is None else self._from_loader(inputs.rows2)
+        return x, x2
+
+
+def make_fast_step(state, data, options: FastOptions | None = None) -> FastStep:
+    """``step_builder`` for `run_training`: the fast step for ``state`` (options from the config
+    when not given)."""
+    if options is None:
+        cfg = state.cfg
+        options = FastOptions(precision=getattr(cfg, "precision", "fp32"), loader=getattr(cfg, "loader", "device"))
+    return FastStep(state, data, options)
