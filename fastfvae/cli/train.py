@@ -63,6 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", default=None,
                    help="start from a named config: paper (seed §6: gamma 35, 5 D steps, second batch, "
                         "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps)")
+    p.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
+                   help="the fast path (fastfvae.fast): same algorithm, compiled/fused step with less work "
+                        "(default on CUDA, off on CPU)")
+    p.add_argument("--no-fast", dest="fast", action="store_const", const=False, help="the reference step")
+    p.add_argument("--precision", metavar="{fp32,bf16}", default=None,
+                   help=f"fast-path arithmetic: fp32 (parity with the reference) or bf16 autocast (default {d.precision})")
+    p.add_argument("--loader", metavar="{device,dali,torch}", default=None,
+                   help=f"fast-path batches: device (resident bit-packed set), dali, torch (default {d.loader})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
 
@@ -82,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     else:
         base = TrainConfig()
     overrides = overrides_from_args(args)
+    if "fast" not in overrides and args.resume is None and base.replace(**overrides).device != "cpu":
+        import torch  # the fast path is the default on CUDA
+
+        overrides["fast"] = torch.cuda.is_available()
     if args.resume is not None and "out" not in overrides:
         overrides["out"] = str(checkpoint_path(args.resume).parent)
     return base.replace(**overrides).validate()

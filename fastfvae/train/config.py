@@ -96,8 +96,8 @@ class TrainConfig:
     # --- fast path / evaluation (their semantics live in fastfvae.fast / fastfvae.metrics) ------
     #: Use the fast compiled step instead of the reference step.
     fast: bool = False
-    #: Batch loader for the fast path.
-    loader: str = "torch"
+    #: Batch loader for the fast path ("device": the bit-packed set resident on the device).
+    loader: str = "device"
     #: Arithmetic precision for the fast path ("fp32" for the reference step).
     precision: str = "fp32"
     #: Evaluate disentanglement metrics every N steps (0 = never during training).
@@ -118,6 +118,10 @@ class TrainConfig:
             raise bad("perm-batch", self.perm_batch, " or ".join(PERM_BATCHES))
         if self.device not in DEVICES:
             raise bad("device", self.device, ", ".join(DEVICES))
+        if self.precision not in ("fp32", "bf16"):
+            raise bad("precision", self.precision, "fp32 or bf16")
+        if self.loader not in ("device", "dali", "torch"):
+            raise bad("loader", self.loader, "device, dali or torch")
         for name in ("gamma", "beta", "d_slope"):
             value = getattr(self, name)
             if not (value >= 0.0 and value != float("inf")):
