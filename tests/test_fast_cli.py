@@ -92,3 +92,17 @@ def test_same_checkpoint_same_metric_scores(tmp_path):
     np.testing.assert_allclose(fast_codes, ref_codes, rtol=1e-5, atol=1e-6)
     metrics = ("mig", "sap")
     assert evaluate_codes(fast_codes, (3, 4, 4), metrics) == evaluate_codes(ref_codes, (3, 4, 4), metrics)
+
+
+def test_deferred_sync_still_stops_on_nan(tmp_path):
+    """A step that defers host syncs (CUDA graph) is NaN-checked at the next log step."""
+    from fastfvae.train.loop import TrainingDiverged
+
+    def deferring_builder(state, data):
+        step = make_fast_step(state, data)
+        step.defers_sync = True
+        return step
+
+    cfg = _cfg(tmp_path / "nan", 8).replace(log_every=4, debug_nan_at_step=2)
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        run_training(cfg, data=small_dsprites(256), step_builder=deferring_builder, progress=False)

@@ -54,6 +54,8 @@ class FastOptions:
     fused_adam: bool = True
     fused_ops: bool | None = None    # fastfvae.ops Triton ops; None = on CUDA when available
     cuda_graph: bool | None = None   # capture the whole step as one CUDA graph; None = on CUDA
+    noise: str = "auto"              # host (the reference's stream) | device (in-graph); auto:
+                                     # device with a CUDA graph, else host
 
     def resolved(self, device: torch.device) -> "FastOptions":
         check_precision(self.precision)
@@ -69,7 +71,10 @@ class FastOptions:
         cuda_graph = cuda if self.cuda_graph is None else self.cuda_graph
         if cuda_graph and not cuda:
             raise FastFVAEError("cuda_graph needs a CUDA device")
-        return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph)
+        noise = ("device" if cuda_graph else "host") if self.noise == "auto" else self.noise
+        if noise not in ("host", "device") or (noise == "device" and not cuda_graph):
+            raise FastFVAEError(f"noise must be host, or device with a CUDA graph, got {self.noise!r}")
+        return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise)
 
 
 class FastStep:
@@ -94,10 +99,15 @@ class FastStep:
             self._disc = None if disc is None else torch.compile(self.ops.disc)
         self._batches = _BatchSource(opts.loader, data, state, self.device, opts.channels_last)
         self._graph = None
+        #: True when metrics must not be read every step (the loop checks them at log time).
+        self.defers_sync = bool(opts.cuda_graph)
         if opts.cuda_graph:
             from fastfvae.fast.graph import GraphedStep
+            from fastfvae.train.state import noise_seed
 
-            self._graph = GraphedStep(self)
+            if state.step == 0:  # a resumed run has its CUDA generator state from the checkpoint
+                torch.cuda.manual_seed(noise_seed(self.cfg.seed))
+            self._graph = GraphedStep(self, noise=opts.noise)
 
     # --- the iteration -------------------------------------------------------------------
     def __call__(self, inputs: StepInputs) -> dict:

@@ -198,10 +198,15 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
                 mid_step = False
                 if cfg.debug_nan_at_step == state.step:
                     metrics["loss"] = metrics["loss"] * float("nan")
-                if not _finite(metrics):
+                meter.add(metrics)
+                # A step that defers host syncs (the fast path's CUDA graph) is checked when the
+                # loop reads back anyway: NaN/inf propagates into the interval sums.
+                deferred = getattr(step_fn, "defers_sync", False)
+                due = (state.step % cfg.log_every == 0 or state.step == cfg.steps or stop.requested
+                       or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0))
+                if (due or not deferred) and not _finite(meter.sums if deferred else metrics):
                     kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
                     raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept}")
-                meter.add(metrics)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     flush_log()
                 else:
