@@ -143,3 +143,23 @@ def test_periodic_factor_vae_callback(vae, data, tmp_path):
     assert [r["step"] for r in lines] == [2, 4]
     assert lines[0]["factor_vae"] == factor_vae_score_of_model(vae, data, config=settings)
     assert stream.getvalue().count("FactorVAE metric") == 2
+
+
+def test_train_cli_eval_every_wires_the_callback(vae, data, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import fastfvae.train.loop as loop
+    from fastfvae.cli import build_parser
+    from fastfvae.cli.train import callbacks_for, config_from_args
+
+    args = build_parser().parse_args(["train", "--eval-every", "3", "--out", str(tmp_path)])
+    cfg = config_from_args(args)
+    assert cfg.eval_every == 3
+    monkeypatch.setattr(loop, "load_training_data", lambda path: data)
+    (callback,) = callbacks_for(cfg, args)
+    small = {"num_train": 20, "num_eval": 10, "num_variance_estimate": 100, "prune_threshold": 0.0}
+    monkeypatch.setattr("fastfvae.metrics.periodic.factor_vae_score_of_model",
+                        lambda model, d, **kw: factor_vae_score_of_model(model, d, config=small))
+    callback(SimpleNamespace(models=SimpleNamespace(vae=vae), step=3), {})
+    assert (tmp_path / "eval_log.jsonl").read_text().count('"step": 3') == 1
+    assert callbacks_for(config_from_args(build_parser().parse_args(["train"])), args) == []

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"fast-path batches: device (resident bit-packed set), dali, torch (default {d.loader})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="every N steps log the FactorVAE metric (dlib settings) to <out>/eval_log.jsonl; "
+                        f"0 = never (default {d.eval_every})")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -109,8 +112,13 @@ def step_builder_for(cfg: TrainConfig):
 
 
 def callbacks_for(cfg: TrainConfig, args: argparse.Namespace) -> list:
-    """Per-step callbacks (e.g. periodic evaluation); none by default."""
-    return []
+    """Per-step callbacks: the periodic FactorVAE metric with ``--eval-every N``."""
+    if not cfg.eval_every:
+        return []
+    from fastfvae.metrics.periodic import periodic_factor_vae
+    from fastfvae.train.loop import load_training_data
+
+    return [periodic_factor_vae(cfg.eval_every, lambda: load_training_data(cfg.data), out_dir=cfg.out)]
 
 
 def write_outputs(result: RunResult, args: argparse.Namespace) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 
 from fastfvae.metrics.sampling import generate_batch_factor_code
 
-DEFAULTS = dict(num_train=10000, num_test=5000, batch_size=16, gbt_seed="seed")
-FAST_DEFAULTS = dict(num_train=10000, num_test=5000, batch_size=16, gbt_seed="seed")
+#: ``gbt_seed`` is replaced by the evaluation seed in `fastfvae.metrics.evaluate_codes`
+DEFAULTS = dict(num_train=10000, num_test=5000, batch_size=16, gbt_seed=0)
 
 
 def compute_dci(ground_truth, representation_function, random_state, num_train: int = 10000,
