@@ -6,3 +6,7 @@ from fastfvae.data.dsprites import (  # noqa: F401
 )
 from fastfvae.data.grid import FactorGrid  # noqa: F401
 from fastfvae.data.sampling import EpochSampler, epoch_permutation  # noqa: F401
+from fastfvae.data.files import load_file, load_hdf5, load_npz, save_hdf5, save_npz  # noqa: F401
+from fastfvae.data.procedural import procedural_dsprites  # noqa: F401
+from fastfvae.data.download import cache_dir, download_dsprites  # noqa: F401
+from fastfvae.data.load import load_dsprites  # noqa: F401
