@@ -42,16 +42,29 @@ def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=No
     """float32 [n, D] encoder means of the images at ``rows``, in batches of ``batch_size``."""
     if not hasattr(model, "encode"):
         raise FastFVAEError(f"{type(model).__name__} has no encode(x) -> (mu, logvar); expected a VAE")
-    device = model_device(model) if device is None else device
+    import torch
+
+    device = model_device(model) if device is None else torch.device(device)
     rows = np.asarray(rows, dtype=np.int64)
     chunks = []
     with eval_mode(model):
         for start in range(0, rows.shape[0], batch_size):
-            mu, _ = model.encode(data.float_batch(rows[start:start + batch_size], device))
-            chunks.append(mu.float().cpu().numpy())
+            mu, _ = model.encode(_images(data, rows[start:start + batch_size], device))
+            chunks.append(mu.float())  # stays on the device: one copy back at the end
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+    return np.ascontiguousarray(torch.cat(chunks).cpu().numpy(), dtype=np.float32)
+
+
+def _images(data, rows: np.ndarray, device):
+    """float32 {0,1} [n, 1, 64, 64] on ``device``; on a GPU the bit-packed bytes travel (8x less)."""
+    import torch
+
+    if device.type != "cpu" and hasattr(data, "packed"):
+        from fastfvae.data.loaders.unpack import unpack_bits
+
+        return unpack_bits(torch.from_numpy(data.packed[rows]).to(device, non_blocking=True))
+    return data.float_batch(rows, device)
 
 
 def encode_dataset(model, data, batch_size: int = 1024, device=None) -> np.ndarray:
