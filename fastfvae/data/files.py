@@ -79,7 +79,7 @@ def _check_tables(path: Path, num: int, classes: np.ndarray, values: np.ndarray,
     if require_full:
         if num != NUM_IMAGES:
             raise FastFVAEError(f"{path}: holds {num} images, expected {NUM_IMAGES} "
-                                "(the full dSprites set; a partial file needs require_full=False)")
+                                "(the full dSprites set; allow a subset with --allow-partial or require_full=False)")
         if not np.array_equal(classes, classes_of(np.arange(NUM_IMAGES))):
             raise FastFVAEError(f"{path}: rows are not in the dSprites order "
                                 "(expected row-major over the factors, posY fastest)")

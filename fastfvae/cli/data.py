@@ -1,0 +1,98 @@
+"""`fastfvae data info|show|download`: what a dSprites set is, a picture of it, the real file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastfvae.errors import FastFVAEError
+
+DESCRIPTION = """\
+Inspect or fetch dSprites. Without PATH, `info` and `show` use the default set:
+the real file in the cache directory ($FASTFVAE_HOME, default ~/.cache/fastfvae) if
+`fastfvae data download` put it there, else the procedural set. PATH may be the canonical
+NPZ or the HDF5 release, recognised by content.
+"""
+
+
+def _load(args):
+    from fastfvae.data import load_dsprites
+
+    return load_dsprites(args.path, require_full=not args.allow_partial)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from fastfvae.data import cache_dir
+    from fastfvae.data.load import cached_file
+
+    data = _load(args)
+    mib = 1024 * 1024
+    print(f"source:        {data.source}")
+    print(f"images:        {len(data)} x 64 x 64, binary ({'full set, real row order' if data.is_full else 'partial set'})")
+    print("factors:       " + ", ".join(f"{n} {s}" for n, s in zip(data.factor_names, data.factor_sizes)))
+    print(f"memory:        {data.nbytes / mib:.1f} MiB (images bit-packed {data.packed.nbytes / mib:.1f} MiB; "
+          f"unpacked would be {len(data) * 4096 / mib:.0f} MiB)")
+    import numpy as np
+
+    sample = np.random.default_rng(0).choice(len(data), size=min(len(data), 4096), replace=False)
+    print(f"on-pixels:     {100 * float(data.images_at(sample).mean()):.2f}% "
+          f"(mean over {len(sample)} random images)")
+    cached = cached_file()
+    print(f"cache dir:     {cache_dir()} (real file {'present' if cached else 'absent'})")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from fastfvae.viz.dataset_grid import save_dataset_grid
+
+    if args.columns < 1:
+        raise FastFVAEError(f"--columns must be at least 1, got {args.columns}")
+    data = _load(args)
+    path = save_dataset_grid(data, args.out, columns=args.columns, seed=args.seed)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from fastfvae.data.download import download_dsprites
+
+    if args.retries < 0:
+        raise FastFVAEError(f"--retries must be 0 or more, got {args.retries}")
+    path = download_dsprites(url=args.url, sha256=args.sha256, dest=args.dest, retries=args.retries,
+                             force=args.force)
+    print(path)
+    return 0
+
+
+def register(subparsers) -> None:
+    from fastfvae.data.download import DSPRITES_URL, SHA256_ENV
+
+    p = subparsers.add_parser("data", help="inspect, draw or download dSprites", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+
+    def add_path(q):
+        q.add_argument("path", nargs="?", default=None, metavar="PATH", help="a dSprites .npz/.hdf5 file")
+        q.add_argument("--allow-partial", action="store_true",
+                       help="accept a file with fewer than 737,280 rows (a subset)")
+
+    q = sub.add_parser("info", help="source, size, factors and memory of a dSprites set")
+    add_path(q)
+    q.set_defaults(func=run_info)
+
+    q = sub.add_parser("show", help="write a PNG: random images and one sweep per factor")
+    add_path(q)
+    q.add_argument("--out", default="dsprites_grid.png", help="PNG to write (default: dsprites_grid.png)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random images")
+    q.add_argument("--columns", type=int, default=10, help="images per row (default 10)")
+    q.set_defaults(func=run_show)
+
+    q = sub.add_parser("download", help="fetch the real dSprites NPZ into the cache directory")
+    q.add_argument("--url", default=DSPRITES_URL, help="where to fetch it from (default: the dSprites repository)")
+    q.add_argument("--sha256", default=None, metavar="HEX",
+                   help=f"expected SHA-256 (default: ${SHA256_ENV}, else the pinned digest if any)")
+    q.add_argument("--dest", default=None, metavar="DIR", help="folder to save into (default: the cache directory)")
+    q.add_argument("--retries", type=int, default=5, help="resume attempts after a dropped connection (default 5)")
+    q.add_argument("--force", action="store_true", help="download again even if the file is already there")
+    q.set_defaults(func=run_download)
