@@ -1,0 +1,99 @@
+"""Training-step throughput: the reference loop vs the fast step, `pytest bench/bench_train_step.py --benchmark-only`.
+
+One benchmark group per config (so each row's ratio is against the other rows of its config):
+
+- ``paper-d1``: the paper's networks (encoder/decoder as in the paper, D 6 x 1000), batch 64,
+  z 10, 1 D update, permuted codes from a second batch; ``paper-d5``: the same with the
+  seed's 5 D updates; ``b256`` / ``b1024``: batch 256 / 1024, 1 D update.
+- rows: ``reference`` (`make_reference_step`), ``fast`` (the fast step's defaults for the
+  device: fp32; on CUDA compiled + one CUDA graph), ``fast-bf16`` (the same with bf16
+  autocast), ``fast-fused`` (fp32 with the `fastfvae.ops` fused ops; on CPU they run their
+  torch reference).
+
+One call = ``STEPS[batch]`` full steps (randomness drawn as in the loop, batches gathered
+from the resident set); ``extra_info``: ``steps_per_s`` (= steps / mean call time),
+``peak_mb`` (CUDA: max allocated; CPU: peak RSS above the RSS before the state was built),
+``vs_reference`` (steps/s over the reference row's, measured earlier in the same session),
+``threads``. CPU threads: all the process has (``torch.get_num_threads()``; set
+OMP_NUM_THREADS to pin). The images are random bits: a step's cost does not depend on them.
+Summarise a JSON with ``python -m bench.report results.json --out DIR``.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.conftest import peak_memory
+from fastfvae.data import DSprites
+from fastfvae.fast import FastOptions, FastStep
+from fastfvae.fast.impl import fused_ops_available
+from fastfvae.train.config import TrainConfig
+from fastfvae.train.reference import draw_step_inputs, make_reference_step
+from fastfvae.train.state import TrainState
+
+CONFIGS = {
+    "paper-d1": dict(batch_size=64, d_steps=1),
+    "paper-d5": dict(batch_size=64, d_steps=5),
+    "b256": dict(batch_size=256, d_steps=1),
+    "b1024": dict(batch_size=1024, d_steps=1),
+}
+VARIANTS = {
+    "reference": None,
+    "fast": dict(),
+    "fast-bf16": dict(precision="bf16"),
+    "fast-fused": dict(fused_ops=True),
+}
+#: steps per benchmark call, and rounds (CPU: the whole file in ~10 minutes on 2 cores)
+STEPS = {64: 5, 256: 2, 1024: 1}
+ROUNDS = {64: 3, 256: 2, 1024: 2}
+GPU_STEPS, GPU_ROUNDS = 200, 5
+
+
+@pytest.fixture(scope="module")
+def data() -> DSprites:
+    rng = np.random.default_rng(0)
+    n = 8192
+    return DSprites(rng.integers(0, 256, (n, 512), dtype=np.uint8), np.zeros((n, 6), np.int64),
+                    np.zeros((n, 6)), source="random-bits")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_train_step(benchmark, data, bench_device, reference_rates, config, variant):
+    if variant == "fast-fused" and not fused_ops_available():
+        pytest.skip("fastfvae.ops not available")
+    cfg = TrainConfig(device=bench_device.type, **CONFIGS[config])
+    cuda = bench_device.type == "cuda"
+    steps = GPU_STEPS if cuda else STEPS[cfg.batch_size]
+    rounds = GPU_ROUNDS if cuda else ROUNDS[cfg.batch_size]
+    memory: dict = {}
+    with peak_memory(bench_device, memory):
+        state = TrainState.create(cfg, len(data), bench_device)
+        if VARIANTS[variant] is None:
+            step = make_reference_step(state, data)
+        else:
+            step = FastStep(state, data, FastOptions(**VARIANTS[variant]))
+
+        def run():
+            for _ in range(steps):
+                metrics = step(draw_step_inputs(cfg, state.sampler, state.generator))
+            _sync(bench_device)
+            return metrics
+
+        run()  # warm-up: compilation / graph capture, allocator, Adam state
+        benchmark.group = f"train step {config} ({bench_device.type})"
+        metrics = benchmark.pedantic(run, rounds=rounds, iterations=1)
+    assert np.isfinite(float(metrics["loss"]))
+    rate = steps / benchmark.stats.stats.mean
+    if variant == "reference":
+        reference_rates[config] = rate
+    info = benchmark.extra_info
+    info.update(config=config, variant=variant, steps_per_s=rate, peak_mb=round(memory["peak_mb"], 1),
+                threads=torch.get_num_threads(), batch_size=cfg.batch_size, d_steps=cfg.d_steps)
+    if config in reference_rates:
+        info["vs_reference"] = rate / reference_rates[config]

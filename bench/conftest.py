@@ -1,0 +1,69 @@
+"""Shared benchmark fixtures: peak memory of a benchmarked call, and the reference loop's
+rate per config measured in the same session (so each fast row can state its ratio).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before the call); on CPU
+the peak resident set size (sampled every 2 ms from ``/proc/self/statm`` while the call
+runs) above the RSS before it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:  # not Linux: the process's lifetime peak is the best there is
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def peak_memory(device: torch.device, result: dict):
+    """Sets ``result["peak_mb"]`` to the peak memory (MiB) used while the block runs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        result["peak_mb"] = max(peak[0], rss_bytes()) - base
+        result["peak_mb"] /= 2**20
+
+
+@pytest.fixture(scope="session")
+def reference_rates() -> dict:
+    """config id -> the reference loop's steps/s measured earlier in this session."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
