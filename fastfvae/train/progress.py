@@ -90,15 +90,15 @@ def _fmt(value, spec: str) -> str:
 
 
 class TrainProgress:
-    """A rich progress bar with it/s, ETA, recon, KL, TC and D accuracy (disabled: a no-op)."""
+    """A rich progress bar: done/total, it/s, ETA, recon, KL, TC, D accuracy (disabled: a no-op)."""
 
     def __init__(self, total: int, start: int, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
         if not enabled:
             return
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            BarColumn(bar_width=12), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(compact=True),
+            TextColumn("{task.fields[stats]}"),
             console=console or Console(stderr=True), transient=False,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, stats="", rate=None)
@@ -117,7 +117,7 @@ class TrainProgress:
             return
         fields = {}
         if means is not None:
-            fields["stats"] = (f"recon {_fmt(means['recon'], '.1f')}  KL {_fmt(means['kl'], '.2f')}  "
-                               f"TC {_fmt(means['tc'], '.3f')}  D acc {_fmt(means['d_acc'], '.2f')}")
+            fields["stats"] = (f"recon {_fmt(means['recon'], '.1f')} KL {_fmt(means['kl'], '.2f')} "
+                               f"TC {_fmt(means['tc'], '.3f')} Dacc {_fmt(means['d_acc'], '.2f')}")
             fields["rate"] = rate
         self.progress.update(self.task, completed=step, **fields)
