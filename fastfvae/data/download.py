@@ -24,6 +24,7 @@ import sys
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from http.client import HTTPException
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def _fetch_once(url: str, part: Path, timeout: float, bar, task) -> int:
             have, mode = 0, "wb"
         bar.update(task, total=total if total >= 0 else None, completed=have)
         with open(part, mode) as out:
-            for block in iter(lambda: response.read(_BLOCK), b""):
+            # read1: whatever has arrived, so a dropped link keeps every byte received.
+            for block in iter(lambda: response.read1(_BLOCK), b""):
                 out.write(block)
                 have += len(block)
                 bar.update(task, completed=have)
@@ -162,7 +164,7 @@ def _verify(part: Path, total: int, digest: str | None, url: str) -> None:
                 bad = zf.testzip()
             if bad is not None:
                 problem = f"member {bad} fails its CRC check"
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
             problem = f"not a readable zip ({type(exc).__name__})"
         if problem is None:
             print(f"fastfvae: no SHA-256 pinned for dSprites; downloaded file has SHA-256 {_sha256_of(part)} "
