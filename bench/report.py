@@ -84,7 +84,7 @@ def bar_chart(groups, path: Path) -> None:
         colors = ["#999999" if r["name"] == "reference" else "#1f77b4" for r in rows][::-1]
         bars = ax.barh(names, rates, color=colors)
         for bar, r in zip(bars, rows[::-1]):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['rate']:,.1f} ({r['ratio']:.2f}x)",
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['rate']:,.3g} ({r['ratio']:.2f}x)",
                     va="center", fontsize=8)
         ax.set_title(group, fontsize=10)
         ax.set_xlabel(rows[0]["unit"])
