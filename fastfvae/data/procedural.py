@@ -14,8 +14,10 @@ Geometry (measured from the real frames, then the constants below fitted by sear
   on screen; at 0 the ellipse's long axis is horizontal and the heart's tip points down;
 * square: side ``2 * SQUARE_HALF * scale``; ellipse: semi-axes ``ELLIPSE_AXES * scale``;
   heart: the parametric curve (16 sin^3 t, 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t),
-  ``HEART_PX`` pixels per curve unit at scale 1, rotated about curve point
-  ``(0, HEART_CENTRE_Y)``.
+  ``HEART_PX`` pixels per curve unit across and ``HEART_ASPECT`` times that vertically
+  at scale 1 (a ~19.2 px box), rotated about curve point ``(0, HEART_CENTRE_Y)``.
+
+The fitted constants give a mean best-match IoU of 0.9993 (min 0.989) over the 320 frames.
 
 Speed: a horizontal line meets a (rotated) outline in at most a few intervals, and an
 image row is one 64-bit word. So for each (shape, scale, orientation) the renderer finds
@@ -48,8 +50,6 @@ HEART_CENTRE_Y = -2.17
 HEART_ASPECT = 1.105
 
 _NPOS = FACTOR_SIZES[4]  # 32 positions per axis
-
-
 _VERTICES = 4096  # outline points of the curved shapes (chord error < 1e-4 px)
 _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -145,6 +145,13 @@ def _sprite_block(shape: int, scale: float, theta: float) -> np.ndarray:
     return words.reshape(_NPOS, _NPOS, IMAGE_SIZE)
 
 
+def _sprite_key_block(key: int) -> np.ndarray:
+    """`_sprite_block` of sprite ``key = shape * 240 + scale * 40 + orientation`` (class indices)."""
+    values = possible_values()
+    return _sprite_block(key // 240, float(values["scale"][key // 40 % 6]),
+                         float(values["orientation"][key % 40]))
+
+
 def _to_packed(rows: np.ndarray) -> np.ndarray:
     """uint64 [n, 64] row masks -> np.packbits layout uint8 [n, 512]."""
     return rows.astype(">u8").view(np.uint8).reshape(rows.shape[0], PACKED_ROW_BYTES)
@@ -153,14 +160,11 @@ def _to_packed(rows: np.ndarray) -> np.ndarray:
 def render_packed_rows(classes: np.ndarray) -> np.ndarray:
     """Bit-packed images (uint8 [n, 512], `pack_images` layout) of [n, 6] latents_classes rows."""
     classes = np.asarray(classes, dtype=np.int64).reshape(-1, 6)
-    values = possible_values()
     out = np.zeros((len(classes), IMAGE_SIZE), dtype=np.uint64)
     sprite = classes[:, 1] * 240 + classes[:, 2] * 40 + classes[:, 3]
     for key in np.unique(sprite):
         sel = np.flatnonzero(sprite == key)
-        shape, scale_idx, orient = int(key) // 240, int(key) // 40 % 6, int(key) % 40
-        block = _sprite_block(shape, float(values["scale"][scale_idx]), float(values["orientation"][orient]))
-        out[sel] = block[classes[sel, 4], classes[sel, 5]]
+        out[sel] = _sprite_key_block(int(key))[classes[sel, 4], classes[sel, 5]]
     return _to_packed(out)
 
 
@@ -171,13 +175,10 @@ def render(classes: np.ndarray) -> np.ndarray:
 
 
 def _render_sprites(sprites: range, out: np.ndarray) -> None:
-    """Render sprites (index ``shape * 240 + scale * 40 + orientation``) into ``out`` rows."""
-    values = possible_values()
+    """Render sprites (see `_sprite_key_block`) into their rows of packed ``out``."""
     words = out.view(">u8").reshape(-1, _NPOS, _NPOS, IMAGE_SIZE)
     for key in sprites:
-        shape, scale_idx, orient = key // 240, key // 40 % 6, key % 40
-        words[key] = _sprite_block(shape, float(values["scale"][scale_idx]),
-                                   float(values["orientation"][orient]))
+        words[key] = _sprite_key_block(key)
 
 
 def render_packed(workers: int | None = None) -> np.ndarray:
