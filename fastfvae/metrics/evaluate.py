@@ -70,19 +70,22 @@ def settings_of(name: str, seed: int, config: dict | None) -> dict:
     return settings
 
 
-def _check_config(config: dict | None, allow_model_metrics: bool) -> None:
-    if config is None:
-        return
-    if not isinstance(config, dict):
-        raise FastFVAEError(f"config must be a dict of metric name -> settings, got {type(config).__name__}")
-    check_metric_names(tuple(config), allow_model_metrics=True)
+def check_request(metrics, seed: int, config: dict | None, allow_model_metrics: bool = False) -> tuple[str, ...]:
+    """Validate metric names, config and settings before any work; returns the names."""
+    metrics = check_metric_names(metrics, allow_model_metrics)
+    if config is not None:
+        if not isinstance(config, dict):
+            raise FastFVAEError(f"config must be a dict of metric name -> settings, got {type(config).__name__}")
+        check_metric_names(tuple(config), allow_model_metrics=True)
+    for name in metrics:
+        settings_of(name, seed, config)
+    return metrics
 
 
 def run_metrics(ground_truth, representation_function, metrics=DEFAULT_METRICS, seed: int = 0,
                 config: dict | None = None, timings: dict | None = None) -> dict[str, dict]:
     """Each metric on (ground truth, representation), a fresh ``RandomState(seed)`` apiece."""
-    metrics = check_metric_names(metrics)
-    _check_config(config, allow_model_metrics=True)
+    metrics = check_request(metrics, seed, config)
     all_settings = {name: settings_of(name, seed, config) for name in metrics}
     results = {}
     for name in metrics:
@@ -106,10 +109,7 @@ def evaluate_codes(codes, factor_sizes, metrics=DEFAULT_METRICS, seed: int = 0,
     seconds each metric took.
     """
     grid = FactorGrid(tuple(int(s) for s in np.asarray(factor_sizes).reshape(-1)))
-    metrics = check_metric_names(metrics)
-    _check_config(config, allow_model_metrics=False)
-    for name in metrics:
-        settings_of(name, seed, config)
+    metrics = check_request(metrics, seed, config)
     table = CodeTable(check_codes(codes, grid.num_rows))
     return run_metrics(grid, table, metrics, seed, config, timings)
 
@@ -165,10 +165,7 @@ def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, 
     ``"reconstruction"`` (mean BCE per image of decode(mean code) on random rows).
     ``timings`` receives ``encode`` and each metric's seconds.
     """
-    metrics = check_metric_names(metrics, allow_model_metrics=True)
-    _check_config(config, allow_model_metrics=True)
-    for name in metrics:
-        settings_of(name, seed, config)
+    metrics = check_request(metrics, seed, config, allow_model_metrics=True)
     model = load_model(model_or_ckpt, device)
     grid = grid_of_data(data, factor_sizes)
     code_metrics = tuple(m for m in metrics if m in METRICS)
