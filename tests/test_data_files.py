@@ -201,3 +201,20 @@ def test_cli_info_and_show_on_a_small_file(files, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["data", "info", str(files / "small.npz")]) == 2  # partial without --allow-partial
     assert "--allow-partial" in capsys.readouterr().err
+
+
+def test_python2_style_metadata_pickle_loads(small, tmp_path):
+    """The real file's metadata: protocol 2, globals under ``numpy.core.multiarray``."""
+    meta = np.array({"title": "dSprites", "latents_sizes": np.array([1, 3, 6, 40, 32, 32]),
+                     "latents_possible_values": {"scale": np.linspace(0.5, 1, 6)}}, dtype=object)
+    blob = pickle.dumps(meta, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    path = tmp_path / "py2.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, array in good_arrays(small).items():
+            with zf.open(f"{name}.npy", "w") as fh:
+                if name == "metadata":
+                    np.lib.format.write_array_header_1_0(fh, {"descr": "|O", "fortran_order": False, "shape": ()})
+                    fh.write(blob)
+                else:
+                    np.lib.format.write_array(fh, array)
+    assert_same(load_file(path, require_full=False), small)

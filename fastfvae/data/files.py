@@ -111,7 +111,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"),
-        ("collections", "OrderedDict"),
+        ("collections", "OrderedDict"), ("_codecs", "encode"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
