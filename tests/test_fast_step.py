@@ -155,3 +155,13 @@ def test_no_host_sync_metrics_are_device_tensors():
     _, _, _, fast_m = run_both(cfg, 1, FastOptions())
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in fast_m[0].values())
     assert np.isfinite([float(v) for v in fast_m[0].values()]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d_steps", [1, 2])
+def test_compiled_networks_keep_parity(d_steps):
+    """compile="model" (Inductor, AOTAutograd backward; the CUDA default) with fused ops:
+    the retained D graph is back-propagated twice through a compiled backward. ~1-2 min of
+    compilation on CPU, hence slow."""
+    opts = FastOptions(compile="model", fused_ops=fused_ops_available())
+    assert_parity(*run_both(small_cfg(d_steps=d_steps), 6, opts), "fp32")
