@@ -1,0 +1,170 @@
+"""Fused ops vs eager torch vs torch.compile: `pytest bench/bench_ops.py --benchmark-only`.
+
+One benchmark group per op and size, with one row per implementation of the same function:
+
+* ``eager``    -- plain torch, as a model would write it;
+* ``compiled`` -- ``torch.compile`` (Inductor, static shapes) of that same function;
+* ``fastfvae`` -- the `fastfvae.ops` op: the Triton kernels on CUDA, the torch reference on CPU.
+
+Each row's ``extra_info`` holds ``speedup_vs_eager`` and ``speedup_vs_compiled`` (min time per
+call of that row / this row: the min, because shared CI machines are noisy); pytest-benchmark's
+own table shows each row's ratio to the fastest in its group. On CUDA every call ends with a synchronize. Sizes: the FactorVAE step (B = 64..512,
+z = 10, discriminator 6 x 1000) and one large size per op (larger on CUDA).
+"""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastfvae.models.discriminator import Discriminator
+from fastfvae.ops import FusedDiscriminator, gaussian_sample_kl, linear_leaky_relu, permute_dims
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+IMPLS = ["eager", "compiled", "fastfvae"]
+_BEST: dict = {}  # (group, impl) -> min seconds per call
+
+
+def _sync() -> None:
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
+def _measure(benchmark, group: str, impl: str, fn) -> None:
+    """Warm up (compiles, autotunes), size rounds to ~0.4 s, record the speedups."""
+    fn()
+    fn()
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    once = max(time.perf_counter() - t0, 1e-6)
+    iterations = max(1, int(2e-3 / once))
+    rounds = max(3, min(30, int(0.4 / (once * iterations))))
+
+    def run():
+        for _ in range(iterations):
+            fn()
+        _sync()
+
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=DEVICE.type)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return
+    best = stats.stats.min / iterations
+    _BEST[(group, impl)] = best
+    benchmark.extra_info["min_per_call_s"] = best
+    for base in ("eager", "compiled"):
+        if (group, base) in _BEST:
+            benchmark.extra_info[f"speedup_vs_{base}"] = _BEST[(group, base)] / best
+
+
+def _pick(impl: str, eager, fused):
+    if impl == "eager":
+        return eager
+    if impl == "compiled":
+        torch._dynamo.reset()
+        return torch.compile(eager, dynamic=False)
+    return fused
+
+
+# --- permute_dims: forward, keys drawn in the timed call (the op's use in FactorVAE) ---------
+
+def _permute_eager(z):
+    return z.gather(0, torch.rand_like(z).argsort(dim=0))
+
+
+def _permute_fused(z):
+    return permute_dims(z, torch.rand_like(z))
+
+
+PERMUTE_SIZES = [(64, 10), (512, 10), (8192, 1024) if ON_CUDA else (4096, 256)]
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["eager_randperm"])
+@pytest.mark.parametrize("B, D", PERMUTE_SIZES, ids=lambda v: str(v))
+def test_permute_dims(benchmark, B, D, impl):
+    z = torch.randn(B, D, device=DEVICE)
+    if impl == "eager_randperm":  # the paper code's loop: one randperm + index per dimension
+        def fn():
+            return torch.stack([z[torch.randperm(B, device=DEVICE), j] for j in range(D)], 1)
+        if D > 64:
+            pytest.skip("the per-dimension loop is for small D")
+    else:
+        step = _pick(impl, _permute_eager, _permute_fused)
+
+        def fn():
+            return step(z)
+    _measure(benchmark, f"permute_dims fwd B={B} D={D}", impl, fn)
+
+
+# --- reparameterised sample + KL, forward and backward ----------------------------------------
+
+def _gaussian_eager(mu, logvar, eps):
+    z = mu + torch.exp(0.5 * logvar) * eps
+    kl = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar).sum(-1)
+    return z, kl
+
+
+GAUSSIAN_SIZES = [(64, 10), (512, 10), (1 << 20, 32) if ON_CUDA else (65536, 32)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("B, D", GAUSSIAN_SIZES, ids=lambda v: str(v))
+def test_gaussian_sample_kl(benchmark, B, D, impl):
+    mu, logvar, eps = (torch.randn(B, D, device=DEVICE) for _ in range(3))
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    gz, gkl = torch.randn(B, D, device=DEVICE), torch.randn(B, device=DEVICE)
+    step = _pick(impl, _gaussian_eager, gaussian_sample_kl)
+
+    def fn():
+        z, kl = step(mu, logvar, eps)
+        return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+    _measure(benchmark, f"gaussian_sample_kl fwd+bwd B={B} D={D}", impl, fn)
+
+
+# --- the discriminator MLP, forward and backward ----------------------------------------------
+
+DISC_BATCHES = [64, 128, 512] + ([4096] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("B", DISC_BATCHES)
+def test_discriminator(benchmark, B, impl):
+    torch.manual_seed(0)
+    model = (FusedDiscriminator() if impl == "fastfvae" else Discriminator()).to(DEVICE)
+    params = list(model.parameters())
+    step = model if impl != "compiled" else _pick(impl, model, None)
+    z = torch.randn(B, 10, device=DEVICE)
+    target = torch.randint(0, 2, (B,), device=DEVICE)
+
+    def fn():
+        return torch.autograd.grad(F.cross_entropy(step(z), target), params)
+    _measure(benchmark, f"discriminator 6x1000 fwd+bwd B={B}", impl, fn)
+
+
+def _layer_eager(x, w, b):
+    return F.leaky_relu(F.linear(x, w, b), 0.2)
+
+
+def _layer_fused(x, w, b):
+    return linear_leaky_relu(x, w, b, 0.2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_leaky_relu_large(benchmark, impl):
+    M = 8192 if ON_CUDA else 1024
+    x = torch.randn(M, 1000, device=DEVICE, requires_grad=True)
+    w = (torch.randn(1000, 1000, device=DEVICE) / 1000**0.5).requires_grad_()
+    b = torch.randn(1000, device=DEVICE, requires_grad=True)
+    g = torch.randn(M, 1000, device=DEVICE)
+    step = _pick(impl, _layer_eager, _layer_fused)
+
+    def fn():
+        return torch.autograd.grad(step(x, w, b), (x, w, b), g)
+    _measure(benchmark, f"linear_leaky_relu fwd+bwd {M}x1000x1000", impl, fn)
