@@ -218,3 +218,16 @@ def test_python2_style_metadata_pickle_loads(small, tmp_path):
                 else:
                     np.lib.format.write_array(fh, array)
     assert_same(load_file(path, require_full=False), small)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["npz", "hdf5"])
+def test_full_size_file_round_trip(fmt, tmp_path):
+    from fastfvae.data import procedural_dsprites
+
+    full = procedural_dsprites()
+    path = tmp_path / f"full.{fmt}"
+    (save_npz if fmt == "npz" else save_hdf5)(full, path)
+    loaded = load_dsprites(path)  # require_full: all rows, in the real order
+    assert loaded.is_full and np.array_equal(loaded.packed, full.packed)
+    assert np.array_equal(loaded.latents_classes, full.latents_classes)
