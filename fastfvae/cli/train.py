@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"log a JSONL line every N steps (default {d.log_every})")
     p.add_argument("--resume", default=None, metavar="DIR|CKPT",
                    help="continue the run in DIR (or from checkpoint file CKPT) with its saved config; "
-                        "only --steps, --out, --data, --device, --ckpt-every, --log-every may change")
+                        "only --steps, --out, --data, --device, --ckpt-every, --log-every and the fast-path / "
+                        "evaluation flags may change")
     p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", default=None,
                    help="start from a named config: paper (seed §6: gamma 35, 5 D steps, second batch, "
                         "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps)")
