@@ -137,9 +137,11 @@ def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: 
             except (ConnectionError, HTTPException, socket.timeout, TimeoutError, urllib.error.URLError) as exc:
                 if attempt == retries:
                     kept = part.stat().st_size if part.exists() else 0
-                    raise FastFVAEError(
-                        f"download of {url} interrupted ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                        f"{kept} bytes kept in {part}, run the command again to resume") from None
+                    why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+                    if not kept:
+                        raise FastFVAEError(f"download of {url} failed ({why})") from None
+                    raise FastFVAEError(f"download of {url} interrupted ({why}); {kept} bytes kept in {part}, "
+                                        "run the command again to resume") from None
                 print(f"fastfvae: transfer interrupted ({type(exc).__name__}), resuming", file=sys.stderr)
     _verify(part, total, digest, url)
     os.replace(part, final)
