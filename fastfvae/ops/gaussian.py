@@ -73,19 +73,28 @@ def _reference_forward(mu, logvar, eps, want_z: bool, want_kl: bool):
 
 
 def _reference_backward(mu, logvar, eps, grad_z, grad_kl):
+    """The gradients autograd computes for the textbook formulas, in autograd's operation order
+    (so the CPU path matches plain torch to the last bit in the usual range), with the
+    overflow-safe product where exp(logvar / 2) overflows."""
     acc = _kl_dtype(mu.dtype)
     m, lv = mu.to(acc), logvar.to(acc)
-    gmu = torch.zeros_like(m)
-    glv = torch.zeros_like(lv)
+    gmu = glv = None
     if grad_z is not None:
-        gz = grad_z.to(acc)
-        gmu = gmu + gz
-        glv = glv + 0.5 * gz * _std_times_eps(0.5 * lv, eps.to(acc))
+        gz, e = grad_z.to(acc), eps.to(acc)
+        half_lv = 0.5 * lv
+        gmu, glv = gz, ((gz * e) * torch.exp(half_lv)) * 0.5
+        big = half_lv > 80.0
+        if big.any():
+            glv = torch.where(big, 0.5 * gz * _std_times_eps(half_lv, e), glv)
     if grad_kl is not None:
-        gkl = grad_kl.to(acc).unsqueeze(-1)
-        gmu = gmu + gkl * m
-        glv = glv + 0.5 * gkl * torch.expm1(lv)
-    return gmu.to(mu.dtype), glv.to(logvar.dtype)
+        g = (grad_kl.to(acc).unsqueeze(-1) * 0.5).expand_as(m)
+        gmu_kl, glv_kl = g * (2.0 * m), g * torch.exp(lv) + (-g)
+        gmu = gmu_kl if gmu is None else gmu + gmu_kl
+        glv = glv_kl if glv is None else glv + glv_kl
+    if gmu is None:
+        gmu, glv = torch.zeros_like(m), torch.zeros_like(lv)
+    gmu = gmu.to(mu.dtype)
+    return (gmu.clone() if gmu is grad_z else gmu), glv.to(logvar.dtype)  # an op's output must not alias an input
 
 
 # --- implementation shared by the three forward ops --------------------------------------
