@@ -2,30 +2,38 @@
 # GPU check of the fused ops: run the op tests on CUDA (bf16 included) and the benchmarks,
 # and write a markdown report.
 #
-#   bench/gpu_check.sh REPORT_DIR [--cpu] [--ops-only]
+#   bench/gpu_check.sh REPORT_DIR [--cpu] [--ops-only] [--bench-k EXPR]
 #
 #   REPORT_DIR   created if missing; gets report.md, tests.txt, bench.txt, bench.json
 #   --cpu        run without CUDA (tests on the CPU paths and the Triton interpreter, benchmarks
 #                of the CPU paths); without it, a machine with no CUDA device is an error (exit 2)
 #   --ops-only   benchmark bench/bench_ops.py only (default: everything, `pytest bench/`)
+#   --bench-k EXPR  only the benchmarks pytest's `-k EXPR` selects (e.g. "not compiled": no
+#                Inductor compile time, for a short device slot)
+#
+# The tests run with FASTFVAE_AUTOTUNE=0 (one GEMM config, no autotuning per test shape); the
+# benchmarks autotune.
 #
 # Exit status: 0 when the tests and benchmarks pass, 1 when any failed (the report is written
 # either way), 2 on bad usage or no CUDA device. PYTHON picks the interpreter (default: python).
 set -euo pipefail
 
-usage() { echo "usage: $0 REPORT_DIR [--cpu] [--ops-only]" >&2; exit 2; }
+usage() { echo "usage: $0 REPORT_DIR [--cpu] [--ops-only] [--bench-k EXPR]" >&2; exit 2; }
 
 REPORT_DIR=""
 CPU_MODE=0
 BENCH_TARGET="bench/"
-for arg in "$@"; do
-    case "$arg" in
+BENCH_K=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
         --cpu) CPU_MODE=1 ;;
         --ops-only) BENCH_TARGET="bench/bench_ops.py" ;;
-        -h|--help) sed -n 2,15p "$0"; exit 0 ;;
-        -*) echo "gpu_check: unknown option $arg" >&2; usage ;;
-        *) [[ -z "$REPORT_DIR" ]] || usage; REPORT_DIR="$arg" ;;
+        --bench-k) [[ $# -ge 2 ]] || usage; BENCH_K=(-k "$2"); shift ;;
+        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+        -*) echo "gpu_check: unknown option $1" >&2; usage ;;
+        *) [[ -z "$REPORT_DIR" ]] || usage; REPORT_DIR="$1" ;;
     esac
+    shift
 done
 [[ -n "$REPORT_DIR" ]] || usage
 
@@ -56,11 +64,11 @@ fi
 status=0
 echo "gpu_check: op tests ($MODE) ..."
 set +e
-"$PYTHON" -m pytest tests/test_ops_permute.py tests/test_ops_gaussian.py tests/test_ops_mlp.py \
-    tests/test_fast_graph.py -q -rfEs -p no:randomly > "$REPORT_DIR/tests.txt" 2>&1
+FASTFVAE_AUTOTUNE=0 "$PYTHON" -m pytest tests/test_ops_permute.py tests/test_ops_gaussian.py tests/test_ops_mlp.py \
+    tests/test_fast_graph.py -q -rfE -p no:randomly > "$REPORT_DIR/tests.txt" 2>&1
 tests_rc=$?
 echo "gpu_check: benchmarks ($BENCH_TARGET) ..."
-"$PYTHON" -m pytest "$BENCH_TARGET" --benchmark-only -q -p no:randomly \
+"$PYTHON" -m pytest "$BENCH_TARGET" ${BENCH_K[@]+"${BENCH_K[@]}"} --benchmark-only -q -p no:randomly \
     --benchmark-json="$REPORT_DIR/bench.json" > "$REPORT_DIR/bench.txt" 2>&1
 bench_rc=$?
 set -e
@@ -94,7 +102,7 @@ PY
     grep -E "passed|failed|error|FAILED|ERROR" "$REPORT_DIR/tests.txt" | tail -n 30 || true
     echo '```'
     echo
-    echo "## Benchmarks (exit $bench_rc, \`pytest $BENCH_TARGET --benchmark-only\`)"
+    echo "## Benchmarks (exit $bench_rc, \`pytest $BENCH_TARGET ${BENCH_K[*]:-} --benchmark-only\`)"
     echo
     if [[ -s "$REPORT_DIR/bench.json" ]]; then
         "$PYTHON" - "$REPORT_DIR/bench.json" <<'PY'

@@ -13,7 +13,8 @@ and three optional fusions:
   (masked) A over K -- the bias gradient ``db = sum_M g * act'(y)`` fused into wgrad.
 
 fp32 operands use TF32 only when the caller asks (torch.backends.cuda.matmul.allow_tf32).
-Autotuned on a GPU; under the interpreter one heuristic config runs (autotune fails there).
+Autotuned on a GPU (``FASTFVAE_AUTOTUNE=0``: one fixed config, for quick test runs); under the
+interpreter one heuristic config runs (autotune fails there).
 """
 
 import os
@@ -22,6 +23,9 @@ import triton
 import triton.language as tl
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FASTFVAE_AUTOTUNE=0: one fixed config on the GPU (quick test runs: no autotuning per shape).
+_AUTOTUNE = not _INTERPRETING and os.environ.get("FASTFVAE_AUTOTUNE", "1") != "0"
+_FIXED = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 # Autotuned on a GPU. The interpreter cannot autotune, and each interpreted Triton op costs
 # ~0.3 ms whatever the tile size, so there it runs one large tile per 512 rows/columns.
 _CONFIGS = [
@@ -82,7 +86,7 @@ def _gemm_kernel(
             tl.store(rowsum_ptr + rm, rowsum.to(rowsum_ptr.dtype.element_ty), mask=rm < M)
 
 
-_gemm_tuned = None if _INTERPRETING else triton.autotune(configs=_CONFIGS, key=_KEY)(_gemm_kernel)
+_gemm_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_gemm_kernel) if _AUTOTUNE else None
 
 
 def _interpreter_blocks(M: int, N: int, K: int) -> dict:
@@ -101,7 +105,10 @@ def _launch(a, a_strides, b, b_strides, c, M, N, K, *, bias=None, act=False, y=N
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    kernel, blocks = (_gemm_kernel, _interpreter_blocks(M, N, K)) if _INTERPRETING else (_gemm_tuned, {})
+    if _INTERPRETING:
+        kernel, blocks = _gemm_kernel, _interpreter_blocks(M, N, K)
+    else:
+        kernel, blocks = (_gemm_tuned, {}) if _AUTOTUNE else (_gemm_kernel, _FIXED)
     kernel[grid](
         a, b, c, bias if bias is not None else c, y if y is not None else a,
         rowsum if rowsum is not None else c,
