@@ -90,3 +90,35 @@ def graph_breaks_of(fn, *args) -> tuple[int, int, object]:
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     return breaks, graphs, out
+
+
+_AOT_SCRIPT = """
+import sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+import importlib
+module = importlib.import_module("fastfvae.kernels." + sys.argv[1])
+kernel = getattr(module, sys.argv[2])
+for line in sys.stdin.read().strip().splitlines():
+    signature, constexprs = eval(line)
+    signature = dict(signature, **{k: "constexpr" for k in constexprs})
+    compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+def compile_for_sm90(module: str, kernel: str, variants: list) -> None:
+    """Compile kernel variants ((signature, constexprs) pairs) to sm_90 machine code, no GPU needed.
+
+    Catches what the interpreter does not check (non-constexpr globals, types, register and
+    shared-memory limits). Runs in a subprocess without TRITON_INTERPRET.
+    """
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    lines = "\n".join(repr(v) for v in variants)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module, kernel], input=lines, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -192,3 +192,15 @@ def test_largest_kernel_batch_and_torch_fallback(backend, B):
     g = torch.Generator().manual_seed(B)
     z = torch.randn(B, 2, generator=g).to(backend.device)
     _check_values_and_grad(z, torch.rand(B, 2, generator=g).to(backend.device))
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90():
+    from ops_backends import compile_for_sm90
+
+    sig = dict(zip(["src_ptr", "keys_ptr", "out_ptr", "B", "D", "s_src_b", "s_src_d", "s_key_b", "s_key_d",
+                    "s_out_b", "s_out_d"], ["*fp32", "*fp16", "*fp32"] + ["i32"] * 8))
+    compile_for_sm90("permute", "_permute_kernel", [
+        (sig, {"INVERSE": inverse, "BLOCK_B": bb, "BLOCK_D": bd, "BLOCK_I": bi})
+        for bb, bd, bi in [(64, 2, 64), (512, 1, 16), (4096, 1, 2)] for inverse in (False, True)
+    ])
