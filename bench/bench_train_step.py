@@ -14,10 +14,13 @@ One call = ``STEPS[batch]`` full steps (randomness drawn as in the loop, batches
 from the resident set); ``extra_info``: ``steps_per_s`` (= steps / mean call time),
 ``peak_mb`` (CUDA: max allocated; CPU: peak RSS above the RSS before the state was built),
 ``vs_reference`` (steps/s over the reference row's, measured earlier in the same session),
-``threads``. CPU threads: all the process has (``torch.get_num_threads()``; set
+``cpu_ms_per_step`` (process CPU time per step: on a shared machine with 1 thread a steadier
+work measure than wall time), ``threads``. CPU threads: all the process has (``torch.get_num_threads()``; set
 OMP_NUM_THREADS to pin). The images are random bits: a step's cost does not depend on them.
 Summarise a JSON with ``python -m bench.report results.json --out DIR``.
 """
+
+import time
 
 import numpy as np
 import pytest
@@ -79,10 +82,14 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
         else:
             step = FastStep(state, data, FastOptions(**VARIANTS[variant]))
 
+        cpu_s = []
+
         def run():
+            t0 = time.process_time()
             for _ in range(steps):
                 metrics = step(draw_step_inputs(cfg, state.sampler, state.generator))
             _sync(bench_device)
+            cpu_s.append(time.process_time() - t0)
             return metrics
 
         run()  # warm-up: compilation / graph capture, allocator, Adam state
@@ -94,6 +101,7 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
         reference_rates[config] = rate
     info = benchmark.extra_info
     info.update(config=config, variant=variant, steps_per_s=rate, peak_mb=round(memory["peak_mb"], 1),
-                threads=torch.get_num_threads(), batch_size=cfg.batch_size, d_steps=cfg.d_steps)
+                threads=torch.get_num_threads(), batch_size=cfg.batch_size, d_steps=cfg.d_steps,
+                cpu_ms_per_step=1e3 * float(np.median(cpu_s[1:])) / steps)
     if config in reference_rates:
         info["vs_reference"] = rate / reference_rates[config]

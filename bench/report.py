@@ -5,7 +5,8 @@ to the group's reference/slowest row, time per call and peak memory) and ``DIR/r
 (one horizontal bar chart of the rates per group), and prints the markdown.
 
 A row's rate is its ``extra_info`` ``steps_per_s`` or ``samples_per_s`` when the benchmark
-recorded one, else calls/s (1 / mean). The ratio column is against the row named
+recorded one, else calls/s (1 / mean); ``cpu_ms_per_step`` (process CPU time) is shown when
+recorded. The ratio column is against the row named
 ``reference`` (variant) when the group has one, else against the slowest row.
 """
 
@@ -32,7 +33,7 @@ def _row(bench: dict) -> dict:
         rate, unit = 1.0 / mean if mean > 0 else math.inf, "calls/s"
     name = info.get("variant") or bench.get("param") or bench["name"]
     return {"name": str(name), "rate": rate, "unit": unit, "mean_ms": mean * 1e3,
-            "peak_mb": info.get("peak_mb"), "full_name": bench["fullname"]}
+            "peak_mb": info.get("peak_mb"), "cpu_ms": info.get("cpu_ms_per_step"), "full_name": bench["fullname"]}
 
 
 def load_groups(path: str | Path) -> "OrderedDict[str, list[dict]]":
@@ -58,11 +59,12 @@ def machine_line(path: str | Path) -> str:
 def markdown(groups, header: str = "") -> str:
     lines = [f"# Benchmark report\n\n{header}\n" if header else "# Benchmark report\n"]
     for group, rows in groups.items():
-        lines += [f"## {group}\n", f"| row | rate | x vs {rows[0]['base']} | ms / call | peak MiB |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [f"## {group}\n", f"| row | rate | x vs {rows[0]['base']} | ms / call | CPU ms / step | peak MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-            lines.append(f"| {r['name']} | {r['rate']:,.2f} {r['unit']} | {r['ratio']:.2f} | {r['mean_ms']:,.2f} | {peak} |")
+            cpu = "" if r["cpu_ms"] is None else f"{r['cpu_ms']:,.1f}"
+            lines.append(f"| {r['name']} | {r['rate']:,.2f} {r['unit']} | {r['ratio']:.2f} | {r['mean_ms']:,.2f} | {cpu} | {peak} |")
         lines.append("")
     return "\n".join(lines)
 
