@@ -100,6 +100,9 @@ def test_fused_mlp_matches_sequential_and_shares_keys(backend):
     fused.load_state_dict(seq.state_dict())
     shared = FusedMLP.from_sequential(seq)
     assert shared[0].weight is seq[0].weight
+    head = shared[2:]  # nn.Sequential slicing keeps the type and the names
+    assert isinstance(head, FusedMLP) and list(head.state_dict())[0] == "2.weight"
+    torch.testing.assert_close(head(torch.relu(seq[0](x))), seq[2:](torch.relu(seq[0](x))), rtol=1e-5, atol=1e-6)
     shared(x).square().sum().backward()
     ref = [p.grad.clone() for p in seq.parameters()]
     seq.zero_grad()

@@ -14,6 +14,7 @@ whose forward runs one fused op per Linear. ``FusedDiscriminator`` wraps one as 
 with the keys of ``fastfvae.models.Discriminator`` ("net.0.weight" ... "net.12.bias").
 """
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -145,13 +146,17 @@ class FusedMLP(nn.Sequential):
 
     ``FusedMLP([10, 1000, 1000, 2], slope=0.2)`` builds Linear(10, 1000), LeakyReLU(0.2),
     Linear(1000, 1000), LeakyReLU(0.2), Linear(1000, 2); ``FusedMLP.from_sequential(seq)``
-    reuses the modules (and parameters) of an existing Sequential of Linear and
-    LeakyReLU/ReLU layers, each activation directly after a Linear.
+    reuses the modules (and parameters) of an existing Sequential. Any Sequential of
+    ``nn.Linear`` layers, each optionally followed by ``nn.LeakyReLU`` (slope >= 0) or
+    ``nn.ReLU``, works; the layers are read at every call, so ``append``/slicing behave as
+    on ``nn.Sequential``.
     """
 
     def __init__(self, sizes: Sequence[int] = (), slope: float = 0.2, *, modules: Sequence[nn.Module] = ()):
-        if modules:
-            layers = list(modules)
+        if isinstance(sizes, dict):  # nn.Sequential's own slicing passes an OrderedDict
+            super().__init__(OrderedDict(sizes))
+        elif modules:
+            super().__init__(*modules)
         else:
             sizes = [int(s) for s in sizes]
             if len(sizes) < 2 or min(sizes) < 1:
@@ -161,33 +166,33 @@ class FusedMLP(nn.Sequential):
                 layers.append(nn.Linear(fan_in, fan_out))
                 if i < len(sizes) - 2:
                     layers.append(nn.LeakyReLU(slope))
-        super().__init__(*layers)
-        self._plan = self._make_plan(layers)
+            super().__init__(*layers)
+        self._plan()
 
-    @staticmethod
-    def _make_plan(layers: list) -> list:
-        plan, i = [], 0
-        while i < len(layers):
-            if not isinstance(layers[i], nn.Linear):
+    def _plan(self) -> list:
+        """[(linear module, slope)]: each Linear with the slope of the activation after it (1.0: none)."""
+        plan, items, i = [], list(self._modules.items()), 0
+        while i < len(items):
+            name, module = items[i]
+            if not isinstance(module, nn.Linear):
                 raise FastFVAEError(
-                    f"FusedMLP: layer {i} is {type(layers[i]).__name__}; expected nn.Linear, "
+                    f"FusedMLP: layer {name} is {type(module).__name__}; expected nn.Linear, "
                     "optionally followed by nn.LeakyReLU or nn.ReLU"
                 )
-            slope = _slope_of(layers[i + 1]) if i + 1 < len(layers) else None
+            slope = _slope_of(items[i + 1][1]) if i + 1 < len(items) else None
             if slope is not None and slope < 0:
-                raise FastFVAEError(f"FusedMLP: layer {i + 1} has slope {slope}; expected >= 0")
-            plan.append((str(i), 1.0 if slope is None else slope))
+                raise FastFVAEError(f"FusedMLP: layer {items[i + 1][0]} has slope {slope}; expected >= 0")
+            plan.append((module, 1.0 if slope is None else slope))
             i += 1 if slope is None else 2
         return plan
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential) -> "FusedMLP":
         """A FusedMLP sharing ``seq``'s modules, so parameters and state_dict keys are the same."""
-        return cls(modules=list(seq))
+        return cls(OrderedDict(seq._modules))
 
     def forward(self, x: Tensor) -> Tensor:
-        for name, slope in self._plan:
-            linear = self._modules[name]
+        for linear, slope in self._plan():
             x = linear_leaky_relu(x, linear.weight, linear.bias, slope)
         return x
 
