@@ -8,8 +8,9 @@ One benchmark group per op and size, with one row per implementation of the same
 
 Each row's ``extra_info`` holds ``speedup_vs_eager`` and ``speedup_vs_compiled`` (min time per
 call of that row / this row: the min, because shared CI machines are noisy); pytest-benchmark's
-own table shows each row's ratio to the fastest in its group. On CUDA every call ends with a synchronize. Sizes: the FactorVAE step (B = 64..512,
-z = 10, discriminator 6 x 1000) and one large size per op (larger on CUDA).
+own table shows each row's ratio to the fastest in its group. On CUDA every call ends with a
+synchronize. Sizes: the FactorVAE step (B = 64..512, z = 10, discriminator 6 x 1000) and one
+large size per op (larger on CUDA).
 """
 
 import time

@@ -23,18 +23,21 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _expm1(x):
-    """exp(x) - 1, accurate near 0."""
-    small = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040)))))))
-    return tl.where(tl.abs(x) < 0.5, small, tl.exp(x) - 1.0)
+def _expm1_minus_x(x):
+    """exp(x) - 1 - x, accurate near 0: x^2/2! + ... + x^8/8! (Horner) for |x| < 0.5."""
+    p = x * (1.0 / 40320) + 1.0 / 5040
+    p = p * x + 1.0 / 720
+    p = p * x + 1.0 / 120
+    p = p * x + 1.0 / 24
+    p = p * x + 1.0 / 6
+    p = p * x + 0.5
+    return tl.where(tl.abs(x) < 0.5, x * x * p, tl.exp(x) - 1.0 - x)
 
 
 @triton.jit
-def _expm1_minus_x(x):
-    """exp(x) - 1 - x, accurate near 0."""
-    x2 = x * x
-    small = x2 * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320)))))))
-    return tl.where(tl.abs(x) < 0.5, small, tl.exp(x) - 1.0 - x)
+def _expm1(x):
+    """exp(x) - 1, accurate near 0."""
+    return _expm1_minus_x(x) + x
 
 
 @triton.jit

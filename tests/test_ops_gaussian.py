@@ -195,7 +195,8 @@ def test_kernels_compile_for_sm90():
     from ops_backends import compile_for_sm90
 
     for dt in ("fp32", "fp16", "bf16"):
-        fwd = dict(zip(["mu_ptr", "lv_ptr", "eps_ptr", "z_ptr", "kl_ptr", "R", "D"], [f"*{dt}"] * 4 + ["*fp32", "i32", "i32"]))
+        fwd = dict(zip(["mu_ptr", "lv_ptr", "eps_ptr", "z_ptr", "kl_ptr", "R", "D"],
+                       [f"*{dt}"] * 4 + ["*fp32", "i32", "i32"]))
         compile_for_sm90("gaussian", "_gaussian_fwd_kernel", [
             (fwd, {"WRITE_Z": z, "WRITE_KL": k, "BLOCK_R": 64, "BLOCK_D": 16}) for z, k in [(1, 1), (1, 0), (0, 1)]])
         bwd = dict(zip(["mu_ptr", "lv_ptr", "eps_ptr", "gz_ptr", "gkl_ptr", "gmu_ptr", "glv_ptr", "R", "D"],

@@ -19,6 +19,8 @@ import torch
 
 from fastfvae.errors import FastFVAEError
 
+# The float types the Triton kernels compute in (float32 arithmetic); float64 runs the reference.
+KERNEL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_NUMEL = 2**31 - 1
 _KERNELS: dict = {}
 

@@ -23,9 +23,7 @@ import torch
 from torch import Tensor
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.ops.dispatch import kernels, use_triton
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_triton
 
 
 def _check(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> None:
@@ -98,7 +96,7 @@ def _reference_backward(mu, logvar, eps, grad_z, grad_kl):
 
 def _forward(mu: Tensor, logvar: Tensor, eps: Tensor | None, want_z: bool, want_kl: bool):
     _check(mu, logvar, eps)
-    if mu.numel() == 0 or not use_triton(mu, dtypes=_KERNEL_DTYPES):
+    if mu.numel() == 0 or not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES):
         if mu.numel() == 0:
             return (mu.new_empty(mu.shape) if want_z else None,
                     mu.new_zeros(mu.shape[:-1], dtype=_kl_dtype(mu.dtype)) if want_kl else None)
@@ -134,7 +132,7 @@ def _gaussian_backward(
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar) of z and/or kl; grad_z needs eps; either gradient may be None."""
     _check(mu, logvar, eps)
-    if mu.numel() == 0 or not use_triton(mu, dtypes=_KERNEL_DTYPES):
+    if mu.numel() == 0 or not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES):
         gmu, glv = _reference_backward(mu, logvar, eps, grad_z, grad_kl)
         return gmu.contiguous(), glv.contiguous()
     gmu, glv = mu.new_empty(mu.shape), mu.new_empty(mu.shape)

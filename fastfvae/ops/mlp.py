@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.ops.dispatch import kernels, use_triton
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_triton
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slope: float) -> None:
@@ -54,7 +52,7 @@ def _act_grad(grad: Tensor, out: Tensor, slope: float) -> Tensor:
 @torch.library.custom_op("fastfvae::linear_leaky_relu", mutates_args=())
 def _linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None, slope: float) -> Tensor:
     _check(x, weight, bias, slope)
-    if x.numel() == 0 or weight.numel() == 0 or not use_triton(x, weight, bias, dtypes=_KERNEL_DTYPES):
+    if x.numel() == 0 or weight.numel() == 0 or not use_triton(x, weight, bias, dtypes=KERNEL_FLOAT_DTYPES):
         y = F.linear(x, weight, bias)
         return (y if slope == 1.0 else F.leaky_relu(y, slope)).contiguous()
     out = x.new_empty((x.shape[0], weight.shape[0]))
@@ -66,7 +64,7 @@ def _linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None, slope: fl
 @torch.library.custom_op("fastfvae::linear_leaky_relu_grad_input", mutates_args=())
 def _grad_input(grad: Tensor, weight: Tensor, out: Tensor, slope: float) -> Tensor:
     """dL/dx = (grad * act'(out)) @ weight."""
-    if grad.numel() == 0 or not use_triton(grad, weight, out, dtypes=_KERNEL_DTYPES):
+    if grad.numel() == 0 or not use_triton(grad, weight, out, dtypes=KERNEL_FLOAT_DTYPES):
         return (_act_grad(grad, out, slope) @ weight).contiguous()
     gx = grad.new_empty((grad.shape[0], weight.shape[1]))
     y = None if slope == 1.0 else out.contiguous()
@@ -77,7 +75,7 @@ def _grad_input(grad: Tensor, weight: Tensor, out: Tensor, slope: float) -> Tens
 @torch.library.custom_op("fastfvae::linear_leaky_relu_grad_weight", mutates_args=())
 def _grad_weight(grad: Tensor, x: Tensor, out: Tensor, slope: float) -> tuple[Tensor, Tensor]:
     """(dL/dweight, dL/dbias) = ((grad * act'(out)).T @ x, sum over rows of grad * act'(out))."""
-    if grad.numel() == 0 or not use_triton(grad, x, out, dtypes=_KERNEL_DTYPES):
+    if grad.numel() == 0 or not use_triton(grad, x, out, dtypes=KERNEL_FLOAT_DTYPES):
         g = _act_grad(grad, out, slope)
         return (g.t() @ x).contiguous(), g.sum(0)
     gw = grad.new_empty((grad.shape[1], x.shape[1]))

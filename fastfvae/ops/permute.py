@@ -17,9 +17,7 @@ import torch
 from torch import Tensor
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.ops.dispatch import kernels, use_triton
-
-_KEY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_triton
 
 
 def _check(z: Tensor, keys: Tensor) -> None:
@@ -40,7 +38,7 @@ def _run(src: Tensor, keys: Tensor, inverse: bool) -> Tensor:
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if src.numel() == 0:
         return out
-    if use_triton(src) and use_triton(keys, dtypes=_KEY_DTYPES):
+    if use_triton(src) and use_triton(keys, dtypes=KERNEL_FLOAT_DTYPES):
         module = kernels("permute")
         if src.shape[0] <= module.MAX_BATCH:
             module.permute_columns(src, keys, out, inverse)
