@@ -46,7 +46,8 @@ def _tf32(t: Tensor) -> bool:
 
 
 def _act_grad(grad: Tensor, out: Tensor, slope: float) -> Tensor:
-    return grad if slope == 1.0 else torch.where(out > 0, grad, grad * slope)
+    """grad * act'(out): aten's LeakyReLU backward from the output (as for in-place LeakyReLU)."""
+    return grad if slope == 1.0 else torch.ops.aten.leaky_relu_backward(grad, out, slope, True)
 
 
 @torch.library.custom_op("fastfvae::linear_leaky_relu", mutates_args=())
