@@ -18,7 +18,9 @@ def permute_dims(z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     ``keys`` ~ U[0, 1) of z's shape (drawn by the caller, so the permutation is reproducible);
     argsort of iid uniforms is a uniformly random permutation.
     """
-    return z.gather(0, keys.argsort(dim=0))
+    # stable: equal keys (float32 rand ties ~B^2/2^25 per column) keep row order on every device,
+    # exactly as fastfvae.ops.permute_dims; torch's default sort orders ties differently above 16 rows
+    return z.gather(0, keys.argsort(dim=0, stable=True))
 
 
 def tc_estimate(logits: torch.Tensor) -> torch.Tensor:
