@@ -8,10 +8,10 @@ the loop. steps/s = STEPS / mean call time, stored in ``extra_info["steps_per_s"
 Reported, not asserted. The images are random bits: a step's cost does not depend on them.
 """
 
-import numpy as np
 import pytest
 import torch
 
+from bench.conftest import random_bits_dsprites
 from fastfvae.data import DSprites
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.reference import draw_step_inputs, make_reference_step
@@ -27,10 +27,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def data() -> DSprites:
-    rng = np.random.default_rng(0)
-    n = 4096
-    return DSprites(rng.integers(0, 256, (n, 512), dtype=np.uint8), np.zeros((n, 6), np.int64),
-                    np.zeros((n, 6)), source="random-bits")
+    return random_bits_dsprites(4096)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

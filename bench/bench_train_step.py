@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conftest import peak_memory
+from bench.conftest import peak_memory, random_bits_dsprites
 from fastfvae.data import DSprites
 from fastfvae.fast import FastOptions, FastStep
 from fastfvae.fast.impl import fused_ops_available
@@ -54,10 +54,7 @@ GPU_STEPS, GPU_ROUNDS = 200, 5
 
 @pytest.fixture(scope="module")
 def data() -> DSprites:
-    rng = np.random.default_rng(0)
-    n = 8192
-    return DSprites(rng.integers(0, 256, (n, 512), dtype=np.uint8), np.zeros((n, 6), np.int64),
-                    np.zeros((n, 6)), source="random-bits")
+    return random_bits_dsprites(8192)
 
 
 def _sync(device: torch.device) -> None:

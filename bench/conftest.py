@@ -13,8 +13,11 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
+
+from fastfvae.data import DSprites
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -67,3 +70,10 @@ def reference_rates() -> dict:
 @pytest.fixture(scope="session")
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_bits_dsprites(num_rows: int, seed: int = 0) -> DSprites:
+    """A DSprites of random bits: a training step's cost does not depend on the pixels."""
+    rng = np.random.default_rng(seed)
+    return DSprites(rng.integers(0, 256, (num_rows, 512), dtype=np.uint8),
+                    np.zeros((num_rows, 6), np.int64), np.zeros((num_rows, 6)), source="random-bits")

@@ -51,6 +51,17 @@ def _std_times_eps(half_lv, eps):
 
 
 @triton.jit
+def _load_mu_logvar_tile(mu_ptr, lv_ptr, rows, d0, R, D, BLOCK_D: tl.constexpr):
+    """The [rows, d0:d0+BLOCK_D] tile of row-major [R, D] mu and logvar, in fp32, with its mask."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return mask, offs, mu, lv
+
+
+@triton.jit
 def _gaussian_fwd_kernel(
     mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, R, D,
     WRITE_Z: tl.constexpr, WRITE_KL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -58,11 +69,7 @@ def _gaussian_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kl = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = (rows[:, None] < R) & (cols[None, :] < D)
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mask, offs, mu, lv = _load_mu_logvar_tile(mu_ptr, lv_ptr, rows, d0, R, D, BLOCK_D)
         if WRITE_Z:
             eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             z = mu + _std_times_eps(0.5 * lv, eps)
@@ -82,11 +89,7 @@ def _gaussian_bwd_kernel(
     if HAS_GKL:
         gkl = tl.load(gkl_ptr + rows, mask=rows < R, other=0.0).to(tl.float32)[:, None]
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = (rows[:, None] < R) & (cols[None, :] < D)
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mask, offs, mu, lv = _load_mu_logvar_tile(mu_ptr, lv_ptr, rows, d0, R, D, BLOCK_D)
         gmu = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         glv = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         if HAS_GZ:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastfvae.cli import main
 from fastfvae.train.checkpoint import load_checkpoint

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from fastfvae.train.checkpoint import checkpoint_path, config_of, load_checkpoint
 from fastfvae.train.config import MODELS, PERM_BATCHES, PRESETS, TrainConfig, preset
