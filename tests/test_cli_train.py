@@ -71,7 +71,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, existing_run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastfvae: error: "), err
     assert _digest(existing_run) == before
-    assert not (tmp_path / "new" / "config.json").exists()
+    assert not (tmp_path / "new").exists()  # not even an empty folder is left behind
 
 
 def test_bad_input_through_the_real_entry_point(tmp_path):

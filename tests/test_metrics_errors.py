@@ -72,7 +72,7 @@ def test_cli_fast_dci_replaces_dci(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda p: p.write_bytes(b"not a checkpoint"), "cannot read checkpoint"),
+    (lambda p: p.write_bytes(b"not a checkpoint"), "not a torch checkpoint file"),
     (lambda p: None, "no such file"),
 ])
 def test_cli_rejects_foreign_checkpoints(tmp_path, capsys, make, match):
@@ -93,3 +93,18 @@ def test_cli_rejects_bad_tables_metrics_and_config(tmp_path, capsys):
     assert code == 2 and "unknown metric 'nope'" in err
     code, _, err = _cli(capsys, table, "--metrics", "mig", "--config", "{bad")
     assert code == 2 and "--config is not valid JSON" in err
+
+
+def test_cli_checks_metric_names_before_loading_model_or_data(tmp_path, capsys, monkeypatch):
+    import fastfvae.metrics.evaluate as evaluate
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the metric names")
+
+    monkeypatch.setattr(evaluate, "load_model", must_not_load)
+    run = tmp_path / "run"
+    run.mkdir()
+    code, _, err = _cli(capsys, run, "--metrics", "factor_vae", "bogus")
+    assert code == 2
+    assert err.splitlines() == ["fastfvae: error: unknown metric 'bogus'; expected one of factor_vae, beta_vae, "
+                                "mig, sap, dci, dci_fast, gaussian_tc, reconstruction"]

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.metrics.evaluate import DEFAULT_METRICS, METRICS, MODEL_METRICS, evaluate_codes, evaluate_model
+from fastfvae.metrics.evaluate import (
+    DEFAULT_METRICS, METRICS, MODEL_METRICS, check_metric_names, evaluate_codes, evaluate_model,
+)
 
 DESCRIPTION = """\
 Score a trained model with disentanglement_lib 1.5's metrics (bit-for-bit the same numbers
@@ -59,7 +61,8 @@ def parse_config(text: str | None) -> dict | None:
 
 def metric_names(args) -> tuple[str, ...]:
     names = [("dci_fast" if args.fast_dci and n == "dci" else n) for n in args.metrics]
-    return tuple(dict.fromkeys(names))
+    # checked before any model or data is loaded, so a typo fails at once
+    return check_metric_names(tuple(dict.fromkeys(names)), allow_model_metrics=Path(args.ckpt).suffix != ".npz")
 
 
 def load_code_table(path: Path):

@@ -17,7 +17,9 @@ a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +79,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle, zip or permission errors all mean "not usable"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FastFVAEError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        if isinstance(exc, OSError):
+            reason = exc.strerror or type(exc).__name__
+        elif not zipfile.is_zipfile(path):
+            reason = "not a torch checkpoint file"
+        elif isinstance(exc, pickle.UnpicklingError):  # torch's weights-only refusal of a foreign pickle
+            reason = "it holds objects a fastfvae checkpoint never does"
+        else:
+            reason = "not a torch checkpoint file"
+        raise FastFVAEError(f"cannot read checkpoint {path}: {reason}; expected a checkpoint.pt "
+                            f"written by fastfvae train") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FastFVAEError(f"{path} is not a fastfvae checkpoint")
     if payload.get("version") != VERSION:

@@ -149,9 +149,15 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         if cfg.fast:
             raise FastFVAEError("cfg.fast needs the fast path's step_builder (the CLI passes it)")
         step_builder = make_reference_step
+    created_out = not out.exists()
+    make_out(out)  # before the (slow) data: an unusable --out fails at once
     if data is None:
-        data = load_training_data(cfg.data)
-    make_out(out)
+        try:
+            data = load_training_data(cfg.data)
+        except BaseException:
+            if created_out:
+                out.rmdir()  # leave nothing behind: the folder we just made is still empty
+            raise
 
     state = TrainState.create(cfg, len(data), device)
     log = MetricLog(out)
