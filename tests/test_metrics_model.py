@@ -163,3 +163,12 @@ def test_train_cli_eval_every_wires_the_callback(vae, data, tmp_path, monkeypatc
     callback(SimpleNamespace(models=SimpleNamespace(vae=vae), step=3), {})
     assert (tmp_path / "eval_log.jsonl").read_text().count('"step": 3') == 1
     assert callbacks_for(config_from_args(build_parser().parse_args(["train"])), args) == []
+
+
+def test_encoding_progress_bar_does_not_change_the_codes(vae, data, capsys):
+    rows = np.arange(len(data))
+    quiet = encode_dataset(vae, data, batch_size=7)
+    shown = encode_dataset(vae, data, batch_size=7, progress=True)
+    assert np.array_equal(quiet, shown)
+    assert capsys.readouterr().out == ""  # the bar goes to stderr, never into piped results
+    assert shown.shape[0] == rows.shape[0]

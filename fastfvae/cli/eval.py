@@ -121,7 +121,7 @@ def run(args) -> int:
         model = load_model(str(ckpt), device)  # before the data: a bad checkpoint fails fast
         data = _load_data(args.data)
         scores = evaluate_model(model, data, metrics, args.seed, args.batch_size, device, config,
-                                timings=timings)
+                                timings=timings, progress=True)
         source = {"checkpoint": str(ckpt), "data": getattr(data, "source", None), "device": str(device)}
     total = time.perf_counter() - start
     print_table(scores, timings, total)

@@ -38,8 +38,12 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=None) -> np.ndarray:
-    """float32 [n, D] encoder means of the images at ``rows``, in batches of ``batch_size``."""
+def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=None,
+                progress: bool = False) -> np.ndarray:
+    """float32 [n, D] encoder means of the images at ``rows``, in batches of ``batch_size``.
+
+    ``progress``: show a progress bar on stderr (encoding all of dSprites takes minutes on a CPU).
+    """
     if not hasattr(model, "encode"):
         raise FastFVAEError(f"{type(model).__name__} has no encode(x) -> (mu, logvar); expected a VAE")
     import torch
@@ -47,8 +51,15 @@ def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=No
     device = model_device(model) if device is None else torch.device(device)
     rows = np.asarray(rows, dtype=np.int64)
     chunks = []
+    starts = range(0, rows.shape[0], batch_size)
+    if progress:
+        from rich.console import Console
+        from rich.progress import track
+
+        starts = track(starts, description=f"encoding {rows.shape[0]:,} images",
+                       console=Console(stderr=True), transient=True)
     with eval_mode(model):
-        for start in range(0, rows.shape[0], batch_size):
+        for start in starts:
             mu, _ = model.encode(_images(data, rows[start:start + batch_size], device))
             chunks.append(mu.float())  # stays on the device: one copy back at the end
     if not chunks:
@@ -67,9 +78,9 @@ def _images(data, rows: np.ndarray, device):
     return data.float_batch(rows, device)
 
 
-def encode_dataset(model, data, batch_size: int = 1024, device=None) -> np.ndarray:
+def encode_dataset(model, data, batch_size: int = 1024, device=None, progress: bool = False) -> np.ndarray:
     """The code table: float32 [len(data), D] encoder means of every row, in row order."""
-    return encode_rows(model, data, np.arange(len(data), dtype=np.int64), batch_size, device)
+    return encode_rows(model, data, np.arange(len(data), dtype=np.int64), batch_size, device, progress)
 
 
 class PerBatchEncoder:

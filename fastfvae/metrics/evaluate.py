@@ -157,13 +157,13 @@ def load_model(model_or_ckpt, device=None):
 
 def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, batch_size: int = 1024,
                    device=None, config: dict | None = None, factor_sizes=None,
-                   timings: dict | None = None) -> dict[str, dict]:
+                   timings: dict | None = None, progress: bool = False) -> dict[str, dict]:
     """Encode every row of ``data`` once (encoder mean, eval mode, no grad), then `evaluate_codes`.
 
     ``model_or_ckpt``: a model with ``encode(x) -> (mu, logvar)`` or a checkpoint path
     (loaded with ``fastfvae.train.checkpoint.load_models``). ``metrics`` may include
     ``"reconstruction"`` (mean BCE per image of decode(mean code) on random rows).
-    ``timings`` receives ``encode`` and each metric's seconds.
+    ``timings`` receives ``encode`` and each metric's seconds; ``progress`` shows the encoding.
     """
     metrics = check_request(metrics, seed, config, allow_model_metrics=True)
     model = load_model(model_or_ckpt, device)
@@ -172,7 +172,7 @@ def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, 
     results = {}
     if code_metrics:
         start = time.perf_counter()
-        codes = encode_dataset(model, data, batch_size, device)
+        codes = encode_dataset(model, data, batch_size, device, progress)
         if timings is not None:
             timings["encode"] = time.perf_counter() - start
         code_config = {k: v for k, v in (config or {}).items() if k in METRICS}
