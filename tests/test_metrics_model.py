@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastfvae.metrics import (
-    CachedEncoder, PerBatchEncoder, encode_dataset, evaluate_model, factor_vae_score_of_model,
+    CachedEncoder, PerBatchEncoder, encode_dataset, evaluate_codes, evaluate_model, factor_vae_score_of_model,
 )
 from fastfvae.metrics.evaluate import grid_of_data, run_metrics
 from metrics_helpers import tiny_dsprites
@@ -172,3 +172,12 @@ def test_encoding_progress_bar_does_not_change_the_codes(vae, data, capsys):
     assert np.array_equal(quiet, shown)
     assert capsys.readouterr().out == ""  # the bar goes to stderr, never into piped results
     assert shown.shape[0] == rows.shape[0]
+
+
+def test_evaluate_model_with_default_settings(vae, data):
+    """No config at all (the CLI's default): once failed after encoding with 'no metrics asked for'."""
+    grid = grid_of_data(data, None)
+    codes = encode_dataset(vae, data)
+    want = evaluate_codes(codes, grid.sizes, ("mig",), seed=0)
+    assert evaluate_model(vae, data, ("mig",)) == want
+    assert evaluate_model(vae, data, ("mig",), config={}) == want

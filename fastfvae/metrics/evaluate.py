@@ -76,7 +76,8 @@ def check_request(metrics, seed: int, config: dict | None, allow_model_metrics: 
     if config is not None:
         if not isinstance(config, dict):
             raise FastFVAEError(f"config must be a dict of metric name -> settings, got {type(config).__name__}")
-        check_metric_names(tuple(config), allow_model_metrics=True)
+        if config:  # an empty config overrides nothing
+            check_metric_names(tuple(config), allow_model_metrics=True)
     for name in metrics:
         settings_of(name, seed, config)
     return metrics
