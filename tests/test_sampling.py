@@ -38,6 +38,14 @@ def test_resume_from_state_continues_the_same_sequence():
         assert np.array_equal(a, b)
 
 
+def test_loading_another_seeds_state_into_a_used_sampler_drops_its_cached_order():
+    other = EpochSampler(num_rows=50, batch_size=8, seed=1)
+    sampler = EpochSampler(num_rows=50, batch_size=8, seed=0)
+    sampler.next_rows()  # caches the seed-0 order of epoch 0
+    sampler.load_state_dict(other.state_dict())
+    assert np.array_equal(sampler.next_rows(), other.next_rows())
+
+
 def test_seed_changes_order():
     assert not np.array_equal(epoch_permutation(1000, 0, 0), epoch_permutation(1000, 1, 0))
 

@@ -37,16 +37,16 @@ class EpochSampler:
                 f"batch size must be between 1 and the dataset size {self.num_rows}, got {self.batch_size}"
             )
         self._order: np.ndarray | None = None
-        self._order_epoch = -1
+        self._order_key: tuple[int, int] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
         return self.num_rows // self.batch_size
 
     def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
+        if self._order_key != (self.seed, self.epoch):  # the seed may change with load_state_dict
             self._order = epoch_permutation(self.num_rows, self.seed, self.epoch)
-            self._order_epoch = self.epoch
+            self._order_key = (self.seed, self.epoch)
         return self._order
 
     def next_rows(self) -> np.ndarray:
