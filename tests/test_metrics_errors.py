@@ -108,3 +108,11 @@ def test_cli_checks_metric_names_before_loading_model_or_data(tmp_path, capsys, 
     assert code == 2
     assert err.splitlines() == ["fastfvae: error: unknown metric 'bogus'; expected one of factor_vae, beta_vae, "
                                 "mig, sap, dci, dci_fast, gaussian_tc, reconstruction"]
+
+
+def test_cli_rejects_a_single_array_under_an_npz_name(tmp_path, capsys):
+    table = tmp_path / "t.npz"
+    with open(table, "wb") as f:
+        np.save(f, _codes())
+    code, _, err = _cli(capsys, table)
+    assert code == 2 and "holds a single array" in err and err.count("\n") == 1

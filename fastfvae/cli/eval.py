@@ -70,7 +70,11 @@ def load_code_table(path: Path):
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file under an .npz name
+            raise FastFVAEError(f"{path} holds a single array, not an .npz archive; "
+                                "expected a code table with 'codes' and 'factor_sizes'")
+        with loaded as npz:
             if "codes" not in npz or "factor_sizes" not in npz:
                 raise FastFVAEError(f"{path} holds {sorted(npz.files)}; expected a code table with 'codes' and 'factor_sizes'")
             return npz["codes"], npz["factor_sizes"]
