@@ -35,8 +35,10 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
 from fastfvae.fast.optim import fast_optimizers
 from fastfvae.fast.precision import autocast, check_precision
-from fastfvae.objectives import discriminator_accuracy, discriminator_loss, recon_loss
-from fastfvae.train.reference import StepInputs
+from fastfvae.objectives import (
+    beta_vae_loss, discriminator_accuracy, discriminator_loss, factor_vae_loss, recon_loss, tc_estimate,
+)
+from fastfvae.train.reference import StepInputs, uses_second_batch
 
 LOADERS = ("device", "torch", "dali")
 COMPILE_MODES = ("auto", "none", "model")
@@ -84,7 +86,7 @@ class FastStep:
         self.state, self.cfg, self.device = state, state.cfg, state.device
         self.options = opts = (options or FastOptions()).resolved(self.device)
         self.factorvae = self.cfg.model == "factorvae"
-        self.second = self.factorvae and self.cfg.perm_batch == "second"
+        self.second = uses_second_batch(self.cfg)
         vae, disc = state.models
         if opts.channels_last:
             vae.to(memory_format=torch.channels_last)
@@ -131,10 +133,10 @@ class FastStep:
             kl = kl_per_sample.mean()
             if self.factorvae:
                 logits_q = self._disc(z).float()
-                tc = (logits_q[:, 0] - logits_q[:, 1]).mean()
-                loss = recon + kl + cfg.gamma * tc
+                tc = tc_estimate(logits_q)
+                loss = factor_vae_loss(recon, kl, tc, cfg.gamma)
             else:
-                loss = recon + cfg.beta * kl
+                loss = beta_vae_loss(recon, kl, cfg.beta)
         loss.backward(inputs=self.vae_params, retain_graph=self.factorvae)
         optims.vae.step()
         optims.vae.zero_grad(set_to_none=True)
@@ -211,6 +213,5 @@ def make_fast_step(state, data, options: FastOptions | None = None) -> FastStep:
     """``step_builder`` for `run_training`: the fast step for ``state`` (options from the config
     when not given)."""
     if options is None:
-        cfg = state.cfg
-        options = FastOptions(precision=getattr(cfg, "precision", "fp32"), loader=getattr(cfg, "loader", "device"))
+        options = FastOptions(precision=state.cfg.precision, loader=state.cfg.loader)
     return FastStep(state, data, options)
