@@ -116,3 +116,15 @@ def test_cli_rejects_a_single_array_under_an_npz_name(tmp_path, capsys):
         np.save(f, _codes())
     code, _, err = _cli(capsys, table)
     assert code == 2 and "holds a single array" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (("--batch-size", "0"), "--batch-size must be >= 1"),
+    (("--json", "/no/such/folder/scores.json"), "no such folder"),
+])
+def test_cli_rejects_bad_batch_size_and_json_folder_before_work(tmp_path, capsys, argv, match):
+    table = tmp_path / "t.npz"
+    np.savez(table, codes=_codes(), factor_sizes=np.array(SIZES))
+    code, out, err = _cli(capsys, table, "--metrics", "mig", *argv)
+    assert code == 2 and match in err and err.count("\n") == 1
+    assert "discrete_mig" not in out

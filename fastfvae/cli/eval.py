@@ -112,6 +112,10 @@ def run(args) -> int:
         raise FastFVAEError(f"no such file or folder: {ckpt}; expected a run folder, checkpoint.pt or .npz code table")
     metrics = metric_names(args)
     config = parse_config(args.config)
+    if args.batch_size < 1:
+        raise FastFVAEError(f"--batch-size must be >= 1 image, got {args.batch_size}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FastFVAEError(f"--json {args.json}: no such folder {Path(args.json).resolve().parent}; expected an existing folder")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if ckpt.suffix == ".npz":
@@ -132,7 +136,10 @@ def run(args) -> int:
     if args.json:
         report = {"scores": scores, "seconds": timings, "total_seconds": total, "seed": args.seed,
                   "config": config or {}, **source}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise FastFVAEError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
     return 0
 
 
