@@ -49,15 +49,18 @@ class EpochSampler:
             self._order_key = (self.seed, self.epoch)
         return self._order
 
-    def next_rows(self) -> np.ndarray:
-        """The next batch of row indices; moves to a fresh shuffle at the end of an epoch."""
+    def advance(self) -> None:
+        """Move one batch on, to a fresh epoch after the last full batch (`next_rows` without the rows)."""
         if self.batch_index >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_index = 0
-        start = self.batch_index * self.batch_size
-        rows = self._epoch_order()[start:start + self.batch_size]
         self.batch_index += 1
-        return rows
+
+    def next_rows(self) -> np.ndarray:
+        """The next batch of row indices; moves to a fresh shuffle at the end of an epoch."""
+        self.advance()
+        start = (self.batch_index - 1) * self.batch_size
+        return self._epoch_order()[start:start + self.batch_size]
 
     def __iter__(self):
         while True:

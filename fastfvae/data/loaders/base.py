@@ -102,7 +102,7 @@ class BatchLoader:
     # --- the interface -------------------------------------------------------------------
     def next_batch_with_rows(self):
         images, rows = self._produce()
-        self._advance()
+        self._position.advance()
         return images, rows
 
     def next_batch(self) -> torch.Tensor:
@@ -138,14 +138,6 @@ class BatchLoader:
         self.close()
 
     # --- for subclasses ------------------------------------------------------------------
-    def _advance(self) -> None:
-        """Move the consumed position one batch on, exactly as `EpochSampler.next_rows` does."""
-        p = self._position
-        if p.batch_index >= p.batches_per_epoch:
-            p.epoch += 1
-            p.batch_index = 0
-        p.batch_index += 1
-
     def _produce(self):  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -53,7 +53,7 @@ class DeviceLoader(BatchLoader):
                 perm = torch.from_numpy(self.epoch_order.epoch_perm(epoch))
                 self._perm, self._perm_epoch = perm.to(self.device), epoch
             rows = self._perm[batch * self.batch_size:(batch + 1) * self.batch_size]
-        self._advance()
+        self._position.advance()
         return rows
 
     def next_batch_with_rows(self):
