@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IMAGE_SIZE = 64
-
+from fastfvae.data.dsprites import IMAGE_SIZE
 
 _BIT_TABLES: dict[torch.device, torch.Tensor] = {}
 
