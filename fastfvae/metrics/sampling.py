@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastfvae.data.grid import FactorGrid
 from fastfvae.errors import FastFVAEError
 
 
@@ -26,15 +25,6 @@ def num_factors_of(ground_truth) -> int:
     if hasattr(ground_truth, "num_factors"):
         return int(ground_truth.num_factors)
     return len(ground_truth.latent_grid.sizes)
-
-
-def grid_of(ground_truth) -> FactorGrid:
-    """The factor grid a ground truth samples from."""
-    if isinstance(ground_truth, FactorGrid):
-        return ground_truth
-    if hasattr(ground_truth, "latent_grid"):
-        return ground_truth.latent_grid
-    raise FastFVAEError(f"{type(ground_truth).__name__} is not a ground truth: expected a FactorGrid or DSprites")
 
 
 def check_codes(codes, num_rows: int | None = None) -> np.ndarray:
