@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from fastfvae.data.dsprites import (
-    FACTOR_SIZES, IMAGE_SIZE, NUM_IMAGES, PACKED_ROW_BYTES, DSprites, possible_values,
+    FACTOR_SIZES, IMAGE_SIZE, NUM_IMAGES, PACKED_ROW_BYTES, DSprites, classes_of, possible_values,
+    unpack_images, values_of,
 )
 
 # --- calibrated geometry (pixels at scale 1) ----------------------------------------------
@@ -170,8 +171,7 @@ def render_packed_rows(classes: np.ndarray) -> np.ndarray:
 
 def render(classes: np.ndarray) -> np.ndarray:
     """Images (uint8 {0,1} [n, 64, 64]) of [n, 6] latents_classes rows."""
-    packed = render_packed_rows(classes)
-    return np.unpackbits(packed, axis=1).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    return unpack_images(render_packed_rows(classes))
 
 
 def _render_sprites(sprites: range, out: np.ndarray) -> None:
@@ -202,8 +202,6 @@ def render_packed(workers: int | None = None) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _procedural_cached() -> DSprites:
-    from fastfvae.data.dsprites import classes_of, values_of
-
     classes = classes_of(np.arange(NUM_IMAGES, dtype=np.int64))
     data = DSprites(render_packed(), classes, values_of(classes), source="procedural")
     data.packed.setflags(write=False)
