@@ -140,3 +140,10 @@ def test_traverse_bad_checkpoint_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastfvae: error: no checkpoint")
     assert not (tmp_path / "figs").exists()
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_traverse_images_below_one_exits_2(tmp_path, capsys, count):
+    assert main(["traverse", str(tmp_path / "nothing"), "--images", count]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastfvae: error: --images must be >= 1, got {count}"

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import checkpoint_path, load_models
 from fastfvae.train.loop import load_training_data, make_out
 from fastfvae.train.progress import LOG_NAME, read_log
@@ -20,6 +21,8 @@ traversals.gif, and loss_curves.png when the run's train_log.jsonl is beside the
 def run(args: argparse.Namespace) -> int:
     from fastfvae.viz.figures import write_run_figures
 
+    if args.images < 1:
+        raise FastFVAEError(f"--images must be >= 1, got {args.images}")
     vae, _, cfg = load_models(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint_path(args.checkpoint).parent
     data = load_training_data(args.data if args.data is not None else cfg.data)
