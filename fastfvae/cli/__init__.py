@@ -19,12 +19,8 @@ from fastfvae.errors import FastFVAEError
 SUBCOMMAND_MODULES = ("train", "eval", "traverse", "data")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits with 2 on usage errors already; keep its one-line style."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastfvae", description="Train and evaluate FactorVAE / beta-VAE fast.")
+    parser = argparse.ArgumentParser(prog="fastfvae", description="Train and evaluate FactorVAE / beta-VAE fast.")
     parser.add_argument("--version", action="version", version=f"fastfvae {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
