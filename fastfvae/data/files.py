@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from fastfvae.data.dsprites import (
-    FACTOR_SIZES, IMAGE_SIZE, NUM_IMAGES, PACKED_ROW_BYTES, DSprites, classes_of,
+    FACTOR_NAMES, FACTOR_SIZES, IMAGE_SIZE, NUM_IMAGES, PACKED_ROW_BYTES, DSprites, classes_of,
+    pack_images, possible_values, unpack_images,
 )
 from fastfvae.errors import FastFVAEError
 
@@ -89,7 +90,7 @@ def _check_tables(path: Path, num: int, classes: np.ndarray, values: np.ndarray,
 def _pack_chunk(path: Path, chunk: np.ndarray, out: np.ndarray) -> None:
     if chunk.size and chunk.max() > 1:
         raise FastFVAEError(f"{path}: imgs holds values other than 0 and 1, expected binary images")
-    out[...] = np.packbits(chunk.reshape(chunk.shape[0], -1).astype(bool), axis=1)
+    out[...] = pack_images(chunk)
 
 
 def _check_image_shape(path: Path, shape: tuple, dtype: np.dtype) -> int:
@@ -220,8 +221,6 @@ def load_hdf5(path: str | Path, require_full: bool = True) -> DSprites:
 
 # --- writers (subsets, test fixtures, conversions) ----------------------------------------------
 def _default_metadata() -> dict:
-    from fastfvae.data.dsprites import FACTOR_NAMES, possible_values
-
     return {
         "date": "April 2017", "version": 1, "shape": (NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE),
         "latents_sizes": np.asarray(FACTOR_SIZES), "latents_names": FACTOR_NAMES,
@@ -240,8 +239,7 @@ def save_npz(data: DSprites, path: str | Path, metadata: dict | None = None) -> 
             header = {"descr": "|u1", "fortran_order": False, "shape": (len(data), IMAGE_SIZE, IMAGE_SIZE)}
             np.lib.format.write_array_header_1_0(fh, header)
             for start in range(0, len(data), CHUNK_ROWS):
-                rows = np.arange(start, min(len(data), start + CHUNK_ROWS))
-                fh.write(np.ascontiguousarray(data.images_at(rows)).tobytes())
+                fh.write(unpack_images(data.packed[start:start + CHUNK_ROWS]).tobytes())
         for name, array in (("latents_values", data.latents_values),
                             ("latents_classes", data.latents_classes),
                             ("metadata", np.array(meta, dtype=object))):
@@ -258,6 +256,6 @@ def save_hdf5(data: DSprites, path: str | Path) -> None:
                                  compression="gzip", chunks=(min(len(data), 1024), IMAGE_SIZE, IMAGE_SIZE))
         for start in range(0, len(data), CHUNK_ROWS):
             stop = min(len(data), start + CHUNK_ROWS)
-            imgs[start:stop] = data.images_at(np.arange(start, stop))
+            imgs[start:stop] = unpack_images(data.packed[start:stop])
         h5.create_dataset("latents/classes", data=data.latents_classes)
         h5.create_dataset("latents/values", data=data.latents_values)
