@@ -19,7 +19,7 @@ from fastfvae.data.grid import FactorGrid
 from fastfvae.errors import FastFVAEError
 from fastfvae.metrics import beta_vae, dci, factor_vae, gaussian_tc, mig, reconstruction, sap
 from fastfvae.metrics.encode import CachedEncoder, encode_dataset, eval_mode, model_device
-from fastfvae.metrics.sampling import CodeTable, check_codes
+from fastfvae.metrics.sampling import CodeTable
 
 #: name -> (function, default settings = dlib's unsupervised_study_v1 metric configs)
 METRICS = {
@@ -111,7 +111,7 @@ def evaluate_codes(codes, factor_sizes, metrics=DEFAULT_METRICS, seed: int = 0,
     """
     grid = FactorGrid(tuple(int(s) for s in np.asarray(factor_sizes).reshape(-1)))
     metrics = check_request(metrics, seed, config)
-    table = CodeTable(check_codes(codes, grid.num_rows))
+    table = CodeTable(codes, grid.num_rows)
     return run_metrics(grid, table, metrics, seed, config, timings)
 
 

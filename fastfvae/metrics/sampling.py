@@ -47,10 +47,13 @@ def check_codes(codes, num_rows: int | None = None) -> np.ndarray:
 
 
 class CodeTable:
-    """Representation function of a precomputed code table: ``rows -> codes[rows]``."""
+    """Representation function of a precomputed code table: ``rows -> codes[rows]``.
 
-    def __init__(self, codes: np.ndarray):
-        self.codes = check_codes(codes)
+    ``num_rows``: the number of rows the table must have (None: any), as in `check_codes`.
+    """
+
+    def __init__(self, codes: np.ndarray, num_rows: int | None = None):
+        self.codes = check_codes(codes, num_rows)
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         return self.codes[np.asarray(rows, dtype=np.int64)]
