@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --cpu) CPU_MODE=1 ;;
         --ops-only) BENCH_TARGET="bench/bench_ops.py" ;;
         --bench-k) [[ $# -ge 2 ]] || usage; BENCH_K=(-k "$2"); shift ;;
-        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,18p "$0"; exit 0 ;;
         -*) echo "gpu_check: unknown option $1" >&2; usage ;;
         *) [[ -z "$REPORT_DIR" ]] || usage; REPORT_DIR="$1" ;;
     esac
