@@ -96,10 +96,10 @@ def _reference_backward(mu, logvar, eps, grad_z, grad_kl):
 
 def _forward(mu: Tensor, logvar: Tensor, eps: Tensor | None, want_z: bool, want_kl: bool):
     _check(mu, logvar, eps)
-    if mu.numel() == 0 or not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES):
-        if mu.numel() == 0:
-            return (mu.new_empty(mu.shape) if want_z else None,
-                    mu.new_zeros(mu.shape[:-1], dtype=_kl_dtype(mu.dtype)) if want_kl else None)
+    if mu.numel() == 0:
+        return (mu.new_empty(mu.shape) if want_z else None,
+                mu.new_zeros(mu.shape[:-1], dtype=_kl_dtype(mu.dtype)) if want_kl else None)
+    if not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES):
         z, kl = _reference_forward(mu, logvar, eps, want_z, want_kl)
         return (z.contiguous() if want_z else None), (kl.contiguous() if want_kl else None)
     z = mu.new_empty(mu.shape) if want_z else None
