@@ -81,10 +81,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as exc:  # pickle, zip or permission errors all mean "not usable"
         if isinstance(exc, OSError):
             reason = exc.strerror or type(exc).__name__
-        elif not zipfile.is_zipfile(path):
-            reason = "not a torch checkpoint file"
-        elif isinstance(exc, pickle.UnpicklingError):  # torch's weights-only refusal of a foreign pickle
-            reason = "it holds objects a fastfvae checkpoint never does"
+        elif isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            reason = "it holds objects a fastfvae checkpoint never does"  # torch's weights-only refusal
         else:
             reason = "not a torch checkpoint file"
         raise FastFVAEError(f"cannot read checkpoint {path}: {reason}; expected a checkpoint.pt "
