@@ -75,12 +75,12 @@ def best_match_iou(frames: np.ndarray, render_fn: Callable[[np.ndarray], np.ndar
     ious = np.zeros(len(frames))
     best = np.zeros((len(frames), 6), dtype=np.int64)
     steps = np.array([-1, 0, 1])
+    gx, gy = np.meshgrid(steps, steps, indexing="ij")
     for i, frame in enumerate(frames):
         ok = np.abs(s_mass - f_mass[i]) <= MASS_TOLERANCE * f_mass[i] + 8.0
         cand = sprites[ok]
         ex = np.rint((f_cx[i] - s_dx[ok] - 16.0) * (_NPOS - 1) / 32.0).astype(np.int64)
         ey = np.rint((f_cy[i] - s_dy[ok] - 16.0) * (_NPOS - 1) / 32.0).astype(np.int64)
-        gx, gy = np.meshgrid(steps, steps, indexing="ij")
         classes = np.repeat(cand, gx.size, axis=0)
         classes[:, 4] = np.clip(np.repeat(ex, gx.size) + np.tile(gx.ravel(), len(cand)), 0, _NPOS - 1)
         classes[:, 5] = np.clip(np.repeat(ey, gy.size) + np.tile(gy.ravel(), len(cand)), 0, _NPOS - 1)
