@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from fastfvae.data import load_dsprites, procedural_dsprites
+from fastfvae.data import FACTOR_NAMES, load_dsprites, procedural_dsprites
 from fastfvae.data.fidelity import best_match_iou, dataset_render_fn
 
 GOAL_MEAN, GOAL_MIN = 0.998, 0.985
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"frames: {len(frames)}  mean best-match IoU {report.mean:.5f}  min {report.min:.5f}")
     worst = report.worst(5)
     for i in worst:
-        names = ("shape", "scale", "orientation", "posX", "posY")
-        latents = ", ".join(f"{n}={c}" for n, c in zip(names, report.best_classes[i, 1:]))
+        latents = ", ".join(f"{n}={c}" for n, c in zip(FACTOR_NAMES[1:], report.best_classes[i, 1:]))
         print(f"  frame {i:3d}: IoU {report.iou[i]:.5f}  best match {latents}")
     write_worst_png(frames, render_fn(report.best_classes[worst]), report, args.out)
     print(f"worst frames side by side: {args.out}")

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fastfvae.data.dsprites import FACTOR_NAMES, LATENT_FACTOR_INDICES
 from fastfvae.viz.grids import tile, to_uint8
 
 #: Base latents (shape, scale, orientation, posX, posY) the sweeps start from: a large heart
 #: in the middle, so every factor's effect is visible.
 SWEEP_BASE = (2, 5, 0, 16, 16)
-SWEEP_NAMES = ("shape", "scale", "orientation", "posX", "posY")
+SWEEP_NAMES = tuple(FACTOR_NAMES[k] for k in LATENT_FACTOR_INDICES)
 
 
 def dataset_panels(data, columns: int = 10, random_rows: int = 2, seed: int = 0) -> tuple[np.ndarray, list[str]]:
