@@ -159,3 +159,10 @@ def test_cli_download(server, payload, tmp_path, capsys):
     assert err[-1].startswith("fastfvae: error: download of") and "Traceback" not in "".join(err)
     assert list(other.iterdir()) == []
     assert main(["data", "download", "--url", server.url, "--dest", str(other), "--sha256", "nothex"]) == 2
+
+
+def test_negative_retries_is_a_one_line_error_before_any_work(tmp_path):
+    dest = tmp_path / "never-created"
+    with pytest.raises(FastFVAEError, match="retries must be 0 or more"):
+        download_dsprites(url="http://127.0.0.1:9/unused", dest=dest, retries=-1, progress=False)
+    assert not dest.exists()

@@ -116,6 +116,8 @@ def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: 
                       retries: int = 5, timeout: float = 60.0, progress: bool | None = None,
                       force: bool = False) -> Path:
     """Fetch the dSprites NPZ into ``dest`` (default `cache_dir`) and return its path."""
+    if retries < 0:
+        raise FastFVAEError(f"retries must be 0 or more, got {retries}")
     digest = expected_sha256(sha256)
     dest = Path(dest).expanduser() if dest is not None else cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
