@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastfvae.ops.dispatch import kernels
+from fastfvae.ops.dispatch import interpreting, kernels
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = interpreting()
 
 
 @dataclass(frozen=True)
