@@ -28,6 +28,7 @@ import zlib
 from http.client import HTTPException
 from pathlib import Path
 
+from fastfvae.data.files import _one_line
 from fastfvae.errors import FastFVAEError
 
 DSPRITES_FILENAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
@@ -139,7 +140,7 @@ def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: 
             except (ConnectionError, HTTPException, socket.timeout, TimeoutError, urllib.error.URLError) as exc:
                 if attempt == retries:
                     kept = part.stat().st_size if part.exists() else 0
-                    why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+                    why = _one_line(exc)
                     if not kept:
                         raise FastFVAEError(f"download of {url} failed ({why})") from None
                     raise FastFVAEError(f"download of {url} interrupted ({why}); {kept} bytes kept in {part}, "
