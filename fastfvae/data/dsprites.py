@@ -27,6 +27,7 @@ BASES = (737280, 245760, 40960, 1024, 32, 1)
 SHAPE_NAMES = ("square", "ellipse", "heart")  # shape values 1, 2, 3
 #: The factors that vary (all but color), as disentanglement_lib's ``dsprites_full`` uses them.
 LATENT_FACTOR_INDICES = (1, 2, 3, 4, 5)
+_GRID = FactorGrid(FACTOR_SIZES)
 LATENT_GRID = FactorGrid(FACTOR_SIZES[1:])
 
 
@@ -47,12 +48,12 @@ def index_of(classes: np.ndarray) -> np.ndarray:
     classes = np.asarray(classes, dtype=np.int64)
     if classes.ndim != 2 or classes.shape[1] != 6:
         raise FastFVAEError(f"latents_classes must have shape [n, 6], got {list(classes.shape)}")
-    return FactorGrid(FACTOR_SIZES).rows_from_factors(classes)
+    return _GRID.rows_from_factors(classes)
 
 
 def classes_of(rows: np.ndarray) -> np.ndarray:
     """[n, 6] ``latents_classes`` of each row index (inverse of `index_of`)."""
-    return FactorGrid(FACTOR_SIZES).factors_of(np.asarray(rows, dtype=np.int64))
+    return _GRID.factors_of(np.asarray(rows, dtype=np.int64))
 
 
 def values_of(classes: np.ndarray) -> np.ndarray:
