@@ -57,7 +57,7 @@ def load_dsprites(path: str | Path | None = None, require_full: bool = True) -> 
                  "`fastfvae data download` fetches the real one)")
             return procedural_dsprites()
     path = Path(path).expanduser()
-    data = _load_cached(str(path.resolve()) if path.exists() else str(path), require_full,
-                        path.stat().st_mtime_ns if path.exists() else 0)
+    key, mtime = (str(path.resolve()), path.stat().st_mtime_ns) if path.exists() else (str(path), 0)
+    data = _load_cached(key, require_full, mtime)
     _say(f"dSprites: real file {path}")
     return data
