@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from fastfvae.train.checkpoint import checkpoint_path, config_of, load_checkpoint
-from fastfvae.train.config import MODELS, PERM_BATCHES, PRESETS, TrainConfig, preset
+from fastfvae.train.config import LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, preset
 from fastfvae.train.loop import RunResult, TrainingDiverged, run_training
 from fastfvae.train.progress import LOG_NAME, read_log
 
@@ -67,9 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the fast path (fastfvae.fast): same algorithm, compiled/fused step with less work "
                         "(default on CUDA, off on CPU)")
     p.add_argument("--no-fast", dest="fast", action="store_const", const=False, help="the reference step")
-    p.add_argument("--precision", metavar="{fp32,bf16}", default=None,
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}", default=None,
                    help=f"fast-path arithmetic: fp32 (parity with the reference) or bf16 autocast (default {d.precision})")
-    p.add_argument("--loader", metavar="{device,dali,torch}", default=None,
+    p.add_argument("--loader", metavar="{" + ",".join(LOADERS) + "}", default=None,
                    help=f"fast-path batches: device (resident bit-packed set), dali, torch (default {d.loader})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")

@@ -16,8 +16,7 @@ import contextlib
 import torch
 
 from fastfvae.errors import FastFVAEError
-
-PRECISIONS = ("fp32", "bf16")
+from fastfvae.train.config import PRECISIONS
 
 #: Relative tolerance of the fast step against the reference loop after 50 steps, per precision
 #: (losses and parameters; see the README's parity section for why).

@@ -38,9 +38,9 @@ from fastfvae.fast.precision import autocast, check_precision
 from fastfvae.objectives import (
     beta_vae_loss, discriminator_accuracy, discriminator_loss, factor_vae_loss, recon_loss, tc_estimate,
 )
+from fastfvae.train.config import LOADERS
 from fastfvae.train.reference import StepInputs, uses_second_batch
 
-LOADERS = ("device", "torch", "dali")
 COMPILE_MODES = ("auto", "none", "model")
 METRIC_NAMES = ("loss", "recon", "kl", "tc", "d_loss", "d_acc")
 

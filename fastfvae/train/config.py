@@ -32,6 +32,8 @@ from fastfvae.errors import FastFVAEError
 MODELS = ("factorvae", "betavae")
 PERM_BATCHES = ("second", "same")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+LOADERS = ("device", "torch", "dali")
 
 
 @dataclass
@@ -118,10 +120,10 @@ class TrainConfig:
             raise bad("perm-batch", self.perm_batch, " or ".join(PERM_BATCHES))
         if self.device not in DEVICES:
             raise bad("device", self.device, ", ".join(DEVICES))
-        if self.precision not in ("fp32", "bf16"):
-            raise bad("precision", self.precision, "fp32 or bf16")
-        if self.loader not in ("device", "dali", "torch"):
-            raise bad("loader", self.loader, "device, dali or torch")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", self.precision, " or ".join(PRECISIONS))
+        if self.loader not in LOADERS:
+            raise bad("loader", self.loader, ", ".join(LOADERS))
         for name in ("gamma", "beta", "d_slope"):
             value = getattr(self, name)
             if not (value >= 0.0 and value != float("inf")):
