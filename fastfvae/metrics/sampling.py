@@ -1,7 +1,7 @@
 """What every metric samples with: ground truths, representation functions, code tables.
 
 A *ground truth* is any object with ``sample_factors(n, random_state) -> int [n, K]``,
-``rows_from_factors(factors) -> int [n]`` and ``sizes`` or ``factor_sizes`` (a
+``rows_from_factors(factors) -> int [n]`` and ``num_factors`` or ``latent_grid`` (a
 `fastfvae.data.FactorGrid`, or a `DSprites` through its latent grid). Observations are row
 indices: in dSprites (and every parity table) there is exactly one observation per factor
 combination, and disentanglement_lib's ``sample_observations_from_factors`` draws nothing
