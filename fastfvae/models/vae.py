@@ -22,6 +22,7 @@ from torch import nn
 IMAGE_SIZE = 64
 CONV_CHANNELS = (32, 32, 64, 64)
 FEATURE_SHAPE = (64, 4, 4)  # the encoder's last conv output, and the decoder's first reshape
+FEATURE_SIZE = FEATURE_SHAPE[0] * FEATURE_SHAPE[1] * FEATURE_SHAPE[2]
 FC_DIM = 128
 
 
@@ -42,7 +43,7 @@ class Encoder(nn.Module):
         for out_ch in CONV_CHANNELS:
             layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.ReLU()]
             in_ch = out_ch
-        layers += [nn.Flatten(), nn.Linear(in_ch * 4 * 4, fc_dim), nn.ReLU(), nn.Linear(fc_dim, 2 * z_dim)]
+        layers += [nn.Flatten(), nn.Linear(FEATURE_SIZE, fc_dim), nn.ReLU(), nn.Linear(fc_dim, 2 * z_dim)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +58,7 @@ class Decoder(nn.Module):
         super().__init__()
         _check_dims(z_dim, fc_dim)
         self.z_dim = z_dim
-        feat = FEATURE_SHAPE[0] * FEATURE_SHAPE[1] * FEATURE_SHAPE[2]
-        self.fc = nn.Sequential(nn.Linear(z_dim, fc_dim), nn.ReLU(), nn.Linear(fc_dim, feat), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(z_dim, fc_dim), nn.ReLU(), nn.Linear(fc_dim, FEATURE_SIZE), nn.ReLU())
         channels = (FEATURE_SHAPE[0],) + tuple(reversed(CONV_CHANNELS[:-1])) + (1,)  # 64, 64, 32, 32, 1
         layers: list[nn.Module] = []
         for i, (in_ch, out_ch) in enumerate(zip(channels[:-1], channels[1:])):
