@@ -21,6 +21,28 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
+class EpochOrder:
+    """Rows of global batch ``g`` (counted from epoch 0, batch 0) in the EpochSampler order.
+
+    Caches the current epoch's permutation, so walking forwards costs one permutation per epoch.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.batches_per_epoch = num_rows // batch_size
+        self._epoch, self._perm = -1, None
+
+    def epoch_perm(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm, self._epoch = epoch_permutation(self.num_rows, self.seed, epoch), epoch
+        return self._perm
+
+    def rows(self, g: int) -> np.ndarray:
+        epoch, batch = divmod(g, self.batches_per_epoch)
+        start = batch * self.batch_size
+        return self.epoch_perm(epoch)[start:start + self.batch_size]
+
+
 @dataclass
 class EpochSampler:
     """Yields int64 row-index batches of ``batch_size``, reshuffled every epoch."""
@@ -36,17 +58,17 @@ class EpochSampler:
             raise FastFVAEError(
                 f"batch size must be between 1 and the dataset size {self.num_rows}, got {self.batch_size}"
             )
-        self._order: np.ndarray | None = None
-        self._order_key: tuple[int, int] | None = None
+        self._order: EpochOrder | None = None
 
     @property
     def batches_per_epoch(self) -> int:
         return self.num_rows // self.batch_size
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_key != (self.seed, self.epoch):  # the seed may change with load_state_dict
-            self._order = epoch_permutation(self.num_rows, self.seed, self.epoch)
-            self._order_key = (self.seed, self.epoch)
+    @property
+    def order(self) -> EpochOrder:
+        """The `EpochOrder` of the current seed (rebuilt when `load_state_dict` changes the seed)."""
+        if self._order is None or self._order.seed != self.seed:
+            self._order = EpochOrder(self.num_rows, self.batch_size, self.seed)
         return self._order
 
     def advance(self) -> None:
@@ -60,7 +82,7 @@ class EpochSampler:
         """The next batch of row indices; moves to a fresh shuffle at the end of an epoch."""
         self.advance()
         start = (self.batch_index - 1) * self.batch_size
-        return self._epoch_order()[start:start + self.batch_size]
+        return self.order.epoch_perm(self.epoch)[start:start + self.batch_size]
 
     def __iter__(self):
         while True:

@@ -15,33 +15,10 @@ background pipeline prefetched), so ``load_state_dict`` resumes bit-exactly, and
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from fastfvae.data.sampling import EpochSampler, epoch_permutation
+from fastfvae.data.sampling import EpochOrder, EpochSampler
 from fastfvae.errors import FastFVAEError
-
-
-class EpochOrder:
-    """Rows of global batch ``g`` (counted from epoch 0, batch 0) in the EpochSampler order.
-
-    Caches the current epoch's permutation, so walking forwards costs one permutation per epoch.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int):
-        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self.batches_per_epoch = num_rows // batch_size
-        self._epoch, self._perm = -1, None
-
-    def epoch_perm(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._perm, self._epoch = epoch_permutation(self.num_rows, self.seed, epoch), epoch
-        return self._perm
-
-    def rows(self, g: int) -> np.ndarray:
-        epoch, batch = divmod(g, self.batches_per_epoch)
-        start = batch * self.batch_size
-        return self.epoch_perm(epoch)[start:start + self.batch_size]
 
 
 class BatchLoader:
@@ -62,14 +39,11 @@ class BatchLoader:
         self.device = torch.device(device)
         # Validates batch_size against the dataset size; holds the consumed position.
         self._position = EpochSampler(len(data), batch_size, seed)
-        self._order: EpochOrder | None = None
 
     @property
     def epoch_order(self) -> EpochOrder:
         """The EpochSampler order for the current seed (a resumed state may change the seed)."""
-        if self._order is None or self._order.seed != self.seed:
-            self._order = EpochOrder(self.num_rows, self.batch_size, self.seed)
-        return self._order
+        return self._position.order
 
     # --- geometry ------------------------------------------------------------------------
     @property

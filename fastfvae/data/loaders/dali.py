@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastfvae.data.loaders.base import BatchLoader, EpochOrder
+from fastfvae.data.loaders.base import BatchLoader
+from fastfvae.data.sampling import EpochOrder
 from fastfvae.data.loaders.unpack import unpack_bits
 from fastfvae.errors import FastFVAEError
 
