@@ -24,10 +24,11 @@ def run(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise FastFVAEError(f"--images must be >= 1, got {args.images}")
     vae, _, cfg = load_models(args.checkpoint)
-    out = Path(args.out) if args.out else checkpoint_path(args.checkpoint).parent
+    run_dir = checkpoint_path(args.checkpoint).parent
+    out = Path(args.out) if args.out else run_dir
     data = load_training_data(args.data if args.data is not None else cfg.data)
     make_out(out)
-    log = checkpoint_path(args.checkpoint).parent / LOG_NAME
+    log = run_dir / LOG_NAME
     records = read_log(log) if log.exists() else None
     paths = write_run_figures(vae, data, out, records, num_images=args.images)
     print(f"figures: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
