@@ -126,6 +126,10 @@ class DSprites:
         return unpack_images(self.packed)
 
     @property
+    def possible_values(self) -> dict[str, np.ndarray]:
+        return possible_values()
+
+    @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.latents_classes.nbytes + self.latents_values.nbytes
 
@@ -156,3 +160,9 @@ class DSprites:
                 f"factor lookups need the full dataset ({NUM_IMAGES} rows), this one has {len(self)}"
             )
         return LATENT_GRID.rows_from_factors(factors)
+
+    def index_of(self, classes: np.ndarray) -> np.ndarray:
+        return index_of(classes)
+
+    def classes_of(self, rows: np.ndarray) -> np.ndarray:
+        return classes_of(rows)
