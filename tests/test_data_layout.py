@@ -85,3 +85,15 @@ def test_rows_from_factors_uses_the_real_order():
     small = DSprites(np.zeros((3, 512), np.uint8), np.zeros((3, 6), np.int64), np.zeros((3, 6)))
     with pytest.raises(FastFVAEError, match="full dataset"):
         small.rows_from_factors(factors)
+
+
+def test_container_exposes_the_metadata_helpers():
+    """The issue's API lives on the container too: possible_values, index_of, classes_of."""
+    from fastfvae.data import DSprites
+
+    classes = np.array([[0, 2, 5, 39, 31, 0], [0, 0, 0, 0, 0, 1]])
+    data = DSprites.from_images(np.zeros((2, 64, 64), np.uint8), classes)
+    assert data.index_of(classes).tolist() == [2 * 245760 + 5 * 40960 + 39 * 1024 + 31 * 32, 1]
+    assert np.array_equal(data.classes_of(data.index_of(classes)), classes)
+    assert np.allclose(data.possible_values["scale"], np.linspace(0.5, 1.0, 6))
+    assert np.allclose(data.possible_values["orientation"][[0, -1]], [0.0, 2 * np.pi])
