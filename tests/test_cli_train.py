@@ -147,3 +147,23 @@ def test_traverse_images_below_one_exits_2(tmp_path, capsys, count):
     assert main(["traverse", str(tmp_path / "nothing"), "--images", count]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"fastfvae: error: --images must be >= 1, got {count}"
+
+
+def test_train_eval_every_loads_the_data_once(tmp_path, monkeypatch):
+    """The periodic metric scores the run's own dataset: it is loaded once, not again for the callback."""
+    import fastfvae.train.loop as loop
+
+    loads = []
+
+    def load(path):
+        loads.append(path)
+        return small_dsprites(256)
+
+    monkeypatch.setattr(loop, "load_training_data", load)
+    monkeypatch.setattr("fastfvae.metrics.periodic.factor_vae_score_of_model",
+                        lambda model, data, **kw: {"eval_accuracy": 0.5, "train_accuracy": 0.5})
+    args = ["train", "--out", str(tmp_path / "r"), "--steps", "2", "--eval-every", "1", "--device", "cpu",
+            "--z-dim", "2", *TINY]
+    assert main(args) == 0
+    assert loads == [None]
+    assert (tmp_path / "r" / "eval_log.jsonl").read_text().count('"step"') == 2

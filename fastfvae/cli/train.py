@@ -9,6 +9,7 @@ Extension points for other parts: `add_arguments` (more flags), `overrides_from_
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from fastfvae.train.checkpoint import checkpoint_path, config_of, load_checkpoint
@@ -111,14 +112,22 @@ def step_builder_for(cfg: TrainConfig):
     return None
 
 
-def callbacks_for(cfg: TrainConfig, args: argparse.Namespace) -> list:
-    """Per-step callbacks: the periodic FactorVAE metric with ``--eval-every N``."""
+def training_data(cfg: TrainConfig):
+    """A zero-argument function loading ``cfg.data`` on its first call only, so the run and its
+    callbacks share one copy of the dataset (and a bad --out fails before it is loaded)."""
+    from fastfvae.train import loop
+
+    return functools.cache(lambda: loop.load_training_data(cfg.data))
+
+
+def callbacks_for(cfg: TrainConfig, args: argparse.Namespace, data=None) -> list:
+    """Per-step callbacks: the periodic FactorVAE metric with ``--eval-every N``. ``data``: the
+    run's `training_data` (default: a loader of its own)."""
     if not cfg.eval_every:
         return []
     from fastfvae.metrics.periodic import periodic_factor_vae
-    from fastfvae.train.loop import load_training_data
 
-    return [periodic_factor_vae(cfg.eval_every, lambda: load_training_data(cfg.data), out_dir=cfg.out)]
+    return [periodic_factor_vae(cfg.eval_every, data or training_data(cfg), out_dir=cfg.out)]
 
 
 def write_outputs(result: RunResult, args: argparse.Namespace) -> None:
@@ -133,9 +142,10 @@ def write_outputs(result: RunResult, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    data = training_data(cfg)
     try:
-        result = run_training(cfg, resume=args.resume, step_builder=step_builder_for(cfg),
-                              callbacks=callbacks_for(cfg, args), progress=not args.no_progress)
+        result = run_training(cfg, data=data, resume=args.resume, step_builder=step_builder_for(cfg),
+                              callbacks=callbacks_for(cfg, args, data), progress=not args.no_progress)
     except TrainingDiverged as exc:
         print(f"fastfvae: error: {exc}", file=sys.stderr)
         return 1

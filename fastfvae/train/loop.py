@@ -124,7 +124,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
                  progress: bool = True, console=None) -> RunResult:
     """Train ``cfg`` (resuming from ``resume``, a run folder or checkpoint file, if given).
 
-    ``data``: a `DSprites` (default: ``load_training_data(cfg.data)``). ``step_builder``:
+    ``data``: a `DSprites`, or a zero-argument function returning one, called once after ``out``
+    is checked (default: ``load_training_data(cfg.data)``). ``step_builder``:
     the step implementation (default: the reference step; the fast path passes its own).
     ``callbacks``: called as ``cb(state, metrics)`` after every step (e.g. periodic evaluation).
     Bad input raises FastFVAEError before anything is written.
@@ -151,9 +152,9 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         step_builder = make_reference_step
     created_out = not out.exists()
     make_out(out)  # before the (slow) data: an unusable --out fails at once
-    if data is None:
+    if data is None or callable(data):
         try:
-            data = load_training_data(cfg.data)
+            data = load_training_data(cfg.data) if data is None else data()
         except BaseException:
             if created_out:
                 out.rmdir()  # leave nothing behind: the folder we just made is still empty
