@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fastfvae.fast.step import METRIC_NAMES
+from fastfvae.train.progress import METRIC_KEYS
 
 WARMUP_STEPS = 3
 
@@ -76,7 +76,7 @@ class GraphedStep:
         torch.cuda.set_rng_state(rng, dev)
 
     def _run(self) -> torch.Tensor:
-        """The captured iteration: static inputs -> stacked metrics [len(METRIC_NAMES)]."""
+        """The captured iteration: static inputs -> stacked metrics [len(METRIC_KEYS)]."""
         step = self.step
         if self.noise == "device":
             for buf in (self.eps, self.eps2):
@@ -91,7 +91,7 @@ class GraphedStep:
             x, x2 = self.images, self.images2
         metrics = step.body(x, x2, self.eps, self.eps2, self.keys)
         zero = torch.zeros((), device=self.eps.device)
-        return torch.stack([metrics.get(k, zero).float() for k in METRIC_NAMES])
+        return torch.stack([metrics.get(k, zero).float() for k in METRIC_KEYS])
 
     def _load(self, static: torch.Tensor | None, host) -> None:
         if static is not None and host is not None:
@@ -114,5 +114,5 @@ class GraphedStep:
             self._load(self.keys, inputs.keys)
         self.graph.replay()
         values = self.out.clone()
-        names = METRIC_NAMES if self.step.factorvae else METRIC_NAMES[:3]
+        names = METRIC_KEYS if self.step.factorvae else METRIC_KEYS[:3]
         return {k: values[i] for i, k in enumerate(names)}

@@ -42,7 +42,6 @@ from fastfvae.train.config import LOADERS
 from fastfvae.train.reference import StepInputs, uses_second_batch
 
 COMPILE_MODES = ("auto", "none", "model")
-METRIC_NAMES = ("loss", "recon", "kl", "tc", "d_loss", "d_acc")
 
 
 @dataclass(frozen=True)
