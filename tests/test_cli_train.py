@@ -167,3 +167,18 @@ def test_train_eval_every_loads_the_data_once(tmp_path, monkeypatch):
     assert main(args) == 0
     assert loads == [None]
     assert (tmp_path / "r" / "eval_log.jsonl").read_text().count('"step"') == 2
+
+
+def test_traverse_checks_out_before_loading_data_and_leaves_nothing(existing_run, tmp_path, capsys, monkeypatch):
+    import fastfvae.cli.traverse as traverse
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(traverse, "load_training_data", lambda path: pytest.fail("loaded data before checking --out"))
+    assert main(["traverse", str(existing_run), "--out", str(tmp_path / "a_file" / "figs")]) == 2
+    assert capsys.readouterr().err.strip().startswith("fastfvae: error: cannot write to --out")
+    monkeypatch.undo()
+    (tmp_path / "garbage.npz").write_bytes(b"not dSprites")
+    assert main(["traverse", str(existing_run), "--data", str(tmp_path / "garbage.npz"),
+                 "--out", str(tmp_path / "figs")]) == 2
+    assert "not a dSprites file" in capsys.readouterr().err
+    assert not (tmp_path / "figs").exists()  # the folder made for the figures is removed again

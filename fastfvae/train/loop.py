@@ -92,6 +92,22 @@ def make_out(out: Path) -> None:
         raise FastFVAEError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
 
+def make_out_then_load(out: Path, load):
+    """Create ``out`` first (an unusable --out fails before the slow load), then return ``load()``.
+
+    If loading fails, a folder this call created (still empty) is removed again: bad input
+    leaves nothing behind.
+    """
+    created = not out.exists()
+    make_out(out)
+    try:
+        return load()
+    except BaseException:
+        if created:
+            out.rmdir()
+        raise
+
+
 class _StopOnSigint:
     """First SIGINT: set ``requested``; second: raise KeyboardInterrupt. Main thread only."""
 
@@ -150,15 +166,10 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         if cfg.fast:
             raise FastFVAEError("cfg.fast needs the fast path's step_builder (the CLI passes it)")
         step_builder = make_reference_step
-    created_out = not out.exists()
-    make_out(out)  # before the (slow) data: an unusable --out fails at once
     if data is None or callable(data):
-        try:
-            data = load_training_data(cfg.data) if data is None else data()
-        except BaseException:
-            if created_out:
-                out.rmdir()  # leave nothing behind: the folder we just made is still empty
-            raise
+        data = make_out_then_load(out, (lambda: load_training_data(cfg.data)) if data is None else data)
+    else:
+        make_out(out)
 
     state = TrainState.create(cfg, len(data), device)
     log = MetricLog(out)
