@@ -19,7 +19,13 @@ differently, and why each change leaves the result unchanged:
 5. Optional bf16 autocast (``precision="bf16"``).
 6. Batches come from the dataset resident on the device, bit-packed (``--loader device``):
    gather + unpack are part of the step; or from the torch/DALI loaders, in the same order.
-7. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
+8. On CPU (no compilation): the convolutions' bias gradients as plain sums outside oneDNN's
+   weight-gradient primitive (`fastfvae.fast.conv`), and D's forward/backward written out
+   (`fastfvae.fast.disc_by_hand`): one forward on z serves the TC term and D's loss, the TC
+   gradient w.r.t. z is pushed into the VAE's backward (``autograd.backward([loss, z],
+   [1, dz])``), D's parameter gradient for both halves is one 2B-row pass. With bf16 the
+   layers run in bf16 with explicit casts instead of autocast.
+9. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
    is compiled (Inductor) and captured as one CUDA graph (`fastfvae.fast.graph`): one replay
    per step, no host synchronisation; metrics stay on the device until the loop logs them.
 """
@@ -32,6 +38,9 @@ import numpy as np
 import torch
 
 from fastfvae.errors import FastFVAEError
+from fastfvae.fast import conv as by_hand
+from fastfvae.fast.allocator import keep_freed_memory
+from fastfvae.fast.disc_by_hand import DiscriminatorByHand
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
 from fastfvae.fast.optim import fast_optimizers
 from fastfvae.fast.precision import autocast, check_precision
@@ -57,6 +66,8 @@ class FastOptions:
     cuda_graph: bool | None = None   # capture the whole step as one CUDA graph; None = on CUDA
     noise: str = "auto"              # host (the reference's stream) | device (in-graph); auto:
                                      # device with a CUDA graph, else host
+    by_hand: bool | None = None      # split-backward convolutions + D written out (8.);
+                                     # None = when nothing is compiled or captured (CPU)
 
     def resolved(self, device: torch.device) -> "FastOptions":
         check_precision(self.precision)
@@ -75,7 +86,12 @@ class FastOptions:
         noise = ("device" if cuda_graph else "host") if self.noise == "auto" else self.noise
         if noise not in ("host", "device") or (noise == "device" and not cuda_graph):
             raise FastFVAEError(f"noise must be host, or device with a CUDA graph, got {self.noise!r}")
-        return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise)
+        eager = compile_mode == "none" and not cuda_graph
+        by_hand = eager if self.by_hand is None else self.by_hand
+        if by_hand and not eager:
+            raise FastFVAEError("by_hand needs an eager step (compile='none', no CUDA graph)")
+        return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise,
+                       by_hand=by_hand)
 
 
 class FastStep:
@@ -99,6 +115,15 @@ class FastStep:
             self._encode, self._decode = torch.compile(vae.encode), torch.compile(vae.decode)
             self._disc = None if disc is None else torch.compile(self.ops.disc)
         self._batches = _BatchSource(opts.loader, data, state, self.device, opts.channels_last)
+        self._dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
+        #: image-side layers in space-to-depth form (`fastfvae.fast.conv`): bf16 only, where
+        #: oneDNN's one-channel kernels are slow (in fp32 the plain forms are as fast)
+        self._s2d = opts.by_hand and opts.precision == "bf16"
+        self._d_by_hand = None
+        if opts.by_hand and disc is not None:
+            self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self._graph = None
         #: True when metrics must not be read every step (the loop checks them at log time).
         self.defers_sync = bool(opts.cuda_graph)
@@ -114,7 +139,7 @@ class FastStep:
     def __call__(self, inputs: StepInputs) -> dict:
         if self._graph is not None:
             return self._graph(inputs)
-        x, x2 = self._batches.images(inputs)
+        x, x2 = self._batches.images(inputs, s2d=self._s2d)
         to = self.device
         eps = inputs.eps.to(to)
         eps2 = None if inputs.eps2 is None else inputs.eps2.to(to)
@@ -123,6 +148,8 @@ class FastStep:
 
     def body(self, x, x2, eps, eps2, keys) -> dict:
         """One iteration on device tensors; no host synchronisation (graph-capturable)."""
+        if self.options.by_hand:
+            return self.body_by_hand(x, x2, eps, eps2, keys)
         cfg, opts, ops = self.cfg, self.options, self.ops
         optims = self.state.optims
         with autocast(opts.precision, self.device):
@@ -166,6 +193,57 @@ class FastStep:
         return metrics
 
 
+    def body_by_hand(self, x, x2, eps, eps2, keys) -> dict:
+        """The same iteration with `fastfvae.fast.conv` and `DiscriminatorByHand` (see 8.)."""
+        cfg, ops, optims, dtype, s2d = self.cfg, self.ops, self.state.optims, self._dtype, self._s2d
+        vae = self.state.models.vae
+        mu, logvar = by_hand.encode(vae.encoder, x, dtype, s2d)
+        z, kl_per_sample = ops.sample_kl(mu, logvar, eps)
+        # with s2d, logits and x are both in space-to-depth layout: the summed loss is the same
+        recon = recon_loss(by_hand.decode(vae.decoder, z, dtype, s2d).float(), x)
+        kl = kl_per_sample.mean()
+        if not self.factorvae:
+            loss = beta_vae_loss(recon, kl, cfg.beta)
+            loss.backward(inputs=self.vae_params)
+            optims.vae.step()
+            optims.vae.zero_grad(set_to_none=True)
+            return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+
+        d, b = self._d_by_hand, z.shape[0]
+        z_q = z.detach()
+        logits_q = d.forward(z_q).requires_grad_()
+        tc = tc_estimate(logits_q)
+        loss = factor_vae_loss(recon, kl, tc, cfg.gamma)
+        (grad_logits_q,) = torch.autograd.grad(loss, logits_q, retain_graph=True)
+        torch.autograd.backward([loss, z], [None, d.input_grad(grad_logits_q)], inputs=self.vae_params)
+        optims.vae.step()
+        optims.vae.zero_grad(set_to_none=True)
+        metrics = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+
+        z_p = z_q
+        if self.second:
+            with torch.no_grad():
+                mu2, logvar2 = by_hand.encode(vae.encoder, x2, dtype, s2d)
+                z_p, _ = ops.sample_kl(mu2, logvar2, eps2)
+        logits_q = logits_q.detach()
+        for k in range(keys.shape[0]):
+            if k == 0:  # D(z_q) with D's current parameters is logits_q: reuse it (see 1.)
+                logits_p = d.forward(ops.permute(z_p, keys[0]), start=b)
+            else:
+                both = d.forward(torch.cat([z_q, ops.permute(z_p, keys[k])]))
+                logits_q, logits_p = both[:b], both[b:]
+            logits_q, logits_p = logits_q.requires_grad_(), logits_p.requires_grad_()
+            d_loss = discriminator_loss(logits_q, logits_p)
+            d.param_grads(torch.cat(torch.autograd.grad(d_loss, [logits_q, logits_p])))
+            optims.disc.step()
+            optims.disc.zero_grad(set_to_none=True)
+            d.parameters_changed()
+            logits_q, logits_p = logits_q.detach(), logits_p.detach()
+        metrics.update(tc=tc.detach(), d_loss=d_loss.detach(),
+                       d_acc=discriminator_accuracy(logits_q, logits_p))
+        return metrics
+
+
 class _BatchSource:
     """The step's batches in the sampler's order: gathered from the resident packed set
     (``device``) or taken from a torch/DALI loader kept in step with the run's sampler."""
@@ -184,10 +262,13 @@ class _BatchSource:
         rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
         return rows.to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """uint8 rows of the resident set -> float32 [B, 1, 64, 64] (graph-safe)."""
-        from fastfvae.data.loaders import gather_unpack
+    def gather(self, rows: torch.Tensor, s2d: bool = False) -> torch.Tensor:
+        """uint8 rows of the resident set -> float32 [B, 1, 64, 64] (graph-safe), or with
+        ``s2d`` their space-to-depth layout [B, 4, 32, 32]."""
+        from fastfvae.data.loaders.unpack import gather_unpack, gather_unpack_s2d
 
+        if s2d:
+            return gather_unpack_s2d(self.packed, rows)
         return gather_unpack(self.packed, rows).contiguous(memory_format=self.format)
 
     def _from_loader(self, rows: np.ndarray) -> torch.Tensor:
@@ -198,13 +279,15 @@ class _BatchSource:
             raise RuntimeError(f"the {self.kind} loader is out of step with the run's sampler")
         return images.to(self.device).contiguous(memory_format=self.format)
 
-    def images(self, inputs: StepInputs):
+    def images(self, inputs: StepInputs, s2d: bool = False):
         if self.kind == "device":
-            x = self.gather(self.rows_tensor(inputs.rows))
-            x2 = None if inputs.rows2 is None else self.gather(self.rows_tensor(inputs.rows2))
-        else:
-            x = self._from_loader(inputs.rows)
-            x2 = None if inputs.rows2 is None else self._from_loader(inputs.rows2)
+            x = self.gather(self.rows_tensor(inputs.rows), s2d)
+            x2 = None if inputs.rows2 is None else self.gather(self.rows_tensor(inputs.rows2), s2d)
+            return x, x2
+        x = self._from_loader(inputs.rows)
+        x2 = None if inputs.rows2 is None else self._from_loader(inputs.rows2)
+        if s2d:
+            x, x2 = by_hand.space_to_depth(x), None if x2 is None else by_hand.space_to_depth(x2)
         return x, x2
 
 

@@ -46,6 +46,39 @@ def unpack_bits(packed_rows: torch.Tensor) -> torch.Tensor:
     return bits.reshape(n, 1, IMAGE_SIZE, IMAGE_SIZE)
 
 
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """float32 [65536, 16]: for bytes (b0, b1) of two image rows 2i, 2i+1 at the same column
+    byte, entry 256*b0 + b1 holds their 4 pixel pairs in space-to-depth order: index
+    4*jj + 2*rh + rw = pixel (rh, 2*jj + rw) of the 2x8 block (bits MSB first)."""
+    table = _PAIR_TABLES.get(device)
+    if table is None:
+        bits = _bit_table(torch.device("cpu"))                          # [256, 8]
+        b0 = bits.view(256, 1, 4, 1, 2).expand(256, 256, 4, 1, 2)       # rh = 0: [b0, b1, jj, rh, rw]
+        b1 = bits.view(1, 256, 4, 1, 2).expand(256, 256, 4, 1, 2)
+        table = torch.cat([b0, b1], dim=3).reshape(65536, 16).to(device)
+        _PAIR_TABLES[device] = table
+    return table
+
+
+def unpack_bits_s2d(packed_rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 512] bit-packed rows -> their `fastfvae.fast.conv.space_to_depth` layout,
+    float32 [B, 4, 32, 32] (channels_last, channel 2*rh + rw = pixel (2i + rh, 2j + rw)):
+    one lookup per pair of bytes in a 65536-entry table, no strided copy."""
+    n, half = packed_rows.shape[0], IMAGE_SIZE // 2
+    pairs = packed_rows.view(n, half, 2, IMAGE_SIZE // 8).to(torch.int64)
+    index = pairs[:, :, 0] * 256 + pairs[:, :, 1]                        # [B, 32, 8]
+    blocks = _pair_table(packed_rows.device).index_select(0, index.reshape(-1))
+    return blocks.view(n, half, half, 4).permute(0, 3, 1, 2)
+
+
+def gather_unpack_s2d(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`gather_unpack` in space-to-depth layout (`unpack_bits_s2d`)."""
+    return unpack_bits_s2d(packed.index_select(0, rows))
+
+
 def gather_unpack(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` (int64 [B], same device) of the resident packed set uint8 [N, 512], unpacked."""
     return unpack_bits(packed.index_select(0, rows))

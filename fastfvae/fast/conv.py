@@ -1,0 +1,180 @@
+"""The VAE's forward with a cheaper convolution backward (the fast step on CPU).
+
+`encode` / `decode` run `models.Encoder` / `models.Decoder` layer by layer from their own
+parameters (no copy, same arithmetic as the modules' forward) with two changes that matter on
+CPU (oneDNN), measured per layer at batch 64 (README, "Fast path"):
+
+- `conv_split` — convolution whose backward computes the bias gradient as a plain sum
+  instead of inside oneDNN's weight-gradient primitive. For the transposed convolutions that
+  fused bias gradient is the slow part: 6.6 ms -> 2.1 ms for the decoder's 32->32 layer in
+  bf16, 6.9 -> 4.1 ms in fp32; the gradients are the same up to summation order.
+- ``dtype``: the layers run in that dtype (bf16 for ``--precision bf16``) with the weights
+  cast inside the graph (gradients reach the fp32 parameters).
+- ``s2d``: the one-channel image-side layers in space-to-depth form (`first_conv_s2d`,
+  `last_deconv_s2d`), where oneDNN's one-channel kernels are slow.
+
+A ReLU after a convolution is part of it: on CPU one oneDNN primitive with a ReLU post-op
+(``mkldnn._convolution_pointwise``) for the forward convolutions, the mask applied in the
+convolution's backward; other ReLUs run in place (no linear backward needs its output).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastfvae.models.vae import FEATURE_SHAPE, Decoder, Encoder
+
+_aten = torch.ops.aten
+
+
+def _mkldnn_fusable(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class _ConvSplitBackward(torch.autograd.Function):
+    """``aten.convolution`` (stride s, padding p, transposed or not), optionally followed by a
+    ReLU, with a split backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, transposed, relu):
+        if relu and not transposed and _mkldnn_fusable(x):
+            # one oneDNN primitive with a ReLU post-op: no second pass over the output
+            out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, [1, 1], 1, "relu", [], "")
+        else:
+            out = _aten.convolution(x, weight, bias, stride, padding, [1, 1], transposed, [0, 0], 1)
+            if relu:
+                out = out.relu_()
+        ctx.save_for_backward(x, weight, out if relu else None)
+        ctx.conf = (stride, padding, transposed, bias is not None, relu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, transposed, has_bias, relu = ctx.conf
+        if relu:
+            grad = _aten.threshold_backward(grad, out, 0)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x or need_w:
+            grad_x, grad_w, _ = _aten.convolution_backward(
+                grad, x, weight, None, stride, padding, [1, 1], transposed, [0, 0], 1,
+                [need_x, need_w, False])
+        if has_bias and need_b:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def conv_split(x, weight, bias, stride, padding, transposed: bool, dtype: torch.dtype,
+               relu: bool = False) -> torch.Tensor:
+    """``aten.convolution`` (+ ReLU) in ``dtype`` with the split backward (module docstring)."""
+    bias = None if bias is None else bias.to(dtype)
+    return _ConvSplitBackward.apply(x.to(dtype), weight.to(dtype), bias, list(stride), list(padding), transposed,
+                                    relu)
+
+
+def layer_split(x: torch.Tensor, layer: nn.Conv2d | nn.ConvTranspose2d, dtype: torch.dtype,
+                relu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (then a ReLU) through `conv_split`."""
+    transposed = isinstance(layer, nn.ConvTranspose2d)
+    if layer.dilation != (1, 1) or layer.groups != 1 or isinstance(layer.padding, str) or (
+            transposed and layer.output_padding != (0, 0)):
+        raise ValueError("conv_split supports plain convolutions (no dilation, groups, output or string padding)")
+    return conv_split(x, layer.weight, layer.bias, layer.stride, layer.padding, transposed, dtype, relu)
+
+
+# --- the image-side layers in space-to-depth layout ---------------------------------------
+# A 64x64 one-channel image in space-to-depth layout is [B, 4, 32, 32] with channel 2*rh + rw
+# holding pixel (2i + rh, 2j + rw). In it the encoder's first layer (conv 4x4, stride 2,
+# padding 1, 1 -> C channels) is a 3x3 stride-1 convolution with 4 input channels, and the
+# decoder's last layer (transposed conv 4x4, stride 2, padding 1, C -> 1) a 3x3 stride-1
+# convolution with 4 output channels: the same sums (the extra taps are zeros), but oneDNN
+# runs them 3-4x faster than the one-channel forms (bf16, batch 64; README, "Fast path").
+
+def _check_s2d_layer(layer, transposed: bool) -> None:
+    one = layer.out_channels if transposed else layer.in_channels
+    if (isinstance(layer, nn.ConvTranspose2d) != transposed or one != 1 or layer.kernel_size != (4, 4)
+            or layer.stride != (2, 2) or layer.padding != (1, 1) or layer.groups != 1 or layer.dilation != (1, 1)):
+        kind = "ConvTranspose2d(C, 1" if transposed else "Conv2d(1, C"
+        raise ValueError(f"space-to-depth form needs {kind}, 4, stride=2, padding=1), got {layer}")
+
+
+def space_to_depth(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 2H, 2W] -> [B, 4, H, W] (channels_last), channel 2*rh + rw = pixel (2i+rh, 2j+rw)."""
+    b, _, h2, w2 = x.shape
+    blocks = x.reshape(b, h2 // 2, 2, w2 // 2, 2).permute(0, 1, 3, 2, 4).reshape(b, h2 // 2, w2 // 2, 4)
+    return blocks.permute(0, 3, 1, 2)
+
+
+def depth_to_space(y: torch.Tensor) -> torch.Tensor:
+    """The inverse of `space_to_depth`: [B, 4, H, W] -> [B, 1, 2H, 2W]."""
+    b, _, h, w = y.shape
+    return y.permute(0, 2, 3, 1).reshape(b, h, w, 2, 2).permute(0, 1, 3, 2, 4).reshape(b, 1, 2 * h, 2 * w)
+
+
+def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, relu: bool = False) -> torch.Tensor:
+    """``layer(depth_to_space(x_s2d))`` (then a ReLU) as a 3x3 convolution of the space-to-depth input."""
+    _check_s2d_layer(layer, transposed=False)
+    c = layer.out_channels
+    # kernel tap (a, c') of block offset a - 1, sub-pixel rh: original tap kh = 2a + rh - 1
+    taps = F.pad(layer.weight[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)      # [C, a, rh, c', rw]
+    kernel = taps.permute(0, 2, 4, 1, 3).reshape(c, 4, 3, 3)
+    return conv_split(x_s2d, kernel.contiguous(memory_format=torch.channels_last), layer.bias, (1, 1), (1, 1),
+                      False, dtype, relu)
+
+
+def last_deconv_s2d(h: torch.Tensor, layer: nn.ConvTranspose2d, dtype: torch.dtype) -> torch.Tensor:
+    """``space_to_depth(layer(h))`` as a 3x3 convolution with 4 output channels."""
+    _check_s2d_layer(layer, transposed=True)
+    c = layer.in_channels
+    # output sub-pixel rh of block i takes input i + a - 1 through original tap kh = 3 + rh - 2a
+    taps = F.pad(layer.weight[:, 0], (1, 1, 1, 1)).flip(1, 2).view(c, 3, 2, 3, 2).flip(2, 4)  # [C, a, rh, c', rw]
+    kernel = taps.permute(2, 4, 0, 1, 3).reshape(4, c, 3, 3)
+    bias = None if layer.bias is None else layer.bias.expand(4)
+    return conv_split(h, kernel.contiguous(memory_format=torch.channels_last), bias, (1, 1), (1, 1), False, dtype)
+
+
+def run_layers(layers, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convolutions, linears, ReLUs and Flatten (an iterable of modules), computed in ``dtype``."""
+    layers = list(layers)
+    fused = False  # the previous convolution applied this ReLU
+    for i, layer in enumerate(layers):
+        if fused:
+            fused = False
+            continue
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            fused = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+            h = layer_split(h, layer, dtype, relu=fused)
+        elif isinstance(layer, nn.Linear):
+            bias = None if layer.bias is None else layer.bias.to(dtype)
+            h = F.linear(h.to(dtype), layer.weight.to(dtype), bias)
+        elif isinstance(layer, nn.ReLU):
+            h = h.relu_()
+        elif isinstance(layer, nn.Flatten):
+            h = h.flatten(layer.start_dim, layer.end_dim)
+        else:
+            raise TypeError(f"run_layers does not know {type(layer).__name__}")
+    return h
+
+
+def encode(encoder: Encoder, x: torch.Tensor, dtype: torch.dtype = torch.float32, s2d: bool = False):
+    """`Encoder.forward` by layers: (mu, logvar), float32. ``s2d``: x is `space_to_depth` of the
+    images and the first layer runs as `first_conv_s2d`."""
+    layers = list(encoder.net)
+    if s2d:
+        relu = isinstance(layers[1], nn.ReLU)
+        x, layers = first_conv_s2d(x, layers[0], dtype, relu), layers[1 + relu:]
+    stats = run_layers(layers, x, dtype).float()
+    return stats[:, :encoder.z_dim], stats[:, encoder.z_dim:]
+
+
+def decode(decoder: Decoder, z: torch.Tensor, dtype: torch.dtype = torch.float32, s2d: bool = False) -> torch.Tensor:
+    """`Decoder.forward` by layers: logits [B, 1, 64, 64] in ``dtype``; ``s2d``: their
+    `space_to_depth` [B, 4, 32, 32], the last layer running as `last_deconv_s2d`."""
+    features = run_layers(decoder.fc, z, dtype).view(-1, *FEATURE_SHAPE)
+    layers = list(decoder.deconv)
+    if not s2d:
+        return run_layers(layers, features, dtype)
+    return last_deconv_s2d(run_layers(layers[:-1], features, dtype), layers[-1], dtype)
