@@ -5,15 +5,24 @@ One benchmark group per config (so each row's ratio is against the other rows of
 - ``paper-d1``: the paper's networks (encoder/decoder as in the paper, D 6 x 1000), batch 64,
   z 10, 1 D update, permuted codes from a second batch; ``paper-d5``: the same with the
   seed's 5 D updates; ``b256`` / ``b1024``: batch 256 / 1024, 1 D update.
-- rows: ``reference`` (`make_reference_step`), ``fast`` (the fast step's defaults for the
-  device: fp32; on CUDA compiled + one CUDA graph), ``fast-bf16`` (the same with bf16
-  autocast), ``fast-fused`` (fp32 with the `fastfvae.ops` fused ops; on CPU they run their
-  torch reference).
+- rows: ``reference`` (`make_reference_step`, as a plain PyTorch loop runs: default glibc
+  heap), ``reference-heap`` (the same after `fastfvae.fast.allocator.keep_freed_memory`, the
+  fast step's heap setting: how much of the fast rows' gain the heap alone gives), ``fast``
+  (the fast step's defaults for the device: fp32; on CPU by-hand D + split conv backward, on
+  CUDA compiled + one CUDA graph), ``fast-bf16`` (the same in bf16), ``fast-bf16-autograd``
+  (bf16 with autograd and autocast instead of the by-hand D and convolutions: what they add;
+  on CUDA the same as fast-bf16), ``fast-fused`` (fp32
+  with the `fastfvae.ops` fused ops; on CPU they run their torch reference).
+- Order: every config's ``reference`` row runs first, then the heap setting is applied (it is
+  process-wide and one-way), then the other rows. ``extra_info["heap_kept"]`` records whether
+  the setting was in effect for a row, so a ``reference`` row measured after it (another
+  bench file in the same session created a fast step first) is visible as such.
 
 One call = ``STEPS[batch]`` full steps (randomness drawn as in the loop, batches gathered
-from the resident set); ``extra_info``: ``steps_per_s`` (= steps / mean call time),
+from the resident set); ``extra_info``: ``steps_per_s`` (= steps / median call time),
 ``peak_mb`` (CUDA: max allocated; CPU: peak RSS above the RSS before the state was built),
 ``vs_reference`` (steps/s over the reference row's, measured earlier in the same session),
+``vs_reference_heap`` (over the reference-heap row's),
 ``cpu_ms_per_step`` (process CPU time per step: on a shared machine with 1 thread a steadier
 work measure than wall time), ``threads``. CPU threads: all the process has (``torch.get_num_threads()``; set
 OMP_NUM_THREADS to pin). The images are random bits: a step's cost does not depend on them.
@@ -29,6 +38,7 @@ import torch
 from bench.conftest import peak_memory, random_bits_dsprites
 from fastfvae.data import DSprites
 from fastfvae.fast import FastOptions, FastStep
+from fastfvae.fast.allocator import applied as heap_kept, keep_freed_memory
 from fastfvae.fast.impl import fused_ops_available
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.reference import draw_step_inputs, make_reference_step
@@ -42,13 +52,15 @@ CONFIGS = {
 }
 VARIANTS = {
     "reference": None,
+    "reference-heap": None,
     "fast": dict(),
     "fast-bf16": dict(precision="bf16"),
+    "fast-bf16-autograd": dict(precision="bf16", by_hand=False),
     "fast-fused": dict(fused_ops=True),
 }
 #: steps per benchmark call, and rounds (CPU: the whole file in ~10 minutes on 2 cores)
 STEPS = {64: 5, 256: 2, 1024: 1}
-ROUNDS = {64: 3, 256: 2, 1024: 2}
+ROUNDS = {64: 6, 256: 3, 1024: 2}
 GPU_STEPS, GPU_ROUNDS = 200, 5
 
 
@@ -62,11 +74,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("config", list(CONFIGS))
+#: every reference row first (before any fast step keeps the heap), then config by config
+ROWS = [(c, "reference") for c in CONFIGS] + [(c, v) for c in CONFIGS for v in VARIANTS if v != "reference"]
+
+
+@pytest.mark.parametrize("config,variant", ROWS, ids=[f"{c}-{v}" for c, v in ROWS])
 def test_train_step(benchmark, data, bench_device, reference_rates, config, variant):
     if variant == "fast-fused" and not fused_ops_available():
         pytest.skip("fastfvae.ops not available")
+    if variant == "reference-heap" and bench_device.type == "cuda":
+        pytest.skip("the heap setting is a CPU lever")
+    if variant != "reference" and bench_device.type == "cpu":
+        keep_freed_memory()
     cfg = TrainConfig(device=bench_device.type, **CONFIGS[config])
     cuda = bench_device.type == "cuda"
     steps = GPU_STEPS if cuda else STEPS[cfg.batch_size]
@@ -74,7 +93,7 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
     memory: dict = {}
     with peak_memory(bench_device, memory):
         state = TrainState.create(cfg, len(data), bench_device)
-        if VARIANTS[variant] is None:
+        if variant.startswith("reference"):
             step = make_reference_step(state, data)
         else:
             step = FastStep(state, data, FastOptions(**VARIANTS[variant]))
@@ -93,12 +112,13 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
         benchmark.group = f"train step {config} ({bench_device.type})"
         metrics = benchmark.pedantic(run, rounds=rounds, iterations=1)
     assert np.isfinite(float(metrics["loss"]))
-    rate = steps / benchmark.stats.stats.mean
-    if variant == "reference":
-        reference_rates[config] = rate
+    rate = steps / benchmark.stats.stats.median  # the median round: robust to a noisy neighbour
+    if variant.startswith("reference"):
+        reference_rates[(config, variant)] = rate
     info = benchmark.extra_info
     info.update(config=config, variant=variant, steps_per_s=rate, peak_mb=round(memory["peak_mb"], 1),
                 threads=torch.get_num_threads(), batch_size=cfg.batch_size, d_steps=cfg.d_steps,
-                cpu_ms_per_step=1e3 * float(np.median(cpu_s[1:])) / steps)
-    if config in reference_rates:
-        info["vs_reference"] = rate / reference_rates[config]
+                cpu_ms_per_step=1e3 * float(np.median(cpu_s[1:])) / steps, heap_kept=heap_kept())
+    for base, key in (("reference", "vs_reference"), ("reference-heap", "vs_reference_heap")):
+        if (config, base) in reference_rates:
+            info[key] = rate / reference_rates[(config, base)]

@@ -99,9 +99,30 @@ def test_bf16_within_documented_tolerance():
 
 
 def test_each_lever_alone_keeps_parity():
-    """Plain layout / unfused Adam variants: the same algorithm, within fp32 round-off."""
+    """Plain layout / unfused Adam / autograd instead of the by-hand D and convolutions: the
+    same algorithm, within fp32 round-off."""
     cfg = small_cfg()
     assert_parity(*run_both(cfg, 20, FastOptions(channels_last=False, fused_adam=False)), "fp32")
+    assert_parity(*run_both(small_cfg(d_steps=2), 20, FastOptions(by_hand=False)), "fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_by_hand_is_the_cpu_default_and_matches_autograd(precision):
+    """`by_hand` resolves on for an eager CPU step; the by-hand and autograd fast steps agree
+    (fp32: round-off; bf16: both within the bf16 tolerance of each other), on 2 D updates."""
+    assert FastOptions().resolved(torch.device("cpu")).by_hand is True
+    assert FastOptions(compile="model").resolved(torch.device("cpu")).by_hand is False
+    cfg = small_cfg(d_steps=2)
+    data = small_dsprites(512)
+    states = [TrainState.create(cfg, len(data)) for _ in range(2)]
+    steps = [FastStep(states[0], data, FastOptions(precision=precision, by_hand=True)),
+             FastStep(states[1], data, FastOptions(precision=precision, by_hand=False))]
+    metrics = [[], []]
+    for _ in range(15):
+        for i in range(2):
+            metrics[i].append(steps[i](draw_step_inputs(cfg, states[i].sampler, states[i].generator)))
+    assert steps[0]._d_by_hand is not None and steps[1]._d_by_hand is None
+    assert_parity(states[1], states[0], metrics[1], metrics[0], precision)
 
 
 @pytest.mark.skipif(not fused_ops_available(), reason="fastfvae.ops not built")
@@ -110,14 +131,17 @@ def test_fused_ops_keep_parity():
     assert_parity(*run_both(cfg, 20, FastOptions(fused_ops=True)), "fp32")
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_other_loaders_give_the_device_loaders_batches(loader):
+@pytest.mark.parametrize("loader,precision", [("torch", "fp32"), ("dali", "fp32"), ("torch", "bf16")])
+def test_other_loaders_give_the_device_loaders_batches(loader, precision):
+    """Bit-identical runs whatever the loader; bf16 on CPU also checks the space-to-depth input
+    (the device loader unpacks straight into it, the others are rearranged)."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     cfg = small_cfg()
     data = small_dsprites(64)  # 4 batches an epoch: 4 steps x 2 batches cross an epoch boundary
     states = [TrainState.create(cfg, len(data)) for _ in range(2)]
-    steps = [FastStep(states[0], data, FastOptions(loader="device")), FastStep(states[1], data, FastOptions(loader=loader))]
+    steps = [FastStep(states[0], data, FastOptions(loader="device", precision=precision)),
+             FastStep(states[1], data, FastOptions(loader=loader, precision=precision))]
     for _ in range(4):
         out = [step(draw_step_inputs(cfg, s.sampler, s.generator)) for step, s in zip(steps, states)]
         assert float(out[0]["loss"]) == float(out[1]["loss"])
@@ -144,7 +168,8 @@ def test_bad_options_are_one_line_errors():
     from fastfvae.errors import FastFVAEError
 
     state = TrainState.create(small_cfg(), 512)
-    for bad in (dict(precision="fp16"), dict(loader="nfs"), dict(compile="max"), dict(cuda_graph=True)):
+    for bad in (dict(precision="fp16"), dict(loader="nfs"), dict(compile="max"), dict(cuda_graph=True),
+                dict(compile="model", by_hand=True)):
         with pytest.raises(FastFVAEError):
             FastStep(state, small_dsprites(512), FastOptions(**bad))
 
