@@ -30,7 +30,9 @@ _aten = torch.ops.aten
 
 
 def _mkldnn_fusable(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    # oneDNN's fused primitive takes float32/bfloat16 only (float64 raises): the rest falls back
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
 
 
 class _ConvSplitBackward(torch.autograd.Function):
@@ -80,8 +82,9 @@ def layer_split(x: torch.Tensor, layer: nn.Conv2d | nn.ConvTranspose2d, dtype: t
     """``layer(x)`` (then a ReLU) through `conv_split`."""
     transposed = isinstance(layer, nn.ConvTranspose2d)
     if layer.dilation != (1, 1) or layer.groups != 1 or isinstance(layer.padding, str) or (
-            transposed and layer.output_padding != (0, 0)):
-        raise ValueError("conv_split supports plain convolutions (no dilation, groups, output or string padding)")
+            layer.padding_mode != "zeros") or (transposed and layer.output_padding != (0, 0)):
+        raise ValueError("conv_split supports plain convolutions (no dilation, groups, output_padding, "
+                         "string padding or padding_mode other than 'zeros')")
     return conv_split(x, layer.weight, layer.bias, layer.stride, layer.padding, transposed, dtype, relu)
 
 
@@ -96,7 +99,8 @@ def layer_split(x: torch.Tensor, layer: nn.Conv2d | nn.ConvTranspose2d, dtype: t
 def _check_s2d_layer(layer, transposed: bool) -> None:
     one = layer.out_channels if transposed else layer.in_channels
     if (isinstance(layer, nn.ConvTranspose2d) != transposed or one != 1 or layer.kernel_size != (4, 4)
-            or layer.stride != (2, 2) or layer.padding != (1, 1) or layer.groups != 1 or layer.dilation != (1, 1)):
+            or layer.stride != (2, 2) or layer.padding != (1, 1) or layer.groups != 1 or layer.dilation != (1, 1)
+            or layer.padding_mode != "zeros" or (transposed and layer.output_padding != (0, 0))):
         kind = "ConvTranspose2d(C, 1" if transposed else "Conv2d(1, C"
         raise ValueError(f"space-to-depth form needs {kind}, 4, stride=2, padding=1), got {layer}")
 
