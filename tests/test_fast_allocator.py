@@ -40,6 +40,12 @@ SCRIPT = textwrap.dedent("""
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
     out = {"applied_before": allocator.applied()}
+    if sys.argv[2] == "early":  # as the fast step does: before the first large block
+        out["first"] = allocator.keep_freed_memory()
+        faults(1)
+        out["after"] = faults(3)
+        print(json.dumps(out))
+        sys.exit(0)
     faults(2)  # glibc's dynamic mmap threshold settles
     out["before"] = faults(3)
     out["first"] = allocator.keep_freed_memory()
@@ -51,13 +57,24 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def run():
+def _run(when):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, allocator.__file__], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, allocator.__file__, when], capture_output=True,
+                          text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Faults before and after the call in one process."""
+    return _run("late")
+
+
+@pytest.fixture(scope="module")
+def run_early():
+    """Faults in a process that made the call before any large block."""
+    return _run("early")
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
@@ -75,6 +92,46 @@ def test_freed_memory_is_kept_so_pages_are_not_faulted_again(run):
     before, after = run["before"], run["after"]
     assert before > 300, f"the default heap kept the memory already ({before} faults): nothing to show"
     assert after < before / 4, f"{after} page faults after keep_freed_memory(), {before} before"
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_freed_memory_is_kept_when_set_first(run, run_early):
+    """Set at the start (as the fast step does), before glibc's dynamic threshold has moved:
+    both thresholds are needed (the mmap one alone, or the trim one alone, leave the blocks
+    mmap'd or trimmed and the pages faulted every round)."""
+    assert run_early["first"] is True
+    assert run_early["after"] < run["before"] / 4, (run_early["after"], run["before"])
+
+
+class FakeLibc:
+    """``ctypes.CDLL`` stand-in whose ``mallopt`` records its calls and answers ``answer``."""
+    calls: list = []
+    answer = 1
+
+    class _Mallopt:  # a ctypes function takes argtypes / restype
+        def __call__(self, param, value):
+            FakeLibc.calls.append((param, value))
+            return FakeLibc.answer
+
+    def __init__(self, name):
+        self.mallopt = self._Mallopt()
+
+
+@pytest.mark.parametrize("answer", [1, 0], ids=["accepted", "refused"])
+def test_sets_both_thresholds_once(monkeypatch, answer):
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", FakeLibc)
+    monkeypatch.setattr(FakeLibc, "calls", [])
+    monkeypatch.setattr(FakeLibc, "answer", answer)
+    assert allocator.keep_freed_memory() is bool(answer) and allocator.applied() is bool(answer)
+    # mallopt(M_MMAP_THRESHOLD = -3, 32 MiB), mallopt(M_TRIM_THRESHOLD = -1, 1 GiB); a refused
+    # value (0) leaves glibc's default and the call reports False
+    assert FakeLibc.calls[:1] == [(-3, 32 << 20)]
+    if answer:
+        assert FakeLibc.calls == [(-3, 32 << 20), (-1, 1 << 30)]
+    assert allocator.keep_freed_memory() is bool(answer)
+    if answer:  # applied once: a second call sets nothing
+        assert len(FakeLibc.calls) == 2
 
 
 def test_without_mallopt_it_reports_false(monkeypatch):

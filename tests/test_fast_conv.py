@@ -42,6 +42,13 @@ def grads_of(out, g, tensors):
     return torch.autograd.grad(out, tensors, g.to(out.dtype))
 
 
+def compare(dtype, tol, names, gots, wants):
+    """Each pair checked: max error for float64/32, relative norm for bf16."""
+    check = assert_rel_norm if dtype == BF16 else assert_close
+    for name, got, want in zip(names, gots, wants):
+        check(got, want, tol, name)
+
+
 # --- conv_split / layer_split against nn.Conv2d / nn.ConvTranspose2d --------------------
 
 GEOMETRIES = [  # in, out, kernel, stride, padding, input H, W
@@ -92,11 +99,9 @@ def check_layer_split(layer, x, dtype, relu, tol):
     params = list(layer.parameters())
     want = grads_of(out, g, [x64, *ref.parameters()])
     have = grads_of(got, g, [x, *params])
-    check = assert_rel_norm if dtype == BF16 else assert_close
-    check(got, out, tol, "output")
-    for name, t, a, b in zip(["input", "weight", "bias"], [x, *params], have, want):
+    for name, t, a in zip(["input", "weight", "bias"], [x, *params], have):
         assert a.dtype == t.dtype, name  # gradients reach the caller's tensors in their dtype
-        check(a, b, tol, name)
+    compare(dtype, tol, ["output", "input", "weight", "bias"], [got, *have], [out, *want])
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:5])))
@@ -331,13 +336,10 @@ def test_first_conv_s2d_is_the_strided_conv(cout, batch, bias, relu, dtype):
     got = conv.first_conv_s2d(conv.space_to_depth(x), layer, dtype, relu)
     assert got.dtype == dtype and got.shape == want.shape
     g = torch.randn(want.shape, dtype=F64).to(dtype).double()
-    check = assert_rel_norm if dtype == BF16 else assert_close
-    tol = 1e-2 if dtype == BF16 else TOL[dtype]
-    check(got, want, tol, "output")
     wants = grads_of(want, g, [x64, *ref.parameters()])
     haves = grads_of(got, g, [x, *layer.parameters()])
-    for name, a, b in zip(["input", "weight", "bias"], haves, wants):
-        check(a, b, tol, name)
+    compare(dtype, 1e-2 if dtype == BF16 else TOL[dtype], ["output", "input", "weight", "bias"],
+            [got, *haves], [want, *wants])
 
 
 @pytest.mark.parametrize("cin, batch", [(1, 1), (3, 2), (32, 3)])
@@ -354,15 +356,11 @@ def test_last_deconv_s2d_is_the_strided_deconv(cin, batch, bias, dtype):
     got_s2d = conv.last_deconv_s2d(h, layer, dtype)
     assert got_s2d.shape == (batch, 4, 6, 5) and got_s2d.dtype == dtype
     got = conv.depth_to_space(got_s2d)
-    check = assert_rel_norm if dtype == BF16 else assert_close
-    tol = 1e-2 if dtype == BF16 else TOL[dtype]
-    check(got, want, tol, "output")
     g = torch.randn(want.shape, dtype=F64).to(dtype).double()
     wants = grads_of(want, g, [h64, *ref.parameters()])
     haves = grads_of(got, g, [h, *layer.parameters()])
-    for name, a, b in zip(["input", "weight", "bias"], haves, wants):
-        assert a.shape == b.shape
-        check(a, b, tol, name)
+    compare(dtype, 1e-2 if dtype == BF16 else TOL[dtype], ["output", "input", "weight", "bias"],
+            [got, *haves], [want, *wants])
 
 
 # --- run_layers, encode, decode against the modules ------------------------------------
