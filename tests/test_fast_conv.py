@@ -8,18 +8,11 @@ from torch import nn
 
 from fastfvae.fast import conv
 from fastfvae.models.vae import VAE
+from train_data import one_thread  # noqa: F401 (autouse fixture)
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 # max |a - b| <= TOL * max(1, max |b|), per dtype the layer runs in (references in float64)
 TOL = {F64: 1e-12, F32: 2e-5, BF16: 4e-2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_close(got, want, tol, what=""):

@@ -8,18 +8,11 @@ import torch
 
 from fastfvae.fast.disc_by_hand import DiscriminatorByHand
 from fastfvae.models.discriminator import Discriminator
+from train_data import one_thread  # noqa: F401 (autouse fixture)
 
 F32, BF16 = torch.float32, torch.bfloat16
 B = 6
 SIZES = [(10, 32, 6), (3, 17, 1), (5, 8, 2), (7, 64, 3)]  # z_dim, hidden, num_layers
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_rel(got, want, tol, what=""):
@@ -67,13 +60,18 @@ def codes(size, seed):
     return torch.randn(B, size[0], generator=gen), torch.randn(B, size[0], generator=gen)
 
 
+def setup(size, dtype, seed):
+    """(module, reference fn, its params, the by-hand D on a 2B buffer, z_q, z_p)."""
+    disc = make_disc(size)
+    ref, ref_params = reference(disc, dtype)
+    z_q, z_p = codes(size, seed)
+    return disc, ref, ref_params, DiscriminatorByHand(disc, 2 * B, dtype), z_q, z_p
+
+
 @pytest.mark.parametrize("size", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 def test_forward_into_both_halves(size, dtype):
-    disc = make_disc(size)
-    ref, _ = reference(disc, dtype)
-    by_hand = DiscriminatorByHand(disc, 2 * B, dtype)
-    z_q, z_p = codes(size, 1)
+    disc, ref, _, by_hand, z_q, z_p = setup(size, dtype, 1)
     logits_q = by_hand.forward(z_q)
     logits_p = by_hand.forward(z_p, start=B)
     assert logits_q.dtype == logits_p.dtype == F32 and logits_q.shape == (B, 2)
@@ -91,10 +89,7 @@ def test_forward_into_both_halves(size, dtype):
 @pytest.mark.parametrize("size", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 def test_input_grad_is_autograds(size, dtype):
-    disc = make_disc(size)
-    ref, _ = reference(disc, dtype)
-    by_hand = DiscriminatorByHand(disc, 2 * B, dtype)
-    z_q, z_p = codes(size, 2)
+    disc, ref, _, by_hand, z_q, z_p = setup(size, dtype, 2)
     by_hand.forward(z_q)
     by_hand.forward(z_p, start=B)
     params_before = [p.detach().clone() for p in disc.parameters()]
@@ -114,10 +109,7 @@ def test_input_grad_is_autograds(size, dtype):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "accumulate"])
 def test_param_grads_are_autograds_over_both_halves(size, dtype, existing):
-    disc = make_disc(size)
-    ref, ref_params = reference(disc, dtype)
-    by_hand = DiscriminatorByHand(disc, 2 * B, dtype)
-    z_q, z_p = codes(size, 3)
+    disc, ref, ref_params, by_hand, z_q, z_p = setup(size, dtype, 3)
     g_q, g_p = torch.randn(B, 2), torch.randn(B, 2)
     # the D loss's shape: one loss over the 2B rows of two separate forwards
     loss = (ref(z_q) * g_q).sum() + (ref(z_p) * g_p).sum()

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default on CUDA, off on CPU)")
     p.add_argument("--no-fast", dest="fast", action="store_const", const=False, help="the reference step")
     p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}", default=None,
-                   help=f"fast-path arithmetic: fp32 (parity with the reference) or bf16 autocast (default {d.precision})")
+                   help=f"fast-path arithmetic: fp32 (parity with the reference) or bf16 (convolutions and GEMMs in bfloat16; weights, optimiser state and losses fp32) (default {d.precision})")
     p.add_argument("--loader", metavar="{" + ",".join(LOADERS) + "}", default=None,
                    help=f"fast-path batches: device (resident bit-packed set), dali, torch (default {d.loader})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")

@@ -1,8 +1,10 @@
 """Arithmetic precision of the fast step: ``fp32`` (the default and the parity mode) or ``bf16``.
 
-``bf16`` is ``torch.autocast`` (CPU: oneDNN with AVX-512 BF16 / AMX; GPU: tensor cores):
-convolutions and GEMMs run in bfloat16, weights, optimiser state and the loss reductions
-stay float32 (the logits are cast back to float32 before the losses). Each autocast region
+``bf16``: convolutions and GEMMs run in bfloat16 (CPU: oneDNN with AVX-512 BF16 / AMX; GPU:
+tensor cores), weights, optimiser state and the loss reductions stay float32 (the logits are
+cast back to float32 before the losses). The autograd fast step uses ``torch.autocast``; the
+by-hand CPU step (`fastfvae.fast.conv`, `fastfvae.fast.disc_by_hand`) casts explicitly, to
+the same effect. Each autocast region
 is closed before the parameters it cast are updated, so no stale bfloat16 weight copy from
 autocast's cache is ever used.
 
