@@ -52,11 +52,15 @@ def test_cli_bf16_and_bad_values(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("fastfvae: error:")
 
 
-def test_fast_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("precision,d_steps", [("fp32", 1), ("bf16", 2)])
+def test_fast_resume_is_bit_exact(tmp_path, precision, d_steps):
+    """bf16 also covers the by-hand D's bf16 weight cache: rebuilt from the checkpoint's
+    parameters on resume, it must equal the cache the uninterrupted run carried over."""
     data = small_dsprites(256)
-    whole = run_training(_cfg(tmp_path / "whole", 6), data=data, step_builder=make_fast_step, progress=False)
-    run_training(_cfg(tmp_path / "split", 3), data=data, step_builder=make_fast_step, progress=False)
-    resumed = run_training(_cfg(tmp_path / "split", 6), data=data, resume=tmp_path / "split",
+    kw = dict(precision=precision, d_steps=d_steps)
+    whole = run_training(_cfg(tmp_path / "whole", 6, **kw), data=data, step_builder=make_fast_step, progress=False)
+    run_training(_cfg(tmp_path / "split", 3, **kw), data=data, step_builder=make_fast_step, progress=False)
+    resumed = run_training(_cfg(tmp_path / "split", 6, **kw), data=data, resume=tmp_path / "split",
                            step_builder=make_fast_step, progress=False)
     a, b = load_checkpoint(whole.checkpoint)["state"], load_checkpoint(resumed.checkpoint)["state"]
     for part in ("vae", "disc"):
