@@ -1,7 +1,7 @@
 """The VAE's forward with a cheaper convolution backward (the fast step on CPU).
 
 `encode` / `decode` run `models.Encoder` / `models.Decoder` layer by layer from their own
-parameters (no copy, same arithmetic as the modules' forward) with two changes that matter on
+parameters (no copy, same arithmetic as the modules' forward) with changes that matter on
 CPU (oneDNN), measured per layer at batch 64 (README, "Fast path"):
 
 - `conv_split` — convolution whose backward computes the bias gradient as a plain sum

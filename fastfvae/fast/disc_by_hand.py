@@ -11,8 +11,9 @@ result up to summation order:
 - The TC term's gradient w.r.t. z (for the VAE update) needs only input gradients: no weight
   gradients are computed for it (autograd's ``inputs=`` prunes them too; here it is explicit).
 - With ``dtype=bfloat16`` the weights are cast once per parameter update (the step calls
-  `parameters_changed` after each optimiser step), not once per autocast region, and no autograd cast nodes exist;
-  the parameter gradients are accumulated in float32 inside the GEMM and stored as float32.
+  `parameters_changed` after each optimiser step), not once per autocast region, and no
+  autograd cast nodes exist; the parameter gradients are accumulated in float32 inside the
+  GEMM and stored as float32.
 
 The leaky-ReLU backward uses the sign of the layer's output (slope > 0 keeps the sign), so
 only each layer's input activation is kept.
@@ -36,7 +37,7 @@ class DiscriminatorByHand:
         if disc.slope <= 0:
             raise ValueError(f"the leaky-ReLU slope must be > 0 (sign-preserving), got {disc.slope}")
         self.linears = [m for m in disc.net if isinstance(m, nn.Linear)]
-        self.slope, self.dtype, self.rows = disc.slope, dtype, rows
+        self.slope, self.dtype = disc.slope, dtype
         device = self.linears[0].weight.device
         # acts[l]: the input of linear l for all rows (acts[0] = the codes)
         self.acts = [torch.empty(rows, m.in_features, device=device, dtype=dtype) for m in self.linears]
@@ -73,9 +74,9 @@ class DiscriminatorByHand:
         w, b = weights[-1]
         return torch.addmm(b, h, w.t()).float()
 
-    def _back_through(self, grad: torch.Tensor, layer: int, rows: slice) -> torch.Tensor:
-        """Gradient w.r.t. the input of linear ``layer`` from the one w.r.t. its output."""
-        grad = grad @ self.weights()[layer][0]
+    def _back_through(self, grad: torch.Tensor, weight: torch.Tensor, layer: int, rows: slice) -> torch.Tensor:
+        """Gradient w.r.t. the input of linear ``layer`` (weight ``weight``) from the one w.r.t. its output."""
+        grad = grad @ weight
         if layer == 0:
             return grad
         return _aten.leaky_relu_backward(grad, self.acts[layer][rows], self.slope, True)
@@ -84,22 +85,22 @@ class DiscriminatorByHand:
     def input_grad(self, grad_logits: torch.Tensor, start: int = 0) -> torch.Tensor:
         """d(loss)/d(codes) [n, z_dim] float32, from d(loss)/d(logits) of rows start:start+n."""
         rows = slice(start, start + grad_logits.shape[0])
-        grad = grad_logits.to(self.dtype)
+        grad, weights = grad_logits.to(self.dtype), self.weights()
         for layer in reversed(range(len(self.linears))):
-            grad = self._back_through(grad, layer, rows)
+            grad = self._back_through(grad, weights[layer][0], layer, rows)
         return grad.float()
 
     @torch.no_grad()
     def param_grads(self, grad_logits: torch.Tensor) -> None:
         """Store d(loss)/d(parameters) (float32) in ``.grad`` from d(loss)/d(logits) of all rows."""
         rows = slice(0, grad_logits.shape[0])
-        grad = grad_logits.to(self.dtype)
+        grad, weights = grad_logits.to(self.dtype), self.weights()
         for layer in reversed(range(len(self.linears))):
             m = self.linears[layer]
             _accumulate(m.weight, grad.t() @ self.acts[layer][rows])
             _accumulate(m.bias, grad.sum(0, dtype=torch.float32))
             if layer > 0:
-                grad = self._back_through(grad, layer, rows)
+                grad = self._back_through(grad, weights[layer][0], layer, rows)
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:

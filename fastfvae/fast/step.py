@@ -19,13 +19,13 @@ differently, and why each change leaves the result unchanged:
 5. Optional bf16 autocast (``precision="bf16"``).
 6. Batches come from the dataset resident on the device, bit-packed (``--loader device``):
    gather + unpack are part of the step; or from the torch/DALI loaders, in the same order.
-8. On CPU (no compilation): the convolutions' bias gradients as plain sums outside oneDNN's
+7. On CPU (no compilation): the convolutions' bias gradients as plain sums outside oneDNN's
    weight-gradient primitive (`fastfvae.fast.conv`), and D's forward/backward written out
    (`fastfvae.fast.disc_by_hand`): one forward on z serves the TC term and D's loss, the TC
    gradient w.r.t. z is pushed into the VAE's backward (``autograd.backward([loss, z],
    [1, dz])``), D's parameter gradient for both halves is one 2B-row pass. With bf16 the
    layers run in bf16 with explicit casts instead of autocast.
-9. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
+8. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
    is compiled (Inductor) and captured as one CUDA graph (`fastfvae.fast.graph`): one replay
    per step, no host synchronisation; metrics stay on the device until the loop logs them.
 """
@@ -66,7 +66,7 @@ class FastOptions:
     cuda_graph: bool | None = None   # capture the whole step as one CUDA graph; None = on CUDA
     noise: str = "auto"              # host (the reference's stream) | device (in-graph); auto:
                                      # device with a CUDA graph, else host
-    by_hand: bool | None = None      # split-backward convolutions + D written out (8.);
+    by_hand: bool | None = None      # split-backward convolutions + D written out (7.);
                                      # None = when nothing is compiled or captured (CPU)
 
     def resolved(self, device: torch.device) -> "FastOptions":
@@ -192,9 +192,8 @@ class FastStep:
                        d_acc=discriminator_accuracy(logits_q.detach(), logits_p.detach()))
         return metrics
 
-
     def body_by_hand(self, x, x2, eps, eps2, keys) -> dict:
-        """The same iteration with `fastfvae.fast.conv` and `DiscriminatorByHand` (see 8.)."""
+        """The same iteration with `fastfvae.fast.conv` and `DiscriminatorByHand` (see 7.)."""
         cfg, ops, optims, dtype, s2d = self.cfg, self.ops, self.state.optims, self._dtype, self._s2d
         vae = self.state.models.vae
         mu, logvar = by_hand.encode(vae.encoder, x, dtype, s2d)
@@ -202,23 +201,22 @@ class FastStep:
         # with s2d, logits and x are both in space-to-depth layout: the summed loss is the same
         recon = recon_loss(by_hand.decode(vae.decoder, z, dtype, s2d).float(), x)
         kl = kl_per_sample.mean()
-        if not self.factorvae:
+        d, b, z_q = self._d_by_hand, z.shape[0], z.detach()
+        if self.factorvae:
+            logits_q = d.forward(z_q).requires_grad_()
+            tc = tc_estimate(logits_q)
+            loss = factor_vae_loss(recon, kl, tc, cfg.gamma)
+            (grad_logits_q,) = torch.autograd.grad(loss, logits_q, retain_graph=True)
+            roots, grads = [loss, z], [None, d.input_grad(grad_logits_q)]  # the TC term reaches z
+        else:
             loss = beta_vae_loss(recon, kl, cfg.beta)
-            loss.backward(inputs=self.vae_params)
-            optims.vae.step()
-            optims.vae.zero_grad(set_to_none=True)
-            return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
-
-        d, b = self._d_by_hand, z.shape[0]
-        z_q = z.detach()
-        logits_q = d.forward(z_q).requires_grad_()
-        tc = tc_estimate(logits_q)
-        loss = factor_vae_loss(recon, kl, tc, cfg.gamma)
-        (grad_logits_q,) = torch.autograd.grad(loss, logits_q, retain_graph=True)
-        torch.autograd.backward([loss, z], [None, d.input_grad(grad_logits_q)], inputs=self.vae_params)
+            roots, grads = [loss], [None]
+        torch.autograd.backward(roots, grads, inputs=self.vae_params)
         optims.vae.step()
         optims.vae.zero_grad(set_to_none=True)
         metrics = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+        if not self.factorvae:
+            return metrics
 
         z_p = z_q
         if self.second:
