@@ -51,6 +51,9 @@ GEOMETRIES = [  # in, out, kernel, stride, padding, input H, W
     (4, 6, 3, 1, 1, 7, 5),
     (2, 3, 5, 3, 2, 9, 8),
     (8, 8, 1, 1, 0, 4, 4),
+    (6, 2, 3, 1, 1, 7, 5),    # stride-1 narrowing (the decoder's last layer in s2d form): swapped backward
+    (5, 3, 5, 1, 0, 9, 8),    # ... kernel 5, no padding
+    (8, 4, 3, 1, 2, 6, 6),    # ... padding k - 1
 ]
 
 
@@ -109,6 +112,23 @@ def test_layer_split_matches_module(geom, transposed, bias, relu, dtype):
     if dtype == F64:
         layer, x = layer.double(), x.double()
     check_layer_split(layer, x, dtype, relu, TOL[dtype] if dtype != BF16 else 1e-2)
+
+
+@pytest.mark.parametrize("geom,narrowing", [(GEOMETRIES[6], True), (GEOMETRIES[8], True), (GEOMETRIES[3], False),
+                                             (GEOMETRIES[0], False)], ids=lambda v: str(v))
+def test_narrowing_backward_is_taken_only_for_stride1_narrowing_convs(monkeypatch, geom, narrowing):
+    calls = []
+    real = conv._narrowing_backward
+    monkeypatch.setattr(conv, "_narrowing_backward", lambda *a: calls.append(1) or real(*a))
+    layer = make_layer(False, geom, True)
+    x = torch.randn(2, geom[0], *geom[5:], requires_grad=True)
+    conv.layer_split(x, layer, F32).sum().backward()
+    assert bool(calls) == narrowing
+    # deconvs never take it
+    calls.clear()
+    conv.layer_split(torch.randn(2, geom[1], *geom[5:]), make_layer(True, (geom[1], geom[0], *geom[2:]), True),
+                     F32).sum().backward()
+    assert not calls
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])

@@ -60,13 +60,40 @@ class _ConvSplitBackward(torch.autograd.Function):
             grad = _aten.threshold_backward(grad, out, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        if need_x or need_w:
+        if (need_x or need_w) and _narrowing(weight, stride, padding, transposed):
+            grad_x, grad_w = _narrowing_backward(grad, x, weight, padding, need_x, need_w)
+        elif need_x or need_w:
             grad_x, grad_w, _ = _aten.convolution_backward(
                 grad, x, weight, None, stride, padding, [1, 1], transposed, [0, 0], 1,
                 [need_x, need_w, False])
         if has_bias and need_b:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _narrowing(weight, stride, padding, transposed: bool) -> bool:
+    """A stride-1 convolution to fewer channels than it reads (the decoder's last layer in
+    space-to-depth form, 32 -> 4): oneDNN's backward kernels are slow there."""
+    k = weight.shape[2:]
+    return (not transposed and list(stride) == [1, 1] and weight.shape[0] < weight.shape[1]
+            and all(0 <= p <= kk - 1 for p, kk in zip(padding, k)))
+
+
+def _narrowing_backward(grad, x, weight, padding, need_x: bool, need_w: bool):
+    """(grad_x, grad_w) of a `_narrowing` convolution through the *widening* convolution with
+    the transposed, flipped kernel (padding k - 1 - p), whose kernels oneDNN runs fast
+    (bf16, 32 -> 4 channels, batch 64: input grad 0.43 -> 0.32 ms, weight grad 0.96 -> 0.57
+    ms; fp32 weight grad 2.2 -> 0.65 ms). Same sums, in another order."""
+    flipped = weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
+    swapped = [kk - 1 - p for p, kk in zip(padding, weight.shape[2:])]
+    grad_x = grad_w = None
+    if need_x:  # the input gradient of a stride-1 conv is the flipped-kernel conv of grad
+        grad_x = _aten.convolution(grad, flipped, None, [1, 1], swapped, [1, 1], False, [0, 0], 1)
+    if need_w:  # the swapped conv's weight gradient (input grad, output grad x), flipped back
+        grad_w = _aten.convolution_backward(x, grad, flipped, None, [1, 1], swapped, [1, 1], False, [0, 0], 1,
+                                            [False, True, False])[1]
+        grad_w = grad_w.flip(2, 3).transpose(0, 1)
+    return grad_x, grad_w
 
 
 def conv_split(x, weight, bias, stride, padding, transposed: bool, dtype: torch.dtype,

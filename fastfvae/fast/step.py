@@ -116,8 +116,10 @@ class FastStep:
             self._disc = None if disc is None else torch.compile(self.ops.disc)
         self._batches = _BatchSource(opts.loader, data, state, self.device, opts.channels_last)
         self._dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
-        #: image-side layers in space-to-depth form (`fastfvae.fast.conv`): bf16 only, where
-        #: oneDNN's one-channel kernels are slow (in fp32 the plain forms are as fast)
+        #: image-side layers in space-to-depth form (`fastfvae.fast.conv`: oneDNN's one-channel
+        #: kernels are slow). bf16 only: in fp32 it gains ~1 ms a step, but its different
+        #: summation order reaches Adam's near-zero-gradient elements (second moment ~1e-11),
+        #: which Adam moves by ~lr whatever their sign, beyond the fp32 parity tolerance
         self._s2d = opts.by_hand and opts.precision == "bf16"
         self._d_by_hand = None
         if opts.by_hand and disc is not None:
