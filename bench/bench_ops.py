@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.conftest import timing
 from fastfvae.models.discriminator import Discriminator
 from fastfvae.ops import FusedDiscriminator, gaussian_sample_kl, linear_leaky_relu, permute_dims
 
@@ -53,10 +54,10 @@ def _measure(benchmark, group: str, impl: str, fn) -> None:
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, device=DEVICE.type)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
+    stats = timing(benchmark)
     if stats is None:  # --benchmark-disable
         return
-    best = stats.stats.min / iterations
+    best = stats.min / iterations
     _BEST[(group, impl)] = best
     benchmark.extra_info["min_per_call_s"] = best
     for base in ("eager", "compiled"):

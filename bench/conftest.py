@@ -61,6 +61,13 @@ def peak_memory(device: torch.device, result: dict):
         result["peak_mb"] /= 2**20
 
 
+def timing(benchmark):
+    """The benchmark's statistics, or None under ``--benchmark-disable`` (the body then ran
+    once, untimed: a smoke test of the benchmark, with its correctness asserts)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else stats.stats
+
+
 @pytest.fixture(scope="session")
 def reference_rates() -> dict:
     """config id -> the reference loop's steps/s measured earlier in this session."""
