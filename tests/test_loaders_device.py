@@ -100,3 +100,18 @@ def test_rows_are_device_views_of_the_uploaded_epoch(data):
     assert rows.dtype == torch.int64 and rows.device == loader.packed.device
     # The CPU "device" shares the dataset's buffer: no copy of the images.
     assert loader.packed.data_ptr() == torch.from_numpy(data.packed).data_ptr()
+
+
+def test_read_only_packed_rows_are_shared_without_a_warning(data):
+    """A cached render or memory-mapped file is read-only: the CPU loader shares it (no copy of
+    the 0.38 GB set) and says nothing about it (torch warns about non-writable arrays)."""
+    import warnings
+
+    packed = data.packed.copy()
+    packed.flags.writeable = False
+    ro = DSprites(packed, data.latents_classes, data.latents_values, source="read-only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = make_loader("device", ro, 8, seed=0, device="cpu")
+    assert loader.packed.data_ptr() == packed.ctypes.data  # shared, not copied
+    assert loader.next_batch().shape == (8, 1, 64, 64)

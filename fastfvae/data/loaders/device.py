@@ -18,6 +18,9 @@ A compiled step uses ``loader.packed``, ``loader.next_rows()`` (outside the grap
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
 from fastfvae.data.loaders.base import BatchLoader
@@ -25,6 +28,14 @@ from fastfvae.data.loaders.unpack import gather_unpack, uniform_rows
 from fastfvae.errors import FastFVAEError
 
 ORDERS = ("epoch", "random")
+
+
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without its warning for a read-only array (a cached render or a
+    memory-mapped file): the loader only ever reads the packed rows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 class DeviceLoader(BatchLoader):
@@ -36,7 +47,7 @@ class DeviceLoader(BatchLoader):
         super().__init__(data, batch_size, seed, device)
         self.order = order
         # On the CPU this shares the numpy buffer (no copy); on a GPU it is one upload.
-        self.packed = torch.from_numpy(data.packed).to(self.device)
+        self.packed = _shared_tensor(data.packed).to(self.device)
         self._perm_epoch, self._perm = -1, None
         self.generator = None
         if order == "random":
