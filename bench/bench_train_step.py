@@ -130,3 +130,53 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
     for base, key in (("reference", "vs_reference"), ("reference-heap", "vs_reference_heap")):
         if (config, base) in reference_rates:
             info[key] = rate / reference_rates[(config, base)]
+
+
+#: rows timed round by round in one process by `test_interleaved_paper_ratios`
+INTERLEAVED = ("reference-heap", "fast", "fast-bf16")
+INTERLEAVED_ROUNDS = 8
+
+
+def test_interleaved_paper_ratios(benchmark, data, bench_device, reference_rates):
+    """The paper config's reference (heap kept), fast and fast-bf16 steps, 5 steps of each in
+    turn per round, in one process: a machine whose speed drifts (a shared box) slows all
+    three alike, so the ratios of their median rounds are steadier than those of rows timed
+    minutes apart. ``extra_info["interleaved_ratios"]``: each fast row vs reference-heap, and
+    vs the plain ``reference`` row when this session measured it (that one sequentially: the
+    heap setting cannot be undone within a process, so it cannot take part in the rounds)."""
+    if bench_device.type != "cpu":
+        pytest.skip("a CPU comparison (the heap setting is a CPU lever)")
+    keep_freed_memory()
+    cfg = TrainConfig(device="cpu", **CONFIGS["paper-d1"])
+    steps = STEPS[cfg.batch_size]
+    built = {}
+    for variant in INTERLEAVED:
+        state = TrainState.create(cfg, len(data), bench_device)
+        fn = make_reference_step(state, data) if variant.startswith("reference") else \
+            FastStep(state, data, FastOptions(**VARIANTS[variant]))
+        for _ in range(2):  # warm-up: allocator, Adam state
+            fn(draw_step_inputs(cfg, state.sampler, state.generator))
+        built[variant] = (state, fn)
+    seconds: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
+
+    def one_round():
+        for variant, (state, fn) in built.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                metrics = fn(draw_step_inputs(cfg, state.sampler, state.generator))
+            seconds[variant].append((time.perf_counter() - t0) / steps)
+        return metrics
+
+    benchmark.group = "train step paper-d1, interleaved (cpu)"
+    metrics = benchmark.pedantic(one_round, rounds=INTERLEAVED_ROUNDS, iterations=1)
+    assert np.isfinite(float(metrics["loss"]))
+    if timing(benchmark) is None:
+        return
+    median = {v: float(np.median(s)) for v, s in seconds.items()}
+    ratios = {f"{v} vs reference-heap": median["reference-heap"] / median[v] for v in INTERLEAVED[1:]}
+    if ("paper-d1", "reference") in reference_rates:
+        ratios.update({f"{v} vs reference (sequential)": 1 / median[v] / reference_rates[("paper-d1", "reference")]
+                       for v in INTERLEAVED[1:]})
+    benchmark.extra_info.update(variant="interleaved", config="paper-d1", steps_per_s=1 / median["fast-bf16"],
+                                ms_per_step={v: 1e3 * t for v, t in median.items()}, interleaved_ratios=ratios,
+                                heap_kept=heap_kept(), threads=torch.get_num_threads())

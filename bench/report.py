@@ -6,7 +6,8 @@ to the group's reference/slowest row, time per call and peak memory) and ``DIR/r
 
 A row's rate is its ``extra_info`` ``steps_per_s`` or ``samples_per_s`` when the benchmark
 recorded one, else calls/s (1 / mean); ``cpu_ms_per_step`` (process CPU time) is shown when
-recorded. The ratio column is against the row named
+recorded; a row with ``interleaved_ratios`` (rows timed round by round in one process) gets
+them printed under its group's table. The ratio column is against the row named
 ``reference`` (variant) when the group has one, else against the slowest row.
 """
 
@@ -33,7 +34,8 @@ def _row(bench: dict) -> dict:
         rate, unit = 1.0 / mean if mean > 0 else math.inf, "calls/s"
     name = info.get("variant") or bench.get("param") or bench["name"]
     return {"name": str(name), "rate": rate, "unit": unit, "mean_ms": mean * 1e3,
-            "peak_mb": info.get("peak_mb"), "cpu_ms": info.get("cpu_ms_per_step"), "full_name": bench["fullname"]}
+            "peak_mb": info.get("peak_mb"), "cpu_ms": info.get("cpu_ms_per_step"), "full_name": bench["fullname"],
+            "interleaved": info.get("interleaved_ratios")}
 
 
 def load_groups(path: str | Path) -> "OrderedDict[str, list[dict]]":
@@ -65,6 +67,10 @@ def markdown(groups, header: str = "") -> str:
             peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
             cpu = "" if r["cpu_ms"] is None else f"{r['cpu_ms']:,.1f}"
             lines.append(f"| {r['name']} | {r['rate']:,.2f} {r['unit']} | {r['ratio']:.2f} | {r['mean_ms']:,.2f} | {cpu} | {peak} |")
+        for r in rows:
+            if r["interleaved"]:  # measured round by round in one process: drift hits every row alike
+                ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r["interleaved"].items())
+                lines.append(f"\n{r['name']}, interleaved rounds: {ratios}")
         lines.append("")
     return "\n".join(lines)
 

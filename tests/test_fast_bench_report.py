@@ -32,3 +32,13 @@ def test_report_ratios_table_and_chart(tmp_path, capsys):
     assert "| fast | 30.00 steps/s | 3.00 |" in text
     assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_report_prints_interleaved_ratios(tmp_path):
+    bench = _bench("paper interleaved", "interleaved", 1.0, steps_per_s=24.0)
+    bench["extra_info"]["interleaved_ratios"] = {"fast-bf16 vs reference-heap": 2.46, "fast vs reference-heap": 1.41}
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"machine_info": {}, "benchmarks": [bench]}))
+    assert main([str(results), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "interleaved rounds: fast-bf16 vs reference-heap 2.46x, fast vs reference-heap 1.41x" in text
