@@ -70,6 +70,14 @@ def data() -> DSprites:
     return random_bits_dsprites(8192)
 
 
+def build_step(variant: str, cfg: TrainConfig, data, device: torch.device):
+    """(fresh TrainState, the row's step function): the reference step or a FastStep."""
+    state = TrainState.create(cfg, len(data), device)
+    if variant.startswith("reference"):
+        return state, make_reference_step(state, data)
+    return state, FastStep(state, data, FastOptions(**VARIANTS[variant]))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,11 +103,7 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
     rounds = GPU_ROUNDS if cuda else ROUNDS[cfg.batch_size]
     memory: dict = {}
     with peak_memory(bench_device, memory):
-        state = TrainState.create(cfg, len(data), bench_device)
-        if variant.startswith("reference"):
-            step = make_reference_step(state, data)
-        else:
-            step = FastStep(state, data, FastOptions(**VARIANTS[variant]))
+        state, step = build_step(variant, cfg, data, bench_device)
 
         cpu_s = []
 
@@ -151,9 +155,7 @@ def test_interleaved_paper_ratios(benchmark, data, bench_device, reference_rates
     steps = STEPS[cfg.batch_size]
     built = {}
     for variant in INTERLEAVED:
-        state = TrainState.create(cfg, len(data), bench_device)
-        fn = make_reference_step(state, data) if variant.startswith("reference") else \
-            FastStep(state, data, FastOptions(**VARIANTS[variant]))
+        state, fn = build_step(variant, cfg, data, bench_device)
         for _ in range(2):  # warm-up: allocator, Adam state
             fn(draw_step_inputs(cfg, state.sampler, state.generator))
         built[variant] = (state, fn)
