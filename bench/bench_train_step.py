@@ -136,49 +136,60 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
             info[key] = rate / reference_rates[(config, base)]
 
 
-#: rows timed round by round in one process by `test_interleaved_paper_ratios`
-INTERLEAVED = ("reference-heap", "fast", "fast-bf16")
-INTERLEAVED_ROUNDS = 8
+#: rows timed round by round by `test_interleaved_paper_ratios` (``reference`` in a child process)
+INTERLEAVED = ("reference", "reference-heap", "fast", "fast-bf16")
+INTERLEAVED_ROUNDS = 10
 
 
-def test_interleaved_paper_ratios(benchmark, data, bench_device, reference_rates):
-    """The paper config's reference (heap kept), fast and fast-bf16 steps, 5 steps of each in
-    turn per round, in one process: a machine whose speed drifts (a shared box) slows all
-    three alike, so the ratios of their median rounds are steadier than those of rows timed
-    minutes apart. ``extra_info["interleaved_ratios"]``: each fast row vs reference-heap, and
-    vs the plain ``reference`` row when this session measured it (that one sequentially: the
-    heap setting cannot be undone within a process, so it cannot take part in the rounds)."""
+def test_interleaved_paper_ratios(benchmark, data, bench_device):
+    """The paper config's reference, reference-heap, fast and fast-bf16 steps, 5 steps of each
+    in turn per round: a machine whose speed drifts (a shared box) slows all four alike, so
+    per-round ratios are steadier than those of rows timed minutes apart. The plain
+    ``reference`` (default heap) runs in a child process (`bench.reference_worker`; the heap
+    setting cannot be undone within this one), the others here. ``extra_info``:
+    ``interleaved_ratios`` (each fast row vs reference and vs reference-heap: the median over
+    rounds of that round's ratio) and ``ms_per_step`` (median round per row)."""
     if bench_device.type != "cpu":
         pytest.skip("a CPU comparison (the heap setting is a CPU lever)")
-    keep_freed_memory()
+    from bench.reference_worker import ReferenceWorker
+
     cfg = TrainConfig(device="cpu", **CONFIGS["paper-d1"])
     steps = STEPS[cfg.batch_size]
-    built = {}
-    for variant in INTERLEAVED:
-        state, fn = build_step(variant, cfg, data, bench_device)
-        for _ in range(2):  # warm-up: allocator, Adam state
-            fn(draw_step_inputs(cfg, state.sampler, state.generator))
-        built[variant] = (state, fn)
-    seconds: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
+    with ReferenceWorker(cfg.batch_size, cfg.d_steps, torch.get_num_threads(), rows=len(data)) as worker:
+        keep_freed_memory()
+        timers = {"reference": worker.seconds_per_step}
+        for variant in INTERLEAVED[1:]:
+            timers[variant] = _in_process_timer(variant, cfg, data, bench_device, steps)
+        seconds: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
 
-    def one_round():
-        for variant, (state, fn) in built.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                metrics = fn(draw_step_inputs(cfg, state.sampler, state.generator))
-            seconds[variant].append((time.perf_counter() - t0) / steps)
-        return metrics
+        def one_round():
+            for variant in INTERLEAVED:
+                seconds[variant].append(timers[variant](steps))
 
-    benchmark.group = "train step paper-d1, interleaved (cpu)"
-    metrics = benchmark.pedantic(one_round, rounds=INTERLEAVED_ROUNDS, iterations=1)
-    assert np.isfinite(float(metrics["loss"]))
+        benchmark.group = "train step paper-d1, interleaved (cpu)"
+        benchmark.pedantic(one_round, rounds=INTERLEAVED_ROUNDS, iterations=1)
     if timing(benchmark) is None:
         return
-    median = {v: float(np.median(s)) for v, s in seconds.items()}
-    ratios = {f"{v} vs reference-heap": median["reference-heap"] / median[v] for v in INTERLEAVED[1:]}
-    if ("paper-d1", "reference") in reference_rates:
-        ratios.update({f"{v} vs reference (sequential)": 1 / median[v] / reference_rates[("paper-d1", "reference")]
-                       for v in INTERLEAVED[1:]})
-    benchmark.extra_info.update(variant="interleaved", config="paper-d1", steps_per_s=1 / median["fast-bf16"],
-                                ms_per_step={v: 1e3 * t for v, t in median.items()}, interleaved_ratios=ratios,
-                                heap_kept=heap_kept(), threads=torch.get_num_threads())
+    per_round = {v: np.asarray(s) for v, s in seconds.items()}
+    ratios = {f"{v} vs {base}": float(np.median(per_round[base] / per_round[v]))
+              for v in ("fast", "fast-bf16") for base in ("reference", "reference-heap")}
+    benchmark.extra_info.update(variant="interleaved", config="paper-d1",
+                                steps_per_s=1 / float(np.median(per_round["fast-bf16"])),
+                                ms_per_step={v: 1e3 * float(np.median(t)) for v, t in per_round.items()},
+                                interleaved_ratios=ratios, heap_kept=heap_kept(), threads=torch.get_num_threads())
+
+
+def _in_process_timer(variant: str, cfg: TrainConfig, data, device: torch.device, steps: int):
+    """steps -> seconds per step of a warmed-up ``variant``, asserting its loss stays finite."""
+    state, fn = build_step(variant, cfg, data, device)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            metrics = fn(draw_step_inputs(cfg, state.sampler, state.generator))
+        seconds = (time.perf_counter() - t0) / n
+        assert np.isfinite(float(metrics["loss"])), variant
+        return seconds
+
+    run(2)  # warm-up: allocator, Adam state
+    return run

@@ -6,7 +6,7 @@ to the group's reference/slowest row, time per call and peak memory) and ``DIR/r
 
 A row's rate is its ``extra_info`` ``steps_per_s`` or ``samples_per_s`` when the benchmark
 recorded one, else calls/s (1 / mean); ``cpu_ms_per_step`` (process CPU time) is shown when
-recorded; a row with ``interleaved_ratios`` (rows timed round by round in one process) gets
+recorded; a row with ``interleaved_ratios`` (rows timed round by round, in turn) gets
 them printed under its group's table. The ratio column is against the row named
 ``reference`` (variant) when the group has one, else against the slowest row.
 """
@@ -68,7 +68,7 @@ def markdown(groups, header: str = "") -> str:
             cpu = "" if r["cpu_ms"] is None else f"{r['cpu_ms']:,.1f}"
             lines.append(f"| {r['name']} | {r['rate']:,.2f} {r['unit']} | {r['ratio']:.2f} | {r['mean_ms']:,.2f} | {cpu} | {peak} |")
         for r in rows:
-            if r["interleaved"]:  # measured round by round in one process: drift hits every row alike
+            if r["interleaved"]:  # rows timed in turn, round by round: drift hits every row alike
                 ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r["interleaved"].items())
                 lines.append(f"\n{r['name']}, interleaved rounds: {ratios}")
         lines.append("")
