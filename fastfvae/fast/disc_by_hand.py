@@ -43,6 +43,19 @@ class DiscriminatorByHand:
         self.acts = [torch.empty(rows, m.in_features, device=device, dtype=dtype) for m in self.linears]
         self._versions: tuple | None = None
         self._weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: `fastfvae.fast.flat_adam.FlatAdam` over D's parameters (bf16 step): the bf16 weights
+        #: are its flat copy and `param_grads` writes into its gradient buffer instead of ``.grad``
+        self.flat = None
+
+    def use_flat(self, flat) -> None:
+        self.flat, self._versions = flat, None
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for m in self.linears for p in (m.weight, m.bias)]
+
+    def weights_written(self) -> None:
+        """The flat optimiser just wrote the bf16 copy from the updated parameters: it is current."""
+        self._versions = tuple(p._version for p in self._params())
 
     def parameters_changed(self) -> None:
         """Call after an optimiser step: fused Adam updates in place without bumping versions."""
@@ -51,12 +64,16 @@ class DiscriminatorByHand:
     def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(W, b) per layer in ``dtype``, recast after `parameters_changed` or when a
         parameter's version changed (``copy_``, ``load_state_dict``, a non-fused optimiser)."""
-        params = [p for m in self.linears for p in (m.weight, m.bias)]
-        versions = tuple(p._version for p in params)
+        versions = tuple(p._version for p in self._params())
         if versions != self._versions:
-            with torch.no_grad():
-                self._weights = [(m.weight.detach().to(self.dtype), m.bias.detach().to(self.dtype))
-                                 for m in self.linears]
+            if self.flat is not None:
+                self.flat.refresh_weights()
+                views = self.flat.weights
+                self._weights = list(zip(views[0::2], views[1::2]))
+            else:
+                with torch.no_grad():
+                    self._weights = [(m.weight.detach().to(self.dtype), m.bias.detach().to(self.dtype))
+                                     for m in self.linears]
             self._versions = versions
         return self._weights
 
@@ -92,13 +109,19 @@ class DiscriminatorByHand:
 
     @torch.no_grad()
     def param_grads(self, grad_logits: torch.Tensor) -> None:
-        """Store d(loss)/d(parameters) (float32) in ``.grad`` from d(loss)/d(logits) of all rows."""
+        """Store d(loss)/d(parameters) (float32) in ``.grad`` from d(loss)/d(logits) of all rows;
+        with `use_flat`, write them (in ``dtype``, replacing what was there) into the flat
+        optimiser's gradient buffer instead."""
         rows = slice(0, grad_logits.shape[0])
         grad, weights = grad_logits.to(self.dtype), self.weights()
         for layer in reversed(range(len(self.linears))):
             m = self.linears[layer]
-            _accumulate(m.weight, grad.t() @ self.acts[layer][rows])
-            _accumulate(m.bias, grad.sum(0, dtype=torch.float32))
+            if self.flat is not None:
+                torch.mm(grad.t(), self.acts[layer][rows], out=self.flat.grads[2 * layer])
+                self.flat.grads[2 * layer + 1].copy_(grad.sum(0, dtype=torch.float32))
+            else:
+                _accumulate(m.weight, grad.t() @ self.acts[layer][rows])
+                _accumulate(m.bias, grad.sum(0, dtype=torch.float32))
             if layer > 0:
                 grad = self._back_through(grad, weights[layer][0], layer, rows)
 

@@ -41,6 +41,7 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.fast import conv as by_hand
 from fastfvae.fast.allocator import keep_freed_memory
 from fastfvae.fast.disc_by_hand import DiscriminatorByHand
+from fastfvae.fast.flat_adam import FlatAdam
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
 from fastfvae.fast.optim import fast_optimizers
 from fastfvae.fast.precision import autocast, check_precision
@@ -121,9 +122,13 @@ class FastStep:
         #: summation order reaches Adam's near-zero-gradient elements (second moment ~1e-11),
         #: which Adam moves by ~lr whatever their sign, beyond the fp32 parity tolerance
         self._s2d = opts.by_hand and opts.precision == "bf16"
-        self._d_by_hand = None
+        self._d_by_hand = self._flat_adam = None
         if opts.by_hand and disc is not None:
             self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
+            if opts.precision == "bf16" and self.device.type == "cpu":
+                # D's update as one compiled kernel over flat buffers (`fastfvae.fast.flat_adam`)
+                self._flat_adam = FlatAdam(state.optims.disc, self.disc_params, self._dtype)
+                self._d_by_hand.use_flat(self._flat_adam)
         if self.device.type == "cpu":
             keep_freed_memory()
         self._graph = None
@@ -204,6 +209,8 @@ class FastStep:
         recon = recon_loss(by_hand.decode(vae.decoder, z, dtype, s2d).float(), x)
         kl = kl_per_sample.mean()
         d, b, z_q = self._d_by_hand, z.shape[0], z.detach()
+        if self._flat_adam is not None and self._flat_adam.ensure_bound():
+            d.parameters_changed()  # a load replaced D's optimiser state: the flat buffers are new
         if self.factorvae:
             logits_q = d.forward(z_q).requires_grad_()
             tc = tc_estimate(logits_q)
@@ -235,9 +242,13 @@ class FastStep:
             logits_q, logits_p = logits_q.requires_grad_(), logits_p.requires_grad_()
             d_loss = discriminator_loss(logits_q, logits_p)
             d.param_grads(torch.cat(torch.autograd.grad(d_loss, [logits_q, logits_p])))
-            optims.disc.step()
-            optims.disc.zero_grad(set_to_none=True)
-            d.parameters_changed()
+            if self._flat_adam is not None:
+                self._flat_adam.step()
+                d.weights_written()
+            else:
+                optims.disc.step()
+                optims.disc.zero_grad(set_to_none=True)
+                d.parameters_changed()
             logits_q, logits_p = logits_q.detach(), logits_p.detach()
         metrics.update(tc=tc.detach(), d_loss=d_loss.detach(),
                        d_acc=discriminator_accuracy(logits_q, logits_p))
