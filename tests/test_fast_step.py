@@ -164,6 +164,25 @@ def test_fast_adam_writes_the_reference_format_and_resumes_it():
     assert again.param_groups[0]["fused"] is None
 
 
+def test_bf16_checkpoint_state_owns_its_tensors():
+    """The bf16 CPU step keeps D's parameters and moments in flat buffers (FlatAdam): the saved
+    state holds tensors of their own (a view would save, and load back as, the whole buffer)."""
+    cfg = small_cfg()
+    data = small_dsprites(512)
+    state = TrainState.create(cfg, len(data))
+    step = FastStep(state, data, FastOptions(precision="bf16"))
+    assert step._flat_adam is not None
+    step(draw_step_inputs(cfg, state.sampler, state.generator))
+    disc_param = next(state.models.disc.parameters())
+    assert disc_param.untyped_storage().nbytes() > disc_param.numel() * 4  # live: a view
+    saved = state.state_dict()
+    tensors = list(saved["disc"].values()) + [t for s in saved["disc_opt"]["state"].values()
+                                              for t in s.values() if torch.is_tensor(t)]
+    assert tensors and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+    for (name, p), t in zip(state.models.disc.named_parameters(), saved["disc"].values()):
+        assert torch.equal(p.detach(), t), name
+
+
 def test_bad_options_are_one_line_errors():
     from fastfvae.errors import FastFVAEError
 

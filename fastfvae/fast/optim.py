@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from fastfvae.train.state import own_storage
+
 #: The implementation switches that differ between the reference Adam and the fast one.
 IMPL_KEYS = ("fused", "foreach", "capturable")
 
@@ -35,8 +37,7 @@ class FastAdam(torch.optim.Adam):
             group.update(self._reference_impl)
         # moments that are views of flat buffers (FlatAdam) are saved as their own tensors, the
         # reference's format (the packed per-parameter dicts are the live ones: copied, not edited)
-        state["state"] = {i: {k: t.clone() if torch.is_tensor(t) and _is_view(t) else t for k, t in s.items()}
-                          for i, s in state["state"].items()}
+        state["state"] = {i: {k: own_storage(t) for k, t in s.items()} for i, s in state["state"].items()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -51,10 +52,6 @@ class FastAdam(torch.optim.Adam):
                     s[k] = torch.empty_like(p).copy_(s[k])
             if self._fast_impl["capturable"] and "step" in s:
                 s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
-
-
-def _is_view(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
 def fast_optimizers(optims, fused: bool = True):

@@ -29,6 +29,14 @@ class Optimizers(NamedTuple):
     disc: torch.optim.Adam | None
 
 
+def own_storage(t):
+    """``t`` if it spans its whole storage, else a copy of it: a view of a larger buffer (the
+    fast step's flat D buffers) would save that whole buffer and come back as a view."""
+    if torch.is_tensor(t) and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
 def noise_seed(seed: int) -> int:
     """Seed of the step-noise generator, derived from (and decorrelated from) the run seed."""
     return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
@@ -88,7 +96,7 @@ class TrainState:
         return {
             "step": self.step,
             "vae": m.vae.state_dict(),
-            "disc": None if m.disc is None else m.disc.state_dict(),
+            "disc": None if m.disc is None else {k: own_storage(t) for k, t in m.disc.state_dict().items()},
             "vae_opt": o.vae.state_dict(),
             "disc_opt": None if o.disc is None else o.disc.state_dict(),
             "generator": self.generator.get_state(),
