@@ -37,6 +37,13 @@ def own_storage(t):
     return t
 
 
+def _owning(state_dict: dict) -> dict:
+    """A module's state dict (its type and ``_metadata`` kept) with `own_storage` tensors."""
+    for key, value in state_dict.items():
+        state_dict[key] = own_storage(value)
+    return state_dict
+
+
 def noise_seed(seed: int) -> int:
     """Seed of the step-noise generator, derived from (and decorrelated from) the run seed."""
     return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
@@ -96,7 +103,7 @@ class TrainState:
         return {
             "step": self.step,
             "vae": m.vae.state_dict(),
-            "disc": None if m.disc is None else {k: own_storage(t) for k, t in m.disc.state_dict().items()},
+            "disc": None if m.disc is None else _owning(m.disc.state_dict()),
             "vae_opt": o.vae.state_dict(),
             "disc_opt": None if o.disc is None else o.disc.state_dict(),
             "generator": self.generator.get_state(),
