@@ -24,7 +24,8 @@ differently, and why each change leaves the result unchanged:
    (`fastfvae.fast.disc_by_hand`): one forward on z serves the TC term and D's loss, the TC
    gradient w.r.t. z is pushed into the VAE's backward (``autograd.backward([loss, z],
    [1, dz])``), D's parameter gradient for both halves is one 2B-row pass. With bf16 the
-   layers run in bf16 with explicit casts instead of autocast.
+   layers run in bf16 with explicit casts instead of autocast, and D's Adam is one compiled
+   kernel over flat buffers (`fastfvae.fast.flat_adam`: bf16 gradient in, bf16 weights out).
 8. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
    is compiled (Inductor) and captured as one CUDA graph (`fastfvae.fast.graph`): one replay
    per step, no host synchronisation; metrics stay on the device until the loop logs them.
