@@ -159,7 +159,7 @@ def test_interleaved_paper_ratios(benchmark, data, bench_device):
         keep_freed_memory()
         timers = {"reference": worker.seconds_per_step}
         for variant in INTERLEAVED[1:]:
-            timers[variant] = _in_process_timer(variant, cfg, data, bench_device, steps)
+            timers[variant] = step_timer(variant, cfg, data, bench_device)
         seconds: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
 
         def one_round():
@@ -179,17 +179,19 @@ def test_interleaved_paper_ratios(benchmark, data, bench_device):
                                 interleaved_ratios=ratios, heap_kept=heap_kept(), threads=torch.get_num_threads())
 
 
-def _in_process_timer(variant: str, cfg: TrainConfig, data, device: torch.device, steps: int):
-    """steps -> seconds per step of a warmed-up ``variant``, asserting its loss stays finite."""
+def step_timer(variant: str, cfg: TrainConfig, data, device: torch.device, warmup: int = 2):
+    """steps -> seconds per step of a warmed-up ``variant`` (allocator, Adam state), asserting
+    its loss stays finite. Also what `bench.reference_worker` runs in its child process."""
     state, fn = build_step(variant, cfg, data, device)
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             metrics = fn(draw_step_inputs(cfg, state.sampler, state.generator))
-        seconds = (time.perf_counter() - t0) / n
-        assert np.isfinite(float(metrics["loss"])), variant
+        seconds = (time.perf_counter() - t0) / max(n, 1)
+        if n:
+            assert np.isfinite(float(metrics["loss"])), variant
         return seconds
 
-    run(2)  # warm-up: allocator, Adam state
+    run(warmup)
     return run

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,27 +78,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from bench.bench_train_step import step_timer
     from bench.conftest import random_bits_dsprites
     from fastfvae.train.config import TrainConfig
-    from fastfvae.train.reference import draw_step_inputs, make_reference_step
-    from fastfvae.train.state import TrainState
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(device="cpu", batch_size=args.batch_size, d_steps=args.d_steps).validate()
-    data = random_bits_dsprites(args.rows)
-    state = TrainState.create(cfg, len(data), torch.device("cpu"))
-    step = make_reference_step(state, data)
-
-    def run(steps: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            metrics = step(draw_step_inputs(cfg, state.sampler, state.generator))
-        seconds = (time.perf_counter() - t0) / max(steps, 1)
-        if steps and not torch.isfinite(metrics["loss"]):
-            raise SystemExit(f"reference loss is not finite: {float(metrics['loss'])}")
-        return seconds
-
-    run(args.warmup)
+    run = step_timer("reference", cfg, random_bits_dsprites(args.rows), torch.device("cpu"), args.warmup)
     print("ready", flush=True)
     for line in sys.stdin:
         print(repr(run(int(line))), flush=True)
