@@ -18,6 +18,9 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+#: The ``requires_extra`` marker: optional extras skip for users, fail in CI (tests/extras.py).
+pytest_plugins = ["extras"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

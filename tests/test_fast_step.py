@@ -131,12 +131,12 @@ def test_fused_ops_keep_parity():
     assert_parity(*run_both(cfg, 20, FastOptions(fused_ops=True)), "fp32")
 
 
-@pytest.mark.parametrize("loader,precision", [("torch", "fp32"), ("dali", "fp32"), ("torch", "bf16")])
+@pytest.mark.parametrize("loader,precision", [("torch", "fp32"),
+                                              pytest.param("dali", "fp32", marks=pytest.mark.requires_extra("dali")),
+                                              ("torch", "bf16")])
 def test_other_loaders_give_the_device_loaders_batches(loader, precision):
     """Bit-identical runs whatever the loader; bf16 on CPU also checks the space-to-depth input
     (the device loader unpacks straight into it, the others are rearranged)."""
-    if loader == "dali":
-        pytest.importorskip("nvidia.dali")
     cfg = small_cfg()
     data = small_dsprites(64)  # 4 batches an epoch: 4 steps x 2 batches cross an epoch boundary
     states = [TrainState.create(cfg, len(data)) for _ in range(2)]

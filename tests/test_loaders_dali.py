@@ -10,8 +10,6 @@ from fastfvae.data.dsprites import classes_of
 from fastfvae.data.loaders import make_loader
 from fastfvae.errors import FastFVAEError
 
-pytest.importorskip("nvidia.dali")
-
 N, B = 130, 32  # 4 batches an epoch
 
 
@@ -21,6 +19,7 @@ def data():
     return DSprites.from_images(images, classes_of(np.arange(N)))
 
 
+@pytest.mark.requires_extra("dali")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("depth", [1, 3])
 def test_no_hang_at_epoch_ends(data, depth):
@@ -41,6 +40,7 @@ def test_clear_error_without_dali(data, monkeypatch):
         make_loader("dali", data, B)
 
 
+@pytest.mark.requires_extra("dali")
 def test_rejects_other_devices(data):
     with pytest.raises(FastFVAEError, match="cpu or cuda"):
         make_loader("dali", data, B, device="meta")

@@ -9,6 +9,8 @@ from fastfvae.data.dsprites import classes_of
 from fastfvae.data.loaders import LOADER_KINDS, make_loader
 from fastfvae.errors import FastFVAEError
 
+from extras import with_extras
+
 N, B, SEED = 300, 64, 7  # 4 batches an epoch, 44 rows dropped each epoch
 STEPS = 10  # two epoch boundaries
 
@@ -25,11 +27,18 @@ def reference():
     return [sampler.next_rows() for _ in range(STEPS)]
 
 
-LOADERS = [("device", {}), ("dali", {}), ("torch", {}), ("torch", {"num_workers": 2})]
-IDS = ["device", "dali", "torch", "torch-2workers"]
+
+def extra_of(kind):
+    return "dali" if kind == "dali" else None
 
 
-@pytest.mark.parametrize("kind, options", LOADERS, ids=IDS)
+KINDS = with_extras(LOADER_KINDS, extra_of)
+LOADERS = [pytest.param(kind, options, id=name, marks=[pytest.mark.requires_extra("dali")] if kind == "dali" else [])
+           for kind, options, name in [("device", {}, "device"), ("dali", {}, "dali"), ("torch", {}, "torch"),
+                                       ("torch", {"num_workers": 2}, "torch-2workers")]]
+
+
+@pytest.mark.parametrize("kind, options", LOADERS)
 def test_same_batches_as_epoch_sampler(data, reference, kind, options):
     with make_loader(kind, data, B, SEED, "cpu", **options) as loader:
         for step, rows in enumerate(reference):
@@ -51,8 +60,8 @@ def test_each_epoch_is_a_fresh_shuffle_without_repeats(reference):
     assert not np.array_equal(np.sort(epochs[0]), np.arange(per_epoch * B))  # not the identity
 
 
-@pytest.mark.parametrize("resume_kind", LOADER_KINDS)
-@pytest.mark.parametrize("kind", LOADER_KINDS)
+@pytest.mark.parametrize("resume_kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_resume_mid_epoch_on_any_kind(data, reference, kind, resume_kind):
     first = make_loader(kind, data, B, SEED)
     for _ in range(6):  # into epoch 1, batch 2
@@ -69,6 +78,7 @@ def test_resume_mid_epoch_on_any_kind(data, reference, kind, resume_kind):
     second.close()
 
 
+@pytest.mark.requires_extra("dali")
 def test_resume_from_a_bare_epoch_sampler_state(data, reference):
     sampler = EpochSampler(N, B, SEED)
     for _ in range(3):
@@ -78,7 +88,7 @@ def test_resume_from_a_bare_epoch_sampler_state(data, reference):
     assert np.array_equal(np.asarray(loader.next_batch_with_rows()[1]), reference[3])
 
 
-@pytest.mark.parametrize("kind", LOADER_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_rewind_a_running_loader(data, reference, kind):
     loader = make_loader(kind, data, B, SEED)
     loader.next_batch()
@@ -107,5 +117,9 @@ def test_bad_arguments(data):
     random_state = make_loader("device", data, B, order="random").state_dict()
     with pytest.raises(FastFVAEError, match="random"):
         make_loader("torch", data, B).load_state_dict(random_state)
+
+
+@pytest.mark.requires_extra("dali")
+def test_state_of_another_batch_size_is_refused(data):
     with pytest.raises(FastFVAEError, match="rows"):
         make_loader("dali", data, B).load_state_dict(make_loader("device", data, 32).state_dict())
