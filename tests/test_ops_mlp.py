@@ -210,3 +210,76 @@ def test_cpu_reference_matches_eager_bit_for_bit():
     assert torch.equal(fused(z), ref(z))
     for a, e in zip(grads, ref_grads):
         assert torch.equal(a, e)
+
+
+# --- autocast: the op runs in the autocast dtype, as F.linear does ---------------------------
+
+def _autocast_dtypes(backend):
+    # bf16 tl.dot does not run under the interpreter; fp16 autocast exercises the same casts there
+    return [torch.float16] if backend.name == "interp" else [torch.bfloat16, torch.float16]
+
+
+def test_autocast_runs_the_discriminator_in_the_autocast_dtype(backend):
+    """FusedDiscriminator at the paper's size under autocast: bf16/fp16 logits equal to
+    models.Discriminator's under the same autocast (nn.Linear's autocast rule), fp32 grads
+    for the fp32 parameters; the same call crashed on the next layer's dtype check before."""
+    dev = backend.device
+    torch.manual_seed(4)
+    fused = FusedDiscriminator(10, 1000, 6).to(dev)
+    ref = Discriminator(10, 1000, 6).to(dev)
+    ref.load_state_dict(fused.state_dict())
+    z = torch.randn(4, 10, device=dev, requires_grad=True)
+    for dtype in _autocast_dtypes(backend):
+        with torch.autocast(dev.type, dtype):
+            logits, ref_logits = fused(z), ref(z)
+        assert logits.dtype == ref_logits.dtype == dtype
+        if backend.name == "torch":  # the same F.linear calls, in the same dtype
+            assert torch.equal(logits, ref_logits)
+        else:
+            torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
+        (grad_z,) = torch.autograd.grad(logits.float().sum(), z, retain_graph=True)
+        assert grad_z.dtype == torch.float32
+    logits.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in fused.parameters())
+    assert fused(z).dtype == torch.float32  # outside autocast: fp32 again
+
+
+def test_autocast_output_dtype_matches_the_fake_impl():
+    """What torch.compile's tracing sees (the fake impl, under FakeTensorMode) is what the eager
+    op returns, under autocast too -- a mismatch breaks the next compiled layer."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, b = _layer(3, 8, 5, torch.float32, "cpu", seed=10)
+    op = torch.ops.fastfvae.linear_leaky_relu.default
+    with torch.autocast("cpu", torch.bfloat16):
+        real = op(x, w, b, 0.2)
+        with FakeTensorMode() as mode:
+            fake = op(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), 0.2)
+    assert real.dtype == fake.dtype == torch.bfloat16
+    assert op(x, w, b, 0.2).dtype == torch.float32
+
+
+def test_autocast_reaches_the_compiled_fused_step_discriminator():
+    """The fast step's fused D (select_ops: the run's Discriminator parameters through
+    FusedDiscriminator), eager and compiled (aot_eager traces the same dispatch as Inductor):
+    bf16 logits under bf16 autocast, fp32 gradients on the run's parameters."""
+    from fastfvae.fast.impl import select_ops
+
+    torch.manual_seed(5)
+    disc = Discriminator(z_dim=10, hidden=64, num_layers=3)
+    ops = select_ops(disc, fused=True)
+    z = torch.randn(6, 10)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = disc(z)
+    compiled = torch.compile(ops.disc, backend="aot_eager", fullgraph=True)
+    try:
+        for fn in (ops.disc, compiled):
+            with torch.autocast("cpu", torch.bfloat16):
+                logits = fn(z)
+            assert logits.dtype == torch.bfloat16
+            torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+            disc.zero_grad(set_to_none=True)
+            logits.float().sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in disc.parameters())
+    finally:
+        torch._dynamo.reset()

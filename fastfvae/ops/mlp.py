@@ -6,7 +6,9 @@ None; one float dtype and device; slope >= 0 (the backward recomputes the activa
 derivative from the output sign, exact for slope >= 0, so no pre-activation is stored).
 Backward: dgrad GEMM with the derivative fused into its A operand, wgrad GEMM with the bias
 gradient fused (first-order gradients only). fp32 GEMMs use TF32 on CUDA exactly when
-``torch.backends.cuda.matmul.allow_tf32`` says so, as torch's own matmul does.
+``torch.backends.cuda.matmul.allow_tf32`` says so, as torch's own matmul does. Under
+``torch.autocast`` the op casts its inputs to the autocast dtype and returns that dtype, as
+``F.linear`` does (so ``--precision bf16`` runs the discriminator in bf16 on tensor cores).
 
 ``FusedMLP`` *is* an ``nn.Sequential`` of ``nn.Linear`` and ``nn.LeakyReLU``/``nn.ReLU`` (same
 parameters, same initialisation, same state_dict keys "0.weight", "0.bias", "2.weight", ...)
@@ -120,6 +122,43 @@ def _backward(ctx, grad: Tensor):
 
 
 _linear_leaky_relu.register_autograd(_backward, setup_context=_setup)
+
+# --- autocast ------------------------------------------------------------------------------
+# Under torch.autocast the forward runs in the autocast dtype, as F.linear does: its float
+# inputs are cast to torch.get_autocast_dtype(device) (read at each call, so fp16 and bf16
+# autocast both work) and the op runs with autocast off, so the torch reference inside computes
+# in exactly the dtype the fake impl reports (x's). The backward ops take the dtypes autograd
+# hands them (the forward's cast operands, a gradient of the output's dtype) and also run with
+# autocast off. One kernel per autocast device; a Python kernel, so eager calls and
+# torch.compile's tracing (which dispatches through the same keys) both go through it.
+_AUTOCAST_LIB = torch.library.Library("fastfvae", "IMPL")
+_AUTOCAST_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_kernel(op, device_type: str, cast: bool):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        if cast:
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(
+                a.to(dtype) if isinstance(a, Tensor) and a.dtype in _AUTOCAST_CASTABLE
+                and a.device.type == device_type else a
+                for a in args
+            )
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*args)
+
+    return key, kernel
+
+
+for _device_type in ("cpu", "cuda"):
+    for _name, _op, _cast in (("linear_leaky_relu", _linear_leaky_relu, True),
+                              ("linear_leaky_relu_grad_input", _grad_input, False),
+                              ("linear_leaky_relu_grad_weight", _grad_weight, False)):
+        _key, _kernel = _autocast_kernel(_op._opoverload, _device_type, _cast)
+        _AUTOCAST_LIB.impl(_name, _kernel, _key, with_keyset=True)
 
 
 def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None, slope: float) -> Tensor:
