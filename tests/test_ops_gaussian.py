@@ -218,3 +218,20 @@ def test_cpu_reference_matches_eager_bit_for_bit():
     assert torch.equal(z, z_ref) and torch.equal(kl, kl_ref)
     for a, e in zip(grads, ref_grads):
         assert torch.equal(a, e)
+
+
+def test_torch_reference_has_no_data_dependent_branch():
+    """With FASTFVAE_NO_TRITON=1 on CUDA the torch reference runs inside the fast step's CUDA-graph
+    capture, where a data-dependent branch (``if t.any()``: a host synchronisation) fails the
+    capture. Tracing with fake tensors (no data) fails on the same branches, so this checks it
+    on CPU: forward and backward, sample and KL, every path the ops take."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastfvae.ops.gaussian import _reference_backward, _reference_forward
+
+    mu, logvar, eps = _inputs((8, 10), torch.float32, "cpu", seed=12)
+    gz, gkl = torch.randn(8, 10), torch.randn(8)
+    forward = make_fx(lambda m, lv, e: _reference_forward(m, lv, e, True, True), tracing_mode="fake")
+    backward = make_fx(lambda m, lv, e, g, k: _reference_backward(m, lv, e, g, k), tracing_mode="fake")
+    for graph in (forward(mu, logvar, eps), backward(mu, logvar, eps, gz, gkl)):
+        assert graph.graph.find_nodes(op="call_function", target=torch.ops.aten.where.self)

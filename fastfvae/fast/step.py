@@ -85,6 +85,9 @@ class FastOptions:
         cuda_graph = cuda if self.cuda_graph is None else self.cuda_graph
         if cuda_graph and not cuda:
             raise FastFVAEError("cuda_graph needs a CUDA device")
+        if cuda_graph and not self.fused_adam:  # the reference Adam is not capturable
+            raise FastFVAEError("fused_adam=False needs cuda_graph=False (the CUDA graph captures the "
+                                "fused, capturable Adam; the reference Adam cannot be captured)")
         noise = ("device" if cuda_graph else "host") if self.noise == "auto" else self.noise
         if noise not in ("host", "device") or (noise == "device" and not cuda_graph):
             raise FastFVAEError(f"noise must be host, or device with a CUDA graph, got {self.noise!r}")

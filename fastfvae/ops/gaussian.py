@@ -51,12 +51,12 @@ def _as_rows(t: Tensor | None) -> Tensor | None:
 
 def _std_times_eps(half_lv: Tensor, eps: Tensor) -> Tensor:
     """exp(half_lv) * eps, through exp(half_lv + log|eps|) where exp(half_lv) would overflow."""
+    # No data-dependent branch (``if big.any()`` would be a host synchronisation, which fails
+    # inside a CUDA-graph capture of the FASTFVAE_NO_TRITON=1 path): both forms are computed and
+    # selected; where no entry is big, the result is the plain product bit for bit.
     product = torch.exp(half_lv) * eps
-    big = half_lv > 80.0
-    if big.any():  # data-dependent, but this runs inside the opaque op, never under tracing
-        huge = torch.exp(half_lv + eps.abs().log()) * eps.sign()
-        product = torch.where(big, huge, product)
-    return product
+    huge = torch.exp(half_lv + eps.abs().log()) * eps.sign()
+    return torch.where(half_lv > 80.0, huge, product)
 
 
 def _reference_forward(mu, logvar, eps, want_z: bool, want_kl: bool):
@@ -78,9 +78,7 @@ def _reference_backward(mu, logvar, eps, grad_z, grad_kl):
         gz, e = grad_z.to(acc), eps.to(acc)
         half_lv = 0.5 * lv
         gmu, glv = gz, ((gz * e) * torch.exp(half_lv)) * 0.5
-        big = half_lv > 80.0
-        if big.any():
-            glv = torch.where(big, 0.5 * gz * _std_times_eps(half_lv, e), glv)
+        glv = torch.where(half_lv > 80.0, 0.5 * gz * _std_times_eps(half_lv, e), glv)  # no host sync
     if grad_kl is not None:
         g = (grad_kl.to(acc).unsqueeze(-1) * 0.5).expand_as(m)
         gmu_kl, glv_kl = g * (2.0 * m), g * torch.exp(lv) + (-g)
