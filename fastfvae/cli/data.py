@@ -17,8 +17,12 @@ NPZ or the HDF5 release, recognised by content.
 
 def _load(args):
     from fastfvae.data import load_dsprites
+    from fastfvae.data.files import PartialSetError
 
-    return load_dsprites(args.path, require_full=not args.allow_partial)
+    try:
+        return load_dsprites(args.path, require_full=not args.allow_partial)
+    except PartialSetError as exc:  # these commands offer the option that accepts a subset
+        raise exc.with_option("--allow-partial") from None
 
 
 def run_info(args: argparse.Namespace) -> int:

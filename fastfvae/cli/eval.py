@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from fastfvae.data.files import EXPECTED_FILE
+from fastfvae.data.paths import check_input_file
 from fastfvae.errors import FastFVAEError
 from fastfvae.metrics.evaluate import (
     DEFAULT_METRICS, METRICS, MODEL_METRICS, check_metric_names, evaluate_codes, evaluate_model,
@@ -116,6 +118,8 @@ def run(args) -> int:
         raise FastFVAEError(f"--batch-size must be >= 1 image, got {args.batch_size}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise FastFVAEError(f"--json {args.json}: no such folder {Path(args.json).resolve().parent}; expected an existing folder")
+    if args.data is not None and ckpt.suffix != ".npz":  # before the model is loaded
+        check_input_file(Path(args.data).expanduser(), EXPECTED_FILE)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if ckpt.suffix == ".npz":

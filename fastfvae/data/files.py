@@ -30,6 +30,7 @@ from fastfvae.data.dsprites import (
     FACTOR_NAMES, FACTOR_SIZES, IMAGE_SIZE, NUM_IMAGES, PACKED_ROW_BYTES, DSprites, classes_of,
     pack_images, possible_values, unpack_images,
 )
+from fastfvae.data.paths import open_input
 from fastfvae.errors import FastFVAEError
 
 NPZ_MAGIC = b"PK\x03\x04"
@@ -40,12 +41,36 @@ HDF5_KEYS = ("imgs", "latents/classes", "latents/values")
 _IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
 
 
+EXPECTED_FILE = "a dSprites .npz or .hdf5 file"
+
+
+class PartialSetError(FastFVAEError):
+    """A file holds fewer rows than the full dSprites set where the full set is required.
+
+    The message names no option: a caller that accepts subsets (``fastfvae data`` with
+    ``--allow-partial``) says so with `with_option`; the others (``train``, ``eval``) do not
+    take one, so their users are pointed at the full file instead.
+    """
+
+    def __init__(self, path: Path, rows: int):
+        self.path, self.rows = path, rows
+        super().__init__(f"{path}: holds {rows} images, expected {NUM_IMAGES} "
+                         "(the full dSprites set, which `fastfvae data download` fetches)")
+
+    def with_option(self, option: str) -> FastFVAEError:
+        """The same problem, naming the caller's option that accepts a subset."""
+        return FastFVAEError(f"{self.path}: holds {self.rows} images, expected {NUM_IMAGES} "
+                             f"(the full dSprites set; accept a subset with {option})")
+
+
 def sniff_format(path: str | Path) -> str:
-    """``"npz"`` or ``"hdf5"`` from the file's first bytes."""
+    """``"npz"`` or ``"hdf5"`` from the file's first bytes.
+
+    A path that is not a readable regular file (missing, a directory, a symlink loop,
+    unreadable) is a one-line `FastFVAEError` saying which (`fastfvae.data.paths.open_input`).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FastFVAEError(f"{path}: no such file (expected a dSprites .npz or .hdf5 file)")
-    with open(path, "rb") as fh:
+    with open_input(path, EXPECTED_FILE) as fh:
         head = fh.read(8)
     if head.startswith(NPZ_MAGIC):
         return "npz"
@@ -79,8 +104,7 @@ def _check_tables(path: Path, num: int, classes: np.ndarray, values: np.ndarray,
         raise FastFVAEError(f"{path}: latents_classes out of range, expected classes below {list(FACTOR_SIZES)}")
     if require_full:
         if num != NUM_IMAGES:
-            raise FastFVAEError(f"{path}: holds {num} images, expected {NUM_IMAGES} "
-                                "(the full dSprites set; allow a subset with --allow-partial or require_full=False)")
+            raise PartialSetError(path, num)
         if not np.array_equal(classes, classes_of(np.arange(NUM_IMAGES))):
             raise FastFVAEError(f"{path}: rows are not in the dSprites order "
                                 "(expected row-major over the factors, posY fastest)")

@@ -5,6 +5,10 @@
   ``~/.cache/fastfvae``; put there by ``fastfvae data download``) if it is present,
   else the procedural set (`procedural_dsprites`, rendered once per process).
 
+A given path that is not a readable regular file (missing, a directory, a symlink loop,
+unreadable) fails at once with one line saying which. A file with fewer than the full
+737,280 rows raises `fastfvae.data.files.PartialSetError` unless ``require_full=False``.
+
 Which one was picked is said in one log line (logger ``fastfvae.data``, and on stderr when
 logging is not configured). Loaded files are kept per path for the life of the process.
 """
@@ -18,7 +22,8 @@ from pathlib import Path
 
 from fastfvae.data.download import DSPRITES_FILENAME, cache_dir
 from fastfvae.data.dsprites import DSprites
-from fastfvae.data.files import load_file
+from fastfvae.data.files import EXPECTED_FILE, load_file
+from fastfvae.data.paths import check_input_file
 from fastfvae.data.procedural import procedural_dsprites
 
 log = logging.getLogger("fastfvae.data")
@@ -56,8 +61,8 @@ def load_dsprites(path: str | Path | None = None, require_full: bool = True) -> 
             _say(f"dSprites: procedural set (no {DSPRITES_FILENAME} in {cache_dir()}; "
                  "`fastfvae data download` fetches the real one)")
             return procedural_dsprites()
-    path = Path(path).expanduser()
-    key, mtime = (str(path.resolve()), path.stat().st_mtime_ns) if path.exists() else (str(path), 0)
+    path = check_input_file(Path(path).expanduser(), EXPECTED_FILE)
+    key, mtime = str(path.resolve()), path.stat().st_mtime_ns
     data = _load_cached(key, require_full, mtime)
     _say(f"dSprites: real file {path}")
     return data
