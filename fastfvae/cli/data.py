@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from fastfvae.data.paths import check_output_file
 from fastfvae.errors import FastFVAEError
+
+#: The file `data show` writes when --out is a folder (and by default).
+GRID_NAME = "dsprites_grid.png"
 
 DESCRIPTION = """\
 Inspect or fetch dSprites. Without PATH, `info` and `show` use the default set:
@@ -46,13 +52,37 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def figure_path(out: str) -> Path:
+    """The file `data show --out OUT` writes, checked to be writable (nothing is created).
+
+    A folder gets `GRID_NAME` inside it; a name without an extension gets ``.png`` (the
+    file matplotlib would write, so the path printed is the path written); any other
+    extension must be an image format matplotlib writes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        path = path / GRID_NAME
+    elif out.endswith(("/", os.sep)):
+        raise FastFVAEError(f"--out {out}: no such folder; expected an existing folder or a .png file name")
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise FastFVAEError(f"--out {out}: {path.suffix!r} is not an image format matplotlib writes; "
+                            f"expected one of {', '.join('.' + f for f in sorted(formats))}")
+    return check_output_file(path, "--out")
+
+
 def run_show(args: argparse.Namespace) -> int:
     from fastfvae.viz.dataset_grid import save_dataset_grid
 
     if args.columns < 1:
         raise FastFVAEError(f"--columns must be at least 1, got {args.columns}")
+    out = figure_path(args.out)  # before the data is loaded
     data = _load(args)
-    path = save_dataset_grid(data, args.out, columns=args.columns, seed=args.seed)
+    path = save_dataset_grid(data, out, columns=args.columns, seed=args.seed)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -87,7 +117,9 @@ def register(subparsers) -> None:
 
     q = sub.add_parser("show", help="write a PNG: random images and one sweep per factor")
     add_path(q)
-    q.add_argument("--out", default="dsprites_grid.png", help="PNG to write (default: dsprites_grid.png)")
+    q.add_argument("--out", default=GRID_NAME, metavar="FILE|DIR",
+                   help=f"image to write; a folder gets {GRID_NAME} inside it, a name without an "
+                        f"extension gets .png (default: {GRID_NAME})")
     q.add_argument("--seed", type=int, default=0, help="seed of the random images")
     q.add_argument("--columns", type=int, default=10, help="images per row (default 10)")
     q.set_defaults(func=run_show)

@@ -4,17 +4,23 @@
 encodes every dSprites image once and scores the code table; ``CKPT`` may also be an .npz
 holding ``codes`` [rows, D] and ``factor_sizes`` (a precomputed table, no model needed).
 Prints a table of every score with the seconds each metric took; ``--json`` writes them.
+
+Everything is checked before the model is loaded or any image encoded: the metric names
+(``--metrics a b`` or ``--metrics a,b``, before or after CKPT), ``--config``, ``--data``
+(a readable file) and ``--json`` (its folder exists and accepts a new file; nothing is
+created until the scores are written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from fastfvae.data.files import EXPECTED_FILE
-from fastfvae.data.paths import check_input_file
+from fastfvae.data.paths import check_input_file, check_output_file
 from fastfvae.errors import FastFVAEError
 from fastfvae.metrics.evaluate import (
     DEFAULT_METRICS, METRICS, MODEL_METRICS, check_metric_names, evaluate_codes, evaluate_model,
@@ -32,11 +38,16 @@ sizes takes minutes on a CPU (drop it with --metrics or use --fast-dci).
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="disentanglement metrics of a checkpoint or code table",
+                              usage="%(prog)s CKPT [--metrics NAME[,NAME...]] [options]",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", metavar="CKPT", help="run folder, checkpoint.pt, or .npz code table (codes, factor_sizes)")
+    # CKPT is optional to argparse only so that `--metrics a b CKPT` works: --metrics takes
+    # every word after it, and `split_checkpoint` moves a trailing non-metric word back.
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help="run folder, checkpoint.pt, or .npz code table (codes, factor_sizes)")
     names = list(METRICS) + list(MODEL_METRICS)
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), metavar="NAME",
-                   help=f"metrics to compute, from: {', '.join(names)} (default: {' '.join(DEFAULT_METRICS)})")
+    p.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                   help=f"metrics to compute, space- or comma-separated, from: {', '.join(names)} "
+                        f"(default: {','.join(DEFAULT_METRICS)}); CKPT may come before or after them")
     p.add_argument("--seed", type=int, default=0, help="seed of each metric's fresh RandomState (default 0)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="dSprites .npz/.hdf5 (default: cached real file, else procedural dSprites)")
@@ -61,9 +72,40 @@ def parse_config(text: str | None) -> dict | None:
     return config
 
 
+KNOWN_METRICS = (*METRICS, *MODEL_METRICS)
+
+
+def _split_names(words) -> list[str]:
+    return [name for word in words for name in word.split(",") if name]
+
+
+def split_checkpoint(args) -> None:
+    """Take CKPT from the end of ``--metrics`` when it was given after them.
+
+    ``eval --metrics factor_vae runs/x`` hands argparse a greedy ``--metrics`` that swallows
+    the checkpoint; a last word that is not (a comma-separated list of) metric names is the
+    checkpoint. Sets ``args.ckpt`` and ``args.metrics``; raises when there is no CKPT.
+    """
+    if args.ckpt is None and args.metrics:
+        last = args.metrics[-1]
+        if not all(name in KNOWN_METRICS for name in _split_names([last])):
+            args.ckpt, args.metrics = last, args.metrics[:-1]
+            if not args.metrics:
+                raise FastFVAEError(f"--metrics is followed by {last!r} only; expected metric names, "
+                                    f"e.g. --metrics factor_vae,mig {last}")
+    if args.ckpt is None:
+        raise FastFVAEError("no CKPT given; expected a run folder, checkpoint.pt or .npz code table, "
+                            "e.g. fastfvae eval runs/factorvae --metrics factor_vae")
+
+
 def metric_names(args) -> tuple[str, ...]:
-    names = [("dci_fast" if args.fast_dci and n == "dci" else n) for n in args.metrics]
-    # checked before any model or data is loaded, so a typo fails at once
+    """The metric names asked for (``--fast-dci`` applied), checked before any model or data is loaded."""
+    given = DEFAULT_METRICS if args.metrics is None else _split_names(args.metrics)
+    for name in given:
+        if name not in KNOWN_METRICS and os.path.exists(name):
+            raise FastFVAEError(f"--metrics got {name!r}, which is a path, not a metric; expected one CKPT "
+                                f"and metric names from {', '.join(KNOWN_METRICS)}")
+    names = [("dci_fast" if args.fast_dci and n == "dci" else n) for n in given]
     return check_metric_names(tuple(dict.fromkeys(names)), allow_model_metrics=Path(args.ckpt).suffix != ".npz")
 
 
@@ -109,6 +151,7 @@ def _load_data(path: str | None):
 
 
 def run(args) -> int:
+    split_checkpoint(args)
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise FastFVAEError(f"no such file or folder: {ckpt}; expected a run folder, checkpoint.pt or .npz code table")
@@ -116,8 +159,8 @@ def run(args) -> int:
     config = parse_config(args.config)
     if args.batch_size < 1:
         raise FastFVAEError(f"--batch-size must be >= 1 image, got {args.batch_size}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FastFVAEError(f"--json {args.json}: no such folder {Path(args.json).resolve().parent}; expected an existing folder")
+    if args.json:  # every output is checked writable before the (minutes-long) encoding
+        check_output_file(args.json, "--json")
     if args.data is not None and ckpt.suffix != ".npz":  # before the model is loaded
         check_input_file(Path(args.data).expanduser(), EXPECTED_FILE)
     timings: dict[str, float] = {}

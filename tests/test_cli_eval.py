@@ -1,0 +1,123 @@
+"""`fastfvae eval` argument shapes and outputs checked before any work.
+
+* CKPT may follow ``--metrics a b`` (argparse's greedy ``nargs="+"`` would swallow it) and
+  the names may be comma-separated.
+* ``--json`` must be writable before the model is loaded or any image encoded, and the
+  check leaves nothing behind.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fastfvae.cli import main
+from metrics_helpers import DATA, expected, tiny_dsprites
+
+TABLE = DATA / "entangled.npz"
+FACTOR_VAE = '{"factor_vae": {"num_train": 100, "num_eval": 50}}'
+
+
+def _cli(capsys, *argv):
+    code = main(["eval", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _scores(capsys, tmp_path, *argv):
+    out_json = tmp_path / "scores.json"
+    code, _, err = _cli(capsys, *argv, "--config", FACTOR_VAE, "--json", out_json)
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    out_json.unlink()
+    return report["scores"]
+
+
+def test_checkpoint_after_the_metric_names_is_the_checkpoint(tmp_path, capsys):
+    before = _scores(capsys, tmp_path, TABLE, "--metrics", "mig", "factor_vae")
+    assert before["mig"] == expected()["entangled"]["mig"]
+    assert _scores(capsys, tmp_path, "--metrics", "mig", "factor_vae", TABLE) == before
+    assert _scores(capsys, tmp_path, "--metrics", "mig,factor_vae", TABLE) == before
+    assert _scores(capsys, tmp_path, TABLE, "--metrics", "mig,factor_vae") == before
+
+
+@pytest.fixture
+def run_folder(tmp_path, monkeypatch):
+    """A run folder with an untrained VAE's checkpoint; eval's data is the tiny test set."""
+    import torch
+
+    import fastfvae.cli.eval as eval_cli
+    from fastfvae.models.vae import VAE
+    from fastfvae.train.checkpoint import save_checkpoint
+    from fastfvae.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, {"config": TrainConfig(model="betavae", z_dim=4).to_dict(),
+                          "state": {"step": 0, "vae": VAE(z_dim=4).state_dict(), "disc": None}})
+    data = tiny_dsprites()
+    monkeypatch.setattr(eval_cli, "_load_data", lambda path: data)
+    return run
+
+
+def test_model_checkpoint_after_metrics(run_folder, tmp_path, capsys):
+    argv = ("--device", "cpu", "--config", '{"mig": {"num_train": 200}}')
+    code, out, err = _cli(capsys, "--metrics", "mig", run_folder, *argv)
+    assert code == 0, err
+    assert "discrete_mig" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "no CKPT given; expected a run folder, checkpoint.pt or .npz code table"),
+    (("--metrics", "mig"), "no CKPT given"),
+    (("--metrics", str(TABLE)), f"--metrics is followed by '{TABLE}' only; expected metric names"),
+    ((str(TABLE), "--metrics", "mig", str(TABLE)), f"--metrics got '{TABLE}', which is a path, not a metric"),
+    ((str(TABLE), "--metrics", "mig,nope"), "unknown metric 'nope'"),
+])
+def test_bad_argument_shapes_are_one_line(argv, message, capsys):
+    code, out, err = _cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"fastfvae: error: {message}")
+    assert "Traceback" not in err and out == ""
+
+
+# --- outputs checked before any work ---------------------------------------------------------
+def bad_json_path(kind, tmp_path):
+    if kind == "proc":
+        return "/proc/fastfvae-scores.json", "cannot write in /proc"
+    if kind == "missing folder":
+        return tmp_path / "no" / "such" / "s.json", "no such folder"
+    if kind == "folder":
+        (tmp_path / "out").mkdir()
+        return tmp_path / "out", "is a folder; expected a file name"
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file" / "s.json", "is not a folder"
+
+
+@pytest.mark.parametrize("kind", ["proc", "missing folder", "folder", "under a file"])
+def test_unwritable_json_fails_before_the_model_is_loaded(kind, run_folder, tmp_path, capsys, monkeypatch):
+    import fastfvae.metrics.evaluate as evaluate
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded the model before checking --json")
+
+    monkeypatch.setattr(evaluate, "load_model", must_not_load)
+    path, message = bad_json_path(kind, tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    code, _, err = _cli(capsys, run_folder, "--metrics", "mig", "--device", "cpu", "--json", path)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert err.startswith(f"fastfvae: error: --json {path}")
+    assert sorted(os.listdir(tmp_path)) == before  # the probe left nothing behind
+    assert not os.path.exists("/proc/fastfvae-scores.json")
+
+
+def test_json_probe_leaves_nothing_when_the_run_fails_later(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    table = tmp_path / "t.npz"
+    np.savez(table, z=np.zeros(3))  # not a code table: fails after the --json check
+    code, _, err = _cli(capsys, table, "--metrics", "mig", "--json", out / "s.json")
+    assert code == 2 and "expected a code table" in err
+    assert list(out.iterdir()) == []
