@@ -1,7 +1,12 @@
-"""`fastfvae data download` against a local HTTP server: full, resumed, corrupt, atomic."""
+"""`fastfvae data download` against a local HTTP server: full, resumed, corrupt, atomic; bad
+arguments before any request; errors retrying cannot fix at once; stalls bounded by --timeout."""
 
 import hashlib
+import io
+import os
+import socket
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -9,7 +14,7 @@ import pytest
 
 from fastfvae.cli import main
 from fastfvae.data import DSprites, classes_of, download_dsprites, load_file, save_npz
-from fastfvae.data.download import DSPRITES_FILENAME, cache_dir, expected_sha256
+from fastfvae.data.download import ATTEMPTS_WITHOUT_PROGRESS, DSPRITES_FILENAME, cache_dir, expected_sha256
 from fastfvae.errors import FastFVAEError
 
 
@@ -26,11 +31,17 @@ def payload(tmp_path_factory) -> bytes:
 
 
 class Server:
-    """Serves ``payload`` at /<name> with Range support; ``mode`` changes its behaviour."""
+    """Serves ``payload`` at /<name> with Range support; ``mode`` changes its behaviour.
+
+    Modes: ok, corrupt (one byte flipped), no_range (ignores Range), drop (half, then closes;
+    once), stall (headers, then nothing), stall_once (half, then nothing; once),
+    http:<code> (always that status), http_once:<code> (that status once).
+    """
 
     def __init__(self, payload: bytes):
         self.payload, self.mode, self.requests, self.final = payload, "ok", [], None
         self.final_seen_during_transfer = []
+        self.release = threading.Event()  # set on exit: stalled handlers return
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +53,12 @@ class Server:
                 outer.requests.append(rng)
                 if outer.final is not None:
                     outer.final_seen_during_transfer.append(outer.final.exists())
+                if outer.mode.startswith("http"):
+                    kind, code = outer.mode.split(":")
+                    if kind == "http_once":
+                        outer.mode = "ok"
+                    self.send_error(int(code))
+                    return
                 body = outer.payload
                 if outer.mode == "corrupt":
                     body = bytearray(body)
@@ -55,6 +72,14 @@ class Server:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
+                if outer.mode in ("stall", "stall_once"):  # a server that stops sending
+                    if outer.mode == "stall_once":
+                        outer.mode = "ok"
+                        self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    outer.release.wait(30)
+                    self.close_connection = True
+                    return
                 if outer.mode == "drop":  # send half, then drop the connection
                     outer.mode = "ok"
                     self.wfile.write(body[start:start + (len(body) - start) // 2])
@@ -65,13 +90,15 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{DSPRITES_FILENAME}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -117,8 +144,8 @@ def test_resume_across_calls_after_giving_up(server, payload, tmp_path, capsys):
     part = tmp_path / (DSPRITES_FILENAME + ".part")
     assert part.stat().st_size == len(payload) // 2
     assert not (tmp_path / DSPRITES_FILENAME).exists()
-    # next run resumes from the partial file (no digest pinned: size + zip CRC check)
-    path = download_dsprites(url=server.url, dest=tmp_path, progress=False)
+    # next run resumes from the partial file (no digest pinned: size, zip CRC and layout check)
+    path = download_dsprites(url=server.url, dest=tmp_path, progress=False, require_full=False)
     assert path.read_bytes() == payload and not part.exists()
     assert server.requests[-1] == f"bytes={len(payload) // 2}-"
     assert sha(payload) in capsys.readouterr().err  # the digest is printed so it can be pinned
@@ -157,7 +184,7 @@ def test_cli_download(server, payload, tmp_path, capsys):
     assert main(["data", "download", "--url", server.url, "--dest", str(other), "--sha256", sha(payload)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fastfvae: error: download of") and "Traceback" not in "".join(err)
-    assert list(other.iterdir()) == []
+    assert not other.exists()  # the folder made for --dest goes with the failed download
     assert main(["data", "download", "--url", server.url, "--dest", str(other), "--sha256", "nothex"]) == 2
 
 
@@ -165,4 +192,157 @@ def test_negative_retries_is_a_one_line_error_before_any_work(tmp_path):
     dest = tmp_path / "never-created"
     with pytest.raises(FastFVAEError, match="retries must be 0 or more"):
         download_dsprites(url="http://127.0.0.1:9/unused", dest=dest, retries=-1, progress=False)
+    assert not dest.exists()
+
+
+# --- bad arguments: one line before any request, nothing created ----------------------------
+def cli_download(capsys, *argv):
+    code = main(["data", "download", *map(str, argv)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    return code, out, lines
+
+
+@pytest.mark.parametrize("case", ["dest is a file", "dest in /proc", "not a url", "ftp url", "no host",
+                                  "bad port", "zero timeout"])
+def test_bad_arguments_fail_before_any_request(case, server, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    dest, url, extra = tmp_path / "new", server.url, []
+    expected = {
+        "dest is a file": "--dest {dest} is a file; expected a folder",
+        "dest in /proc": "--dest {dest}: cannot create or write in this folder",
+        "not a url": "URL 'notaurl' is not an http:// or https:// address with a host",
+        "ftp url": "URL 'ftp://127.0.0.1/x.npz' is not an http:// or https:// address",
+        "no host": "URL 'http:///x.npz' is not an http:// or https:// address with a host",
+        "bad port": "URL 'http://127.0.0.1:99999/x.npz' is not valid",
+        "zero timeout": "--timeout must be more than 0 seconds, got 0.0",
+    }[case]
+    if case == "dest is a file":
+        dest = tmp_path / "a-file"
+    elif case == "dest in /proc":
+        dest = "/proc/fastfvae-dest/sub"
+    elif case == "zero timeout":
+        extra = ["--timeout", "0"]
+    else:
+        url = {"not a url": "notaurl", "ftp url": "ftp://127.0.0.1/x.npz", "no host": "http:///x.npz",
+               "bad port": "http://127.0.0.1:99999/x.npz"}[case]
+    code, out, lines = cli_download(capsys, "--url", url, "--dest", dest, *extra)
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("fastfvae: error: " + expected.format(dest=dest)), lines
+    assert server.requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert not os.path.exists("/proc/fastfvae-dest")
+
+
+# --- the content is checked, not just the zip ------------------------------------------------
+def zip_of(**members: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_valid_zip_that_is_not_dsprites_is_not_saved(server, tmp_path):
+    server.payload = zip_of(**{"readme.txt": b"not dSprites"})
+    dest = tmp_path / "new"
+    with pytest.raises(FastFVAEError, match=r"is not the dSprites NPZ \(missing imgs, latents_values, "
+                                            r"latents_classes, metadata; expected keys") as info:
+        download_dsprites(url=server.url, dest=dest, progress=False, require_full=False)
+    assert "nothing was saved" in str(info.value) and "\n" not in str(info.value)
+    assert not dest.exists()
+
+
+def test_subset_is_not_saved_as_the_full_set_without_a_digest(server, tmp_path, capsys):
+    code, _, lines = cli_download(capsys, "--url", server.url, "--dest", tmp_path)
+    assert code == 2
+    assert lines[-1] == (f"fastfvae: error: download of {server.url} is not the dSprites NPZ "
+                         "(holds 48 images, expected 737280); nothing was saved")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_file_is_checked_before_it_counts_as_present(server, payload, tmp_path, capsys):
+    final = tmp_path / DSPRITES_FILENAME
+    final.write_bytes(zip_of(**{"readme.txt": b"a valid zip, not dSprites"}))
+    path = download_dsprites(url=server.url, dest=tmp_path, progress=False, require_full=False)
+    assert path == final and final.read_bytes() == payload and server.requests == [None]
+    err = capsys.readouterr().err
+    assert f"{final} is not the dSprites NPZ (missing imgs" in err and "downloading again" in err
+    assert "already in" not in err
+    # now it is the real thing: found, checked, not fetched again
+    assert download_dsprites(url=server.url, dest=tmp_path, progress=False, require_full=False) == final
+    assert server.requests == [None] and "already in" in capsys.readouterr().err
+
+
+# --- errors retrying cannot fix fail at once; real interruptions are resumed -----------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unknown_host_fails_at_once(tmp_path, capsys, monkeypatch):
+    lookups = []
+
+    def no_such_host(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    url = f"https://dsprites.invalid/{DSPRITES_FILENAME}"
+    code, _, lines = cli_download(capsys, "--url", url, "--dest", tmp_path / "new")
+    assert code == 2 and lookups == ["dsprites.invalid"]
+    assert lines == [f"fastfvae: error: download of {url} failed: cannot resolve host dsprites.invalid "
+                     "(Name or service not known)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_connection_fails_at_once(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}/{DSPRITES_FILENAME}"
+    code, _, lines = cli_download(capsys, "--url", url, "--dest", tmp_path)
+    assert code == 2
+    assert lines == [f"fastfvae: error: download of {url} failed: connection refused by {url.split('/')[2]}"]
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_http_4xx_fails_at_once(status, server, tmp_path, capsys):
+    server.mode = f"http:{status}"
+    code, _, lines = cli_download(capsys, "--url", server.url, "--dest", tmp_path)
+    assert code == 2 and server.requests == [None]
+    assert len(lines) == 1 and f"failed: HTTP {status} " in lines[0]
+
+
+def test_http_5xx_is_retried(server, payload, tmp_path, capsys):
+    server.mode = "http_once:503"
+    path = download_dsprites(url=server.url, dest=tmp_path, sha256=sha(payload), progress=False)
+    assert path.read_bytes() == payload and server.requests == [None, None]
+    assert "HTTP 503 Service Unavailable, retrying (retry 1 of 5)" in capsys.readouterr().err
+
+
+def test_stalled_server_fails_after_two_timeouts_not_every_retry(server, tmp_path, capsys):
+    server.mode = "stall"
+    code, _, lines = cli_download(capsys, "--url", server.url, "--dest", tmp_path / "new",
+                                  "--timeout", "0.3", "--retries", "5")
+    assert code == 2
+    assert server.requests == [None] * ATTEMPTS_WITHOUT_PROGRESS == [None, None]
+    host = server.url.split("/")[2]
+    assert lines[-1] == (f"fastfvae: error: download of {server.url} failed: no data from {host} for 0.3 s "
+                         "on 2 attempts in a row (--timeout sets how long to wait)")
+    assert lines[:-1] == [f"fastfvae: no data from {host} for 0.3 s, retrying (retry 1 of 5)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stall_mid_transfer_is_resumed(server, payload, tmp_path, capsys):
+    server.mode = "stall_once"
+    path = download_dsprites(url=server.url, dest=tmp_path, sha256=sha(payload), timeout=0.3, progress=False)
+    assert path.read_bytes() == payload
+    half = len(payload) // 2
+    assert server.requests == [None, f"bytes={half}-"]
+    assert f"transfer interrupted after {half} bytes (no data from" in capsys.readouterr().err
+
+
+def test_nonpositive_timeout_is_rejected_before_any_work(tmp_path):
+    dest = tmp_path / "never-created"
+    with pytest.raises(FastFVAEError, match="timeout must be more than 0 seconds"):
+        download_dsprites(url="http://127.0.0.1:9/unused", dest=dest, timeout=0, progress=False)
     assert not dest.exists()

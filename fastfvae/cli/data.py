@@ -21,6 +21,16 @@ NPZ or the HDF5 release, recognised by content.
 """
 
 
+DOWNLOAD_DESCRIPTION = """\
+Fetch dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz into --dest (default: the cache
+directory). A dropped transfer resumes where it stopped; the file gets its final name only
+once checked (SHA-256 if one is given, else zip CRCs and the dSprites layout), and a file
+already there is checked the same way before it counts as present. An unknown host, a
+refused connection or an HTTP 4xx answer fails at once; a stalled server after two
+--timeout waits.
+"""
+
+
 def _load(args):
     from fastfvae.data import load_dsprites
     from fastfvae.data.files import PartialSetError
@@ -92,14 +102,16 @@ def run_download(args: argparse.Namespace) -> int:
 
     if args.retries < 0:
         raise FastFVAEError(f"--retries must be 0 or more, got {args.retries}")
+    if not args.timeout > 0:
+        raise FastFVAEError(f"--timeout must be more than 0 seconds, got {args.timeout}")
     path = download_dsprites(url=args.url, sha256=args.sha256, dest=args.dest, retries=args.retries,
-                             force=args.force)
+                             timeout=args.timeout, force=args.force)
     print(path)
     return 0
 
 
 def register(subparsers) -> None:
-    from fastfvae.data.download import DSPRITES_URL, SHA256_ENV
+    from fastfvae.data.download import ATTEMPTS_WITHOUT_PROGRESS, DEFAULT_TIMEOUT, DSPRITES_URL, SHA256_ENV
 
     p = subparsers.add_parser("data", help="inspect, draw or download dSprites", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,11 +136,19 @@ def register(subparsers) -> None:
     q.add_argument("--columns", type=int, default=10, help="images per row (default 10)")
     q.set_defaults(func=run_show)
 
-    q = sub.add_parser("download", help="fetch the real dSprites NPZ into the cache directory")
-    q.add_argument("--url", default=DSPRITES_URL, help="where to fetch it from (default: the dSprites repository)")
+    q = sub.add_parser("download", help="fetch the real dSprites NPZ into the cache directory",
+                       description=DOWNLOAD_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--url", default=DSPRITES_URL,
+                   help="http(s) address to fetch it from (default: the dSprites repository)")
     q.add_argument("--sha256", default=None, metavar="HEX",
-                   help=f"expected SHA-256 (default: ${SHA256_ENV}, else the pinned digest if any)")
-    q.add_argument("--dest", default=None, metavar="DIR", help="folder to save into (default: the cache directory)")
-    q.add_argument("--retries", type=int, default=5, help="resume attempts after a dropped connection (default 5)")
+                   help=f"expected SHA-256 (default: ${SHA256_ENV}, else the pinned digest if any); without "
+                        "one the file must be a dSprites NPZ (members, shapes, row order)")
+    q.add_argument("--dest", default=None, metavar="DIR",
+                   help="folder to save into, created if missing (default: the cache directory)")
+    q.add_argument("--retries", type=int, default=5,
+                   help="retries after a dropped connection, a timeout or an HTTP 5xx answer (default 5); "
+                        f"{ATTEMPTS_WITHOUT_PROGRESS} attempts in a row that receive nothing end the download")
+    q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"seconds without data before an attempt fails (default {DEFAULT_TIMEOUT:g})")
     q.add_argument("--force", action="store_true", help="download again even if the file is already there")
     q.set_defaults(func=run_download)

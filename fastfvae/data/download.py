@@ -3,32 +3,54 @@
 The file comes from the dataset's public repository (deepmind/dsprites-dataset). Bytes go
 to ``<name>.part`` next to the final file; an interrupted transfer resumes from where it
 stopped with an HTTP ``Range`` request (automatically, up to ``retries`` times, or on the
-next call). The finished ``.part`` is checked — its size against the server's, its SHA-256
-against the expected digest — and only then renamed onto the final name with
-``os.replace`` (atomic within a directory), so the cache never holds a partial or corrupt
-dataset under the real name. A payload that fails the check is deleted.
+next call). The finished ``.part`` is checked and only then renamed onto the final name
+with ``os.replace`` (atomic within a directory), so the cache never holds a partial,
+corrupt or foreign file under the real name. A payload that fails the check is deleted.
 
-The expected digest: ``--sha256`` / ``sha256=``, else ``$FASTFVAE_DSPRITES_SHA256``, else
-`DSPRITES_SHA256`. That constant is None: the real file's digest could not be measured on
-the machines this was written on (no internet). With no digest the download is checked by
-size and by the zip members' CRC-32s, and the digest it got is printed so it can be pinned.
+The check: its size against the server's, then its SHA-256 against the expected digest:
+``--sha256`` / ``sha256=``, else ``$FASTFVAE_DSPRITES_SHA256``, else `DSPRITES_SHA256`.
+That constant is None: the real file's digest could not be measured on the machines this
+was written on (no internet). With no digest the download must pass the zip members'
+CRC-32s and be a dSprites NPZ (`fastfvae.data.files.check_npz_archive`: the members, the
+metadata, the shapes of the images and factor tables, all 737,280 rows in the real order),
+and the digest it got is printed so it can be pinned. A file already under the real name is
+checked the same way (digest, else layout) before it is reported as present; one that fails
+is downloaded again.
+
+Failures, each one line (`FastFVAEError`), found as early as possible:
+
+* before any request: a URL that is not http(s) with a host, a ``dest`` that is a file or
+  cannot be created or written in, a bad digest, ``retries`` < 0, ``timeout`` <= 0;
+* at the first answer, not retried: an unknown host, a refused connection, an unreachable
+  network, a rejected TLS certificate, HTTP 4xx;
+* retried (``retries`` times at most): a dropped connection (resumed where it stopped), a
+  timeout — no data for ``timeout`` seconds (default 30) — and HTTP 5xx; but
+  `ATTEMPTS_WITHOUT_PROGRESS` attempts in a row that receive nothing end the download, so a
+  stalled server fails after about two timeouts.
+
+A folder made for ``dest`` is removed again when the download fails with nothing kept in it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import socket
+import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
 from http.client import HTTPException
 from pathlib import Path
 
-from fastfvae.data.files import _one_line
+from fastfvae.data.dsprites import NUM_IMAGES
+from fastfvae.data.files import PartialSetError, _one_line, check_npz_archive
+from fastfvae.data.paths import make_folder, remove_empty_folders
 from fastfvae.errors import FastFVAEError
 
 DSPRITES_FILENAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
@@ -37,7 +59,25 @@ DSPRITES_URL = f"https://github.com/deepmind/dsprites-dataset/raw/master/{DSPRIT
 DSPRITES_SHA256: str | None = None
 SHA256_ENV = "FASTFVAE_DSPRITES_SHA256"
 HOME_ENV = "FASTFVAE_HOME"
+#: Seconds an attempt waits for data (connecting, or between two reads) before it fails.
+DEFAULT_TIMEOUT = 30.0
+#: Consecutive attempts that may fail without receiving a byte: a stalled or silent server
+#: fails after this many timeouts, not after every retry.
+ATTEMPTS_WITHOUT_PROGRESS = 2
 _BLOCK = 1 << 16
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is an http(s) address with a host; else a one-line `FastFVAEError`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise FastFVAEError(f"URL {url!r} is not valid ({exc}); expected e.g. {DSPRITES_URL}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FastFVAEError(f"URL {url!r} is not an http:// or https:// address with a host; "
+                            f"expected e.g. {DSPRITES_URL}")
+    return url
 
 
 def cache_dir() -> Path:
@@ -75,7 +115,14 @@ def _progress(enabled: bool):
                     transient=True)
 
 
-def _fetch_once(url: str, part: Path, timeout: float, bar, task) -> int:
+class _Attempt:
+    """What one request received (``received``: bytes appended to the ``.part`` file)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+
+def _fetch_once(url: str, part: Path, timeout: float, bar, task, attempt: _Attempt) -> int:
     """Append the rest of ``url`` to ``part``; returns the total size. Raises on a dropped link."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "fastfvae",
@@ -83,10 +130,11 @@ def _fetch_once(url: str, part: Path, timeout: float, bar, task) -> int:
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
+        exc.close()
         if exc.code == 416 and have:  # nothing left to send or stale part: start over
             part.unlink()
-            return _fetch_once(url, part, timeout, bar, task)
-        raise FastFVAEError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+            return _fetch_once(url, part, timeout, bar, task, attempt)
+        raise
     with response:
         if have and response.status == 206:
             match = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", response.headers.get("Content-Range", ""))
@@ -100,11 +148,19 @@ def _fetch_once(url: str, part: Path, timeout: float, bar, task) -> int:
             total = int(length) if length is not None else -1
             have, mode = 0, "wb"
         bar.update(task, total=total if total >= 0 else None, completed=have)
-        with open(part, mode) as out:
+        try:
+            out = open(part, mode)
+        except OSError as exc:
+            raise FastFVAEError(f"cannot write {part}: {exc.strerror or exc}") from None
+        with out:
             # read1: whatever has arrived, so a dropped link keeps every byte received.
             for block in iter(lambda: response.read1(_BLOCK), b""):
-                out.write(block)
+                try:
+                    out.write(block)
+                except OSError as exc:  # a full disk is not a network error: no retry
+                    raise FastFVAEError(f"cannot write {part}: {exc.strerror or exc}") from None
                 have += len(block)
+                attempt.received += len(block)
                 bar.update(task, completed=have)
             out.flush()
             os.fsync(out.fileno())
@@ -113,50 +169,126 @@ def _fetch_once(url: str, part: Path, timeout: float, bar, task) -> int:
     return total if total >= 0 else have
 
 
-def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: str | Path | None = None,
-                      retries: int = 5, timeout: float = 60.0, progress: bool | None = None,
-                      force: bool = False) -> Path:
-    """Fetch the dSprites NPZ into ``dest`` (default `cache_dir`) and return its path."""
-    if retries < 0:
-        raise FastFVAEError(f"retries must be 0 or more, got {retries}")
-    digest = expected_sha256(sha256)
-    dest = Path(dest).expanduser() if dest is not None else cache_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    final = dest / DSPRITES_FILENAME
-    part = dest / (DSPRITES_FILENAME + ".part")
-    if final.exists() and not force:
-        if digest is None or _sha256_of(final) == digest:
-            print(f"fastfvae: dSprites already in {final}", file=sys.stderr)
-            return final
-        print(f"fastfvae: {final} does not match the expected SHA-256; downloading again", file=sys.stderr)
-    if progress is None:
-        progress = sys.stderr.isatty()
+def _diagnose(exc: BaseException, url: str, timeout: float) -> tuple[bool, str]:
+    """(whether another attempt may succeed, what went wrong in words) for a failed request.
+
+    Retrying cannot fix an unknown host, a refused connection, an unreachable network, a
+    rejected TLS certificate or an HTTP 4xx answer; it may fix a dropped or stalled link
+    and an HTTP 5xx answer.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, hostname = parts.netloc, parts.hostname
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500, f"HTTP {exc.code} {exc.reason}"
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, socket.gaierror):
+        return False, f"cannot resolve host {hostname} ({reason.strerror or reason})"
+    if isinstance(reason, ConnectionRefusedError):
+        return False, f"connection refused by {host}"
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return False, f"TLS certificate of {hostname} not accepted ({reason.verify_message or reason})"
+    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return False, f"{host} is unreachable ({reason.strerror})"
+    if isinstance(reason, TimeoutError):
+        return True, f"no data from {host} for {timeout:g} s"
+    if isinstance(reason, str):
+        return False, reason
+    return True, _one_line(reason)
+
+
+def _transfer(url: str, part: Path, retries: int, timeout: float, progress: bool) -> int:
+    """Fetch ``url`` into ``part`` with up to ``retries`` retries; returns the size the server gave."""
+    without_progress = 0
     with _progress(progress) as bar:
         task = bar.add_task("download", total=None)
-        for attempt in range(retries + 1):
+        for number in range(1, retries + 2):
+            attempt = _Attempt()
             try:
-                total = _fetch_once(url, part, timeout, bar, task)
-                break
-            except (ConnectionError, HTTPException, socket.timeout, TimeoutError, urllib.error.URLError) as exc:
-                if attempt == retries:
-                    kept = part.stat().st_size if part.exists() else 0
-                    why = _one_line(exc)
+                return _fetch_once(url, part, timeout, bar, task, attempt)
+            except (OSError, HTTPException) as exc:  # URLError, timeouts, resets are OSErrors
+                retryable, why = _diagnose(exc, url, timeout)
+                kept = part.stat().st_size if part.exists() else 0
+                without_progress = 0 if attempt.received else without_progress + 1
+                if without_progress >= ATTEMPTS_WITHOUT_PROGRESS:
+                    why += f" on {without_progress} attempts in a row (--timeout sets how long to wait)"
+                if not retryable or number > retries or without_progress >= ATTEMPTS_WITHOUT_PROGRESS:
                     if not kept:
-                        raise FastFVAEError(f"download of {url} failed ({why})") from None
+                        part.unlink(missing_ok=True)  # an empty .part is nothing to resume from
+                        raise FastFVAEError(f"download of {url} failed: {why}") from None
                     raise FastFVAEError(f"download of {url} interrupted ({why}); {kept} bytes kept in {part}, "
                                         "run the command again to resume") from None
-                print(f"fastfvae: transfer interrupted ({type(exc).__name__}), resuming", file=sys.stderr)
-    _verify(part, total, digest, url)
-    os.replace(part, final)
+                what = (f"transfer interrupted after {kept} bytes ({why}), resuming" if attempt.received
+                        else f"{why}, retrying")
+                print(f"fastfvae: {what} (retry {number} of {retries})", file=sys.stderr)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: str | Path | None = None,
+                      retries: int = 5, timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None,
+                      force: bool = False, require_full: bool = True) -> Path:
+    """Fetch the dSprites NPZ into ``dest`` (default `cache_dir`) and return its path.
+
+    Every argument, the URL and ``dest`` are checked before any request. ``timeout``: seconds
+    without data before an attempt fails. ``require_full=False`` (tests, subset mirrors)
+    accepts an archive with fewer than 737,280 rows when no digest is pinned.
+    """
+    if retries < 0:
+        raise FastFVAEError(f"retries must be 0 or more, got {retries}")
+    if not timeout > 0:
+        raise FastFVAEError(f"timeout must be more than 0 seconds, got {timeout}")
+    check_url(url)
+    digest = expected_sha256(sha256)
+    dest = Path(dest).expanduser() if dest is not None else cache_dir()
+    final = dest / DSPRITES_FILENAME
+    part = dest / (DSPRITES_FILENAME + ".part")
+    for path in (final, part):
+        if os.path.lexists(path) and not path.is_file():
+            raise FastFVAEError(f"{path} exists and is not a file; expected the dSprites NPZ or nothing there")
+    created = make_folder(dest, "--dest")
+    try:
+        if final.exists() and not force:
+            problem = _problem_with(final, digest, require_full)
+            if problem is None:
+                print(f"fastfvae: dSprites already in {final}", file=sys.stderr)
+                return final
+            print(f"fastfvae: {problem}; downloading again", file=sys.stderr)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        total = _transfer(url, part, retries, timeout, progress)
+        _verify(part, total, digest, url, require_full)
+        os.replace(part, final)
+    except BaseException:
+        remove_empty_folders(created)  # only folders this call made, and only if empty
+        raise
     _fsync_dir(dest)
     print(f"fastfvae: dSprites saved to {final}", file=sys.stderr)
     return final
 
 
-def _verify(part: Path, total: int, digest: str | None, url: str) -> None:
-    """Size, then SHA-256 (or, with no digest known, the zip CRCs); deletes a bad payload."""
+def _problem_with(final: Path, digest: str | None, require_full: bool) -> str | None:
+    """Why the file already at ``final`` is not the dSprites NPZ wanted, or None if it is."""
+    if digest is not None:
+        return None if _sha256_of(final) == digest else f"{final} does not match the expected SHA-256"
+    problem = _layout_problem(final, require_full)
+    return None if problem is None else f"{final} is not the dSprites NPZ ({problem})"
+
+
+def _layout_problem(path: Path, require_full: bool) -> str | None:
+    """What makes ``path`` not a dSprites NPZ (`check_npz_archive`), or None."""
+    try:
+        check_npz_archive(path, require_full)
+    except PartialSetError as exc:
+        return f"holds {exc.rows} images, expected {NUM_IMAGES}"
+    except FastFVAEError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return None
+
+
+def _verify(part: Path, total: int, digest: str | None, url: str, require_full: bool) -> None:
+    """Size, then SHA-256 (or, with no digest known, the zip CRCs and the dSprites layout);
+    deletes a bad payload."""
     size = part.stat().st_size
-    problem = None
+    problem, what = None, "corrupt"
     if size != total:
         problem = f"size {size} bytes, expected {total}"
     elif digest is not None:
@@ -172,11 +304,14 @@ def _verify(part: Path, total: int, digest: str | None, url: str) -> None:
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
             problem = f"not a readable zip ({type(exc).__name__})"
         if problem is None:
+            problem = _layout_problem(part, require_full)
+            what = "not the dSprites NPZ"
+        if problem is None:
             print(f"fastfvae: no SHA-256 pinned for dSprites; downloaded file has SHA-256 {_sha256_of(part)} "
                   f"(pin it with --sha256 or ${SHA256_ENV})", file=sys.stderr)
     if problem is not None:
         part.unlink(missing_ok=True)
-        raise FastFVAEError(f"download of {url} is corrupt ({problem}); nothing was saved")
+        raise FastFVAEError(f"download of {url} is {what} ({problem}); nothing was saved")
 
 
 def _fsync_dir(path: Path) -> None:
