@@ -9,7 +9,7 @@ import pytest
 
 from fastfvae.cli import main
 from fastfvae.data import NUM_IMAGES, DSprites, classes_of, load_dsprites, load_file, save_hdf5, save_npz
-from fastfvae.data.files import _check_tables, sniff_format
+from fastfvae.data.files import PartialSetError, _check_tables, check_npz_archive, sniff_format
 from fastfvae.errors import FastFVAEError
 
 N = 96
@@ -140,6 +140,25 @@ def test_bad_npz_files_give_one_line_errors(small, tmp_path, case, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fastfvae: error: ") and str(path) in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_dsprites", "no_metadata", "wrong_shape", "wrong_dtype",
+                                  "short_latents", "class_range", "truncated"])
+def test_archive_check_rejects_what_the_loader_rejects_without_unpacking(small, tmp_path, case):
+    """`check_npz_archive` (used by `data download`) finds every layout problem `load_file`
+    finds; only pixel values (not_binary) need the images unpacked."""
+    path, message = bad_npz_cases(small, tmp_path)[case]
+    with pytest.raises(FastFVAEError, match=message) as info:
+        check_npz_archive(path, require_full=False)
+    assert "\n" not in str(info.value)
+
+
+def test_archive_check_counts_rows_and_requires_the_full_set_by_default(files):
+    assert check_npz_archive(files / "small.npz", require_full=False) == N
+    with pytest.raises(PartialSetError, match=rf"holds {N} images, expected 737280"):
+        check_npz_archive(files / "small.npz")
+    with pytest.raises(FastFVAEError, match="is an HDF5 file; expected the dSprites NPZ"):
+        check_npz_archive(files / "small.hdf5", require_full=False)
 
 
 def test_corrupt_compressed_payload_is_rejected(small, files, tmp_path):

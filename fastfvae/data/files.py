@@ -31,7 +31,7 @@ from fastfvae.data.dsprites import (
     FACTOR_NAMES, FACTOR_SIZES, IMAGE_SIZE, NUM_IMAGES, PACKED_ROW_BYTES, DSprites, classes_of,
     pack_images, possible_values, unpack_images,
 )
-from fastfvae.data.paths import check_input_file, open_input
+from fastfvae.data.paths import open_input
 from fastfvae.errors import FastFVAEError
 
 NPZ_MAGIC = b"PK\x03\x04"
@@ -223,7 +223,9 @@ def check_npz_archive(path: str | Path, require_full: bool = True) -> int:
     in the real order). Reads the small members only, so it takes a fraction of a second on
     the real file; a zip CRC check (``ZipFile.testzip``) covers the images' bytes.
     """
-    path = check_input_file(path, "the dSprites NPZ")
+    path = Path(path)
+    if sniff_format(path) != "npz":
+        raise FastFVAEError(f"{path}: is an HDF5 file; expected the dSprites NPZ")
     with _npz_errors(path), zipfile.ZipFile(path) as zf:
         return _npz_tables(zf, path, require_full)[0]
 
