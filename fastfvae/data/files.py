@@ -13,8 +13,14 @@ in memory (peak: the 0.38 GB packed array plus one 32 MB chunk).
 
 With ``require_full=True`` (the default) a file must hold all 737,280 rows in the real
 order; ``require_full=False`` accepts any number of rows with valid factor classes (small
-synthetic files in tests, subsets). Any problem raises `FastFVAEError` with one line
-naming the file and what was expected.
+synthetic files in tests, subsets); a file with fewer rows where the full set is required
+raises `PartialSetError`, whose message names no command-line option (``fastfvae data``
+adds its ``--allow-partial``; ``train`` and ``eval`` take none). Any problem raises
+`FastFVAEError` with one line naming the file and what was expected; a path that is not a
+readable regular file says what it is instead (a directory, a symlink loop, unreadable).
+
+`check_npz_archive` checks an NPZ's layout without unpacking its images (``fastfvae data
+download`` uses it on a download with no pinned digest, and on a file already in place).
 """
 
 from __future__ import annotations
