@@ -4,7 +4,7 @@ One benchmark group per config (so each row's ratio is against the other rows of
 
 - ``paper-d1``: the paper's networks (encoder/decoder as in the paper, D 6 x 1000), batch 64,
   z 10, 1 D update, permuted codes from a second batch; ``paper-d5``: the same with the
-  seed's 5 D updates; ``b256`` / ``b1024``: batch 256 / 1024, 1 D update.
+  paper's 5 D updates (Kim & Mnih 2018, Section 6); ``b256`` / ``b1024``: batch 256 / 1024, 1 D update.
 - rows: ``reference`` (`make_reference_step`, as a plain PyTorch loop runs: default glibc
   heap), ``reference-heap`` (the same after `fastfvae.fast.allocator.keep_freed_memory`, the
   fast step's heap setting: how much of the fast rows' gain the heap alone gives), ``fast``
@@ -22,7 +22,7 @@ One call = ``STEPS[batch]`` full steps (randomness drawn as in the loop, batches
 from the resident set); ``extra_info``: ``steps_per_s`` (= steps / median call time),
 ``peak_mb`` (over building the state and the warm-up call, which runs the same steps; CUDA:
 max allocated; CPU: peak RSS above the RSS before the state was built),
-``vs_reference`` (steps/s over the reference row's, measured earlier in the same session),
+``vs_reference`` (steps/s over the reference row's, measured earlier in the same pytest run),
 ``vs_reference_heap`` (over the reference-heap row's),
 ``cpu_ms_per_step`` (process CPU time per step: on a shared machine with 1 thread a steadier
 work measure than wall time), ``threads``. CPU threads: all the process has (``torch.get_num_threads()``; set
@@ -147,8 +147,9 @@ def test_interleaved_paper_ratios(benchmark, data, bench_device):
     per-round ratios are steadier than those of rows timed minutes apart. The plain
     ``reference`` (default heap) runs in a child process (`bench.reference_worker`; the heap
     setting cannot be undone within this one), the others here. ``extra_info``:
-    ``interleaved_ratios`` (each fast row vs reference and vs reference-heap: the median over
-    rounds of that round's ratio) and ``ms_per_step`` (median round per row)."""
+    ``interleaved_ratios`` (each later row vs reference and vs reference-heap: the median over
+    rounds of that round's ratio), ``interleaved_ratio_range`` (the smallest and the largest
+    round's ratio) and ``ms_per_step`` (median round per row)."""
     if bench_device.type != "cpu":
         pytest.skip("a CPU comparison (the heap setting is a CPU lever)")
     from bench.reference_worker import ReferenceWorker
@@ -171,12 +172,16 @@ def test_interleaved_paper_ratios(benchmark, data, bench_device):
     if timing(benchmark) is None:
         return
     per_round = {v: np.asarray(s) for v, s in seconds.items()}
-    ratios = {f"{v} vs {base}": float(np.median(per_round[base] / per_round[v]))
-              for v in ("fast", "fast-bf16") for base in ("reference", "reference-heap")}
+    round_ratios = {f"{v} vs {base}": per_round[base] / per_round[v]
+                    for base in ("reference", "reference-heap") for v in INTERLEAVED[INTERLEAVED.index(base) + 1:]}
     benchmark.extra_info.update(variant="interleaved", config="paper-d1",
                                 steps_per_s=1 / float(np.median(per_round["fast-bf16"])),
                                 ms_per_step={v: 1e3 * float(np.median(t)) for v, t in per_round.items()},
-                                interleaved_ratios=ratios, heap_kept=heap_kept(), threads=torch.get_num_threads())
+                                interleaved_ratios={k: float(np.median(r)) for k, r in round_ratios.items()},
+                                interleaved_ratio_range={k: [float(r.min()), float(r.max())]
+                                                         for k, r in round_ratios.items()},
+                                rounds=INTERLEAVED_ROUNDS, steps_per_round=steps,
+                                heap_kept=heap_kept(), threads=torch.get_num_threads())
 
 
 def step_timer(variant: str, cfg: TrainConfig, data, device: torch.device, warmup: int = 2):

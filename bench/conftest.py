@@ -1,5 +1,7 @@
 """Shared benchmark fixtures: peak memory of a benchmarked call, and the reference loop's
-rate per config measured in the same session (so each fast row can state its ratio).
+rate per config measured earlier in the same pytest run (so each fast row can state its ratio).
+The JSON's ``machine_info`` also records torch's version, CPU capability, thread count and
+GPU (`pytest_benchmark_update_machine_info`); `bench.report` prints them with the run's date.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before the call); on CPU
 the peak resident set size (sampled every 2 ms from ``/proc/self/statm`` while the call
@@ -61,6 +63,12 @@ def peak_memory(device: torch.device, result: dict):
         result["peak_mb"] /= 2**20
 
 
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    machine_info["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def timing(benchmark):
     """The benchmark's statistics, or None under ``--benchmark-disable`` (the body then ran
     once, untimed: a smoke test of the benchmark, with its correctness asserts)."""
@@ -70,7 +78,7 @@ def timing(benchmark):
 
 @pytest.fixture(scope="session")
 def reference_rates() -> dict:
-    """config id -> the reference loop's steps/s measured earlier in this session."""
+    """config id -> the reference loop's steps/s measured earlier in this pytest run."""
     return {}
 
 
