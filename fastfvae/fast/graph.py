@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from fastfvae.train.progress import METRIC_KEYS
-
 WARMUP_STEPS = 3
+
+
+def _metric_keys() -> tuple[str, ...]:
+    """The loop's metric names, imported when a graph is built: `fastfvae.train.progress` needs
+    ``rich``, and importing this module (the op tests do) must not."""
+    from fastfvae.train.progress import METRIC_KEYS
+
+    return METRIC_KEYS
 
 
 def snapshot(params, optimizers) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -52,6 +58,7 @@ class GraphedStep:
         cfg, dev = step.cfg, step.device
         b, z = cfg.batch_size, cfg.z_dim
         self.step, self.noise = step, noise
+        self.metric_keys = _metric_keys()
         self.rows = torch.zeros(b, dtype=torch.int64, device=dev)
         self.rows2 = torch.zeros(b, dtype=torch.int64, device=dev) if step.second else None
         self.eps = torch.zeros(b, z, device=dev)
@@ -91,7 +98,7 @@ class GraphedStep:
             x, x2 = self.images, self.images2
         metrics = step.body(x, x2, self.eps, self.eps2, self.keys)
         zero = torch.zeros((), device=self.eps.device)
-        return torch.stack([metrics.get(k, zero).float() for k in METRIC_KEYS])
+        return torch.stack([metrics.get(k, zero).float() for k in self.metric_keys])
 
     def _load(self, static: torch.Tensor | None, host) -> None:
         if static is not None and host is not None:
@@ -114,5 +121,5 @@ class GraphedStep:
             self._load(self.keys, inputs.keys)
         self.graph.replay()
         values = self.out.clone()
-        names = METRIC_KEYS if self.step.factorvae else METRIC_KEYS[:3]
+        names = self.metric_keys if self.step.factorvae else self.metric_keys[:3]
         return {k: values[i] for i, k in enumerate(names)}
