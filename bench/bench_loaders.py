@@ -30,8 +30,8 @@ VARIANTS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Loaders measured on one intra-op thread (the step would get the other core; on a
-    shared 2-core machine, 2-thread OpenMP regions stall behind other processes)."""
+    """Loaders measured on one intra-op thread (the step would get the other core; 2-thread
+    OpenMP regions stall when other processes hold a core)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -69,7 +69,7 @@ def test_table_dci(benchmark, codes, metric):
 
 
 @pytest.mark.benchmark(group="metrics-model")
-@pytest.mark.timeout(7200)  # 737,280 conv-net encodes: ~15 min on a busy 2-core CPU
+@pytest.mark.timeout(7200)  # 737,280 conv-net encodes: minutes on a 2-core CPU
 def test_model_cpu_including_encoding(benchmark, data):
     import torch
 

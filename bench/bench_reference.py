@@ -1,11 +1,12 @@
 """Reference training loop speed (steps/s) on CPU: `pytest bench/bench_reference.py --benchmark-only`.
 
 The paper config: FactorVAE, batch 64, z 10, encoder/decoder as in the paper, discriminator
-6 x 1000, 1 D update, permuted codes from a second batch — plus beta-VAE and the seed's 5 D
-updates for scale. One benchmark call = ``STEPS`` full steps of `make_reference_step` (batch
-fetch + unpack, VAE forward/backward/Adam, D forward/backward/Adam), randomness drawn as in
-the loop. steps/s = STEPS / mean call time, stored in ``extra_info["steps_per_s"]``.
-Reported, not asserted. The images are random bits: a step's cost does not depend on them.
+6 x 1000, 1 D update, permuted codes from a second batch — plus beta-VAE and the paper's 5 D
+updates (Kim & Mnih 2018, Section 6) for scale. One benchmark call = ``STEPS`` full steps of
+`make_reference_step` (batch fetch + unpack, VAE forward/backward/Adam, D forward/backward/Adam),
+randomness drawn as in the loop. steps/s = STEPS / mean call time, stored in
+``extra_info["steps_per_s"]``. Reported, not asserted. The images are random bits: a step's
+cost does not depend on them.
 """
 
 import pytest

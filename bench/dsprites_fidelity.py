@@ -1,6 +1,6 @@
 """Fidelity of a dSprites set to real frames: best-match IoU of each frame.
 
-    python bench/dsprites_fidelity.py ../shared/dsprites/real_frames.npz [--data PATH] [--out worst.png]
+    python bench/dsprites_fidelity.py REAL_FRAMES.npz [--data PATH] [--out worst.png]
 
 Each real frame (uint8 {0,1} [F, 64, 64] under key ``frames``) is matched against the
 generated images whose mass and centroid could match it (`fastfvae.data.fidelity`); the

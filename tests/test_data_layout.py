@@ -17,7 +17,7 @@ def metadata_bases(sizes):
 
 
 def dlib_sample_factors(num, random_state, factor_sizes=FACTOR_SIZES, latent_indices=(1, 2, 3, 4, 5)):
-    """disentanglement_lib 1.5 ``SplitDiscreteStateSpace.sample_latent_factors`` (parity README §3)."""
+    """disentanglement_lib 1.5 ``SplitDiscreteStateSpace.sample_latent_factors`` (docs/metrics-parity.md §3)."""
     factors = np.zeros((num, len(latent_indices)), dtype=np.int64)
     for pos, i in enumerate(latent_indices):
         factors[:, pos] = random_state.randint(factor_sizes[i], size=num)

@@ -2,7 +2,7 @@
 documented tolerance), every branch (second/same batch, several D updates, beta-VAE, fused
 ops, loaders), and the optimiser's checkpoint format.
 
-Tolerances (`fastfvae.fast.precision.PARITY_RTOL` and README): fp32 fast and reference
+Tolerances (`fastfvae.fast.precision.PARITY_RTOL`; docs/fast-path.md, "Parity"): fp32 fast and reference
 compute the same sums in different orders (fused Adam, channels_last convolutions, one
 concatenated D GEMM), so they agree to float32 round-off amplified over 50 Adam steps:
 losses to rtol 1e-4 and parameters to atol 2e-5 (Adam moves a parameter by at most ~lr =

@@ -1,6 +1,6 @@
 """Every metric == disentanglement_lib 1.5 on the three parity tables (seed 0, dlib's configs).
 
-The expected scores are dlib's own (``shared/parity/expected.json``, copied to tests/data).
+The expected scores are dlib's own, in tests/data (docs/metrics-parity.md §1).
 Equality is ``==`` on the floats: no tolerance.
 """
 

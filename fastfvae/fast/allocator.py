@@ -1,13 +1,12 @@
 """Keep freed memory in the process heap (glibc), so the CPU step stops page-faulting.
 
 A training step allocates and frees tens of MB of activations. glibc's malloc serves blocks
-of this size with fresh ``mmap`` pages or returns the heap top to the kernel once more than
-the trim threshold is free, so every step touches new pages: the reference step takes ~25,700
-page faults (~100 MB of fresh pages), ~20% of its time on the 2-core machine (README, "Fast
-path"); with the setting, the fast step takes ~80. Raising the mmap
-and trim thresholds keeps the freed blocks for the next step. Process-wide and one-way; a
-no-op where the C library has no ``mallopt`` (not glibc). The cost is the step's peak
-memory staying reserved, which a training process reuses every step anyway.
+of this size with fresh ``mmap`` pages, or returns the heap top to the kernel once more than
+the trim threshold is free, so every step page-faults on new pages (the page-fault counts and
+their share of the step are in docs/fast-path.md). Raising the mmap and trim thresholds keeps
+the freed blocks for the next step. Process-wide and one-way; a no-op where the C library has
+no ``mallopt`` (not glibc). The cost is the step's peak memory staying reserved, which a
+training process reuses every step anyway.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 `encode` / `decode` run `models.Encoder` / `models.Decoder` layer by layer from their own
 parameters (no copy, same arithmetic as the modules' forward) with changes that matter on
-CPU (oneDNN), measured per layer at batch 64 (README, "Fast path"):
+CPU (oneDNN); their per-layer timings are in docs/fast-path.md:
 
 - `conv_split` — convolution whose backward computes the bias gradient as a plain sum
   instead of inside oneDNN's weight-gradient primitive. For the transposed convolutions that
-  fused bias gradient is the slow part: 6.6 ms -> 2.1 ms for the decoder's 32->32 layer in
-  bf16, 6.9 -> 4.1 ms in fp32; the gradients are the same up to summation order.
+  fused bias gradient is the slow part of the backward; the gradients are the same up to
+  summation order.
 - ``dtype``: the layers run in that dtype (bf16 for ``--precision bf16``) with the weights
   cast inside the graph (gradients reach the fp32 parameters).
 - ``s2d``: the one-channel image-side layers in space-to-depth form (`first_conv_s2d`,
@@ -81,9 +81,8 @@ def _narrowing(weight, stride, padding, transposed: bool) -> bool:
 
 def _narrowing_backward(grad, x, weight, padding, need_x: bool, need_w: bool):
     """(grad_x, grad_w) of a `_narrowing` convolution through the *widening* convolution with
-    the transposed, flipped kernel (padding k - 1 - p), whose kernels oneDNN runs fast
-    (bf16, 32 -> 4 channels, batch 64: input grad 0.43 -> 0.32 ms, weight grad 0.96 -> 0.57
-    ms; fp32 weight grad 2.2 -> 0.65 ms). Same sums, in another order."""
+    the transposed, flipped kernel (padding k - 1 - p), for which oneDNN has fast kernels.
+    Same sums, in another order."""
     flipped = weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
     swapped = [kk - 1 - p for p, kk in zip(padding, weight.shape[2:])]
     grad_x = grad_w = None
@@ -120,8 +119,8 @@ def layer_split(x: torch.Tensor, layer: nn.Conv2d | nn.ConvTranspose2d, dtype: t
 # holding pixel (2i + rh, 2j + rw). In it the encoder's first layer (conv 4x4, stride 2,
 # padding 1, 1 -> C channels) is a 3x3 stride-1 convolution with 4 input channels, and the
 # decoder's last layer (transposed conv 4x4, stride 2, padding 1, C -> 1) a 3x3 stride-1
-# convolution with 4 output channels: the same sums (the extra taps are zeros), but oneDNN
-# runs them 3-4x faster than the one-channel forms (bf16, batch 64; README, "Fast path").
+# convolution with 4 output channels: the same sums (the extra taps are zeros), in a form
+# oneDNN runs several times faster than the one-channel layers (docs/fast-path.md).
 
 def _check_s2d_layer(layer, transposed: bool) -> None:
     one = layer.out_channels if transposed else layer.in_channels

@@ -5,7 +5,7 @@ GEMMs: the bf16 gradient cast to fp32, fused Adam, and the fp32 -> bf16 weight c
 GEMMs read. Here D's parameters and Adam moments are views of flat fp32 buffers, its gradient
 a view of a flat bf16 buffer the GEMMs write into, and one Inductor-compiled elementwise kernel
 reads the bf16 gradient, updates the moments and the fp32 weights with torch's Adam formula,
-and writes the bf16 weight copy: ~40% less time than the three passes (README, "Fast path").
+and writes the bf16 weight copy: one pass instead of three (timings in docs/fast-path.md).
 
 The optimiser stays the run's `torch.optim.Adam` (its state tensors become views of the flat
 buffers), so checkpoints, ``load_state_dict`` and the reference loop see the usual state;
@@ -25,11 +25,11 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, weights_out, step_size, bias_c
                 one_minus_beta1, beta2, one_minus_beta2, eps) -> None:
     """torch's Adam (no weight decay, no amsgrad) on flat tensors, then ``weights_out`` (bf16) =
     ``param``. ``grad`` may be bf16 (read as fp32). ``step_size`` = lr / (1 - beta1^t) and
-    ``bias_correction2_sqrt`` = sqrt(1 - beta2^t) are 0-dim tensors computed on the host (inside
-    the kernel, pow of a tensor step made Inductor's loop 2.8x slower; as Python floats they
-    would recompile it every step); the betas (1 - beta1, beta2, 1 - beta2, each formed in
-    double on the host as torch's Adam does) and ``eps`` are 0-dim tensors too, and the length
-    is dynamic: one compiled kernel serves every D size and optimiser setting."""
+    ``bias_correction2_sqrt`` = sqrt(1 - beta2^t) are 0-dim tensors computed on the host (a pow
+    of a tensor step inside the kernel slows Inductor's loop down, docs/dropped-levers.md; as
+    Python floats they would recompile it every step); the betas (1 - beta1, beta2, 1 - beta2,
+    each formed in double on the host as torch's Adam does) and ``eps`` are 0-dim tensors too,
+    and the length is dynamic: one compiled kernel serves every D size and optimiser setting."""
     grad = grad.float()
     exp_avg.lerp_(grad, one_minus_beta1)
     exp_avg_sq.mul_(beta2).add_(grad * grad * one_minus_beta2)

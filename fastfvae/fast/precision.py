@@ -21,7 +21,7 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.train.config import PRECISIONS
 
 #: Relative tolerance of the fast step against the reference loop after 50 steps, per precision
-#: (losses and parameters; see the README's parity section for why).
+#: (losses and parameters; docs/fast-path.md, "Parity", says why).
 PARITY_RTOL = {"fp32": 1e-4, "bf16": 5e-2}
 
 

@@ -80,7 +80,7 @@ class FastOptions:
         cuda = device.type == "cuda"
         fused_ops = (cuda and fused_ops_available()) if self.fused_ops is None else self.fused_ops
         # On CPU, compiling the networks does not pay (convolutions and GEMMs are oneDNN/MKL
-        # calls either way; see the README's measurements): eager is the CPU default.
+        # calls either way; docs/dropped-levers.md): eager is the CPU default.
         compile_mode = ("model" if cuda else "none") if self.compile == "auto" else self.compile
         cuda_graph = cuda if self.cuda_graph is None else self.cuda_graph
         if cuda_graph and not cuda:
@@ -122,9 +122,9 @@ class FastStep:
         self._batches = _BatchSource(opts.loader, data, state, self.device, opts.channels_last)
         self._dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
         #: image-side layers in space-to-depth form (`fastfvae.fast.conv`: oneDNN's one-channel
-        #: kernels are slow). bf16 only: in fp32 it gains ~1 ms a step, but its different
-        #: summation order reaches Adam's near-zero-gradient elements (second moment ~1e-11),
-        #: which Adam moves by ~lr whatever their sign, beyond the fp32 parity tolerance
+        #: kernels are slow). bf16 only: in fp32 its different summation order reaches Adam's
+        #: near-zero-gradient elements (second moment ~1e-11), which Adam moves by ~lr whatever
+        #: their sign, beyond the fp32 parity tolerance (docs/fast-path.md)
         self._s2d = opts.by_hand and opts.precision == "bf16"
         self._d_by_hand = self._flat_adam = None
         if opts.by_hand and disc is not None:

@@ -6,7 +6,7 @@ predicts k. Mirrors dlib's ``beta_vae.compute_beta_vae_sklearn``: the classifier
 ``LogisticRegression(random_state=rs)`` at the *installed* scikit-learn's defaults (lbfgs,
 multinomial, C=1, max_iter=100 since 0.22; it draws nothing from rs). With the liblinear
 default of scikit-learn < 0.22 the fit draws one seed from rs, which shifts the eval set:
-published 2019 numbers differ for that reason (``shared/parity/README.md`` §4).
+published 2019 numbers differ for that reason (docs/metrics-parity.md §4.2).
 
 The features are computed at once on [n, 64, D] gathers, in the codes' dtype, reducing the
 batch axis sequentially as dlib's per-batch ``np.mean(axis=0)`` does, then stored in float64.

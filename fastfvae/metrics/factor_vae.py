@@ -1,10 +1,10 @@
-"""The FactorVAE disentanglement metric (Kim & Mnih 2018, §4), identical to disentanglement_lib 1.5.
+"""The FactorVAE disentanglement metric (Kim & Mnih 2018, Section 4), identical to disentanglement_lib 1.5.
 
 Fix one factor, sample a batch of 64 with that factor shared, normalise each code dim's
 variance over the batch by its global variance, and let the dim of least normalised variance
 vote for the fixed factor; a majority-vote classifier maps dims to factors, and the score is
 its accuracy. Mirrors dlib's ``factor_vae.compute_factor_vae`` draw for draw
-(``shared/parity/README.md`` §4), quirks included:
+(docs/metrics-parity.md §4.1), quirks included:
 
 * dims whose global std is below ``prune_threshold`` (0.05 in dlib's study) take no part;
   the argmin indexes the *active* dims, so votes land in the first ``#active`` columns;

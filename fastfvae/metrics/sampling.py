@@ -5,7 +5,7 @@ A *ground truth* is any object with ``sample_factors(n, random_state) -> int [n,
 `fastfvae.data.FactorGrid`, or a `DSprites` through its latent grid). Observations are row
 indices: in dSprites (and every parity table) there is exactly one observation per factor
 combination, and disentanglement_lib's ``sample_observations_from_factors`` draws nothing
-(``shared/parity/README.md`` §3), so sampling an observation is computing its row.
+(docs/metrics-parity.md §3), so sampling an observation is computing its row.
 
 A *representation function* maps int64 rows [n] to float codes [n, D]. The metric functions
 call it once per sampling phase with every row of that phase (e.g. the 960,000 rows of the

@@ -1,6 +1,6 @@
 """The FactorVAE discriminator D(z): is a code from q(z) (class 0) or dimension-wise permuted (class 1)?
 
-Kim & Mnih (2018), seed §6: an MLP with 6 layers of 1000 units, LeakyReLU(0.2), 2 logits.
+Kim & Mnih (2018), Section 6: an MLP with 6 layers of 1000 units, LeakyReLU(0.2), 2 logits.
 The only submodule is ``net`` so the state_dict keys are ``net.0.weight, net.0.bias,
 net.2.weight, ..., net.12.weight/bias`` (for 6 layers) — `fastfvae.ops.FusedDiscriminator`
 uses the same keys, so checkpoints load into either.

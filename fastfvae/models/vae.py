@@ -1,6 +1,6 @@
 """The FactorVAE / beta-VAE encoder and decoder for 64x64 binary images (dSprites).
 
-Architecture (Kim & Mnih 2018, Appendix / seed §6, "same as in [8]" = Higgins et al. 2017;
+Architecture (Kim & Mnih 2018, Section 6: "same as in [8]", i.e. Higgins et al. 2017;
 the same shapes as disentanglement_lib's ``conv_encoder`` / ``deconv_decoder``):
 
 - Encoder q(z|x) = N(mu(x), diag exp(logvar(x))):
