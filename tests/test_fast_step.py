@@ -7,6 +7,12 @@ compute the same sums in different orders (fused Adam, channels_last convolution
 concatenated D GEMM), so they agree to float32 round-off amplified over 50 Adam steps:
 losses to rtol 1e-4 and parameters to atol 2e-5 (Adam moves a parameter by at most ~lr =
 1e-4 a step, so a round-off difference in a gradient changes it by a fraction of that).
+The exception is an element whose gradient is itself at round-off level (e.g. the weights of
+a decoder unit that is almost never active): Adam divides it by its own tiny second moment,
+so round-off decides the direction of a step of up to lr. Such elements are rare (a few in
+10^5, and which ones depends on the CPU's kernels: AVX-512 vs AMX order the sums
+differently), so fp32 allows at most 1 in 10^3 elements of a tensor past 2e-5, none past one
+step's lr. A wrong gradient moves far more elements, by several steps.
 bf16 rounds every GEMM/conv operand to 8 mantissa bits: losses agree to rtol 5e-2 and
 parameters to atol 50 steps x lr = 5e-3 (each step can move a parameter by ~lr either way).
 """
@@ -25,6 +31,9 @@ from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture
 
 STEPS = 50
 PARAM_ATOL = {"fp32": 2e-5, "bf16": STEPS * 1e-4}
+#: fp32: the share of a tensor's elements that may pass PARAM_ATOL (near-zero gradients whose
+#: Adam direction round-off decides), and the bound for those: one Adam step of lr 1e-4.
+ROUND_OFF_SHARE, ROUND_OFF_STEP = 1e-3, 1e-4
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -63,7 +72,15 @@ def assert_parity(ref_state, fast_state, ref_metrics, fast_metrics, precision: s
     ref_p, fast_p = params_of(ref_state), params_of(fast_state)
     assert ref_p.keys() == fast_p.keys()
     for k in ref_p:
-        torch.testing.assert_close(fast_p[k], ref_p[k], rtol=0, atol=PARAM_ATOL[precision], msg=lambda m: f"{k}: {m}")
+        if precision == "fp32":
+            diff = (fast_p[k] - ref_p[k]).abs()
+            past = int((diff > PARAM_ATOL["fp32"]).sum())
+            assert past <= ROUND_OFF_SHARE * diff.numel(), (
+                f"{k}: {past} of {diff.numel()} elements differ by more than {PARAM_ATOL['fp32']:g}")
+            torch.testing.assert_close(fast_p[k], ref_p[k], rtol=0, atol=ROUND_OFF_STEP, msg=lambda m: f"{k}: {m}")
+        else:
+            torch.testing.assert_close(fast_p[k], ref_p[k], rtol=0, atol=PARAM_ATOL[precision],
+                                       msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("model,perm_batch,d_steps", [
