@@ -1,6 +1,6 @@
 """How faithful a dSprites set is to real frames: the best-match IoU of each frame.
 
-The real frames (``shared/dsprites/real_frames.npz``, from the dataset's preview animation)
+Real frames (an NPZ of 320 frames from the dataset's preview animation; docs/data.md)
 come without their latents, so each frame is matched by search: its best IoU over the
 generated images whose mass and centroid could match it. Candidates: every (shape, scale,
 orientation) sprite whose mass is within ``MASS_TOLERANCE`` of the frame's, at the

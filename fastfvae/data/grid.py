@@ -6,7 +6,7 @@ combination *is* a row index, and sampling observations is sampling factors.
 
 `sample_factors` reproduces disentanglement_lib 1.5 draw for draw: one vectorised
 ``random_state.randint(size_k, size=n)`` call per factor, in factor order (see
-``shared/parity/README.md`` §3). Anything else changes every metric score.
+docs/metrics-parity.md §3). Anything else changes every metric score.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The real dataset (Matthey et al. 2017) is not reachable from every machine (CI has no
 internet), so fastfvae renders a faithful copy, calibrated against 320 real frames
-(``shared/dsprites/real_frames.npz``; see ``bench/dsprites_fidelity.py`` for the figure).
+(frames of the dataset's preview animation; docs/data.md and ``bench/dsprites_fidelity.py`` give
+the figure).
 
 Geometry (measured from the real frames, then the constants below fitted by search):
 
