@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastfvae.cli import main
+from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import load_checkpoint
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.loop import run_training
@@ -58,6 +59,16 @@ BAD = {
     "resume other config": lambda f, r: ["--resume", r, "--gamma", "3", "--steps", "4"],
     "resume not a checkpoint": lambda f, r: ["--resume", f["garbage"]],
     "resume finished run": lambda f, r: ["--resume", r],
+    "negative seed": lambda f, r: ["--seed", "-1"],
+    "seed past 2**63": lambda f, r: ["--seed", str(2**70)],
+    "bf16 with the reference": lambda f, r: ["--reference", "--precision", "bf16"],
+    "dali with the reference": lambda f, r: ["--no-fast", "--loader", "dali"],
+    "torch loader with the reference": lambda f, r: ["--reference", "--loader", "torch"],
+    "device loader with the reference": lambda f, r: ["--reference", "--loader", "device"],
+    "beta with factorvae": lambda f, r: ["--model", "factorvae", "--beta", "2"],
+    "gamma with betavae": lambda f, r: ["--model", "betavae", "--gamma", "10"],
+    "d-steps with betavae": lambda f, r: ["--model", "betavae", "--d-steps", "5"],
+    "perm-batch with betavae": lambda f, r: ["--model", "betavae", "--perm-batch", "same"],
 }
 
 
@@ -72,6 +83,38 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, existing_run, capsys):
     assert len(err) == 1 and err[0].startswith("fastfvae: error: "), err
     assert _digest(existing_run) == before
     assert not (tmp_path / "new").exists()  # not even an empty folder is left behind
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--reference", "--precision", "bf16"],
+     "--precision bf16 only applies to the fast path, and this run uses the reference step; "
+     "drop --precision or train with --fast"),
+    (["--model", "betavae", "--gamma", "10"],
+     "--gamma only applies to --model factorvae, and this run trains betavae; drop --gamma or pass --model factorvae"),
+])
+def test_a_flag_that_would_do_nothing_is_refused_with_its_reason(tmp_path, capsys, argv, expected):
+    assert main(["train", *TINY, "--out", str(tmp_path / "r"), "--steps", "2", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"fastfvae: error: {expected}"
+
+
+def test_new_runs_use_the_fast_step_and_resumed_runs_keep_theirs(existing_run, tmp_path):
+    """--fast is the default for a new run (CPU too); --reference / --no-fast choose the reference
+    loop; a resumed run keeps the step its config names (existing_run: the reference) unless a
+    flag says otherwise."""
+    from fastfvae.cli import build_parser
+    from fastfvae.cli.train import config_from_args
+
+    def fast(*argv):
+        return config_from_args(build_parser().parse_args(["train", "--out", str(tmp_path / "new"), *argv])).fast
+
+    assert fast() is True and fast("--fast") is True
+    assert fast("--reference") is False and fast("--no-fast") is False
+    assert load_checkpoint(existing_run)["config"]["fast"] is False
+    assert fast("--resume", str(existing_run)) is False
+    assert fast("--resume", str(existing_run), "--fast") is True
+    with pytest.raises(FastFVAEError, match="--precision bf16 only applies to the fast path"):
+        fast("--resume", str(existing_run), "--precision", "bf16")  # still the reference step
+    assert fast("--resume", str(existing_run), "--precision", "bf16", "--fast") is True
 
 
 def test_bad_input_through_the_real_entry_point(tmp_path):

@@ -2,6 +2,17 @@
 
 Flags map onto `fastfvae.train.config.TrainConfig` fields; a flag left out keeps the value
 of the preset (``--preset``), of the resumed checkpoint (``--resume``), or the paper default.
+A new run uses the fast step (`fastfvae.fast`, equal to the reference within its parity
+tolerance) unless ``--reference`` (alias ``--no-fast``) asks for the readable reference loop; a
+resumed run keeps the step it was trained with unless ``--fast`` / ``--reference`` says
+otherwise. A flag that would do nothing in the chosen mode (``--precision bf16`` or
+``--loader`` with ``--reference``, ``--beta`` with FactorVAE, ``--gamma`` / ``--d-steps`` /
+``--perm-batch`` with beta-VAE) is refused with one line rather than ignored.
+
+Exit codes: 0 done (the last lines name the checkpoint and figures and give the time taken
+and steps/s), 2 bad input or an unwritable checkpoint (one line), 1 the run diverged (NaN/inf),
+130 / 143 stopped by Ctrl-C / SIGTERM after a checkpoint.
+
 Extension points for other parts: `add_arguments` (more flags), `overrides_from_args`
 (flag -> field), `step_builder_for` (the step implementation), `callbacks_for` (per-step hooks).
 """
@@ -10,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
+import time
 
-from fastfvae.train.checkpoint import checkpoint_path, config_of, load_checkpoint
-from fastfvae.train.config import LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, preset
+from fastfvae.train.checkpoint import checkpoint_path, load_resume_point
+from fastfvae.train.config import (
+    LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply, preset,
+)
 from fastfvae.train.loop import RunResult, TrainingDiverged, run_training
 from fastfvae.train.progress import LOG_NAME, read_log
 
@@ -25,7 +40,10 @@ Train FactorVAE (Kim & Mnih 2018) or beta-VAE on dSprites.
 Without --data it uses the cached real dSprites file if there is one, else the procedural
 dSprites (identical content, rendered on the fly). Writes into --out: config.json,
 train_log.jsonl, checkpoint.pt, reconstructions.png, traversals.png, traversals.gif and
-loss_curves.png. Ctrl-C saves a checkpoint; --resume continues a run bit-exactly (CPU).
+loss_curves.png. One run per --out at a time (a second one is refused). Ctrl-C or SIGTERM
+stops after the current step and saves a checkpoint; --resume continues a run bit-exactly
+(CPU). New runs use the fast step (same algorithm, parity-tested); --reference runs the
+readable reference loop.
 """
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perm-batch", metavar="{" + ",".join(PERM_BATCHES) + "}", default=None,
                    help="where D's permuted codes come from: 'second' = a second batch (paper's Algorithm 1), "
                         f"'same' = the VAE's batch (disentanglement_lib) (default {d.perm_batch})")
-    p.add_argument("--seed", type=int, default=None, help=f"seed for init, batch order and noise (default {d.seed})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed for init, batch order and noise, in [0, 2**63) (default {d.seed})")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="dSprites .npz/.hdf5 file (default: cached real file, else procedural dSprites)")
     p.add_argument("--device", metavar="{auto,cpu,cuda}", default=None,
@@ -65,13 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from a named config: paper (seed §6: gamma 35, 5 D steps, second batch, "
                         "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps)")
     p.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
-                   help="the fast path (fastfvae.fast): same algorithm, compiled/fused step with less work "
-                        "(default on CUDA, off on CPU)")
-    p.add_argument("--no-fast", dest="fast", action="store_const", const=False, help="the reference step")
+                   help="the fast path (fastfvae.fast): same algorithm, fused step with less work (default "
+                        "for new runs; a resumed run keeps its own step unless this flag or --reference is given)")
+    p.add_argument("--reference", "--no-fast", dest="fast", action="store_const", const=False,
+                   help="the readable reference loop (fastfvae.train.reference) instead of the fast path")
     p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}", default=None,
-                   help=f"fast-path arithmetic: fp32 (parity with the reference) or bf16 (convolutions and GEMMs in bfloat16; weights, optimiser state and losses fp32) (default {d.precision})")
+                   help=f"fast path only: arithmetic: fp32 (parity with the reference) or bf16 (convolutions and GEMMs in bfloat16; weights, optimiser state and losses fp32) (default {d.precision})")
     p.add_argument("--loader", metavar="{" + ",".join(LOADERS) + "}", default=None,
-                   help=f"fast-path batches: device (resident bit-packed set), dali, torch (default {d.loader})")
+                   help=f"fast path only: batches from device (resident bit-packed set), dali, torch (default {d.loader})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
@@ -86,21 +106,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Preset / resumed config / defaults, then the explicit flags on top; validated."""
+    """Preset / resumed config / defaults, then the explicit flags on top; validated, and
+    refused (FastFVAEError) if an explicit flag would do nothing in the resulting mode."""
     if args.preset is not None:
         base = preset(args.preset)
     elif args.resume is not None:
-        base = config_of(load_checkpoint(args.resume))
+        base, _ = load_resume_point(args.resume)
     else:
         base = TrainConfig()
     overrides = overrides_from_args(args)
-    if "fast" not in overrides and args.resume is None and base.replace(**overrides).device != "cpu":
-        import torch  # the fast path is the default on CUDA
-
-        overrides["fast"] = torch.cuda.is_available()
+    given = set(overrides)
+    if "fast" not in overrides and args.resume is None:
+        overrides["fast"] = True  # the fast path for every new run (fp32: the reference within parity tolerance)
     if args.resume is not None and "out" not in overrides:
         overrides["out"] = str(checkpoint_path(args.resume).parent)
-    return base.replace(**overrides).validate()
+    cfg = base.replace(**overrides).validate()
+    check_settings_apply(cfg, given)
+    return cfg
 
 
 def step_builder_for(cfg: TrainConfig):
@@ -130,32 +152,67 @@ def callbacks_for(cfg: TrainConfig, args: argparse.Namespace, data=None) -> list
     return [periodic_factor_vae(cfg.eval_every, data or training_data(cfg), out_dir=cfg.out)]
 
 
-def write_outputs(result: RunResult, args: argparse.Namespace) -> None:
+def write_outputs(result: RunResult, args: argparse.Namespace) -> dict:
+    """The run's figures ({name: path}; none with --no-figures or for an interrupted run)."""
     from fastfvae.viz.figures import write_run_figures
 
-    if args.no_figures:
-        return
+    if args.no_figures or result.status != "completed":
+        return {}
     records = read_log(result.out / LOG_NAME) if (result.out / LOG_NAME).exists() else []
-    paths = write_run_figures(result.state.models.vae, result.data, result.out, records)
-    print(f"figures: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return write_run_figures(result.state.models.vae, result.data, result.out, records)
+
+
+def duration(seconds: float) -> str:
+    """``4.2 s``, ``3 min 07 s``, ``2 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def summary_lines(cfg: TrainConfig, result: RunResult, figures: dict, total_s: float) -> list[str]:
+    """What a finished run prints: how long it took, the checkpoint, the figures to open."""
+    start = result.state.step - result.steps_run
+    what = f"for {result.state.step} steps" if start == 0 else f"from step {start} to {result.state.step}"
+    rate = result.steps_run / result.seconds if result.seconds > 0 else float("nan")
+    lines = [f"trained {cfg.model} {what} in {duration(result.seconds)} ({rate:.1f} steps/s; "
+             f"{duration(total_s)} in all with set-up{' and figures' if figures else ''})",
+             f"checkpoint: {result.checkpoint}"]
+    if figures:
+        lines.append(f"figures: {', '.join(str(p) for p in figures.values())}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     cfg = config_from_args(args)
+    if args.resume is not None and not checkpoint_path(args.resume).exists():
+        print(f"fastfvae: {checkpoint_path(args.resume).parent} has no checkpoint (its run stopped before the "
+              f"first one): starting it again from step 0 with its config.json", file=sys.stderr)
     data = training_data(cfg)
+    figures: dict = {}
+
+    def finish(result: RunResult) -> None:  # inside the run: the folder is still this process's
+        figures.update(write_outputs(result, args))
+
     try:
         result = run_training(cfg, data=data, resume=args.resume, step_builder=step_builder_for(cfg),
-                              callbacks=callbacks_for(cfg, args, data), progress=not args.no_progress)
+                              callbacks=callbacks_for(cfg, args, data), progress=not args.no_progress,
+                              on_finish=finish)
     except TrainingDiverged as exc:
         print(f"fastfvae: error: {exc}", file=sys.stderr)
         return 1
     step = result.state.step
     if result.status == "interrupted":
-        print(f"fastfvae: interrupted at step {step}; checkpoint saved to {result.checkpoint} "
+        how = "stopped by SIGTERM" if result.stop_signal == signal.SIGTERM else "interrupted"
+        print(f"fastfvae: {how} at step {step}; checkpoint saved to {result.checkpoint} "
               f"(continue with: fastfvae train --resume {result.out})", file=sys.stderr)
-        return 130
-    print(f"trained {cfg.model} for {step} steps; checkpoint: {result.checkpoint}", file=sys.stderr)
-    write_outputs(result, args)
+        return 128 + int(result.stop_signal or signal.SIGINT)
+    for line in summary_lines(cfg, result, figures, time.perf_counter() - t0):
+        print(line, file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,10 @@ Presets (`preset(name)`):
   (dlib permutes the codes of the batch it trains the VAE on). dlib sweeps gamma over
   10..100; gamma stays 35 unless ``--gamma`` is given.
 
+`TrainConfig.validate` checks every field's range (seeds: [0, 2**63), what torch, numpy and
+DALI all take); `check_settings_apply` refuses settings that would do nothing in the chosen
+mode (a fast-path precision/loader with the reference step; a flag of the other model).
+
 The defaults equal ``paper`` except ``d_steps = 1`` (the common choice; the seed notes that
 fewer D updates "work fine"), which makes a default step ~3x cheaper.
 """
@@ -34,6 +38,9 @@ PERM_BATCHES = ("second", "same")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("device", "torch", "dali")
+#: Seeds are in [0, SEED_LIMIT): numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64 and
+#: DALI's pipeline seed is an int64.
+SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -96,7 +103,9 @@ class TrainConfig:
     preset: str | None = None
 
     # --- fast path / evaluation (their semantics live in fastfvae.fast / fastfvae.metrics) ------
-    #: Use the fast compiled step instead of the reference step.
+    #: Use the fast step (fastfvae.fast) instead of the reference step. The CLI turns it on for
+    #: every new run (``--reference`` turns it off); `run_training`'s own default step is the
+    #: reference, so the dataclass default stays False.
     fast: bool = False
     #: Batch loader for the fast path ("device": the bit-packed set resident on the device).
     loader: str = "device"
@@ -135,6 +144,8 @@ class TrainConfig:
             betas = tuple(getattr(self, name))
             if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
                 raise bad(name.replace("_", "-"), betas, "two numbers in [0, 1)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
+            raise bad("seed", self.seed, "an integer in [0, 2**63) (torch, numpy and DALI all take it)")
         if self.batch_size < 2:
             raise bad("batch-size", self.batch_size, ">= 2 (permuting codes across a batch needs 2 rows)")
         minimum = {"z_dim": 1, "fc_dim": 1, "d_hidden": 1, "d_layers": 1, "d_steps": 1, "steps": 0,
@@ -179,6 +190,34 @@ def resume_conflicts(saved: TrainConfig, requested: TrainConfig) -> list[str]:
     in a way a resumed run cannot honour (anything but `RESUMABLE_CHANGES`)."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(requested)
     return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
+
+
+#: Fields that only matter for one model: set explicitly for the other, they would do nothing.
+MODEL_ONLY = {"beta": "betavae", "gamma": "factorvae", "d_steps": "factorvae", "perm_batch": "factorvae"}
+#: Fields that only the fast path reads (the reference step always computes in fp32 from
+#: `DSprites.float_batch`).
+FAST_ONLY = ("precision", "loader")
+
+
+def check_settings_apply(cfg: TrainConfig, given=()) -> None:
+    """FastFVAEError (one line) if a setting would do nothing in ``cfg``'s mode, instead of
+    silently ignoring it: a precision or loader other than the default with the reference step,
+    and, among ``given`` (the fields the user set explicitly), a fast-path field with the
+    reference step or a field of the other model (``beta`` for FactorVAE; ``gamma``,
+    ``d_steps``, ``perm_batch`` for beta-VAE)."""
+    defaults = TrainConfig()
+    if not cfg.fast:
+        for name in FAST_ONLY:
+            value = getattr(cfg, name)
+            explicit = name in given and not (name == "precision" and value == "fp32")
+            if explicit or value != getattr(defaults, name):
+                raise FastFVAEError(f"--{name} {value} only applies to the fast path, and this run uses the "
+                                    f"reference step; drop --{name} or train with --fast")
+    for name, model in MODEL_ONLY.items():
+        if name in given and cfg.model != model:
+            flag = "--" + name.replace("_", "-")
+            raise FastFVAEError(f"{flag} only applies to --model {model}, and this run trains {cfg.model}; "
+                                f"drop {flag} or pass --model {model}")
 
 
 def _paper() -> TrainConfig:

@@ -1,15 +1,29 @@
-"""The training loop: `run_training(cfg)` — set-up, steps, logs, checkpoints, Ctrl-C, NaN guard, resume.
+"""The training loop: `run_training(cfg)` — set-up, steps, logs, checkpoints, signals, NaN guard, resume.
 
 Per step: draw the step's randomness (`draw_step_inputs`: rows from the sampler, noise from
 the run's generator, in the documented order), call the step function (the reference step,
 or the fast path's via ``step_builder``), check the loss is finite, log every
 ``log_every`` steps, checkpoint every ``ckpt_every`` steps and at the end.
 
-- Ctrl-C: the first SIGINT asks the loop to stop after the current step; it then writes a
-  consistent checkpoint and returns ``status="interrupted"``. A second Ctrl-C interrupts at
-  once (KeyboardInterrupt); a checkpoint is then written only if no step was half-done.
-- NaN/inf in the VAE or D loss: `TrainingDiverged`, nothing written, so the last checkpoint
-  on disk is the last good state.
+- One process per run folder: the run holds `RunFolderLock` (an flock on ``<out>/.lock``)
+  from set-up to return; a second run on the same folder gets a one-line FastFVAEError
+  naming the holder's PID. The owner first deletes temporary files that killed writers left.
+- Set-up (data, models, resumed state, step builder) happens before anything is written to
+  the folder: a run that fails there (bad input) leaves nothing behind, not even a folder it
+  created. ``config.json`` is written when training starts and describes the run; a folder
+  whose run stopped before its first checkpoint (killed, double Ctrl-C) holds no run: a new
+  ``train --out`` may use it, and ``--resume`` starts it again from step 0 with its config.
+- Ctrl-C or SIGTERM: the first asks the loop to stop after the current step; it then writes a
+  consistent checkpoint and returns ``status="interrupted"`` (``stop_signal`` says which).
+  A second one interrupts at once (KeyboardInterrupt); a checkpoint is then written only if
+  no step was half-done.
+- NaN/inf guard: the loss every step (or at log time for a step that defers host syncs), and
+  the weights and Adam state of both networks (the fast step's flat buffers included: they
+  are the optimisers' state tensors) at every log line and before every checkpoint, with
+  one reduction per tensor. Either raises `TrainingDiverged` and nothing more is written, so
+  the last checkpoint on disk is the last good state; no checkpoint holds NaN/inf.
+- A checkpoint that cannot be written (disk full) stops the run with a one-line
+  FastFVAEError; the previous checkpoint is intact.
 - Resume: the checkpoint's models, optimisers, generator, sampler, step and global RNG
   states are restored, log lines past the checkpoint are dropped, and the run continues
   exactly as if it had never stopped (bit-exact on CPU).
@@ -30,22 +44,27 @@ import torch
 
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import (
-    CHECKPOINT_NAME, atomic_write_text, capture_rng_states, checkpoint_path, config_of, load_checkpoint,
-    restore_rng_states, save_checkpoint,
+    CHECKPOINT_NAME, CONFIG_NAME, atomic_write_text, capture_rng_states, checkpoint_path, load_resume_point,
+    remove_stale_temp_files, restore_rng_states, restore_state, save_checkpoint,
 )
-from fastfvae.train.config import TrainConfig, resume_conflicts
-from fastfvae.train.progress import IntervalMeter, MetricLog, TrainProgress
+from fastfvae.train.config import TrainConfig, check_settings_apply, resume_conflicts
+from fastfvae.train.lock import RunFolderLock, check_not_in_use
+from fastfvae.train.progress import LOG_NAME, IntervalMeter, MetricLog, TrainProgress
 from fastfvae.train.reference import StepFn, draw_step_inputs, make_reference_step
 from fastfvae.train.state import TrainState, resolve_device
 
-CONFIG_NAME = "config.json"
+#: ``fastfvae.metrics.periodic``'s log of ``--eval-every`` scores (named here to keep the loop light).
+EVAL_LOG_NAME = "eval_log.jsonl"
+#: Files only the folder's owner writes; their temporary files are removed by the next owner.
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME)
 #: Builds a step function for a fresh/restored state: ``builder(state, data) -> StepFn``.
 StepBuilder = Callable[[TrainState, object], StepFn]
 Callback = Callable[[TrainState, dict], None]
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN or inf; the message says at which step and which checkpoint is kept."""
+    """A loss, weight or optimiser state became NaN or inf; the message says at which step and
+    which checkpoint is kept."""
 
 
 @dataclass
@@ -56,6 +75,9 @@ class RunResult:
     checkpoint: Path
     metrics: dict = field(default_factory=dict)  # the last logged interval means
     data: object = None
+    stop_signal: int | None = None   # the signal that stopped an interrupted run (SIGINT, SIGTERM)
+    steps_run: int = 0               # steps this call trained (a resumed run: since the resume)
+    seconds: float = 0.0             # wall time of this call's steps (set-up excluded)
 
 
 def load_training_data(path: str | None):
@@ -66,7 +88,8 @@ def load_training_data(path: str | None):
 
 
 def holds_run(out: Path) -> bool:
-    return (out / CONFIG_NAME).exists() or (out / CHECKPOINT_NAME).exists()
+    """A folder holds a run once it has a checkpoint (before that there is nothing to keep)."""
+    return (out / CHECKPOINT_NAME).exists()
 
 
 def check_out(out: Path, resuming_in_place: bool) -> None:
@@ -74,12 +97,31 @@ def check_out(out: Path, resuming_in_place: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FastFVAEError(f"cannot write to --out {out}: it exists and is not a directory")
     if holds_run(out) and not resuming_in_place:
+        check_not_in_use(out)  # a run still going on there is the better thing to say
         raise FastFVAEError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
     ancestor = out
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise FastFVAEError(f"cannot write to --out {out}: {ancestor} is not a writable directory")
+
+
+def missing_dirs(out: Path) -> list[Path]:
+    """``out`` and those of its ancestors that do not exist yet, deepest first."""
+    missing, d = [], out
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    return missing
+
+
+def remove_dirs(dirs: Sequence[Path]) -> None:
+    """rmdir each of ``dirs`` (deepest first) that is empty; others are left as they are."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def make_out(out: Path) -> None:
@@ -95,39 +137,77 @@ def make_out(out: Path) -> None:
 def make_out_then_load(out: Path, load):
     """Create ``out`` first (an unusable --out fails before the slow load), then return ``load()``.
 
-    If loading fails, a folder this call created (still empty) is removed again: bad input
+    If loading fails, the folders this call created (still empty) are removed again: bad input
     leaves nothing behind.
     """
-    created = not out.exists()
-    make_out(out)
+    created = missing_dirs(out)
     try:
+        make_out(out)
         return load()
     except BaseException:
-        if created:
-            out.rmdir()
+        remove_dirs(created)
         raise
 
 
-class _StopOnSigint:
-    """First SIGINT: set ``requested``; second: raise KeyboardInterrupt. Main thread only."""
+class _StopOnSignals:
+    """First SIGINT or SIGTERM: remember it (``requested``); a second: raise KeyboardInterrupt.
+    Installed from the main thread only (elsewhere signals cannot be handled)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
-    def __enter__(self) -> "_StopOnSigint":
+    def __enter__(self) -> "_StopOnSignals":
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _state_tensors(state: TrainState) -> dict[str, list[torch.Tensor]]:
+    """The weights and the Adam moments of each network, by name. The optimisers' state dicts
+    are the live tensors (views of the fast step's flat buffers where it uses them)."""
+    parts = {}
+    for name, model, opt in (("the VAE", state.models.vae, state.optims.vae),
+                             ("D", state.models.disc, state.optims.disc)):
+        if model is None:
+            continue
+        parts[f"{name}'s weights"] = [p.detach() for p in model.parameters()]
+        parts[f"{name}'s Adam state"] = [t for s in opt.state.values() for k, t in s.items()
+                                         if k != "step" and torch.is_tensor(t) and t.numel()]
+    return parts
+
+
+def nonfinite_state(state: TrainState) -> str | None:
+    """Which part of the weights / optimiser state holds a NaN or inf, or None if all are finite.
+
+    One sum per tensor (a NaN/inf anywhere makes its sum non-finite); only when some sum is not
+    finite are the tensors looked at with min/max (a sum of large finite values may overflow).
+    """
+    parts = _state_tensors(state)
+    tensors = [t for ts in parts.values() for t in ts]
+    if bool(torch.isfinite(torch.stack([t.sum().float() for t in tensors])).all()):
+        return None
+    for name, ts in parts.items():
+        for t in ts:
+            lo, hi = torch.aminmax(t)
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                return name
+    return None
 
 
 def _finite(metrics: dict) -> bool:
@@ -135,28 +215,52 @@ def _finite(metrics: dict) -> bool:
     return bool(torch.isfinite(torch.stack([v.float() for v in values])).all())
 
 
+class _OwnedFolder:
+    """The run folder, created (if missing) and locked; `abandon` undoes both after a failed set-up."""
+
+    def __init__(self, out: Path) -> None:
+        self.created = missing_dirs(out)
+        make_out(out)
+        self.lock = RunFolderLock(out)
+        try:
+            self.lock.acquire()
+        except BaseException:
+            remove_dirs(self.created)
+            raise
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def abandon(self) -> None:
+        self.lock.release()
+        remove_dirs(self.created)
+
+
 def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | None = None,
                  step_builder: StepBuilder | None = None, callbacks: Sequence[Callback] = (),
-                 progress: bool = True, console=None) -> RunResult:
+                 progress: bool = True, console=None,
+                 on_finish: Callable[["RunResult"], None] | None = None) -> RunResult:
     """Train ``cfg`` (resuming from ``resume``, a run folder or checkpoint file, if given).
 
     ``data``: a `DSprites`, or a zero-argument function returning one, called once after ``out``
     is checked (default: ``load_training_data(cfg.data)``). ``step_builder``:
     the step implementation (default: the reference step; the fast path passes its own).
     ``callbacks``: called as ``cb(state, metrics)`` after every step (e.g. periodic evaluation).
-    Bad input raises FastFVAEError before anything is written.
+    ``on_finish``: called with the result while the folder is still this run's (the CLI draws
+    its figures there). Bad input raises FastFVAEError before anything is written.
     """
     cfg.validate()
+    check_settings_apply(cfg)
     out = Path(cfg.out)
     payload = None
     if resume is not None:
-        payload = load_checkpoint(resume)
-        conflicts = resume_conflicts(config_of(payload), cfg)
+        saved_cfg, payload = load_resume_point(resume)
+        conflicts = resume_conflicts(saved_cfg, cfg)
         if conflicts:
             raise FastFVAEError(f"cannot resume {checkpoint_path(resume)}: it was trained with different "
                                 f"{', '.join(conflicts)}; resume with its own settings or start a new run")
-        done = int(payload["state"]["step"])
-        if done >= cfg.steps:
+        done = int(payload["state"]["step"]) if payload is not None else 0
+        if done >= cfg.steps and payload is not None:
             raise FastFVAEError(f"the checkpoint is already at step {done} of --steps {cfg.steps}; "
                                 f"pass a larger --steps to train further")
     in_place = resume is not None and out.resolve() == checkpoint_path(resume).parent.resolve()
@@ -166,46 +270,93 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         if cfg.fast:
             raise FastFVAEError("cfg.fast needs the fast path's step_builder (the CLI passes it)")
         step_builder = make_reference_step
-    if data is None or callable(data):
-        data = make_out_then_load(out, (lambda: load_training_data(cfg.data)) if data is None else data)
-    else:
-        make_out(out)
 
-    state = TrainState.create(cfg, len(data), device)
+    with _StopOnSignals() as stop:
+        folder = _OwnedFolder(out)
+        try:
+            check_out(out, in_place)  # again, as the owner: another run may have finished here meanwhile
+            remove_stale_temp_files(out, RUN_FILES)
+            if data is None:
+                data = load_training_data(cfg.data)
+            elif callable(data):
+                data = data()
+            state = TrainState.create(cfg, len(data), device)
+            if payload is not None:
+                restore_state(state, payload, checkpoint_path(resume))
+                restore_rng_states(payload["rng"])
+            step_fn = step_builder(state, data)
+        except BaseException:
+            folder.abandon()
+            raise
+        try:
+            result = _train(cfg, out, state, step_fn, data, payload, in_place, callbacks, stop,
+                            progress, console)
+            if on_finish is not None:
+                on_finish(result)
+            return result
+        finally:
+            folder.release()
+
+
+def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data, payload, in_place: bool,
+           callbacks: Sequence[Callback], stop: _StopOnSignals, progress: bool, console) -> RunResult:
+    """The steps of `run_training`, in the folder it owns, from the restored (or fresh) state."""
     log = MetricLog(out)
     elapsed0 = 0.0
     if payload is not None:
-        state.load_state_dict(payload["state"])
-        restore_rng_states(payload["rng"])
         elapsed0 = float(payload.get("elapsed_s", 0.0))
         log.truncate_after(state.step)
-    elif log.path.exists():
-        log.path.unlink()
+    else:  # a new run, or one started again in a folder its killed first try left
+        for name in (LOG_NAME, EVAL_LOG_NAME):
+            (out / name).unlink(missing_ok=True)
     atomic_write_text(out / CONFIG_NAME, cfg.to_json() + "\n")
-    step_fn = step_builder(state, data)
 
     t_start = time.perf_counter()
+    step0 = state.step
     last = dict(payload.get("metrics", {})) if payload is not None else {}
+    ckpt = checkpoint_path(out)
+    saved_step = state.step if payload is not None and in_place else None  # the checkpoint on disk
 
     def elapsed() -> float:
         return elapsed0 + time.perf_counter() - t_start
 
+    def kept() -> str:
+        return (f"the last good checkpoint is {ckpt} (step {saved_step})" if saved_step is not None
+                else "no checkpoint was written")
+
+    def check_state() -> None:
+        bad = nonfinite_state(state)
+        if bad is not None:
+            raise TrainingDiverged(f"{bad} became NaN/inf (found at step {state.step}; a loss weight too large "
+                                   f"for float32, such as --beta/--gamma 1e30, overflows it); training stopped, "
+                                   f"{kept()}")
+
     def save() -> Path:
-        return save_checkpoint(out, {"config": cfg.to_dict(), "state": state.state_dict(),
-                                     "rng": capture_rng_states(), "elapsed_s": elapsed(), "metrics": last})
+        nonlocal saved_step
+        check_state()
+        try:
+            path = save_checkpoint(out, {"config": cfg.to_dict(), "state": state.state_dict(),
+                                         "rng": capture_rng_states(), "elapsed_s": elapsed(), "metrics": last})
+        except FastFVAEError as exc:
+            raise FastFVAEError(f"{exc}; training stopped at step {state.step}, {kept()}") from None
+        saved_step = state.step
+        return path
 
     def flush_log() -> None:
         nonlocal last
         means, rate = meter.flush()
         last = means
-        log.write({"step": state.step, **means, "steps_per_s": rate, "elapsed_s": elapsed()})
+        try:
+            log.write({"step": state.step, **means, "steps_per_s": rate, "elapsed_s": elapsed()})
+        except FastFVAEError as exc:
+            raise FastFVAEError(f"{exc}; training stopped at step {state.step}, {kept()}") from None
         bar.update(state.step, means, rate)
+        check_state()
 
     meter = IntervalMeter()
     status, mid_step = "completed", False
-    ckpt = checkpoint_path(out)
     try:
-        with _StopOnSigint() as stop, TrainProgress(cfg.steps, state.step, progress, console) as bar:
+        with TrainProgress(cfg.steps, state.step, progress, console) as bar:
             while state.step < cfg.steps:
                 if stop.requested:
                     status = "interrupted"
@@ -223,8 +374,7 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
                 due = (state.step % cfg.log_every == 0 or state.step == cfg.steps or stop.requested
                        or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0))
                 if (due or not deferred) and not _finite(meter.sums if deferred else metrics):
-                    kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
-                    raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept}")
+                    raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept()}")
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     flush_log()
                 else:
@@ -241,5 +391,7 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         status = "interrupted"
         if meter.count:
             flush_log()
+    seconds = time.perf_counter() - t_start
     ckpt = save()
-    return RunResult(state, out, status, ckpt, last, data)
+    stop_signal = (stop.signum or signal.SIGINT) if status == "interrupted" else None
+    return RunResult(state, out, status, ckpt, last, data, stop_signal, state.step - step0, seconds)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import atomic_write_text
 
 LOG_NAME = "train_log.jsonl"
@@ -63,8 +64,12 @@ class MetricLog:
             atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append ``record``; an OSError (disk full) becomes a one-line FastFVAEError."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise FastFVAEError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
 
 def read_log(path: str | Path) -> list[dict]:
