@@ -181,22 +181,6 @@ def test_gradcheck_float64_reference():
         assert torch.autograd.gradcheck(lambda x, w, b: linear_leaky_relu(x, w, b, slope), leaves)
 
 
-@pytest.mark.slow
-def test_gemm_compiles_for_sm90():
-    from ops_backends import compile_for_sm90
-
-    names = ["a_ptr", "b_ptr", "c_ptr", "bias_ptr", "y_ptr", "rowsum_ptr", "M", "N", "K",
-             "s_am", "s_ak", "s_bk", "s_bn", "s_cm", "s_cn", "s_ym", "s_yk", "slope"]
-    variants = []
-    for dt in ("fp32", "fp16", "bf16"):
-        sig = dict(zip(names, [f"*{dt}"] * 6 + ["i32"] * 11 + ["fp32"]))
-        for bias, act, mask, rowsum in [(1, 1, 0, 0), (0, 0, 1, 0), (0, 0, 1, 1)]:
-            variants.append((sig, {"HAS_BIAS": bias, "ACT": act, "MASK_A": mask, "ROWSUM": rowsum,
-                                   "PRECISION": "ieee" if dt == "fp32" else "tf32",
-                                   "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}))
-    compile_for_sm90("mlp", "_gemm_kernel", variants)
-
-
 def test_cpu_reference_matches_eager_bit_for_bit():
     """On CPU the fused discriminator is eager torch's arithmetic: logits and all gradients equal."""
     torch.manual_seed(3)
