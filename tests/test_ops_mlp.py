@@ -267,3 +267,16 @@ def test_autocast_reaches_the_compiled_fused_step_discriminator():
             assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in disc.parameters())
     finally:
         torch._dynamo.reset()
+
+
+def test_autotuner_prunes_to_the_launch_operand_kind():
+    """The GPU autotuner only tries the configs of the launch's kind (each kind's list is the
+    spill-free one tests/test_kernels_sm90.py checks): fp32 FMA, fp32 as TF32, 16-bit."""
+    from fastfvae.kernels import mlp
+
+    cases = [("ieee", torch.float32, mlp._CONFIGS_IEEE), ("tf32", torch.float32, mlp._CONFIGS_TF32),
+             ("tf32", torch.bfloat16, mlp._CONFIGS_16BIT), ("tf32", torch.float16, mlp._CONFIGS_16BIT)]
+    for precision, dtype, expected in cases:
+        kept = mlp._prune(mlp._ALL_CONFIGS, {"a_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
+        assert len(kept) == len(expected) and all(a is b for a, b in zip(kept, expected)), (precision, dtype)
+    assert mlp.fixed_config("ieee") is not mlp.fixed_config("tf32")
