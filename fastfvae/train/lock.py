@@ -65,9 +65,12 @@ def check_not_in_use(folder: str | os.PathLike) -> None:
     except OSError:
         return  # no lock file (or none readable): no run holds the folder
     try:
-        if not _flock_within(fd, fcntl.LOCK_SH, PROBE_GRACE_S):
+        free = _flock_within(fd, fcntl.LOCK_SH, PROBE_GRACE_S)
+        if not free:
             raise _in_use(folder, fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        return  # no flock on this file system: `RunFolderLock.acquire` will say so
     finally:
         os.close(fd)
 
@@ -91,7 +94,12 @@ class RunFolderLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise FastFVAEError(f"cannot lock run folder {self.folder}: {exc.strerror or exc}") from None
-            if not _flock_within(fd, fcntl.LOCK_EX, PROBE_GRACE_S):
+            try:
+                free = _flock_within(fd, fcntl.LOCK_EX, PROBE_GRACE_S)
+            except OSError as exc:  # a file system without flock (ENOLCK)
+                os.close(fd)
+                raise FastFVAEError(f"cannot lock run folder {self.folder}: {exc.strerror or exc}") from None
+            if not free:
                 error = _in_use(self.folder, fd)
                 os.close(fd)
                 raise error
