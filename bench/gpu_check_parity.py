@@ -37,7 +37,7 @@ LOSSES = ("loss", "recon", "kl", "tc", "d_loss")
 
 def tolerances(steps: int, lr: float) -> dict[str, tuple[float, float]]:
     """mode -> (loss rtol, parameter atol). Losses: fp32 on the GPU 1e-3 (cuDNN/cuBLAS algorithm
-    choice and atomics; the README's parity table), bf16 `PARITY_RTOL` (8 mantissa bits), TF32 the
+    choice and atomics; docs/fast-path.md, "Parity"), bf16 `PARITY_RTOL` (8 mantissa bits), TF32 the
     bf16 tolerance scaled by the ratio of unit round-offs (2^-8 / 2^-10 = 4). Parameters: Adam
     moves one by at most ~lr a step, so ``steps * lr`` in every mode."""
     params = steps * lr
