@@ -135,6 +135,27 @@ def test_a_second_run_started_during_a_run_is_refused_and_changes_nothing(tmp_pa
     _same_run(out, tmp_path / "solo")
 
 
+def test_a_resume_continues_from_the_checkpoint_saved_while_it_waited(tmp_path, monkeypatch):
+    """A resume reads the checkpoint before it owns the folder; if the run that owned it saved
+    again in between (and finished), the resume continues from that newer checkpoint, not the
+    one it read first (which would throw the newer steps away)."""
+    data, out = small_dsprites(256), tmp_path / "run"
+    cfg = TrainConfig(steps=2, out=str(out), **SMALL)
+    run_training(cfg, data=data, progress=False)
+    claim = loop._OwnedFolder
+
+    def the_other_run_finishes_first(folder):
+        monkeypatch.setattr(loop, "_OwnedFolder", claim)
+        run_training(cfg.replace(steps=4), data=data, progress=False, resume=out)  # saves step 4
+        return claim(folder)
+
+    monkeypatch.setattr(loop, "_OwnedFolder", the_other_run_finishes_first)
+    resumed = run_training(cfg.replace(steps=6), data=data, progress=False, resume=out)
+    assert resumed.steps_run == 2 and resumed.state.step == 6
+    straight = run_training(cfg.replace(steps=6, out=str(tmp_path / "straight")), data=data, progress=False)
+    _same_run(out, straight.out)
+
+
 def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
     """A writer that starts while another is writing must not truncate or rename the other's file."""
     path = tmp_path / "checkpoint.pt"

@@ -236,6 +236,29 @@ class _OwnedFolder:
         remove_dirs(self.created)
 
 
+def resume_point(cfg: TrainConfig, resume: str | os.PathLike) -> dict | None:
+    """The checkpoint payload to continue from (None: the folder's run never checkpointed, it
+    starts again from step 0); FastFVAEError if ``cfg`` cannot continue it."""
+    saved_cfg, payload = load_resume_point(resume)
+    conflicts = resume_conflicts(saved_cfg, cfg)
+    if conflicts:
+        raise FastFVAEError(f"cannot resume {checkpoint_path(resume)}: it was trained with different "
+                            f"{', '.join(conflicts)}; resume with its own settings or start a new run")
+    if payload is not None and int(payload["state"]["step"]) >= cfg.steps:
+        raise FastFVAEError(f"the checkpoint is already at step {payload['state']['step']} of --steps "
+                            f"{cfg.steps}; pass a larger --steps to train further")
+    return payload
+
+
+def _file_identity(path: Path) -> tuple | None:
+    """(inode, size, mtime) of ``path``, None if absent: every checkpoint save is a new inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | None = None,
                  step_builder: StepBuilder | None = None, callbacks: Sequence[Callback] = (),
                  progress: bool = True, console=None,
@@ -252,17 +275,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
     cfg.validate()
     check_settings_apply(cfg)
     out = Path(cfg.out)
-    payload = None
-    if resume is not None:
-        saved_cfg, payload = load_resume_point(resume)
-        conflicts = resume_conflicts(saved_cfg, cfg)
-        if conflicts:
-            raise FastFVAEError(f"cannot resume {checkpoint_path(resume)}: it was trained with different "
-                                f"{', '.join(conflicts)}; resume with its own settings or start a new run")
-        done = int(payload["state"]["step"]) if payload is not None else 0
-        if done >= cfg.steps and payload is not None:
-            raise FastFVAEError(f"the checkpoint is already at step {done} of --steps {cfg.steps}; "
-                                f"pass a larger --steps to train further")
+    payload = resume_point(cfg, resume) if resume is not None else None
+    resumed_file = _file_identity(checkpoint_path(resume)) if resume is not None else None
     in_place = resume is not None and out.resolve() == checkpoint_path(resume).parent.resolve()
     check_out(out, in_place)
     device = resolve_device(cfg.device)
@@ -275,6 +289,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         folder = _OwnedFolder(out)
         try:
             check_out(out, in_place)  # again, as the owner: another run may have finished here meanwhile
+            if resume is not None and _file_identity(checkpoint_path(resume)) != resumed_file:
+                payload = resume_point(cfg, resume)  # a run that held the folder saved again meanwhile
             remove_stale_temp_files(out, RUN_FILES)
             if data is None:
                 data = load_training_data(cfg.data)
