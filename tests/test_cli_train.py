@@ -225,3 +225,18 @@ def test_traverse_checks_out_before_loading_data_and_leaves_nothing(existing_run
                  "--out", str(tmp_path / "figs")]) == 2
     assert "not a dSprites file" in capsys.readouterr().err
     assert not (tmp_path / "figs").exists()  # the folder made for the figures is removed again
+
+
+def test_quickstart_preset_trains_on_the_fast_bf16_step_and_says_what_to_open(tmp_path, capsys):
+    """The README's first command, shortened: the preset's settings reach the run (config.json),
+    and the summary names the figures and the time taken."""
+    import json
+
+    out = tmp_path / "first"
+    assert main(["train", "--preset", "quickstart", "--steps", "2", "--batch-size", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["preset"], saved["fast"], saved["precision"], saved["vae_lr"], saved["d_lr"]) == (
+        "quickstart", True, "bf16", 3e-4, 1e-3)
+    err = capsys.readouterr().err
+    assert "steps/s" in err and str(out / "traversals.png") in err

@@ -16,12 +16,21 @@ def test_defaults_are_the_papers():
 
 
 def test_presets():
-    assert set(PRESETS) == {"paper", "dlib"}
+    assert set(PRESETS) == {"paper", "dlib", "quickstart"}
     paper, dlib = preset("paper"), preset("dlib")
     assert paper.d_steps == 5 and paper.perm_batch == "second" and paper.gamma == 35.0
     assert dlib.perm_batch == "same" and dlib.fc_dim == 256 and dlib.batch_size == 64 and dlib.steps == 300_000
     with pytest.raises(FastFVAEError, match="unknown preset 'x'"):
         preset("x")
+
+
+def test_quickstart_is_the_papers_model_with_its_documented_changes():
+    """Only the fields docs/training.md lists differ from the paper's defaults."""
+    quick, paper = preset("quickstart").validate(), TrainConfig()
+    changed = {k for k, v in quick.to_dict().items() if v != paper.to_dict()[k]}
+    assert changed == {"steps", "perm_batch", "vae_lr", "d_lr", "fast", "precision", "ckpt_every", "preset"}
+    assert (quick.steps, quick.vae_lr, quick.d_lr, quick.precision) == (5000, 3e-4, 1e-3, "bf16")
+    assert (quick.model, quick.gamma, quick.batch_size, quick.z_dim) == ("factorvae", 35.0, 64, 10)
 
 
 @pytest.mark.parametrize("change,match", [
