@@ -28,9 +28,9 @@ def test_quickstart_is_the_papers_model_with_its_documented_changes():
     """Only the fields docs/training.md lists differ from the paper's defaults."""
     quick, paper = preset("quickstart").validate(), TrainConfig()
     changed = {k for k, v in quick.to_dict().items() if v != paper.to_dict()[k]}
-    assert changed == {"steps", "perm_batch", "vae_lr", "d_lr", "fast", "precision", "ckpt_every", "preset"}
-    assert (quick.steps, quick.vae_lr, quick.d_lr, quick.precision) == (5000, 3e-4, 1e-3, "bf16")
-    assert (quick.model, quick.gamma, quick.batch_size, quick.z_dim) == ("factorvae", 35.0, 64, 10)
+    assert changed == {"gamma", "steps", "perm_batch", "vae_lr", "d_lr", "fast", "precision", "ckpt_every", "preset"}
+    assert (quick.gamma, quick.steps, quick.vae_lr, quick.d_lr, quick.precision) == (50.0, 5000, 3e-4, 1e-3, "bf16")
+    assert (quick.model, quick.batch_size, quick.z_dim, quick.d_steps) == ("factorvae", 64, 10, 1)
 
 
 @pytest.mark.parametrize("change,match", [
