@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +110,96 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
         load_checkpoint(bogus)
     with pytest.raises(FastFVAEError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+def _recording(builder, seen, *, own_noise=False, stacked=False, defers_sync=False):
+    """A reference step that records its inputs; ``own_noise``: it declares ``draws_own_noise``
+    and draws eps/keys from the global CPU generator (which checkpoints save, as they save the
+    CUDA generator a graphed step draws from); ``stacked``: it returns `StackedMetrics`."""
+    from fastfvae.train.progress import StackedMetrics
+
+    def build(state, data):
+        inner = builder(state, data)
+        cfg, second = state.cfg, state.cfg.perm_batch == "second"
+        b, z = cfg.batch_size, cfg.z_dim
+
+        def step(inputs):
+            seen.append(inputs)
+            if own_noise:
+                inputs = inputs._replace(eps=torch.randn(b, z), eps2=torch.randn(b, z) if second else None,
+                                         keys=torch.rand(cfg.d_steps, b, z))
+            metrics = inner(inputs)
+            return StackedMetrics(torch.stack(list(metrics.values())), metrics) if stacked else metrics
+
+        step.draws_own_noise, step.defers_sync = own_noise, defers_sync
+        return step
+
+    return build
+
+
+def test_a_step_drawing_its_own_noise_gets_the_same_rows_and_no_host_noise(tmp_path):
+    from fastfvae.train.reference import make_reference_step
+    from fastfvae.train.state import TrainState
+
+    data, cfg = small_dsprites(), TrainConfig(steps=4, d_steps=2, **SMALL)
+    host, own = [], []
+    run_training(cfg.replace(out=str(tmp_path / "host")), data=data, progress=False,
+                 step_builder=_recording(make_reference_step, host))
+    result = run_training(cfg.replace(out=str(tmp_path / "own")), data=data, progress=False,
+                          step_builder=_recording(make_reference_step, own, own_noise=True))
+    assert all(i.eps is None and i.eps2 is None and i.keys is None for i in own)
+    assert all(h.eps is not None and h.eps2 is not None and h.keys is not None for h in host)
+    for h, o in zip(host, own, strict=True):  # the sampler's order: the same batches
+        assert np.array_equal(h.rows, o.rows) and np.array_equal(h.rows2, o.rows2)
+    fresh = TrainState.create(cfg, len(data)).generator.get_state()
+    assert torch.equal(result.state.generator.get_state(), fresh)  # the host generator never drew
+
+
+def test_a_step_drawing_its_own_noise_resumes_bit_exact(tmp_path):
+    from fastfvae.train.reference import make_reference_step
+
+    data, base = small_dsprites(), TrainConfig(steps=6, d_steps=2, **SMALL)
+    straight_seen, resumed_seen = [], []
+    straight = run_training(base.replace(out=str(tmp_path / "a")), data=data, progress=False,
+                            step_builder=_recording(make_reference_step, straight_seen, own_noise=True))
+
+    def ctrl_c_at_3(state, metrics):
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out_b = str(tmp_path / "b")
+    first = run_training(base.replace(out=out_b), data=data, progress=False, callbacks=[ctrl_c_at_3],
+                         step_builder=_recording(make_reference_step, [], own_noise=True))
+    assert first.state.step == 3
+    resumed = run_training(base.replace(out=out_b), data=data, progress=False, resume=out_b,
+                           step_builder=_recording(make_reference_step, resumed_seen, own_noise=True))
+    assert _equal(_params(straight), _params(resumed))
+    for s, r in zip(straight_seen[3:], resumed_seen, strict=True):
+        assert np.array_equal(s.rows, r.rows) and np.array_equal(s.rows2, r.rows2)
+
+
+def _without_timing(path):
+    return [{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")} for r in read_log(path)]
+
+
+@pytest.mark.parametrize("model", ["factorvae", "betavae"])
+def test_stacked_metrics_log_the_same_lines(tmp_path, model):
+    from fastfvae.train.reference import make_reference_step
+
+    data, cfg = small_dsprites(), TrainConfig(model=model, steps=5, **{**SMALL, "log_every": 2})
+    for name, stacked in (("plain", False), ("stacked", True)):
+        run_training(cfg.replace(out=str(tmp_path / name)), data=data, progress=False,
+                     step_builder=_recording(make_reference_step, [], stacked=stacked))
+    plain, stacked = (_without_timing(tmp_path / n / "train_log.jsonl") for n in ("plain", "stacked"))
+    assert [r["step"] for r in plain] == [2, 4, 5] and plain == stacked
+
+
+def test_deferred_stacked_metrics_still_stop_on_nan(tmp_path):
+    """The loop's NaN injection replaces an entry of the step's StackedMetrics: the deferred
+    check (over the meter's sums) must see it at the next log step."""
+    from fastfvae.train.reference import make_reference_step
+
+    cfg = TrainConfig(steps=8, out=str(tmp_path / "nan"), debug_nan_at_step=2, **{**SMALL, "log_every": 4})
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        run_training(cfg, data=small_dsprites(), progress=False,
+                     step_builder=_recording(make_reference_step, [], stacked=True, defers_sync=True))

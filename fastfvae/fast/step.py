@@ -98,6 +98,12 @@ class FastOptions:
         return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise,
                        by_hand=by_hand)
 
+    @property
+    def draws_own_noise(self) -> bool:
+        """True (resolved options) when the step draws eps/keys inside the CUDA graph: the loop
+        then draws no host noise for it."""
+        return bool(self.cuda_graph) and self.noise == "device"
+
 
 class FastStep:
     """The fast step for one `TrainState`. Call with `StepInputs`; returns 0-dim metric tensors."""
@@ -138,6 +144,8 @@ class FastStep:
         self._graph = None
         #: True when metrics must not be read every step (the loop checks them at log time).
         self.defers_sync = bool(opts.cuda_graph)
+        #: True when the step ignores the inputs' eps/eps2/keys (the loop then draws rows only).
+        self.draws_own_noise = opts.draws_own_noise
         if opts.cuda_graph:
             from fastfvae.fast.graph import GraphedStep
             from fastfvae.train.state import noise_seed

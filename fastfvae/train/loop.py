@@ -1,9 +1,10 @@
 """The training loop: `run_training(cfg)` — set-up, steps, logs, checkpoints, signals, NaN guard, resume.
 
 Per step: draw the step's randomness (`draw_step_inputs`: rows from the sampler, noise from
-the run's generator, in the documented order), call the step function (the reference step,
-or the fast path's via ``step_builder``), check the loss is finite, log every
-``log_every`` steps, checkpoint every ``ckpt_every`` steps and at the end.
+the run's generator, in the documented order; the rows only for a step whose
+``draws_own_noise`` is true), call the step function (the reference step, or the fast path's
+via ``step_builder``), check the loss is finite, log every ``log_every`` steps, checkpoint
+every ``ckpt_every`` steps and at the end.
 
 - One process per run folder: the run holds `RunFolderLock` (an flock on ``<out>/.lock``)
   from set-up to return; a second run on the same folder gets a one-line FastFVAEError
@@ -26,7 +27,11 @@ or the fast path's via ``step_builder``), check the loss is finite, log every
   FastFVAEError; the previous checkpoint is intact.
 - Resume: the checkpoint's models, optimisers, generator, sampler, step and global RNG
   states are restored, log lines past the checkpoint are dropped, and the run continues
-  exactly as if it had never stopped (bit-exact on CPU).
+  exactly as if it had never stopped (bit-exact on CPU). A step that draws its own noise
+  (CUDA graph, noise="device") takes it from the CUDA generator, whose state the checkpoint
+  holds (``rng["torch_cuda"]``); the run's host generator then stays at its seed, so a resumed
+  run continues with the same rows and its device noise from the saved CUDA generator state. Such runs are not
+  bit-identical to the host stream's (a different generator), with or without a resume.
 """
 
 from __future__ import annotations
@@ -370,6 +375,9 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
         check_state()
 
     meter = IntervalMeter()
+    # A step that draws its noise on the device (the CUDA graph's noise="device") gets the rows
+    # only: the sampler advances as always (same batches), the host generator not at all.
+    host_noise = not getattr(step_fn, "draws_own_noise", False)
     status, mid_step = "completed", False
     try:
         with TrainProgress(cfg.steps, state.step, progress, console) as bar:
@@ -378,7 +386,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                     status = "interrupted"
                     break
                 mid_step = True
-                metrics = step_fn(draw_step_inputs(cfg, state.sampler, state.generator))
+                metrics = step_fn(draw_step_inputs(cfg, state.sampler, state.generator, noise=host_noise))
                 state.step += 1
                 mid_step = False
                 if cfg.debug_nan_at_step == state.step:

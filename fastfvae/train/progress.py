@@ -28,26 +28,78 @@ LOG_NAME = "train_log.jsonl"
 METRIC_KEYS = ("loss", "recon", "kl", "tc", "d_loss", "d_acc")
 
 
+class StackedMetrics(dict):
+    """A step's metrics as views of one stacked vector: ``metrics[name] == values[i]``.
+
+    A CUDA step produces its metrics as one vector (one clone per step); `IntervalMeter` adds
+    that vector in one operation instead of one small kernel per metric. It is a plain dict
+    for everything else (callbacks, the loop). Assigning a key (the loop's ``debug_nan_at_step``
+    injection) detaches the dict from the vector, so the meter then adds the entries one by one
+    and sees the assigned value.
+    """
+
+    def __init__(self, values: torch.Tensor, names) -> None:
+        names = tuple(names)
+        if values.shape != (len(names),):
+            raise ValueError(f"stacked metrics: {len(names)} names for a vector of shape {tuple(values.shape)}")
+        super().__init__((k, values[i]) for i, k in enumerate(names))
+        self.values: torch.Tensor | None = values
+        self.names = names
+
+    def __setitem__(self, key, value) -> None:
+        self.values = None
+        super().__setitem__(key, value)
+
+
 class IntervalMeter:
-    """Sums per-step metric tensors (no device sync) and turns them into interval means."""
+    """Sums per-step metric tensors (no device sync) and turns them into interval means.
+
+    A `StackedMetrics` step is added as one vector (one device operation a step); any other
+    dict entry by entry. Both give the same float32 sums, element for element, in the same
+    order, so the means (and the JSONL log) do not depend on which form a step returned.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, torch.Tensor] = {}
+        self._vector: torch.Tensor | None = None
+        self._names: tuple[str, ...] = ()
         self.count = 0
         self.t0 = time.perf_counter()
 
     def add(self, metrics: dict) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = v.detach().float() if k not in self.sums else self.sums[k] + v.detach().float()
+        vector = getattr(metrics, "values", None) if isinstance(metrics, StackedMetrics) else None
+        if vector is not None and (self._vector is None or metrics.names == self._names):
+            vector = vector.detach().float()
+            # out of place: the first step's vector is kept as it is, never written to
+            self._vector = vector if self._vector is None else self._vector + vector
+            self._names = metrics.names
+        else:
+            for k, v in metrics.items():
+                v = v.detach().float()
+                self._entries[k] = v if k not in self._entries else self._entries[k] + v
         self.count += 1
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The interval's sum of each metric (0-dim tensors, still on the device)."""
+        sums = dict(self._entries)
+        if self._vector is not None:
+            for i, k in enumerate(self._names):
+                sums[k] = self._vector[i] if k not in sums else sums[k] + self._vector[i]
+        return sums
 
     def flush(self) -> tuple[dict, float]:
         """(means as floats, None for metrics never seen; steps/s over the interval), then reset."""
         now = time.perf_counter()
         n = max(self.count, 1)
-        means = {k: (float(self.sums[k]) / n if k in self.sums else None) for k in METRIC_KEYS}
+        sums = self.sums
+        seen = [k for k in METRIC_KEYS if k in sums]
+        # one device-to-host read for all of them (float() per metric would be one sync each)
+        totals = dict(zip(seen, torch.stack([sums[k] for k in seen]).tolist())) if seen else {}
+        means = {k: (totals[k] / n if k in totals else None) for k in METRIC_KEYS}
         rate = self.count / max(now - self.t0, 1e-9)
-        self.sums, self.count, self.t0 = {}, 0, now
+        self._entries, self._vector, self._names = {}, None, ()
+        self.count, self.t0 = 0, now
         return means, rate
 
 

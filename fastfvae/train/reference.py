@@ -48,13 +48,15 @@ class StepInputs(NamedTuple):
 
     rows: np.ndarray                 # int64 [B]
     rows2: np.ndarray | None         # int64 [B] (perm_batch="second" only)
-    eps: torch.Tensor                # float32 [B, z], CPU
+    eps: torch.Tensor | None         # float32 [B, z], CPU (None: the step draws its own noise)
     eps2: torch.Tensor | None        # float32 [B, z], CPU (perm_batch="second" only)
     keys: torch.Tensor | None        # float32 [d_steps, B, z], CPU (factorvae only)
 
 
 #: A built step: takes the step's random inputs, updates the models in place, returns metrics
-#: (0-dim tensors: loss, recon, kl, and for FactorVAE tc, d_loss, d_acc).
+#: (0-dim tensors: loss, recon, kl, and for FactorVAE tc, d_loss, d_acc). The loop reads two
+#: optional attributes: ``defers_sync`` (check the loss only when it reads back anyway) and
+#: ``draws_own_noise`` (the step ignores eps/eps2/keys: the loop draws the rows only).
 StepFn = Callable[[StepInputs], dict]
 
 
@@ -62,12 +64,19 @@ def uses_second_batch(cfg: TrainConfig) -> bool:
     return cfg.model == "factorvae" and cfg.perm_batch == "second"
 
 
-def draw_step_inputs(cfg: TrainConfig, sampler, generator: torch.Generator) -> StepInputs:
-    """Draw one step's randomness, in the documented order, from the sampler and the generator."""
+def draw_step_inputs(cfg: TrainConfig, sampler, generator: torch.Generator, noise: bool = True) -> StepInputs:
+    """Draw one step's randomness, in the documented order, from the sampler and the generator.
+
+    ``noise=False`` (a step that draws its own noise on the device, ``draws_own_noise``): the
+    rows only, eps/eps2/keys None. The sampler advances exactly as with ``noise=True`` (same
+    batches); the generator does not advance at all.
+    """
     b, z = cfg.batch_size, cfg.z_dim
     second = uses_second_batch(cfg)
     rows = sampler.next_rows()
     rows2 = sampler.next_rows() if second else None
+    if not noise:
+        return StepInputs(rows, rows2, None, None, None)
     eps = torch.randn(b, z, generator=generator)
     eps2 = torch.randn(b, z, generator=generator) if second else None
     keys = torch.rand(cfg.d_steps, b, z, generator=generator) if cfg.model == "factorvae" else None
