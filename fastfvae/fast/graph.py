@@ -8,6 +8,12 @@ forward/backward, the D updates and both fused, capturable Adam updates. A step 
 few small host-to-device copies of the step's inputs and ``graph.replay()``: no host
 synchronisation, metrics stay on the device (one clone per step) until the loop logs them.
 
+Host work per step: the batch rows (and with ``noise="host"`` the noise) reach the graph's
+static inputs through `StagedInputs`, one host-to-device copy per dtype from reusable pinned
+buffers; the metrics come back as one `StackedMetrics` vector, which the loop's meter adds
+in one operation. With ``noise="device"`` the step says ``draws_own_noise`` and the loop draws
+no host noise for it.
+
 Noise: ``noise="host"`` copies the reference's host-drawn eps/keys into the graph (parity
 with the reference stream); ``noise="device"`` draws them inside the graph from the CUDA
 default generator (graph-safe Philox; seeded from the run seed), which is the fast default.
@@ -15,17 +21,99 @@ default generator (graph-safe Philox; seeded from the run seed), which is the fa
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
+import numpy as np
 import torch
 
 WARMUP_STEPS = 3
+#: Pinned staging slots per input group (see `StagedInputs`).
+STAGING_DEPTH = 4
 
 
-def _metric_keys() -> tuple[str, ...]:
-    """The loop's metric names, imported when a graph is built: `fastfvae.train.progress` needs
-    ``rich``, and importing this module (the op tests do) must not."""
-    from fastfvae.train.progress import METRIC_KEYS
+def _metric_api():
+    """The loop's metric names and `StackedMetrics`, imported when a graph is built:
+    `fastfvae.train.progress` needs ``rich``, and importing this module (the op tests do)
+    must not."""
+    from fastfvae.train.progress import METRIC_KEYS, StackedMetrics
 
-    return METRIC_KEYS
+    return METRIC_KEYS, StackedMetrics
+
+
+def _copy_non_blocking(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src, non_blocking=True)
+
+
+class StagedInputs:
+    """Static device tensors of one dtype, filled each step from host values with one copy.
+
+    The tensors (`views`) are views of one flat device buffer, so a load is one host-to-device
+    copy whatever their number: the host values are written into a pinned host buffer of the
+    same layout (numpy assignments, no torch dispatch), then the whole buffer is copied with
+    ``non_blocking=True``. Pinned buffers are allocated once, ``depth`` of them, and reused in
+    turn (``Tensor.pin_memory()`` per input per step allocated a pinned block and copied into it
+    for every input of every step).
+
+    The hazard: a non-blocking copy reads its pinned source when the stream reaches it, which
+    may be several steps after `load` returned (the host queues replays ahead of the GPU).
+    Writing new values into that buffer before then would change what the queued copy
+    delivers. So each load records an event after its copy, and a buffer is written again
+    only after its event has completed (``event.synchronize()``). Why a ring of several
+    buffers rather than one buffer synchronised before each reuse: with one, step n waits for
+    step n-1's copy, which runs only after the GPU finished replay n-2, so the host can never
+    queue more than one replay ahead and any pause of the host (a log line, garbage
+    collection) idles the GPU. With ``depth`` buffers step n waits for replay n-depth-1 and
+    ``depth`` replays stay queued; a deeper ring costs only its few kilobytes of pinned memory.
+
+    ``pin``, ``new_event`` and ``copy`` default to the CUDA behaviour for a CUDA ``device``
+    (on CPU copies are synchronous: no pinning, no events); tests pass fakes for them.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device, depth: int = STAGING_DEPTH,
+                 pin: bool | None = None, new_event: Callable[[], object] | None = None,
+                 copy: Callable[[torch.Tensor, torch.Tensor], None] = _copy_non_blocking) -> None:
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        self.shapes = [tuple(int(n) for n in shape) for shape in shapes]
+        sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.spans = [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+        self.dtype, self.depth = dtype, depth
+        self.flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        self.views = [self.flat[o:o + n].view(shape) for (o, n), shape in zip(self.spans, self.shapes)]
+        self._pin = cuda if pin is None else pin
+        self._new_event = (torch.cuda.Event if cuda else None) if new_event is None else new_event
+        self._copy = copy
+        self._buffers: list[torch.Tensor | None] = [None] * depth  # pinned host buffers, made on first use
+        self._parts: list[list[np.ndarray] | None] = [None] * depth  # numpy views of each, one per input
+        self._events: list[object | None] = [None] * depth  # recorded after the copy out of each
+        self._next = 0
+
+    def _slot(self, i: int) -> list[np.ndarray]:
+        if self._buffers[i] is None:
+            buf = torch.empty(self.flat.numel(), dtype=self.dtype, pin_memory=self._pin)
+            flat = buf.numpy()
+            self._buffers[i] = buf
+            self._parts[i] = [flat[o:o + n].reshape(shape) for (o, n), shape in zip(self.spans, self.shapes)]
+        elif self._events[i] is not None:
+            self._events[i].synchronize()  # the copy that last read this buffer has run
+        return self._parts[i]
+
+    def load(self, values: Sequence) -> None:
+        """Copy ``values`` (numpy arrays or CPU tensors, one per view, in order) to the views."""
+        if len(values) != len(self.shapes):
+            raise ValueError(f"{len(values)} values for {len(self.shapes)} staged inputs")
+        i = self._next
+        self._next = (i + 1) % self.depth
+        for part, value in zip(self._slot(i), values):
+            value = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if value.shape != part.shape:
+                raise ValueError(f"a staged input of shape {part.shape} got shape {value.shape}")
+            part[...] = value
+        self._copy(self.flat, self._buffers[i])
+        if self._new_event is not None:
+            if self._events[i] is None:
+                self._events[i] = self._new_event()
+            self._events[i].record()
 
 
 def snapshot(params, optimizers) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -55,18 +143,29 @@ def restore(saved, optimizers, params) -> None:
 
 class GraphedStep:
     def __init__(self, step, noise: str = "device", warmup: int = WARMUP_STEPS) -> None:
+        self._bind(step, noise)
+        self._capture(warmup)
+
+    def _bind(self, step, noise: str) -> None:
+        """The static inputs on the step's device (no CUDA needed: the tests bind on CPU)."""
         cfg, dev = step.cfg, step.device
         b, z = cfg.batch_size, cfg.z_dim
         self.step, self.noise = step, noise
-        self.metric_keys = _metric_keys()
-        self.rows = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.rows2 = torch.zeros(b, dtype=torch.int64, device=dev) if step.second else None
-        self.eps = torch.zeros(b, z, device=dev)
-        self.eps2 = torch.zeros(b, z, device=dev) if step.second else None
-        self.keys = torch.zeros(cfg.d_steps, b, z, device=dev) if step.factorvae else None
+        self.metric_keys, self._stacked = _metric_api()
+        self.row_inputs = StagedInputs([(b,)] * (2 if step.second else 1), torch.int64, dev)
+        self.rows, self.rows2 = (self.row_inputs.views + [None])[:2]
+        noise_shapes = [(b, z)] * (2 if step.second else 1) + ([(cfg.d_steps, b, z)] if step.factorvae else [])
+        self.noise_inputs = StagedInputs(noise_shapes, torch.float32, dev)
+        views = iter(self.noise_inputs.views)
+        self.eps = next(views)
+        self.eps2 = next(views) if step.second else None
+        self.keys = next(views) if step.factorvae else None
         self.images = None if step._batches.kind == "device" else torch.zeros(b, 1, 64, 64, device=dev)
         self.images2 = None if self.images is None or not step.second else torch.zeros_like(self.images)
 
+    def _capture(self, warmup: int) -> None:
+        """Warm up on a side stream, capture one iteration, undo the warm-up's updates."""
+        step, dev = self.step, self.step.device
         optims = [o for o in step.state.optims if o is not None]
         params = step.vae_params + step.disc_params
         saved, rng = snapshot(params, optims), torch.cuda.get_rng_state(dev)
@@ -100,26 +199,18 @@ class GraphedStep:
         zero = torch.zeros((), device=self.eps.device)
         return torch.stack([metrics.get(k, zero).float() for k in self.metric_keys])
 
-    def _load(self, static: torch.Tensor | None, host) -> None:
-        if static is not None and host is not None:
-            if not isinstance(host, torch.Tensor):
-                host = torch.from_numpy(host)
-            static.copy_(host.pin_memory(), non_blocking=True)
-
     def __call__(self, inputs) -> dict:
         if self.images is None:
-            self._load(self.rows, inputs.rows)
-            self._load(self.rows2, inputs.rows2)
+            self.row_inputs.load([inputs.rows, inputs.rows2] if self.step.second else [inputs.rows])
         else:
             x, x2 = self.step._batches.images(inputs)
             self.images.copy_(x)
             if x2 is not None:
                 self.images2.copy_(x2)
         if self.noise == "host":
-            self._load(self.eps, inputs.eps)
-            self._load(self.eps2, inputs.eps2)
-            self._load(self.keys, inputs.keys)
+            step = self.step
+            self.noise_inputs.load([inputs.eps] + ([inputs.eps2] if step.second else [])
+                                   + ([inputs.keys] if step.factorvae else []))
         self.graph.replay()
-        values = self.out.clone()
         names = self.metric_keys if self.step.factorvae else self.metric_keys[:3]
-        return {k: values[i] for i, k in enumerate(names)}
+        return self._stacked(self.out.clone()[:len(names)], names)
