@@ -81,3 +81,41 @@ def test_cuda_graph_step_matches_the_reference_on_gpu(precision, monkeypatch):
             torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=rtol)
     for p, q in zip(ref_state.models.vae.parameters(), fast_state.models.vae.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=20 * 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
+@pytest.mark.parametrize("depth", [1, 4])
+def test_staged_inputs_on_cuda_deliver_each_step_while_the_gpu_lags(depth):
+    """Real pinned buffers, events and non-blocking copies, the GPU kept behind the host: each
+    step's copy delivers that step's values (tests/test_fast_graph_host.py has the CPU model)."""
+    import numpy as np
+
+    from fastfvae.fast.graph import StagedInputs
+
+    staged = StagedInputs([(4,), (2, 3)], torch.float32, "cuda", depth=depth)
+    seen = []
+    for step in range(4 * depth + 4):
+        torch.cuda._sleep(2_000_000)  # the queued copies run well after load() returned
+        staged.load([np.full(4, step, np.float32), torch.full((2, 3), -step, dtype=torch.float32)])
+        seen.append(staged.flat.clone())
+    torch.cuda.synchronize()
+    for step, flat in enumerate(seen):
+        assert flat.tolist() == [float(step)] * 4 + [float(-step)] * 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
+def test_cuda_graph_step_with_device_noise_takes_rows_only_on_gpu():
+    """The default graphed step draws its noise in the graph: it says so, runs on rows-only
+    inputs (the host generator untouched) and returns its metrics as one stacked vector."""
+    from fastfvae.train.progress import StackedMetrics
+
+    cfg = TrainConfig(batch_size=64, device="cuda", d_steps=2)
+    data = small_dsprites(512)
+    state = TrainState.create(cfg, len(data), "cuda")
+    fast = FastStep(state, data, FastOptions())
+    assert fast._graph is not None and fast.draws_own_noise
+    before = state.generator.get_state()
+    for _ in range(5):
+        metrics = fast(draw_step_inputs(cfg, state.sampler, state.generator, noise=False))
+    assert isinstance(metrics, StackedMetrics) and list(metrics) == ["loss", "recon", "kl", "tc", "d_loss", "d_acc"]
+    assert bool(torch.isfinite(metrics.values).all()) and torch.equal(state.generator.get_state(), before)
