@@ -172,6 +172,20 @@ ROW_LABELS = {
 }
 
 
+def round_spread(row: dict) -> float:
+    """How far an interleaved row's rounds disagree: the largest largest/smallest round ratio."""
+    return max((high / low for low, high in row["ranges"].values() if low > 0), default=1.0)
+
+
+def spread_warning(row: dict) -> list[str]:
+    """One sentence when the rounds disagree by more than WIDE_SPREAD (else nothing)."""
+    spread = round_spread(row)
+    if spread <= WIDE_SPREAD:
+        return []
+    return [f"The rounds disagree by up to {spread:.1f}x: the machine's speed changed within rounds, "
+            "so these medians are rough; a run on a quiet machine narrows the brackets."]
+
+
 def interleaved_rows(groups) -> list[dict]:
     return [r for rows in groups.values() for r in rows if r["interleaved"]]
 
@@ -222,10 +236,8 @@ def performance_page(data: dict, groups) -> str:
                   f"ratios, not the milliseconds. Ratios: median over {rounds} of that round's ratio, the",
                   "smallest and largest round's in brackets; ms / step: each row's median round.", "",
                   *interleaved_table(row), ""]
-        spread = max((high / low for low, high in row["ranges"].values() if low > 0), default=1.0)
-        if spread > WIDE_SPREAD:
-            lines += [f"The rounds disagree by up to {spread:.1f}x: the machine's speed changed within rounds, "
-                      "so these medians are rough; a run on a quiet machine narrows the brackets.", ""]
+        warning = spread_warning(row)
+        lines += [*warning, ""] if warning else []
     others = OrderedDict((g, rows) for g, rows in groups.items() if not any(r["interleaved"] for r in rows))
     if others:
         lines += [markdown(others, title="## Other benchmarks in this run").rstrip(), ""]
@@ -248,7 +260,7 @@ def readme_table(data: dict, groups) -> str:
     count = data.get("machine_info", {}).get("cpu", {}).get("count", "?")
     return "\n".join([README_BEGIN, *table, "",
                       f"Measured {run_date(data)[:10]} on {cpu} ({count} CPUs), interleaved rounds; details, machine "
-                      "and ranges in [docs/performance.md](docs/performance.md).", README_END])
+                      "and ranges in [docs/performance.md](docs/performance.md).", *spread_warning(row), README_END])
 
 
 def replace_readme_block(text: str, block: str) -> str:
