@@ -311,23 +311,26 @@ def test_the_guard_sees_the_fast_steps_own_optimiser_buffers(tmp_path, precision
 
 
 # --- one line instead of a traceback ------------------------------------------------------------
-def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_data, monkeypatch,
-                                                                                 capsys):
+#: A child that trains 2 steps (one checkpoint), then resumes with files capped at 64 KiB
+#: (RLIMIT_FSIZE: a write past it fails with EFBIG, as a full disk fails with ENOSPC), so the
+#: next checkpoint's real write fails.
+FILE_SIZE_CAPPED = """
+import resource, signal
+from fastfvae.train.config import TrainConfig
+from fastfvae.train.loop import run_training
+run_training(TrainConfig(steps=2, out=sys.argv[3], batch_size=8, d_hidden=32, d_layers=2), progress=False)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+"""
+
+
+def test_a_checkpoint_write_that_really_fails_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "r"
-    real_save, calls = torch.save, []
-
-    def save_then_disk_full(obj, f, *a, **kw):
-        calls.append(1)
-        if len(calls) == 1:
-            return real_save(obj, f, *a, **kw)
-        f.write(b"partial checkpoint")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch, "save", save_then_disk_full)
-    assert main(["train", "--out", str(out), "--steps", "6", "--ckpt-every", "2", *TINY]) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert "No space left on device" in line and "training stopped at step 4" in line and "(step 2)" in line
-    monkeypatch.undo()
+    proc = child(["train", "--resume", out, "--steps", "4", *TINY], extra=FILE_SIZE_CAPPED)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    line = _one_error_line(err)
+    assert "File too large" in line and "training stopped at step 4" in line and "(step 2)" in line, line
     assert load_checkpoint(out)["state"]["step"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "train_log.jsonl"]
 

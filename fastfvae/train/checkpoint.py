@@ -17,13 +17,15 @@ model weights have the names and shapes that config builds, so ``eval``, ``trave
 Saving writes a temporary file unique to the writer (``.<name>.<pid>.<random>.tmp`` beside
 the target), fsyncs it and renames it over ``<path>`` (``os.replace``), so a crash or a full
 disk mid-write leaves the previous checkpoint intact, and two writers never share a
-temporary file. A write that fails (``OSError``, e.g. ENOSPC) removes its temporary file and
+temporary file. The payload is serialised in memory before it is written, so a write that fails
+is the file system's ``OSError`` (e.g. ENOSPC, EFBIG); it removes its temporary file and
 raises `FastFVAEError`; a writer killed mid-write leaves its temporary file behind, which
 `remove_stale_temp_files` deletes (the next owner of a run folder calls it).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -99,7 +101,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (format/version added) atomically to ``path`` (a file or a run folder)."""
     path = checkpoint_path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+    # Serialised in memory first: torch.save writing to the file itself reports a failed write
+    # (ENOSPC, EFBIG) as a RuntimeError from its zip writer, not as the OSError it is.
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, lambda f: f.write(buf.getbuffer()))
     return path
 
 
