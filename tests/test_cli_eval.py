@@ -121,3 +121,15 @@ def test_json_probe_leaves_nothing_when_the_run_fails_later(tmp_path, capsys):
     code, _, err = _cli(capsys, table, "--metrics", "mig", "--json", out / "s.json")
     assert code == 2 and "expected a code table" in err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_randomstate_range_is_one_line(seed, tmp_path, capsys):
+    code, out, err = _cli(capsys, TABLE, "--metrics", "mig", "--seed", seed, "--json", tmp_path / "s.json")
+    assert code == 2 and out == ""
+    assert err == f"fastfvae: error: --seed must be in [0, 2**32) (numpy RandomState seeds), got {seed}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_largest_randomstate_seed_is_accepted(tmp_path, capsys):
+    assert _scores(capsys, tmp_path, TABLE, "--metrics", "mig", "--seed", 2**32 - 1)["mig"]

@@ -61,3 +61,14 @@ def test_bad_out_fails_before_the_data_is_loaded(small, tmp_path, capsys, monkey
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert err[0].startswith(f"fastfvae: error: --out {out}")
     assert os.listdir(tmp_path) == []
+
+
+def test_negative_seed_is_one_line_before_the_data_is_loaded(small, tmp_path, capsys, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded the data before checking --seed")
+
+    monkeypatch.setattr(fastfvae.data, "load_dsprites", must_not_load)
+    code = main(["data", "show", str(small), "--out", str(tmp_path / "g.png"), "--seed", "-1"])
+    _, err = capsys.readouterr()
+    assert code == 2 and err == "fastfvae: error: --seed must be 0 or more (any size), got -1\n"
+    assert os.listdir(tmp_path) == []

@@ -88,6 +88,8 @@ def figure_path(out: str) -> Path:
 def run_show(args: argparse.Namespace) -> int:
     from fastfvae.viz.dataset_grid import save_dataset_grid
 
+    if args.seed < 0:  # numpy's default_rng takes any integer from 0 up
+        raise FastFVAEError(f"--seed must be 0 or more (any size), got {args.seed}")
     if args.columns < 1:
         raise FastFVAEError(f"--columns must be at least 1, got {args.columns}")
     out = figure_path(args.out)  # before the data is loaded
@@ -132,7 +134,7 @@ def register(subparsers) -> None:
     q.add_argument("--out", default=GRID_NAME, metavar="FILE|DIR",
                    help=f"image to write; a folder gets {GRID_NAME} inside it, a name without an "
                         f"extension gets .png (default: {GRID_NAME})")
-    q.add_argument("--seed", type=int, default=0, help="seed of the random images")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random images, 0 or more (default 0)")
     q.add_argument("--columns", type=int, default=10, help="images per row (default 10)")
     q.set_defaults(func=run_show)
 

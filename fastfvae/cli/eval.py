@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
                    help=f"metrics to compute, space- or comma-separated, from: {', '.join(names)} "
                         f"(default: {','.join(DEFAULT_METRICS)}); CKPT may come before or after them")
-    p.add_argument("--seed", type=int, default=0, help="seed of each metric's fresh RandomState (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each metric's fresh RandomState, in [0, 2**32) (default 0)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="dSprites .npz/.hdf5 (default: cached real file, else procedural dSprites)")
     p.add_argument("--fast-dci", action="store_true", help="replace dci by dci_fast (not dlib-identical)")
@@ -150,7 +150,13 @@ def _load_data(path: str | None):
     return load_dsprites(path)
 
 
+#: Seeds numpy's RandomState accepts (each metric draws from a fresh RandomState(seed)).
+SEED_LIMIT = 2**32
+
+
 def run(args) -> int:
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise FastFVAEError(f"--seed must be in [0, 2**32) (numpy RandomState seeds), got {args.seed}")
     split_checkpoint(args)
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
