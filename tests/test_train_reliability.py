@@ -273,6 +273,7 @@ def test_an_overflowing_optimiser_state_stops_the_run_unsaved(tmp_path, fast, mo
                                                r"no checkpoint was written"):
         run_training(cfg, data=small_dsprites(256), progress=False, step_builder=make_fast_step if fast else None)
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert not (tmp_path / "r" / "train_log.jsonl").exists()  # no line for the diverged step either
 
 
 def test_cli_beta_1e30_exits_1_with_one_line(tmp_path, small_data, capsys):

@@ -365,6 +365,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
 
     def flush_log() -> None:
         nonlocal last
+        check_state()  # first: nothing is logged for an interval that diverged
         means, rate = meter.flush()
         last = means
         try:
@@ -372,7 +373,6 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
         except FastFVAEError as exc:
             raise FastFVAEError(f"{exc}; training stopped at step {state.step}, {kept()}") from None
         bar.update(state.step, means, rate)
-        check_state()
 
     meter = IntervalMeter()
     # A step that draws its noise on the device (the CUDA graph's noise="device") gets the rows
