@@ -39,8 +39,6 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 from fastfvae.kernels import gaussian, mlp, permute  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-#: the H200's (and H100's) shared memory per block (228 KB per SM, 227 KB usable by one block)
-SHARED_LIMIT = 227 * 1024
 BATCHES = (64, 128, 256, 512, 1024, 2048)
 Z_DIM = 10
 WIDTHS = (1000, 1024)

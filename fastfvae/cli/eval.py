@@ -35,6 +35,9 @@ total correlation, Wasserstein correlation, mean pairwise MI of the codes) and r
 sizes takes minutes on a CPU (drop it with --metrics or use --fast-dci).
 """
 
+#: Every metric name eval accepts, from the registry of fastfvae.metrics.evaluate.
+KNOWN_METRICS = (*METRICS, *MODEL_METRICS)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="disentanglement metrics of a checkpoint or code table",
@@ -44,9 +47,8 @@ def register(subparsers) -> None:
     # every word after it, and `split_checkpoint` moves a trailing non-metric word back.
     p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
                    help="run folder, checkpoint.pt, or .npz code table (codes, factor_sizes)")
-    names = list(METRICS) + list(MODEL_METRICS)
     p.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
-                   help=f"metrics to compute, space- or comma-separated, from: {', '.join(names)} "
+                   help=f"metrics to compute, space- or comma-separated, from: {', '.join(KNOWN_METRICS)} "
                         f"(default: {','.join(DEFAULT_METRICS)}); CKPT may come before or after them")
     p.add_argument("--seed", type=int, default=0, help="seed of each metric's fresh RandomState, in [0, 2**32) (default 0)")
     p.add_argument("--data", default=None, metavar="PATH",
@@ -70,9 +72,6 @@ def parse_config(text: str | None) -> dict | None:
     if not isinstance(config, dict):
         raise FastFVAEError("--config must be a JSON object of metric name -> settings")
     return config
-
-
-KNOWN_METRICS = (*METRICS, *MODEL_METRICS)
 
 
 def _split_names(words) -> list[str]:
