@@ -203,3 +203,18 @@ def test_deferred_stacked_metrics_still_stop_on_nan(tmp_path):
     with pytest.raises(TrainingDiverged, match="at step 4"):
         run_training(cfg, data=small_dsprites(), progress=False,
                      step_builder=_recording(make_reference_step, [], stacked=True, defers_sync=True))
+
+
+def test_the_api_runs_cfg_fast_on_the_fast_step_without_a_step_builder(tmp_path, monkeypatch):
+    import fastfvae.fast
+
+    built = []
+
+    def recording_fast_step(state, data):
+        built.append(1)
+        return fastfvae.fast.step.make_fast_step(state, data)
+
+    monkeypatch.setattr(fastfvae.fast, "make_fast_step", recording_fast_step)
+    cfg = TrainConfig(steps=2, out=str(tmp_path / "run"), fast=True, **SMALL)
+    result = run_training(cfg, data=small_dsprites(256), progress=False)
+    assert result.status == "completed" and result.state.step == 2 and built == [1]

@@ -272,7 +272,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
 
     ``data``: a `DSprites`, or a zero-argument function returning one, called once after ``out``
     is checked (default: ``load_training_data(cfg.data)``). ``step_builder``:
-    the step implementation (default: the reference step; the fast path passes its own).
+    the step implementation (default: `fastfvae.fast.make_fast_step` when ``cfg.fast``, else
+    the reference step).
     ``callbacks``: called as ``cb(state, metrics)`` after every step (e.g. periodic evaluation).
     ``on_finish``: called with the result while the folder is still this run's (the CLI draws
     its figures there). Bad input raises FastFVAEError before anything is written.
@@ -287,8 +288,11 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
     device = resolve_device(cfg.device)
     if step_builder is None:
         if cfg.fast:
-            raise FastFVAEError("cfg.fast needs the fast path's step_builder (the CLI passes it)")
-        step_builder = make_reference_step
+            from fastfvae.fast import make_fast_step  # imported only when used: the loop stays light
+
+            step_builder = make_fast_step
+        else:
+            step_builder = make_reference_step
 
     with _StopOnSignals() as stop:
         folder = _OwnedFolder(out)
