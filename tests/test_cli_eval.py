@@ -75,6 +75,11 @@ def test_model_checkpoint_after_metrics(run_folder, tmp_path, capsys):
     (("--metrics", str(TABLE)), f"--metrics is followed by '{TABLE}' only; expected metric names"),
     ((str(TABLE), "--metrics", "mig", str(TABLE)), f"--metrics got '{TABLE}', which is a path, not a metric"),
     ((str(TABLE), "--metrics", "mig,nope"), "unknown metric 'nope'"),
+    # a mistyped name where CKPT would be: an unknown metric, not a missing file
+    (("--metrics", "mig", "facter_vae"), "unknown metric 'facter_vae'; expected one of factor_vae, beta_vae"),
+    (("--metrics", "mig,facter_vae"), "unknown metric 'facter_vae'; expected one of"),
+    (("--metrics", "mig", "runs/missing"), "no such file or folder: runs/missing"),
+    (("--metrics", "mig", "missing.npz"), "no such file or folder: missing.npz"),
 ])
 def test_bad_argument_shapes_are_one_line(argv, message, capsys):
     code, out, err = _cli(capsys, *argv)

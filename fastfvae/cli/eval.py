@@ -78,16 +78,27 @@ def _split_names(words) -> list[str]:
     return [name for word in words for name in word.split(",") if name]
 
 
+def _looks_like_metric(word: str) -> bool:
+    """A word with no path separator and no extension: a mistyped metric name, not a path."""
+    return os.sep not in word and "/" not in word and not Path(word).suffix
+
+
 def split_checkpoint(args) -> None:
     """Take CKPT from the end of ``--metrics`` when it was given after them.
 
     ``eval --metrics factor_vae runs/x`` hands argparse a greedy ``--metrics`` that swallows
     the checkpoint; a last word that is not (a comma-separated list of) metric names is the
-    checkpoint. Sets ``args.ckpt`` and ``args.metrics``; raises when there is no CKPT.
+    checkpoint, unless it is no path and looks like a mistyped metric name (no path separator,
+    no extension): that is reported as an unknown metric, not as a missing file. Sets
+    ``args.ckpt`` and ``args.metrics``; raises when there is no CKPT.
     """
     if args.ckpt is None and args.metrics:
         last = args.metrics[-1]
-        if not all(name in KNOWN_METRICS for name in _split_names([last])):
+        unknown = [name for name in _split_names([last]) if name not in KNOWN_METRICS]
+        if unknown and not os.path.exists(last) and all(_looks_like_metric(name) for name in unknown):
+            raise FastFVAEError(f"unknown metric {unknown[0]!r}; expected one of {', '.join(KNOWN_METRICS)} "
+                                "(and no CKPT given: a run folder, checkpoint.pt or .npz code table)")
+        if unknown:
             args.ckpt, args.metrics = last, args.metrics[:-1]
             if not args.metrics:
                 raise FastFVAEError(f"--metrics is followed by {last!r} only; expected metric names, "
