@@ -323,8 +323,10 @@ def test_stalled_server_fails_after_two_timeouts_not_every_retry(server, tmp_pat
     server.mode = "stall"
     code, _, lines = cli_download(capsys, "--url", server.url, "--dest", tmp_path / "new",
                                   "--timeout", "0.3", "--retries", "5")
-    assert code == 2
-    assert server.requests == [None] * ATTEMPTS_WITHOUT_PROGRESS == [None, None]
+    assert code == 2 and ATTEMPTS_WITHOUT_PROGRESS == 2
+    # the lines below count the attempts; the server may not have logged a request that timed
+    # out while it was still being accepted, so only "no more than two, none a resume" here
+    assert len(server.requests) <= 2 and set(server.requests) <= {None}
     host = server.url.split("/")[2]
     assert lines[-1] == (f"fastfvae: error: download of {server.url} failed: no data from {host} for 0.3 s "
                          "on 2 attempts in a row (--timeout sets how long to wait)")
@@ -332,13 +334,21 @@ def test_stalled_server_fails_after_two_timeouts_not_every_retry(server, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stall_mid_transfer_is_resumed(server, payload, tmp_path, capsys):
+def test_stall_mid_transfer_is_resumed(server, payload, tmp_path, capsys, monkeypatch):
+    """The first attempt stalls (a short timeout ends it); the resume must succeed, so it gets
+    5 s: a scheduling gap on a busy machine cannot add a retry."""
+    import fastfvae.data.download as download
+
+    fetch, timeouts = download._fetch_once, iter([0.5])
+    monkeypatch.setattr(download, "_fetch_once",
+                        lambda url, part, timeout, *rest: fetch(url, part, next(timeouts, timeout), *rest))
     server.mode = "stall_once"
-    path = download_dsprites(url=server.url, dest=tmp_path, sha256=sha(payload), timeout=0.3, progress=False)
+    path = download_dsprites(url=server.url, dest=tmp_path, sha256=sha(payload), timeout=5, progress=False)
     assert path.read_bytes() == payload
-    half = len(payload) // 2
-    assert server.requests == [None, f"bytes={half}-"]
-    assert f"transfer interrupted after {half} bytes (no data from" in capsys.readouterr().err
+    first, resumed = server.requests  # one stalled attempt, one resume
+    kept = int(resumed.removeprefix("bytes=").removesuffix("-"))
+    assert first is None and 0 < kept <= len(payload) // 2  # all of the half sent, unless it was slow
+    assert f"transfer interrupted after {kept} bytes (no data from" in capsys.readouterr().err
 
 
 def test_nonpositive_timeout_is_rejected_before_any_work(tmp_path):
