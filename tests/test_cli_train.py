@@ -117,6 +117,38 @@ def test_new_runs_use_the_fast_step_and_resumed_runs_keep_theirs(existing_run, t
     assert fast("--resume", str(existing_run), "--precision", "bf16", "--fast") is True
 
 
+def test_reference_overrides_a_fast_preset_or_runs_precision_and_loader(tmp_path, capsys, monkeypatch):
+    """--reference on the bf16 quickstart preset, or on a resumed bf16 run, trains the reference
+    step (fp32, its own batches); only an explicit --precision / --loader is refused, and a fast-only
+    value from a config (not a flag) is named by where it came from."""
+    from fastfvae.cli import build_parser
+    from fastfvae.cli.train import config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["train", "--out", str(tmp_path / "new"), *argv]))
+
+    quick = cfg("--preset", "quickstart", "--reference")
+    assert (quick.fast, quick.precision, quick.loader, quick.gamma) == (False, "fp32", "device", 50.0)
+    with pytest.raises(FastFVAEError, match="^--precision bf16 only applies to the fast path"):
+        cfg("--preset", "quickstart", "--reference", "--precision", "bf16")
+    with pytest.raises(FastFVAEError, match="^the config sets precision bf16, which only applies to the fast path.*"
+                                            "pass --precision fp32$"):
+        run_training(TrainConfig(fast=False, precision="bf16", out=str(tmp_path / "api")), progress=False)
+    assert not (tmp_path / "api").exists()
+
+    import fastfvae.train.loop as loop
+
+    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    out = tmp_path / "bf16"
+    run_training(TrainConfig(steps=2, batch_size=8, d_hidden=32, d_layers=2, out=str(out), fast=True,
+                             precision="bf16"), data=small_dsprites(256), progress=False)
+    assert main(["train", "--resume", str(out), "--reference", "--steps", "4", *TINY]) == 0, capsys.readouterr().err
+    resumed = load_checkpoint(out)
+    assert resumed["state"]["step"] == 4
+    assert (resumed["config"]["fast"], resumed["config"]["precision"]) == (False, "fp32")
+    assert main(["train", "--resume", str(out), "--fast", "--steps", "6", *TINY]) == 0  # and back to the fast step
+
+
 def test_bad_input_through_the_real_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastfvae", "train", "--gamma", "-2", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)

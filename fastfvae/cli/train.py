@@ -7,7 +7,9 @@ tolerance) unless ``--reference`` (alias ``--no-fast``) asks for the readable re
 resumed run keeps the step it was trained with unless ``--fast`` / ``--reference`` says
 otherwise. A flag that would do nothing in the chosen mode (``--precision bf16`` or
 ``--loader`` with ``--reference``, ``--beta`` with FactorVAE, ``--gamma`` / ``--d-steps`` /
-``--perm-batch`` with beta-VAE) is refused with one line rather than ignored.
+``--perm-batch`` with beta-VAE) is refused with one line rather than ignored; ``--reference``
+on a fast preset or run (the bf16 quickstart) sets precision and loader back to fp32 / device,
+so a checkpoint of either step resumes under the other.
 
 Exit codes: 0 done (the last lines name the checkpoint and figures and give the time taken
 and steps/s), 2 bad input or an unwritable checkpoint (one line), 1 the run diverged (NaN/inf),
@@ -27,7 +29,7 @@ import time
 
 from fastfvae.train.checkpoint import checkpoint_path, load_resume_point
 from fastfvae.train.config import (
-    LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply, preset,
+    FAST_ONLY, LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply, preset,
 )
 from fastfvae.train.loop import RunResult, TrainingDiverged, run_training
 from fastfvae.train.progress import LOG_NAME, read_log
@@ -110,19 +112,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset / resumed config / defaults, then the explicit flags on top; validated, and
     refused (FastFVAEError) if an explicit flag would do nothing in the resulting mode."""
     if args.preset is not None:
-        base = preset(args.preset)
+        base, source = preset(args.preset), f"--preset {args.preset}"
     elif args.resume is not None:
         base, _ = load_resume_point(args.resume)
+        source = f"the resumed run's config ({checkpoint_path(args.resume)})"
     else:
-        base = TrainConfig()
+        base, source = TrainConfig(), "the default config"
     overrides = overrides_from_args(args)
     given = set(overrides)
     if "fast" not in overrides and args.resume is None:
         overrides["fast"] = True  # the fast path for every new run (fp32: the reference within parity tolerance)
+    if overrides.get("fast") is False:
+        # --reference on a fast preset or run: its fast-only settings give way to the reference
+        # step's (explicit --precision / --loader flags are still refused below)
+        for name in FAST_ONLY:
+            overrides.setdefault(name, getattr(DEFAULTS, name))
     if args.resume is not None and "out" not in overrides:
         overrides["out"] = str(checkpoint_path(args.resume).parent)
     cfg = base.replace(**overrides).validate()
-    check_settings_apply(cfg, given)
+    check_settings_apply(cfg, given, source)
     return cfg
 
 

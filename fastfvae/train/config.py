@@ -205,20 +205,23 @@ MODEL_ONLY = {"beta": "betavae", "gamma": "factorvae", "d_steps": "factorvae", "
 FAST_ONLY = ("precision", "loader")
 
 
-def check_settings_apply(cfg: TrainConfig, given=()) -> None:
+def check_settings_apply(cfg: TrainConfig, given=(), source: str = "the config") -> None:
     """FastFVAEError (one line) if a setting would do nothing in ``cfg``'s mode, instead of
     silently ignoring it: a precision or loader other than the default with the reference step,
     and, among ``given`` (the fields the user set explicitly), a fast-path field with the
     reference step or a field of the other model (``beta`` for FactorVAE; ``gamma``,
-    ``d_steps``, ``perm_batch`` for beta-VAE)."""
+    ``d_steps``, ``perm_batch`` for beta-VAE). ``source`` names where the fields not in
+    ``given`` came from (a preset, a checkpoint), so the message points at it, not at a flag."""
     defaults = TrainConfig()
     if not cfg.fast:
         for name in FAST_ONLY:
-            value = getattr(cfg, name)
-            explicit = name in given and not (name == "precision" and value == "fp32")
-            if explicit or value != getattr(defaults, name):
+            value, default = getattr(cfg, name), getattr(defaults, name)
+            if name in given and not (name == "precision" and value == "fp32"):
                 raise FastFVAEError(f"--{name} {value} only applies to the fast path, and this run uses the "
                                     f"reference step; drop --{name} or train with --fast")
+            if name not in given and value != default:
+                raise FastFVAEError(f"{source} sets {name} {value}, which only applies to the fast path, and this "
+                                    f"run uses the reference step; train with --fast or pass --{name} {default}")
     for name, model in MODEL_ONLY.items():
         if name in given and cfg.model != model:
             flag = "--" + name.replace("_", "-")
