@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import socket
+import struct
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,7 @@ import pytest
 from fastfvae.cli import main
 from fastfvae.data import DSprites, classes_of, download_dsprites, load_file, save_npz
 from fastfvae.data.download import ATTEMPTS_WITHOUT_PROGRESS, DSPRITES_FILENAME, cache_dir, expected_sha256
+from fastfvae.data.files import check_npz_archive
 from fastfvae.errors import FastFVAEError
 
 
@@ -272,6 +274,25 @@ def test_existing_file_is_checked_before_it_counts_as_present(server, payload, t
     # now it is the real thing: found, checked, not fetched again
     assert download_dsprites(url=server.url, dest=tmp_path, progress=False, require_full=False) == final
     assert server.requests == [None] and "already in" in capsys.readouterr().err
+
+
+def test_existing_file_with_corrupt_image_bytes_is_downloaded_again(server, payload, tmp_path, capsys):
+    """A file in the right layout whose image bytes no longer match their CRC-32 is not "already in"."""
+    final = tmp_path / DSPRITES_FILENAME
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:  # stored, so an image byte can be flipped in place
+        final.write_bytes(zip_of(**{name: zf.read(name) for name in zf.namelist()}))
+    with zipfile.ZipFile(final) as zf:
+        imgs = zf.getinfo("imgs.npy")
+    raw = bytearray(final.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[imgs.header_offset + 26:imgs.header_offset + 30])
+    raw[imgs.header_offset + 30 + name_length + extra_length + imgs.file_size - 1] ^= 1  # the last pixel
+    final.write_bytes(raw)
+    check_npz_archive(final, require_full=False)  # the layout check alone still passes it
+    path = download_dsprites(url=server.url, dest=tmp_path, progress=False, require_full=False)
+    assert path == final and final.read_bytes() == payload and server.requests == [None]
+    err = capsys.readouterr().err
+    assert f"{final} is corrupt (member imgs.npy fails its CRC check); downloading again" in err
+    assert "already in" not in err
 
 
 # --- errors retrying cannot fix fail at once; real interruptions are resumed -----------------

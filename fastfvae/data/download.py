@@ -14,8 +14,8 @@ was written on (no internet). With no digest the download must pass the zip memb
 CRC-32s and be a dSprites NPZ (`fastfvae.data.files.check_npz_archive`: the members, the
 metadata, the shapes of the images and factor tables, all 737,280 rows in the real order),
 and the digest it got is printed so it can be pinned. A file already under the real name is
-checked the same way (digest, else layout) before it is reported as present; one that fails
-is downloaded again.
+checked the same way (digest, else zip CRCs and layout) before it is reported as present; one
+that fails is downloaded again.
 
 Failures, each one line (`FastFVAEError`), found as early as possible:
 
@@ -269,8 +269,22 @@ def _problem_with(final: Path, digest: str | None, require_full: bool) -> str | 
     """Why the file already at ``final`` is not the dSprites NPZ wanted, or None if it is."""
     if digest is not None:
         return None if _sha256_of(final) == digest else f"{final} does not match the expected SHA-256"
+    problem = _zip_problem(final)
+    if problem is not None:
+        return f"{final} is corrupt ({problem})"
     problem = _layout_problem(final, require_full)
     return None if problem is None else f"{final} is not the dSprites NPZ ({problem})"
+
+
+def _zip_problem(path: Path) -> str | None:
+    """A member whose bytes fail their CRC-32 (read streaming: `ZipFile.testzip`), or an
+    unreadable zip; None if every member is intact."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+        return f"not a readable zip ({type(exc).__name__})"
+    return None if bad is None else f"member {bad} fails its CRC check"
 
 
 def _layout_problem(path: Path, require_full: bool) -> str | None:
@@ -296,13 +310,7 @@ def _verify(part: Path, total: int, digest: str | None, url: str, require_full: 
         if got != digest:
             problem = f"SHA-256 {got}, expected {digest}"
     else:
-        try:
-            with zipfile.ZipFile(part) as zf:
-                bad = zf.testzip()
-            if bad is not None:
-                problem = f"member {bad} fails its CRC check"
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
-            problem = f"not a readable zip ({type(exc).__name__})"
+        problem = _zip_problem(part)
         if problem is None:
             problem = _layout_problem(part, require_full)
             what = "not the dSprites NPZ"
