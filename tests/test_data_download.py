@@ -190,6 +190,31 @@ def test_cli_download(server, payload, tmp_path, capsys):
     assert main(["data", "download", "--url", server.url, "--dest", str(other), "--sha256", "nothex"]) == 2
 
 
+def test_second_download_into_one_dest_is_refused_naming_the_first(server, payload, tmp_path, capsys):
+    """While a download holds ``<dest>/<name>.lock`` (an flock), another one into that folder
+    exits 2 with one line naming the holder's PID and touches neither the .part nor the server."""
+    import fcntl
+
+    part = tmp_path / (DSPRITES_FILENAME + ".part")
+    part.write_bytes(payload[:100])  # the first download's bytes so far
+    lock = tmp_path / (DSPRITES_FILENAME + ".lock")
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        code = main(["data", "download", "--url", server.url, "--dest", str(tmp_path), "--sha256", sha(payload)])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == ""
+        assert err == (f"fastfvae: error: another fastfvae download into {tmp_path} is running (PID 4242); "
+                       "wait for it to finish or stop it, or choose another --dest\n")
+        assert server.requests == [] and part.read_bytes() == payload[:100] and lock.exists()
+        assert not (tmp_path / DSPRITES_FILENAME).exists()
+    # the holder is gone (its lock with it): the next download resumes the .part, leaves no lock
+    path = download_dsprites(url=server.url, dest=tmp_path, sha256=sha(payload), progress=False)
+    assert path.read_bytes() == payload and server.requests == ["bytes=100-"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DSPRITES_FILENAME]
+
+
 def test_negative_retries_is_a_one_line_error_before_any_work(tmp_path):
     dest = tmp_path / "never-created"
     with pytest.raises(FastFVAEError, match="retries must be 0 or more"):

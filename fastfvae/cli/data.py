@@ -27,7 +27,8 @@ directory). A dropped transfer resumes where it stopped; the file gets its final
 once checked (SHA-256 if one is given, else zip CRCs and the dSprites layout), and a file
 already there is checked the same way before it counts as present. An unknown host, a
 refused connection or an HTTP 4xx answer fails at once; a stalled server after two
---timeout waits.
+--timeout waits. One download per --dest at a time: a second one fails at once, naming the
+first one's PID.
 """
 
 
