@@ -263,6 +263,40 @@ def test_sigterm_stops_after_the_step_and_saves_like_ctrl_c(tmp_path, small_data
     assert main(["train", "--resume", str(out), "--steps", str(step + 2), "--no-progress", "--no-figures"]) == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_stop_during_set_up_abandons_the_run_and_keeps_a_resumed_checkpoint(tmp_path, small_data, monkeypatch,
+                                                                               capsys, signum, resumed):
+    """Ctrl-C / SIGTERM while the step is being built: no step-0 checkpoint, exit 130 / 143 with
+    one line; a fresh run leaves no folder, a resumed run's files are as they were."""
+    import hashlib
+
+    import fastfvae.cli.train as cli_train
+
+    out = tmp_path / "run"
+    if resumed:
+        assert main(["train", "--reference", "--out", str(out), "--steps", "2", *TINY]) == 0
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} if resumed else None
+
+    def slow_builder(state, data):  # the signal arrives while the step is compiled
+        os.kill(os.getpid(), signum)
+        return loop.make_reference_step(state, data)
+
+    monkeypatch.setattr(cli_train, "step_builder_for", lambda cfg: slow_builder)
+    capsys.readouterr()
+    argv = ["--resume", str(out), "--steps", "4"] if resumed else ["--out", str(out), "--steps", "4"]
+    assert main(["train", "--reference", *argv, *TINY]) == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()
+    how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    kept = "checkpoint.pt is unchanged (step 2)" if resumed else "no checkpoint was written"
+    assert len(err) == 1 and err[0].startswith(f"fastfvae: {how} before the first step;") and kept in err[0], err
+    if resumed:
+        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handlers are gone
+
+
 # --- NaN/inf in the weights and optimiser state ------------------------------------------------
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("model,weight", [("betavae", "beta"), ("factorvae", "gamma")])

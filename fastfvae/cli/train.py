@@ -13,7 +13,7 @@ so a checkpoint of either step resumes under the other.
 
 Exit codes: 0 done (the last lines name the checkpoint and figures and give the time taken
 and steps/s), 2 bad input or an unwritable checkpoint (one line), 1 the run diverged (NaN/inf),
-130 / 143 stopped by Ctrl-C / SIGTERM after a checkpoint.
+130 / 143 stopped by Ctrl-C / SIGTERM (after a checkpoint; before the first step: nothing written).
 
 Extension points for other parts: `add_arguments` (more flags), `overrides_from_args`
 (flag -> field), `step_builder_for` (the step implementation), `callbacks_for` (per-step hooks).
@@ -31,7 +31,7 @@ from fastfvae.train.checkpoint import checkpoint_path, load_resume_point
 from fastfvae.train.config import (
     FAST_ONLY, LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply, preset,
 )
-from fastfvae.train.loop import RunResult, TrainingDiverged, run_training
+from fastfvae.train.loop import RunResult, StoppedBeforeTraining, TrainingDiverged, run_training
 from fastfvae.train.progress import LOG_NAME, read_log
 
 DEFAULTS = TrainConfig()
@@ -214,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"fastfvae: error: {exc}", file=sys.stderr)
         return 1
+    except StoppedBeforeTraining as exc:
+        print(f"fastfvae: {exc}", file=sys.stderr)
+        return 128 + int(exc.signum)
     step = result.state.step
     if result.status == "interrupted":
         how = "stopped by SIGTERM" if result.stop_signal == signal.SIGTERM else "interrupted"

@@ -16,6 +16,9 @@ every ``ckpt_every`` steps and at the end.
   ``train --out`` may use it, and ``--resume`` starts it again from step 0 with its config.
 - Ctrl-C or SIGTERM: the first asks the loop to stop after the current step; it then writes a
   consistent checkpoint and returns ``status="interrupted"`` (``stop_signal`` says which).
+  One that comes before the first step (during set-up: data load, step build) raises
+  `StoppedBeforeTraining` instead: a fresh run is abandoned like a failed set-up, a resumed
+  run's checkpoint is left as it is.
   A second one interrupts at once (KeyboardInterrupt); a checkpoint is then written only if
   no step was half-done.
 - NaN/inf guard: the loss every step (or at log time for a step that defers host syncs), and
@@ -70,6 +73,16 @@ Callback = Callable[[TrainState, dict], None]
 class TrainingDiverged(RuntimeError):
     """A loss, weight or optimiser state became NaN or inf; the message says at which step and
     which checkpoint is kept."""
+
+
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM (``signum``) arrived before the run's first step: the run is abandoned
+    like a failed set-up (a fresh run leaves nothing behind; a resumed run's checkpoint is not
+    rewritten). A KeyboardInterrupt, so code that handles Ctrl-C handles this too."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -310,6 +323,10 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
                 restore_state(state, payload, checkpoint_path(resume))
                 restore_rng_states(payload["rng"])
             step_fn = step_builder(state, data)
+            if stop.requested:  # during set-up: nothing to save yet
+                raise _stopped_before_training(stop.signum, (
+                    f"{checkpoint_path(resume)} is unchanged (step {payload['state']['step']})"
+                    if payload is not None else "no checkpoint was written"))
         except BaseException:
             folder.abandon()
             raise
@@ -321,6 +338,11 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
             return result
         finally:
             folder.release()
+
+
+def _stopped_before_training(signum: int, kept: str) -> StoppedBeforeTraining:
+    how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    return StoppedBeforeTraining(signum, f"{how} before the first step; {kept}")
 
 
 def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data, payload, in_place: bool,
@@ -387,6 +409,8 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
         with TrainProgress(cfg.steps, state.step, progress, console) as bar:
             while state.step < cfg.steps:
                 if stop.requested:
+                    if state.step == step0:  # it came after set-up, before any step: still nothing to save
+                        raise _stopped_before_training(stop.signum, kept())
                     status = "interrupted"
                     break
                 mid_step = True
@@ -414,7 +438,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
             if meter.count:
                 flush_log()
     except KeyboardInterrupt:
-        if mid_step:
+        if mid_step or state.step == step0:  # half a step, or none yet: nothing to save
             raise
         status = "interrupted"
         if meter.count:
