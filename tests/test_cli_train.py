@@ -244,6 +244,31 @@ def test_train_eval_every_loads_the_data_once(tmp_path, monkeypatch):
     assert (tmp_path / "r" / "eval_log.jsonl").read_text().count('"step"') == 2
 
 
+def test_a_resume_drops_the_evaluations_past_its_checkpoint_and_a_failed_write_is_one_line(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import fastfvae.train.loop as loop
+    from fastfvae.metrics.periodic import periodic_factor_vae
+
+    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    monkeypatch.setattr("fastfvae.metrics.periodic.factor_vae_score_of_model",
+                        lambda model, data, **kw: {"eval_accuracy": 0.5, "train_accuracy": 0.5})
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), "--steps", "2", "--eval-every", "1", "--z-dim", "2", *TINY]) == 0
+    eval_log = out / "eval_log.jsonl"
+    with open(eval_log, "a") as f:  # what a run killed after evaluating step 3, before its checkpoint, leaves
+        f.write(json.dumps({"step": 3, "factor_vae": {}, "seconds": 0.0}) + "\n")
+    assert main(["train", "--resume", str(out), "--steps", "4", *TINY]) == 0
+    assert [json.loads(line)["step"] for line in eval_log.read_text().splitlines()] == [1, 2, 3, 4]
+
+    blocked = tmp_path / "blocked"
+    (blocked / "eval_log.jsonl").mkdir(parents=True)  # appending to it fails with an OSError
+    callback = periodic_factor_vae(1, small_dsprites(256), out_dir=blocked)
+    with pytest.raises(FastFVAEError, match=r"^cannot write .*eval_log.jsonl: Is a directory$"):
+        callback(SimpleNamespace(models=SimpleNamespace(vae=None), step=1))
+
+
 def test_traverse_checks_out_before_loading_data_and_leaves_nothing(existing_run, tmp_path, capsys, monkeypatch):
     import fastfvae.cli.traverse as traverse
 

@@ -29,7 +29,7 @@ every ``ckpt_every`` steps and at the end.
 - A checkpoint that cannot be written (disk full) stops the run with a one-line
   FastFVAEError; the previous checkpoint is intact.
 - Resume: the checkpoint's models, optimisers, generator, sampler, step and global RNG
-  states are restored, log lines past the checkpoint are dropped, and the run continues
+  states are restored, log lines (train and eval) past the checkpoint are dropped, and the run continues
   exactly as if it had never stopped (bit-exact on CPU). A step that draws its own noise
   (CUDA graph, noise="device") takes it from the CUDA generator, whose state the checkpoint
   holds (``rng["torch_cuda"]``); the run's host generator then stays at its seed, so a resumed
@@ -57,14 +57,12 @@ from fastfvae.train.checkpoint import (
 )
 from fastfvae.train.config import TrainConfig, check_settings_apply, resume_conflicts
 from fastfvae.train.lock import RunFolderLock, check_not_in_use
-from fastfvae.train.progress import LOG_NAME, IntervalMeter, MetricLog, TrainProgress
+from fastfvae.train.progress import EVAL_LOG_NAME, LOG_NAME, IntervalMeter, MetricLog, TrainProgress
 from fastfvae.train.reference import StepFn, draw_step_inputs, make_reference_step
 from fastfvae.train.state import TrainState, resolve_device
 
-#: ``fastfvae.metrics.periodic``'s log of ``--eval-every`` scores (named here to keep the loop light).
-EVAL_LOG_NAME = "eval_log.jsonl"
 #: Files only the folder's owner writes; their temporary files are removed by the next owner.
-RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME)
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, EVAL_LOG_NAME)
 #: Builds a step function for a fresh/restored state: ``builder(state, data) -> StepFn``.
 StepBuilder = Callable[[TrainState, object], StepFn]
 Callback = Callable[[TrainState, dict], None]
@@ -353,6 +351,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
     if payload is not None:
         elapsed0 = float(payload.get("elapsed_s", 0.0))
         log.truncate_after(state.step)
+        MetricLog(out, EVAL_LOG_NAME).truncate_after(state.step)  # evaluations past the checkpoint run again
     else:  # a new run, or one started again in a folder its killed first try left
         for name in (LOG_NAME, EVAL_LOG_NAME):
             (out / name).unlink(missing_ok=True)

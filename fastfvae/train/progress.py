@@ -25,6 +25,8 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import atomic_write_text
 
 LOG_NAME = "train_log.jsonl"
+#: ``--eval-every``'s log (`fastfvae.metrics.periodic`), one ``{"step", "factor_vae", "seconds"}`` line per evaluation.
+EVAL_LOG_NAME = "eval_log.jsonl"
 METRIC_KEYS = ("loss", "recon", "kl", "tc", "d_loss", "d_acc")
 
 
@@ -104,10 +106,10 @@ class IntervalMeter:
 
 
 class MetricLog:
-    """Appends JSON lines to ``<run>/train_log.jsonl``."""
+    """Appends JSON lines (each with a ``"step"``) to ``<run>/<name>`` (default ``train_log.jsonl``)."""
 
-    def __init__(self, out: Path) -> None:
-        self.path = Path(out) / LOG_NAME
+    def __init__(self, out: Path, name: str = LOG_NAME) -> None:
+        self.path = Path(out) / name
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past ``step`` (written after the checkpoint a run resumes from)."""
