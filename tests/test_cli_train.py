@@ -2,11 +2,8 @@
 and every bad input -> exit 2, one line on stderr, no traceback, nothing overwritten."""
 
 import hashlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -178,23 +175,6 @@ def test_train_resume_traverse_end_to_end(tmp_path, capsys):
     figs = tmp_path / "figs"
     assert main(["traverse", str(out), "--out", str(figs)]) == 0
     assert sorted(p.name for p in figs.iterdir()) == sorted(FIGURES)
-
-
-def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path, existing_run):
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastfvae", "train", "--steps", "100000", "--batch-size", "8",
-                             "--log-every", "1", "--out", str(out), "--no-progress"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    log = out / "train_log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.stat().st_size > 0):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step" in err.strip().splitlines()[-1]
-    assert load_checkpoint(out)["state"]["step"] >= 1
 
 
 def test_diverged_run_exits_1_with_one_line(monkeypatch, tmp_path, capsys):

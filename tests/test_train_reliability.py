@@ -3,7 +3,6 @@ left behind by a run that fails at set-up, no dead-end folders after a kill, SIG
 Ctrl-C, NaN/inf caught in the weights and optimiser state (never checkpointed), one-line
 errors for a full disk and for checkpoints that do not match their config."""
 
-import errno
 import json
 import os
 import signal
@@ -247,17 +246,18 @@ def test_double_ctrl_c_before_the_first_checkpoint_leaves_a_reusable_folder(tmp_
     assert result.status == "completed" and result.state.step == 4
 
 
-def test_sigterm_stops_after_the_step_and_saves_like_ctrl_c(tmp_path, small_data):
+@pytest.mark.parametrize("signum,said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_in_a_real_process_stops_after_the_step_and_saves(tmp_path, small_data, signum, said):
     out = tmp_path / "run"
     proc = child(["train", "--out", out, "--steps", "100000", "--reference", *TINY])
     log = out / "train_log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.stat().st_size > 0):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err and "stopped by SIGTERM at step" in err.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and f"{said} at step" in err.strip().splitlines()[-1]
     step = load_checkpoint(out)["state"]["step"]
     assert step >= 1 and read_log(log)[-1]["step"] == step
     assert main(["train", "--resume", str(out), "--steps", str(step + 2), "--no-progress", "--no-figures"]) == 0
