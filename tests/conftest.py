@@ -27,7 +27,8 @@ SHARED = REPO.parent / "shared"
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """``../shared`` beside the checkout (CI always has it); skip where it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: shared calibration/parity data not available here")
-    return SHARED
+    """The calibration and parity data checked out beside the repository: a skip with a reason
+    where a user does not have it, a failure under FASTFVAE_REQUIRE_EXTRAS=1 (CI checks it out)."""
+    from extras import require_folder
+
+    return require_folder(SHARED, "the calibration and parity data checked out beside the repository")

@@ -6,7 +6,8 @@ A new user installs ``.[test]`` and must see the suite pass; CI installs every e
 install, a renamed module) fails the run instead of hiding behind a green CI.
 
 Use ``@pytest.mark.requires_extra("dali")`` on a test or a ``pytest.param``, or call
-`require_extra` inside a test. This module is a pytest plugin (``conftest.py`` loads it): its
+`require_extra` inside a test; `require_folder` gates data checked out beside the repository
+the same way. This module is a pytest plugin (``conftest.py`` loads it): its
 hooks register the marker and apply it before each test.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -21,6 +24,13 @@ import pytest
 REQUIRE_ENV = "FASTFVAE_REQUIRE_EXTRAS"
 #: Each extra of pyproject.toml that tests use, and the module that proves it is installed.
 EXTRA_MODULES = {"dali": "nvidia.dali"}
+
+
+def _skip_unless_required(reason: str, promise: str) -> NoReturn:
+    """Skip with ``reason``; under REQUIRE_ENV=1 (which makes ``promise``) fail instead."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_ENV}=1 says {promise}", pytrace=False)
+    pytest.skip(reason)
 
 
 def require_extra(extra: str):
@@ -31,10 +41,16 @@ def require_extra(extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        reason = f"needs the [{extra}] extra ({module} does not import: {exc}); pip install -e '.[{extra}]'"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{reason}; {REQUIRE_ENV}=1 says every extra is installed here", pytrace=False)
-        pytest.skip(reason)
+        _skip_unless_required(f"needs the [{extra}] extra ({module} does not import: {exc}); "
+                              f"pip install -e '.[{extra}]'", "every extra is installed here")
+
+
+def require_folder(path: Path, what: str) -> Path:
+    """``path`` if it is a folder; else skip naming ``what`` is missing (fail under REQUIRE_ENV=1,
+    where CI has checked out every data folder the tests read)."""
+    if not path.is_dir():
+        _skip_unless_required(f"needs {what} at {path}, which is absent here", "it is present here")
+    return path
 
 
 def with_extras(values, extra_of):

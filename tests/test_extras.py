@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from extras import REQUIRE_ENV, require_extra, with_extras
+from extras import REQUIRE_ENV, require_extra, require_folder, with_extras
 
 
 @pytest.fixture
@@ -56,3 +56,28 @@ def test_the_marker_gates_a_test_through_the_plugin_hook(pytester, monkeypatch):
     pytester.runpytest_subprocess("-p", "extras", "-p", "no:cacheprovider").assert_outcomes(skipped=1)
     monkeypatch.setenv(REQUIRE_ENV, "1")
     pytester.runpytest_subprocess("-p", "extras", "-p", "no:cacheprovider").assert_outcomes(errors=1)  # a setup failure: the run fails
+
+
+def test_missing_data_folder_skips_for_a_user_and_fails_where_required(tmp_path, monkeypatch):
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    assert require_folder(tmp_path, "the data") == tmp_path
+    with pytest.raises(pytest.skip.Exception, match=f"needs the data at {tmp_path / 'absent'}, which is absent"):
+        require_folder(tmp_path / "absent", "the data")
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"absent here; {REQUIRE_ENV}=1 says it is present here"):
+        require_folder(tmp_path / "absent", "the data")
+
+
+def test_the_shared_dir_fixture_is_gated_like_an_extra(pytester, monkeypatch):
+    """The suite's own conftest where no data is checked out beside the repository: the fixture's
+    test is skipped with the reason, and fails under REQUIRE_ENV=1."""
+    pytester.makeconftest((Path(__file__).resolve().parent / "conftest.py").read_text())
+    pytester.makepyfile("def test_x(shared_dir):\n    assert shared_dir.is_dir()\n")
+    assert not (pytester.path.parent / "shared").exists()
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs the calibration and parity data checked out beside the repository at*"])
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(errors=1)
