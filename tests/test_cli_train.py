@@ -177,6 +177,20 @@ def test_train_resume_traverse_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in figs.iterdir()) == sorted(FIGURES)
 
 
+def test_a_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    import torch
+
+    import fastfvae.train.loop as loop
+
+    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), "--steps", "2", *TINY]) == 0
+    real_load, reads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
+    assert main(["train", "--resume", str(out), "--steps", "3", *TINY]) == 0
+    assert reads == [out / "checkpoint.pt"] and load_checkpoint(out)["state"]["step"] == 3
+
+
 def test_diverged_run_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
     import fastfvae.cli.train as cli_train
     from fastfvae.train.loop import TrainingDiverged

@@ -27,11 +27,13 @@ import signal
 import sys
 import time
 
-from fastfvae.train.checkpoint import checkpoint_path, load_resume_point
+from fastfvae.train.checkpoint import checkpoint_path
 from fastfvae.train.config import (
     FAST_ONLY, LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply, preset,
 )
-from fastfvae.train.loop import RunResult, StoppedBeforeTraining, TrainingDiverged, run_training
+from fastfvae.train.loop import (
+    ResumePoint, RunResult, StoppedBeforeTraining, TrainingDiverged, read_resume_point, run_training,
+)
 from fastfvae.train.progress import LOG_NAME, read_log
 
 DEFAULTS = TrainConfig()
@@ -111,10 +113,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset / resumed config / defaults, then the explicit flags on top; validated, and
     refused (FastFVAEError) if an explicit flag would do nothing in the resulting mode."""
+    return config_and_resume_point(args)[0]
+
+
+def config_and_resume_point(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint | None]:
+    """`config_from_args`, and the `ResumePoint` read for ``--resume`` (None without it), so the
+    run does not read the checkpoint a second time."""
+    point = read_resume_point(args.resume) if args.resume is not None else None
     if args.preset is not None:
         base, source = preset(args.preset), f"--preset {args.preset}"
-    elif args.resume is not None:
-        base, _ = load_resume_point(args.resume)
+    elif point is not None:
+        base = point.config
         source = f"the resumed run's config ({checkpoint_path(args.resume)})"
     else:
         base, source = TrainConfig(), "the default config"
@@ -131,7 +140,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["out"] = str(checkpoint_path(args.resume).parent)
     cfg = base.replace(**overrides).validate()
     check_settings_apply(cfg, given, source)
-    return cfg
+    return cfg, point
 
 
 def step_builder_for(cfg: TrainConfig):
@@ -197,8 +206,8 @@ def summary_lines(cfg: TrainConfig, result: RunResult, figures: dict, total_s: f
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    cfg = config_from_args(args)
-    if args.resume is not None and not checkpoint_path(args.resume).exists():
+    cfg, point = config_and_resume_point(args)
+    if point is not None and point.payload is None:
         print(f"fastfvae: {checkpoint_path(args.resume).parent} has no checkpoint (its run stopped before the "
               f"first one): starting it again from step 0 with its config.json", file=sys.stderr)
     data = training_data(cfg)
@@ -208,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         figures.update(write_outputs(result, args))
 
     try:
-        result = run_training(cfg, data=data, resume=args.resume, step_builder=step_builder_for(cfg),
+        result = run_training(cfg, data=data, resume=args.resume, resume_from=point, step_builder=step_builder_for(cfg),
                               callbacks=callbacks_for(cfg, args, data), progress=not args.no_progress,
                               on_finish=finish)
     except TrainingDiverged as exc:

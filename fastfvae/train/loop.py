@@ -252,10 +252,29 @@ class _OwnedFolder:
         remove_dirs(self.created)
 
 
-def resume_point(cfg: TrainConfig, resume: str | os.PathLike) -> dict | None:
-    """The checkpoint payload to continue from (None: the folder's run never checkpointed, it
-    starts again from step 0); FastFVAEError if ``cfg`` cannot continue it."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """A run's saved state as `read_resume_point` read it: its config, its checkpoint payload
+    (None: the run never checkpointed) and the checkpoint file's identity before the read (so a
+    save that came later is noticed and re-read)."""
+    config: TrainConfig
+    payload: dict | None
+    file: tuple | None
+
+
+def read_resume_point(resume: str | os.PathLike) -> ResumePoint:
+    """Read the run folder or checkpoint ``resume`` once (`load_resume_point`)."""
+    identity = _file_identity(checkpoint_path(resume))
     saved_cfg, payload = load_resume_point(resume)
+    return ResumePoint(saved_cfg, payload, identity)
+
+
+def resume_point(cfg: TrainConfig, resume: str | os.PathLike, point: ResumePoint | None = None) -> ResumePoint:
+    """``point`` (read now if not given), whose payload is what to continue from (None: the
+    folder's run never checkpointed, it starts again from step 0); FastFVAEError if ``cfg``
+    cannot continue it."""
+    point = point if point is not None else read_resume_point(resume)
+    saved_cfg, payload = point.config, point.payload
     conflicts = resume_conflicts(saved_cfg, cfg)
     if conflicts:
         raise FastFVAEError(f"cannot resume {checkpoint_path(resume)}: it was trained with different "
@@ -263,7 +282,7 @@ def resume_point(cfg: TrainConfig, resume: str | os.PathLike) -> dict | None:
     if payload is not None and int(payload["state"]["step"]) >= cfg.steps:
         raise FastFVAEError(f"the checkpoint is already at step {payload['state']['step']} of --steps "
                             f"{cfg.steps}; pass a larger --steps to train further")
-    return payload
+    return point
 
 
 def _file_identity(path: Path) -> tuple | None:
@@ -276,10 +295,12 @@ def _file_identity(path: Path) -> tuple | None:
 
 
 def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | None = None,
+                 resume_from: ResumePoint | None = None,
                  step_builder: StepBuilder | None = None, callbacks: Sequence[Callback] = (),
                  progress: bool = True, console=None,
                  on_finish: Callable[["RunResult"], None] | None = None) -> RunResult:
-    """Train ``cfg`` (resuming from ``resume``, a run folder or checkpoint file, if given).
+    """Train ``cfg`` (resuming from ``resume``, a run folder or checkpoint file, if given;
+    ``resume_from``: its `read_resume_point`, when the caller has read it already).
 
     ``data``: a `DSprites`, or a zero-argument function returning one, called once after ``out``
     is checked (default: ``load_training_data(cfg.data)``). ``step_builder``:
@@ -292,8 +313,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
     cfg.validate()
     check_settings_apply(cfg)
     out = Path(cfg.out)
-    payload = resume_point(cfg, resume) if resume is not None else None
-    resumed_file = _file_identity(checkpoint_path(resume)) if resume is not None else None
+    point = resume_point(cfg, resume, resume_from) if resume is not None else None
+    payload = point.payload if point is not None else None
     in_place = resume is not None and out.resolve() == checkpoint_path(resume).parent.resolve()
     check_out(out, in_place)
     device = resolve_device(cfg.device)
@@ -309,8 +330,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
         folder = _OwnedFolder(out)
         try:
             check_out(out, in_place)  # again, as the owner: another run may have finished here meanwhile
-            if resume is not None and _file_identity(checkpoint_path(resume)) != resumed_file:
-                payload = resume_point(cfg, resume)  # a run that held the folder saved again meanwhile
+            if point is not None and _file_identity(checkpoint_path(resume)) != point.file:
+                payload = resume_point(cfg, resume).payload  # a run that held the folder saved again meanwhile
             remove_stale_temp_files(out, RUN_FILES)
             if data is None:
                 data = load_training_data(cfg.data)
