@@ -10,9 +10,9 @@ minutes into a run:
   by creating and removing a temporary file there, since permission bits say nothing for
   root or for read-only and virtual file systems such as ``/proc`` — and the path must not be
   a folder. Nothing is left behind.
-* `make_folder` / `remove_empty_folders`: a folder to write into, created with its missing
-  parents; the caller removes the ones it created if the command then fails with nothing
-  written in them.
+* `make_folder` / `remove_empty_folders`: a folder to write into (``data download --dest``,
+  ``train`` / ``traverse --out``), created with its missing parents; the caller removes the
+  ones it created if the command then fails with nothing written in them.
 """
 
 from __future__ import annotations

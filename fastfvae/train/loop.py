@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastfvae.data.paths import make_folder, remove_empty_folders
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import (
     CHECKPOINT_NAME, CONFIG_NAME, atomic_write_text, capture_rng_states, checkpoint_path, load_resume_point,
@@ -122,46 +122,17 @@ def check_out(out: Path, resuming_in_place: bool) -> None:
         raise FastFVAEError(f"cannot write to --out {out}: {ancestor} is not a writable directory")
 
 
-def missing_dirs(out: Path) -> list[Path]:
-    """``out`` and those of its ancestors that do not exist yet, deepest first."""
-    missing, d = [], out
-    while not d.exists():
-        missing.append(d)
-        d = d.parent
-    return missing
-
-
-def remove_dirs(dirs: Sequence[Path]) -> None:
-    """rmdir each of ``dirs`` (deepest first) that is empty; others are left as they are."""
-    for d in dirs:
-        try:
-            d.rmdir()
-        except OSError:
-            return
-
-
-def make_out(out: Path) -> None:
-    """Create ``out`` and prove it is writable (FastFVAEError otherwise)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise FastFVAEError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-
-
 def make_out_then_load(out: Path, load):
     """Create ``out`` first (an unusable --out fails before the slow load), then return ``load()``.
 
     If loading fails, the folders this call created (still empty) are removed again: bad input
     leaves nothing behind.
     """
-    created = missing_dirs(out)
+    created = make_folder(out, "--out")
     try:
-        make_out(out)
         return load()
     except BaseException:
-        remove_dirs(created)
+        remove_empty_folders(created)
         raise
 
 
@@ -235,13 +206,12 @@ class _OwnedFolder:
     """The run folder, created (if missing) and locked; `abandon` undoes both after a failed set-up."""
 
     def __init__(self, out: Path) -> None:
-        self.created = missing_dirs(out)
-        make_out(out)
+        self.created = make_folder(out, "--out")
         self.lock = RunFolderLock(out)
         try:
             self.lock.acquire()
         except BaseException:
-            remove_dirs(self.created)
+            remove_empty_folders(self.created)
             raise
 
     def release(self) -> None:
@@ -249,7 +219,7 @@ class _OwnedFolder:
 
     def abandon(self) -> None:
         self.lock.release()
-        remove_dirs(self.created)
+        remove_empty_folders(self.created)
 
 
 @dataclass(frozen=True)
