@@ -205,8 +205,9 @@ def test_kernels_compile_for_sm90():
             (bwd, {"HAS_GZ": z, "HAS_GKL": k, "BLOCK_R": 64, "BLOCK_D": 16}) for z, k in [(1, 1), (1, 0), (0, 1)]])
 
 
-def test_cpu_reference_matches_eager_bit_for_bit():
+def test_cpu_reference_matches_eager_bit_for_bit(monkeypatch):
     """The torch path computes the textbook formulas in eager's order: drop-in parity on CPU."""
+    monkeypatch.setenv("FASTFVAE_NO_NATIVE", "1")  # the native library is within ulps, not bit for bit
     mu, logvar, eps = (t.requires_grad_() for t in _inputs((64, 10), torch.float32, "cpu", seed=10))
     g = torch.Generator().manual_seed(11)
     gz, gkl = torch.randn(64, 10, generator=g), torch.randn(64, generator=g)

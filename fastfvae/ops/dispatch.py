@@ -1,13 +1,15 @@
-"""Which implementation an op call runs: the Triton kernels or the torch reference.
+"""Which implementation an op call runs: the Triton kernels, the native CPU library or the torch reference.
 
 Rules, checked at every call (so they can change at run time, and they are never frozen
 into a compiled graph -- the ops are opaque to torch.compile):
 
 * CUDA tensors run the Triton kernels, unless ``FASTFVAE_NO_TRITON=1`` (then the torch
   reference runs on the GPU; useful to compare the two);
-* CPU tensors run the torch reference, unless ``FASTFVAE_TRITON_ON_CPU=1``: then the Triton
-  kernels run under Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before the
-  first kernel module is imported (the kernels are imported lazily, on first use);
+* CPU tensors run the native library (`fastfvae.ops.native`, built with CMake) where it is
+  loaded and implements the op, unless ``FASTFVAE_NO_NATIVE=1``; else the torch reference;
+* ``FASTFVAE_TRITON_ON_CPU=1`` takes precedence on CPU: the Triton kernels run under Triton's
+  interpreter, which needs ``TRITON_INTERPRET=1`` set before the first kernel module is
+  imported (the kernels are imported lazily, on first use);
 * dtypes a kernel does not support (float64 for the arithmetic ops, for example), tensors
   with 2**31 or more elements, and other devices always run the torch reference.
 """
@@ -21,6 +23,8 @@ from fastfvae.errors import FastFVAEError
 
 # The float types the Triton kernels compute in (float32 arithmetic); float64 runs the reference.
 KERNEL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The float types the native CPU library takes (float64 computed in float64, as the reference).
+NATIVE_FLOAT_DTYPES = KERNEL_FLOAT_DTYPES + (torch.float64,)
 _MAX_NUMEL = 2**31 - 1
 _KERNELS: dict = {}
 
@@ -55,6 +59,20 @@ def use_triton(*tensors: torch.Tensor, dtypes=None) -> bool:
             )
         return True
     return False
+
+
+def use_native(*tensors: torch.Tensor, dtypes=None) -> bool:
+    """True when a call on ``tensors`` should run ``torch.ops.fastfvae_native`` (CPU tensors,
+    the library loaded, not disabled; ``dtypes`` as in `use_triton`). Ask `use_triton` first:
+    the Triton interpreter, when asked for, takes precedence."""
+    from fastfvae.ops import native
+
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" for t in present):
+        return False
+    if dtypes is not None and any(t.dtype not in dtypes for t in present):
+        return False
+    return not native.disabled() and native.loaded()
 
 
 def kernels(name: str):

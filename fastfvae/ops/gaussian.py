@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_triton
+from fastfvae.ops import native
+from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, NATIVE_FLOAT_DTYPES, kernels, use_native, use_triton
 
 
 def _check(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> None:
@@ -97,6 +98,12 @@ def _forward(mu: Tensor, logvar: Tensor, eps: Tensor | None, want_z: bool, want_
     if mu.numel() == 0:
         return (mu.new_empty(mu.shape) if want_z else None,
                 mu.new_zeros(mu.shape[:-1], dtype=_kl_dtype(mu.dtype)) if want_kl else None)
+    if not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES) and use_native(mu, dtypes=NATIVE_FLOAT_DTYPES):
+        if want_z and want_kl:
+            return native.ops().gaussian_sample_kl(mu, logvar, eps)
+        if want_z:
+            return native.ops().reparameterize(mu, logvar, eps), None
+        return None, native.ops().gaussian_kl(mu, logvar)
     if not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES):
         z, kl = _reference_forward(mu, logvar, eps, want_z, want_kl)
         return (z.contiguous() if want_z else None), (kl.contiguous() if want_kl else None)
@@ -130,6 +137,8 @@ def _gaussian_backward(
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar) of z and/or kl; grad_z needs eps; either gradient may be None."""
     _check(mu, logvar, eps)
+    if not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES) and use_native(mu, dtypes=NATIVE_FLOAT_DTYPES):
+        return native.ops().gaussian_backward(mu, logvar, eps, grad_z, grad_kl)
     if mu.numel() == 0 or not use_triton(mu, dtypes=KERNEL_FLOAT_DTYPES):
         gmu, glv = _reference_backward(mu, logvar, eps, grad_z, grad_kl)
         return gmu.contiguous(), glv.contiguous()

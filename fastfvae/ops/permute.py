@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_triton
+from fastfvae.ops import native
+from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, NATIVE_FLOAT_DTYPES, kernels, use_native, use_triton
 
 
 def _check(z: Tensor, keys: Tensor) -> None:
@@ -43,6 +44,9 @@ def _run(src: Tensor, keys: Tensor, inverse: bool) -> Tensor:
         if src.shape[0] <= module.MAX_BATCH:
             module.permute_columns(src, keys, out, inverse)
             return out
+    if use_native(keys, dtypes=NATIVE_FLOAT_DTYPES) and use_native(src):
+        run = native.ops().permute_dims_backward if inverse else native.ops().permute_dims
+        return run(src, keys)
     order = keys.argsort(dim=0, stable=True)
     if inverse:
         return out.scatter_(0, order, src)

@@ -1,0 +1,422 @@
+"""The native CPU library (kernels/native, built with CMake): every op against the torch
+reference, values and gradients, through the public ops with the native backend active.
+
+The library is built once per session into a temporary folder (or taken from
+``FASTFVAE_NATIVE_LIB``); without cmake or a C++ compiler these tests skip. Loading it here
+changes nothing for the other tests: dispatch follows `fastfvae.ops.native`'s state, which
+each test that wants the native path patches (and pytest restores).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastfvae.ops import gaussian_kl, gaussian_sample_kl, native, permute_dims, reparameterize
+from fastfvae.ops.gaussian import _reference_backward, _reference_forward
+
+REPO = Path(__file__).resolve().parents[1]
+# Overflow to inf is the expected float32 result in the extreme-value tests.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="session")
+def native_lib(tmp_path_factory) -> Path:
+    """The library's path: $FASTFVAE_NATIVE_LIB, else a fresh CMake build of this checkout."""
+    given = os.environ.get(native.LIB_ENV)
+    if given:
+        if not Path(given).is_file():
+            pytest.fail(f"{native.LIB_ENV}={given} does not exist")
+        return Path(given)
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the native library cannot be built")
+    if _compiler() is None:
+        pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX): the native library cannot be built")
+    build = tmp_path_factory.mktemp("native_build")
+    for cmd in (["cmake", "-S", str(REPO), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}"],
+                ["cmake", "--build", str(build), "-j2"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lib = build / native.LIB_NAME
+    assert lib.is_file(), f"the build made no {lib}"
+    return lib
+
+
+class _Recorder:
+    """torch.ops.fastfvae_native, recording which ops dispatch called."""
+
+    def __init__(self, namespace):
+        self._namespace = namespace
+        self.called: list[str] = []
+
+    def __getattr__(self, name):
+        self.called.append(name)
+        return getattr(self._namespace, name)
+
+
+@pytest.fixture
+def native_on(native_lib, monkeypatch) -> _Recorder:
+    """The native backend active for CPU tensors in this test (the state restored after)."""
+    if not hasattr(torch.ops.fastfvae_native, "permute_dims"):
+        torch.ops.load_library(str(native_lib))
+    monkeypatch.setattr(native, "_STATE", {"tried": True, "path": native_lib, "reason": None})
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    monkeypatch.delenv("FASTFVAE_TRITON_ON_CPU", raising=False)
+    recorder = _Recorder(torch.ops.fastfvae_native)
+    monkeypatch.setattr(native, "ops", lambda: recorder)
+    return recorder
+
+
+def _reference_permute(z, keys):
+    return z.gather(0, keys.argsort(dim=0, stable=True))
+
+
+def _check_permute(z, keys):
+    """Values and gradient exactly those of gather(argsort(stable))."""
+    leaf = z.detach().requires_grad_() if z.is_floating_point() else z
+    out = permute_dims(leaf, keys)
+    assert out.dtype == z.dtype and out.shape == z.shape and out.is_contiguous()
+    assert torch.equal(out, _reference_permute(z, keys))
+    if z.is_floating_point():
+        grad = torch.randn(out.shape).to(z.dtype)
+        (gz,) = torch.autograd.grad(out, leaf, grad)
+        ref_leaf = z.detach().requires_grad_()
+        (ref,) = torch.autograd.grad(_reference_permute(ref_leaf, keys), ref_leaf, grad)
+        assert torch.equal(gz, ref)
+
+
+# --- permute_dims ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("D", [1, 10, 33])
+@pytest.mark.parametrize("B", [1, 2, 3, 64, 127, 1000, 4097])
+def test_permute_matches_stable_argsort(native_on, B, D):
+    g = torch.Generator().manual_seed(B * 100 + D)
+    _check_permute(torch.randn(B, D, generator=g), torch.rand(B, D, generator=g))
+    assert native_on.called.count("permute_dims") == 1 and native_on.called.count("permute_dims_backward") == 1
+
+
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("z_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                     torch.int64, torch.int8, torch.bool, torch.complex128])
+def test_permute_dtypes(native_on, z_dtype, key_dtype):
+    """Any z dtype (elements moved, never read); 16-bit keys tie often, so stability counts."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(300, 7, generator=g) * 50).to(z_dtype)
+    keys = torch.rand(300, 7, generator=g).to(key_dtype)
+    _check_permute(z, keys)
+    assert "permute_dims" in native_on.called
+
+
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16, torch.float64])
+def test_permute_ties_nan_inf_and_signed_zero(native_on, key_dtype):
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randint(0, 3, (40, 6), generator=g).to(key_dtype)  # many ties
+    keys[3, 2], keys[7, 2] = float("nan"), float("nan")
+    keys[5, 1], keys[6, 1], keys[0, 1] = -0.0, 0.0, -0.0
+    keys[0, 0], keys[1, 0], keys[2, 0] = -float("inf"), float("inf"), float("nan")
+    keys[:, 4] = 0.25
+    keys[:, 5] = -0.0
+    _check_permute(torch.randn(40, 6, generator=g), keys)
+
+
+def test_permute_non_contiguous_and_stride0_grad(native_on):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(10, 37, generator=g).t()
+    keys = torch.rand(37, 20, generator=g)[:, ::2]
+    _check_permute(z, keys)
+    leaf = z.detach().requires_grad_()
+    permute_dims(leaf, keys).sum().backward()  # the gradient arrives with stride 0
+    assert torch.equal(leaf.grad, torch.ones_like(z))
+
+
+def test_permute_large_and_thread_count_independent(native_on):
+    """A large batch over several threads (at::parallel_for), the same result on one thread."""
+    g = torch.Generator().manual_seed(5)
+    z, keys = torch.randn(200_000, 10, generator=g), torch.rand(200_000, 10, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        many = permute_dims(z, keys)
+        torch.set_num_threads(1)
+        one = permute_dims(z, keys)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(many, _reference_permute(z, keys)) and torch.equal(one, many)
+
+
+# --- Gaussian ops ------------------------------------------------------------------------------
+
+# (atol, rtol) of native vs the torch reference: the two differ only in exp's last bit (libm,
+# libmvec vs torch's vectorised exp) and the KL's summation order.
+TOL = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-12),
+       torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def _close(actual, expected, dtype, scale=1.0):
+    """Within ulps of the largest |expected| (z = mu + exp(lv / 2) * eps cancels: an ulp of
+    the product can be a large part of a small sum)."""
+    atol, rtol = TOL[dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    finite = expected[torch.isfinite(expected)].abs()
+    magnitude = max(1.0, finite.max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale * magnitude, rtol=rtol, equal_nan=True)
+
+
+def _inputs(shape, dtype, seed, scale=1.5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g) * scale).to(dtype) for _ in range(3)]
+
+
+def _public_values_and_grads(mu, logvar, eps, gz, gkl):
+    """Each public op's outputs and (mu, logvar, eps) gradients."""
+    leaves = [t.detach().requires_grad_() for t in (mu, logvar, eps)]
+    z, kl = gaussian_sample_kl(*leaves)
+    out = [z, kl, *torch.autograd.grad((z, kl), leaves, (gz, gkl))]
+    z = reparameterize(*leaves)
+    out += [z, *torch.autograd.grad(z, leaves, gz)]
+    kl = gaussian_kl(*leaves[:2])
+    out += [kl, *torch.autograd.grad(kl, leaves[:2], gkl)]
+    return [t.detach() for t in out]
+
+
+SHAPES = [(1, 1), (2, 10), (3, 33), (64, 10), (127, 10), (1000, 10), (7,), (2, 3, 5), (4096, 37)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gaussian_ops_match_reference(native_on, monkeypatch, shape, dtype):
+    mu, logvar, eps = _inputs(shape, dtype, seed=sum(shape))
+    g = torch.Generator().manual_seed(1)
+    gz = torch.randn(shape, generator=g).to(dtype)
+    gkl = torch.randn(shape[:-1], generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    got = _public_values_and_grads(mu, logvar, eps, gz, gkl)
+    for name in ("gaussian_sample_kl", "reparameterize", "gaussian_kl", "gaussian_backward"):
+        assert name in native_on.called
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
+    calls = len(native_on.called)
+    expected = _public_values_and_grads(mu, logvar, eps, gz, gkl)
+    assert len(native_on.called) == calls  # FASTFVAE_NO_NATIVE=1: the reference ran
+    for a, e in zip(got, expected):
+        _close(a, e, dtype, scale=shape[-1] if a.dim() < mu.dim() else 1.0)
+
+
+def _extreme_inputs():
+    """Large |logvar| (exp(lv / 2) overflowing float32 above 177), zeros, infinities, NaN, in
+    rows 0-2 at positions inside the 16- and 8-wide vector blocks and in the scalar tail; row 3
+    has one KL term beyond float32 (logvar 200), row 4 is ordinary."""
+    special_lv = [200.0, 175.0, 161.0, 100.0, 88.0, 80.0, -1e30, 1e30, -100.0, 1e-4, 0.0, -0.0,
+                  float("inf"), -float("inf"), float("nan"), 170.0]
+    special_eps = [1e-30, 1e-38, 0.0, -0.0, 1.0, -2.0, float("nan"), 1e-20]
+    g = torch.Generator().manual_seed(4)
+    mu, logvar, eps = (torch.randn(5, 37, generator=g) for _ in range(3))
+    flat_lv, flat_eps = logvar[:3].reshape(-1), eps[:3].reshape(-1)
+    for i, lv in enumerate(special_lv):
+        for j, e in enumerate(special_eps):
+            k = (i * 11 + j * 23) % flat_lv.numel()
+            flat_lv[k], flat_eps[k] = lv, e
+    logvar[:3], eps[:3] = flat_lv.view(3, 37), flat_eps.view(3, 37)
+    mu[0, :8] = 0.0
+    mu[1, 3] = 1e20  # mu^2 overflows float32
+    logvar[3, 20] = 200.0
+    return mu, logvar, eps
+
+
+def _close_elementwise(actual, expected, bound, rtol=1e-5):
+    """NaN and +-inf where expected has them; elsewhere within rtol of ``bound`` (the sizes of
+    the terms summed, so a cancelling sum is held to the precision of its terms)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    inf = torch.isinf(expected)
+    assert torch.equal(actual[inf], expected[inf]) and not torch.isinf(actual[~inf]).any()
+    finite = torch.isfinite(expected)
+    bound = torch.nan_to_num(bound.double(), nan=0.0)[finite]  # a NaN bound (inf * 0): exact
+    err = (actual[finite].double() - expected[finite].double()).abs()
+    assert (err <= rtol * bound + 1e-30).all(), (err - rtol * bound).max()
+
+
+def test_gaussian_extremes_match_reference(native_on):
+    mu, logvar, eps = _extreme_inputs()
+    m, lv, e = (t.double() for t in (mu, logvar, eps))
+    z, kl = torch.ops.fastfvae.gaussian_sample_kl(mu, logvar, eps)
+    z_ref, kl_ref = _reference_forward(mu, logvar, eps, True, True)
+    _close_elementwise(z, z_ref, m.abs() + (torch.exp(0.5 * lv) * e).abs())
+    kl_terms = (m * m + lv.exp() + lv.abs() + 1.0).sum(-1)
+    _close_elementwise(kl, kl_ref, kl_terms)
+    assert torch.isinf(kl[3]) and torch.isfinite(kl[4]) and torch.isnan(z).any()
+    assert torch.equal(z[(eps == 0.0) & torch.isfinite(logvar)], mu[(eps == 0.0) & torch.isfinite(logvar)])
+    gz, gkl = torch.randn(5, 37), torch.randn(5)
+    bounds = (gz.double().abs() + (gkl.double()[:, None] * m).abs(),
+              (gz.double() * e * torch.exp(0.5 * lv)).abs() + (gkl.double()[:, None] * lv.exp()).abs() + gkl.abs()[:, None])
+    for args in ((eps, gz, gkl), (eps, gz, None), (None, None, gkl), (eps, None, None)):
+        got = torch.ops.fastfvae.gaussian_backward(mu, logvar, *args)
+        for a, ref, bound in zip(got, _reference_backward(mu, logvar, *args), bounds):
+            _close_elementwise(a, ref, bound)
+    assert native_on.called.count("gaussian_backward") == 4
+
+
+def test_gaussian_eps_zero_gives_mu_exactly_and_large_logvar_stays_finite(native_on):
+    mu = torch.randn(3, 20)
+    logvar = torch.full((3, 20), 300.0)
+    assert torch.equal(reparameterize(mu, logvar, torch.zeros(3, 20)), mu)
+    z = reparameterize(torch.zeros(3, 20), logvar, torch.full((3, 20), 1e-60, dtype=torch.float64).float())
+    assert torch.equal(z, torch.zeros(3, 20))  # 1e-60 is 0 in float32
+    z = reparameterize(torch.zeros(3, 20), torch.full((3, 20), 160.0), torch.full((3, 20), 1e-30))
+    torch.testing.assert_close(z, torch.full((3, 20), float(torch.tensor(80.0, dtype=torch.float64).exp() * 1e-30)))
+
+
+def test_gaussian_thread_count_independent(native_on):
+    mu, logvar, eps = _inputs((100_000, 10), torch.float32, seed=6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        many = gaussian_sample_kl(mu, logvar, eps)
+        torch.set_num_threads(1)
+        one = gaussian_sample_kl(mu, logvar, eps)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(many, one))
+    z_ref, kl_ref = _reference_forward(mu, logvar, eps, True, True)
+    _close(many[0], z_ref, torch.float32)
+    _close(many[1], kl_ref, torch.float32, scale=10)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from test_ops_native import _close_elementwise, _extreme_inputs, _inputs
+from fastfvae.ops.gaussian import _reference_backward, _reference_forward
+n = torch.ops.fastfvae_native
+print(n.isa())
+cases = [_extreme_inputs()] + [_inputs(s, torch.float32, seed=i) for i, s in enumerate([(1, 15), (3, 17), (64, 10)])]
+for i, (mu, lv, eps) in enumerate(cases):
+    bound = (mu.double().abs() + (torch.exp(0.5 * lv.double()) * eps.double()).abs())
+    z, kl = n.gaussian_sample_kl(mu, lv, eps)
+    z_ref, kl_ref = _reference_forward(mu, lv, eps, True, True)
+    _close_elementwise(z, z_ref, bound)
+    _close_elementwise(kl, kl_ref, (mu.double() ** 2 + lv.double().exp() + lv.double().abs() + 1).sum(-1))
+    gz, gkl = torch.randn(mu.shape), torch.randn(mu.shape[:-1])
+    gbound = (gz.double().abs() * (1 + bound) + gkl.double().abs()[..., None] * (1 + bound + lv.double().exp()))
+    for a, e in zip(n.gaussian_backward(mu, lv, eps, gz, gkl), _reference_backward(mu, lv, eps, gz, gkl)):
+        _close_elementwise(a, e, gbound)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_each_simd_variant_matches_reference(native_lib, isa):
+    """FASTFVAE_NATIVE_ISA caps the variant picked at run time, so each is checked on this CPU."""
+    env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(native_lib), str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen, status = proc.stdout.split()
+    assert status == "ok"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    supported = {"avx512": " avx512f" in flags, "avx2": " avx2" in flags, "scalar": True}
+    if supported[isa]:
+        assert chosen == isa
+    else:
+        assert chosen != isa
+
+
+# --- registration and dispatch --------------------------------------------------------------
+
+def test_opcheck_with_native_active(native_on):
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(9, 4, generator=g).requires_grad_()
+    keys = torch.rand(9, 4, generator=g)
+    ops = torch.ops.fastfvae
+    torch.library.opcheck(ops.permute_dims.default, (z, keys))
+    torch.library.opcheck(ops.permute_dims_backward.default, (z, keys))
+    mu, logvar, eps = (t.requires_grad_() for t in _inputs((6, 5), torch.float32, seed=7))
+    torch.library.opcheck(ops.gaussian_sample_kl.default, (mu, logvar, eps))
+    torch.library.opcheck(ops.reparameterize.default, (mu, logvar, eps))
+    torch.library.opcheck(ops.gaussian_kl.default, (mu, logvar))
+    m, lv, e = mu.detach(), logvar.detach(), eps.detach()
+    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, e, torch.randn_like(m), torch.randn_like(m[:, 0])))
+    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, None, None, torch.randn_like(m[:, 0])))
+    for name in native.NATIVE_OPS:
+        assert name in native_on.called
+
+
+def test_disable_flag_and_other_devices_run_the_reference(native_on, monkeypatch):
+    from fastfvae.ops.dispatch import use_native
+
+    z, keys = torch.randn(8, 3), torch.rand(8, 3)
+    assert use_native(z, keys)
+    assert not use_native(z.to("meta"))
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
+    assert not use_native(z, keys)
+    assert torch.equal(permute_dims(z, keys), _reference_permute(z, keys))
+    assert native_on.called == []
+
+
+def test_triton_interpreter_takes_precedence_on_cpu(native_on, monkeypatch):
+    from fastfvae.ops.dispatch import interpreting, kernels
+
+    if not interpreting():
+        pytest.skip("TRITON_INTERPRET=1 is not set (tests/conftest.py sets it only without CUDA)")
+    monkeypatch.setenv("FASTFVAE_TRITON_ON_CPU", "1")
+    module = kernels("permute")
+    launches = []
+    original = module.permute_columns
+    monkeypatch.setattr(module, "permute_columns", lambda *a: (launches.append(1), original(*a))[1])
+    z, keys = torch.randn(8, 3), torch.rand(8, 3)
+    assert torch.equal(permute_dims(z, keys), _reference_permute(z, keys))
+    assert launches and native_on.called == []
+
+
+# --- loading and `fastfvae info` -------------------------------------------------------------
+
+def _info(env_updates: dict) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in (native.LIB_ENV, native.DISABLE_ENV)}
+    env.update(env_updates)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fastfvae.cli import main; sys.exit(main(['info']))"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _row(text: str, op: str) -> list[str]:
+    return next(line for line in text.splitlines() if line.split()[0] == op).split()
+
+
+def test_info_with_the_library_loaded_from_the_environment(native_lib):
+    out = _info({native.LIB_ENV: str(native_lib)})
+    for op in native.NATIVE_OPS:
+        assert _row(out, op)[1:3] == ["native", "triton"], out
+    assert str(native_lib) in out and any(isa in out for isa in ("avx512", "avx2", "scalar"))
+    assert _row(out, "linear_leaky_relu")[1] == "reference"
+    off = _info({native.LIB_ENV: str(native_lib), native.DISABLE_ENV: "1"})
+    assert _row(off, "permute_dims")[1] == "reference" and "FASTFVAE_NO_NATIVE=1" in off
+
+
+def test_info_and_ops_without_the_library(tmp_path):
+    missing = tmp_path / "missing" / native.LIB_NAME
+    out = _info({native.LIB_ENV: str(missing)})
+    row = _row(out, "gaussian_sample_kl")
+    assert row[1:3] == ["reference", "triton"] and "cmake -S . -B build" in out and str(missing) in out
+    assert len(out.strip().splitlines()) == 10  # the header and one line per op
+
+
+def test_a_library_that_does_not_load_falls_back_to_the_reference(tmp_path, monkeypatch):
+    broken = tmp_path / native.LIB_NAME
+    broken.write_text("not a shared library")
+    out = _info({native.LIB_ENV: str(broken)})
+    assert _row(out, "permute_dims")[1] == "reference" and "does not load" in out
+    monkeypatch.setenv(native.LIB_ENV, str(broken))
+    monkeypatch.setattr(native, "_STATE", {"tried": False, "path": None, "reason": None})
+    if hasattr(torch.ops.fastfvae_native, "permute_dims"):
+        pytest.skip("the library is already loaded in this process")
+    assert not native.loaded()
+    z, keys = torch.randn(5, 2), torch.rand(5, 2)
+    assert torch.equal(permute_dims(z, keys), _reference_permute(z, keys))
