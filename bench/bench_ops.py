@@ -4,7 +4,12 @@ One benchmark group per op and size, with one row per implementation of the same
 
 * ``eager``    -- plain torch, as a model would write it;
 * ``compiled`` -- ``torch.compile`` (Inductor, static shapes) of that same function;
-* ``fastfvae`` -- the `fastfvae.ops` op: the Triton kernels on CUDA, the torch reference on CPU.
+* ``fastfvae`` -- the `fastfvae.ops` op: the Triton kernels on CUDA; on CPU the native library
+  where it is loaded (`fastfvae.ops.native`), else the torch reference.
+
+The ``native vs reference`` groups (CPU, skipped without the native library) time the same
+public op twice: ``reference`` with ``FASTFVAE_NO_NATIVE=1`` and ``native``; their rows carry
+``speedup_vs_reference``.
 
 Each row's ``extra_info`` holds ``speedup_vs_eager`` and ``speedup_vs_compiled`` (min time per
 call of that row / this row: the min, because shared CI machines are noisy); pytest-benchmark's
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 
 from bench.conftest import timing
 from fastfvae.models.discriminator import Discriminator
-from fastfvae.ops import FusedDiscriminator, gaussian_sample_kl, linear_leaky_relu, permute_dims
+from fastfvae.ops import FusedDiscriminator, gaussian_sample_kl, linear_leaky_relu, native, permute_dims
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -60,7 +65,7 @@ def _measure(benchmark, group: str, impl: str, fn) -> None:
     best = stats.min / iterations
     _BEST[(group, impl)] = best
     benchmark.extra_info["min_per_call_s"] = best
-    for base in ("eager", "compiled"):
+    for base in ("eager", "compiled", "reference"):
         if (group, base) in _BEST:
             benchmark.extra_info[f"speedup_vs_{base}"] = _BEST[(group, base)] / best
 
@@ -170,3 +175,43 @@ def test_linear_leaky_relu_large(benchmark, impl):
     def fn():
         return torch.autograd.grad(step(x, w, b), (x, w, b), g)
     _measure(benchmark, f"linear_leaky_relu fwd+bwd {M}x1000x1000", impl, fn)
+
+
+# --- native CPU library vs the torch reference, side by side ----------------------------------
+
+NATIVE_IMPLS = ["reference", "native"]
+
+
+def _native_or_skip(monkeypatch, impl: str) -> None:
+    """Skip without the library; the reference row runs the same op with FASTFVAE_NO_NATIVE=1."""
+    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    monkeypatch.delenv("FASTFVAE_TRITON_ON_CPU", raising=False)
+    runs_native, why = native.status()
+    if not runs_native:
+        pytest.skip(f"native vs reference: {why}")
+    if impl == "reference":
+        monkeypatch.setenv(native.DISABLE_ENV, "1")
+
+
+@pytest.mark.parametrize("impl", NATIVE_IMPLS)
+@pytest.mark.parametrize("B", [64, 1024])
+def test_native_permute_dims(benchmark, monkeypatch, B, impl):
+    _native_or_skip(monkeypatch, impl)
+    z, keys = torch.randn(B, 10), torch.rand(B, 10)
+    _measure(benchmark, f"native vs reference (CPU): permute_dims fwd (keys given) B={B} D=10", impl,
+             lambda: permute_dims(z, keys))
+
+
+@pytest.mark.parametrize("impl", NATIVE_IMPLS)
+@pytest.mark.parametrize("B", [64, 1024])
+def test_native_gaussian_sample_kl(benchmark, monkeypatch, B, impl):
+    _native_or_skip(monkeypatch, impl)
+    mu, logvar, eps = (torch.randn(B, 10) for _ in range(3))
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    gz, gkl = torch.randn(B, 10), torch.randn(B)
+
+    def fn():
+        z, kl = gaussian_sample_kl(mu, logvar, eps)
+        return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+    _measure(benchmark, f"native vs reference (CPU): gaussian_sample_kl fwd+bwd B={B} D=10", impl, fn)
