@@ -264,10 +264,10 @@ def test_a_resume_drops_the_evaluations_past_its_checkpoint_and_a_failed_write_i
 
 
 def test_traverse_checks_out_before_loading_data_and_leaves_nothing(existing_run, tmp_path, capsys, monkeypatch):
-    import fastfvae.cli.traverse as traverse
+    import fastfvae.train.loop as loop
 
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(traverse, "load_training_data", lambda path: pytest.fail("loaded data before checking --out"))
+    monkeypatch.setattr(loop, "load_training_data", lambda path: pytest.fail("loaded data before checking --out"))
     assert main(["traverse", str(existing_run), "--out", str(tmp_path / "a_file" / "figs")]) == 2
     assert capsys.readouterr().err.strip().startswith(f"fastfvae: error: --out {tmp_path / 'a_file' / 'figs'}: cannot create")
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import checkpoint_path, load_models
-from fastfvae.train.loop import load_training_data, make_out_then_load
+from fastfvae.train import loop
 from fastfvae.train.progress import LOG_NAME, read_log
 
 DESCRIPTION = """\
@@ -26,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
     vae, _, cfg = load_models(args.checkpoint)
     run_dir = checkpoint_path(args.checkpoint).parent
     out = Path(args.out) if args.out else run_dir
-    data = make_out_then_load(out, lambda: load_training_data(args.data if args.data is not None else cfg.data))
+    # loop.load_training_data looked up when called, like the train command's (one place to replace it)
+    data_path = args.data if args.data is not None else cfg.data
+    data = loop.make_out_then_load(out, lambda: loop.load_training_data(data_path))
     log = run_dir / LOG_NAME
     records = read_log(log) if log.exists() else None
     paths = write_run_figures(vae, data, out, records, num_images=args.images)
