@@ -3,7 +3,9 @@
 // A key becomes an unsigned integer with the same order (-0.0 folded onto +0.0, every NaN
 // onto one value above +inf, as torch's sort orders them); the row index is the tie-break,
 // so a plain sort of (key, row) pairs is the stable argsort. float16/bfloat16/float32 keys
-// widen exactly to float32 and pack with the row into one 64-bit word.
+// widen exactly to float32: short columns sort (key, row) packed into one 64-bit word, longer
+// ones go through a least-significant-digit radix sort of the 32-bit keys (three 11-bit
+// passes, each stable, so equal keys keep their row order), which is linear in the rows.
 #include "permute.h"
 
 #include <ATen/Parallel.h>
@@ -36,16 +38,62 @@ uint64_t ordered_bits(double key) {
   return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
 }
 
+// Rows from which a column's order comes from the radix sort rather than a comparison sort.
+constexpr int64_t kRadixMinRows = 600;
+constexpr int kRadixBits = 11;
+
+// Per-thread buffers of column_order.
+struct SortBuffers {
+  std::vector<uint64_t> packed;
+  std::vector<std::pair<uint64_t, uint32_t>> wide;
+  std::vector<uint32_t> keys_a, keys_b, rows_b;
+  std::vector<int64_t> counts;
+};
+
+// Stable LSD radix sort of the ordered keys keys_a[0, B); the rows end up in order.
+void radix_order(int64_t B, SortBuffers& buf, uint32_t* order) {
+  constexpr int64_t kBuckets = int64_t{1} << kRadixBits;
+  buf.keys_b.resize(B);
+  buf.rows_b.resize(B);
+  buf.counts.resize(kBuckets);
+  uint32_t *keys = buf.keys_a.data(), *rows = order, *keys_out = buf.keys_b.data(), *rows_out = buf.rows_b.data();
+  for (int64_t r = 0; r < B; ++r) rows[r] = static_cast<uint32_t>(r);
+  for (int shift = 0; shift < 32; shift += kRadixBits) {
+    std::fill(buf.counts.begin(), buf.counts.end(), 0);
+    for (int64_t r = 0; r < B; ++r) ++buf.counts[(keys[r] >> shift) & (kBuckets - 1)];
+    if (buf.counts[(keys[0] >> shift) & (kBuckets - 1)] == B) continue;  // one digit: already in order
+    int64_t offset = 0;
+    for (int64_t d = 0; d < kBuckets; ++d) {
+      const int64_t c = buf.counts[d];
+      buf.counts[d] = offset;
+      offset += c;
+    }
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t pos = buf.counts[(keys[r] >> shift) & (kBuckets - 1)]++;
+      keys_out[pos] = keys[r];
+      rows_out[pos] = rows[r];
+    }
+    std::swap(keys, keys_out);
+    std::swap(rows, rows_out);
+  }
+  if (rows != order) std::copy(rows, rows + B, order);
+}
+
 // The stable argsort of column j of keys [B, D] (any float dtype, any strides) into order.
 template <typename key_t>
-void column_order(const key_t* keys, int64_t B, int64_t stride_b, std::vector<uint64_t>& packed,
-                  std::vector<std::pair<uint64_t, uint32_t>>& wide, uint32_t* order) {
+void column_order(const key_t* keys, int64_t B, int64_t stride_b, SortBuffers& buf, uint32_t* order) {
   if constexpr (std::is_same_v<key_t, double>) {
+    auto& wide = buf.wide;
     wide.resize(B);
     for (int64_t r = 0; r < B; ++r) wide[r] = {ordered_bits(keys[r * stride_b]), static_cast<uint32_t>(r)};
     std::sort(wide.begin(), wide.end());
     for (int64_t r = 0; r < B; ++r) order[r] = wide[r].second;
+  } else if (B >= kRadixMinRows) {
+    buf.keys_a.resize(B);
+    for (int64_t r = 0; r < B; ++r) buf.keys_a[r] = ordered_bits(static_cast<float>(keys[r * stride_b]));
+    radix_order(B, buf, order);
   } else {
+    auto& packed = buf.packed;
     packed.resize(B);
     for (int64_t r = 0; r < B; ++r) {
       packed[r] = (uint64_t{ordered_bits(static_cast<float>(keys[r * stride_b]))} << 32) | static_cast<uint64_t>(r);
@@ -71,11 +119,10 @@ void permute_columns(const at::Tensor& src, const at::Tensor& keys, at::Tensor& 
   auto* po = static_cast<elem_t*>(out.mutable_data_ptr());
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / B);
   at::parallel_for(0, D, grain, [&](int64_t j0, int64_t j1) {
-    std::vector<uint64_t> packed;
-    std::vector<std::pair<uint64_t, uint32_t>> wide;
+    SortBuffers buf;
     std::vector<uint32_t> order(B);
     for (int64_t j = j0; j < j1; ++j) {
-      column_order(pk + j * skd, B, skb, packed, wide, order.data());
+      column_order(pk + j * skd, B, skb, buf, order.data());
       const elem_t* col = ps + j * ssd;
       if (inverse) {
         for (int64_t r = 0; r < B; ++r) po[order[r] * D + j] = col[r * ssb];
