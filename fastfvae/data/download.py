@@ -29,14 +29,13 @@ Failures, each one line (`FastFVAEError`), found as early as possible:
   stalled server fails after about two timeouts.
 
 A folder made for ``dest`` is removed again when the download fails with nothing kept in it.
-One download at a time per ``dest`` (`DownloadLock`): a second one fails at once, naming the
+One download at a time per ``dest`` (`download_lock`): a second one fails at once, naming the
 first one's PID.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -55,7 +54,7 @@ from fastfvae.data.dsprites import NUM_IMAGES
 from fastfvae.data.files import PartialSetError, _one_line, check_npz_archive
 from fastfvae.data.paths import make_folder, remove_empty_folders
 from fastfvae.errors import FastFVAEError
-from fastfvae.train.lock import _holder_pid
+from fastfvae.train.lock import ExclusiveFileLock
 
 DSPRITES_FILENAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 DSPRITES_URL = f"https://github.com/deepmind/dsprites-dataset/raw/master/{DSPRITES_FILENAME}"
@@ -69,7 +68,7 @@ DEFAULT_TIMEOUT = 30.0
 #: fails after this many timeouts, not after every retry.
 ATTEMPTS_WITHOUT_PROGRESS = 2
 _BLOCK = 1 << 16
-#: The lock file (`DownloadLock`) beside the ``.part`` file while a download runs.
+#: The lock file (`download_lock`) beside the ``.part`` file while a download runs.
 LOCK_NAME = DSPRITES_FILENAME + ".lock"
 
 
@@ -229,57 +228,18 @@ def _transfer(url: str, part: Path, retries: int, timeout: float, progress: bool
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
-class DownloadLock:
+def download_lock(dest: Path) -> ExclusiveFileLock:
     """One download per ``dest``: an exclusive flock on ``<dest>/LOCK_NAME`` for the whole call.
 
     Two downloads into one folder would append to the same ``.part`` (interleaved bytes), and
-    the one that renames it would pull the file from under the other. The lock works as the run
-    folder lock does (`fastfvae.train.lock`): ``flock(LOCK_EX | LOCK_NB)``, the holder's PID
-    written in the file and named to a second process, which gets a one-line `FastFVAEError`;
-    the kernel drops it when its holder exits however it exits, so a file left by a killed
-    download is taken over. Leaving removes the file while still holding the lock; a process
-    that locked the removed file notices that the path names another one and tries again.
+    the one that renames it would pull the file from under the other. The lock is the run
+    folder's kind (`fastfvae.train.lock.ExclusiveFileLock`): the holder's PID is named to a
+    second process, which gets a one-line `FastFVAEError` at once; the kernel drops it when its
+    holder exits however it exits, so a file left by a killed download is taken over.
     """
-
-    def __init__(self, dest: Path) -> None:
-        self.dest, self.path = dest, dest / LOCK_NAME
-        self._fd: int | None = None
-
-    def __enter__(self) -> "DownloadLock":
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise FastFVAEError(f"cannot create {self.path}: {exc.strerror or exc}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _holder_pid(fd)
-                os.close(fd)
-                raise FastFVAEError(f"another fastfvae download into {self.dest} is running (PID {pid}); "
-                                    "wait for it to finish or stop it, or choose another --dest") from None
-            except OSError as exc:  # a file system without flock (ENOLCK)
-                os.close(fd)
-                raise FastFVAEError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
-            try:
-                current, locked = os.stat(self.path), os.fstat(fd)
-                if (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the previous holder removed the file we locked: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)  # closing the last descriptor drops the flock
-        self._fd = None
+    return ExclusiveFileLock(dest / LOCK_NAME, grace=0.0, in_use=lambda pid: (
+        f"another fastfvae download into {dest} is running (PID {pid}); "
+        "wait for it to finish or stop it, or choose another --dest"))
 
 
 def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: str | Path | None = None,
@@ -305,7 +265,7 @@ def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: 
             raise FastFVAEError(f"{path} exists and is not a file; expected the dSprites NPZ or nothing there")
     created = make_folder(dest, "--dest")
     try:
-        with DownloadLock(dest):
+        with download_lock(dest):
             if final.exists() and not force:
                 problem = _problem_with(final, digest, require_full)
                 if problem is None:

@@ -51,9 +51,9 @@ def _flock_within(fd: int, kind: int, seconds: float) -> bool:
             time.sleep(0.01)
 
 
-def _in_use(folder: Path, fd: int) -> FastFVAEError:
-    return FastFVAEError(f"{folder} is in use by another fastfvae process (PID {_holder_pid(fd)}); "
-                         f"wait for it to finish or stop it, or choose another --out")
+def _in_use_message(folder: Path, pid: str) -> str:
+    return (f"{folder} is in use by another fastfvae process (PID {pid}); "
+            f"wait for it to finish or stop it, or choose another --out")
 
 
 def check_not_in_use(folder: str | os.PathLike) -> None:
@@ -67,7 +67,7 @@ def check_not_in_use(folder: str | os.PathLike) -> None:
     try:
         free = _flock_within(fd, fcntl.LOCK_SH, PROBE_GRACE_S)
         if not free:
-            raise _in_use(folder, fd)
+            raise FastFVAEError(_in_use_message(folder, _holder_pid(fd)))
         fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError:
         return  # no flock on this file system: `RunFolderLock.acquire` will say so
@@ -75,32 +75,33 @@ def check_not_in_use(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-class RunFolderLock:
-    """Exclusive ownership of a run folder (which must exist). Use as a context manager or call
-    `acquire` / `release`; `acquire` raises FastFVAEError when another process holds it."""
+class ExclusiveFileLock:
+    """An exclusive flock on the file ``path`` (created; its folder must exist), with the holder's
+    PID written in it. Use as a context manager or call `acquire` / `release`; `acquire` raises
+    the one-line FastFVAEError ``in_use(pid)`` when another process holds it (after retrying for
+    ``grace`` seconds: a `check_not_in_use` probe holds a lock for microseconds)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+    def __init__(self, path: str | os.PathLike, in_use, grace: float = PROBE_GRACE_S) -> None:
+        self.path, self._in_use, self._grace = Path(path), in_use, grace
         self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunFolderLock":
+    def acquire(self):
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise FastFVAEError(f"cannot lock run folder {self.folder}: {exc.strerror or exc}") from None
+                raise FastFVAEError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
             try:
-                free = _flock_within(fd, fcntl.LOCK_EX, PROBE_GRACE_S)
+                free = _flock_within(fd, fcntl.LOCK_EX, self._grace)
             except OSError as exc:  # a file system without flock (ENOLCK)
                 os.close(fd)
-                raise FastFVAEError(f"cannot lock run folder {self.folder}: {exc.strerror or exc}") from None
+                raise FastFVAEError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
             if not free:
-                error = _in_use(self.folder, fd)
+                error = FastFVAEError(self._in_use(_holder_pid(fd)))
                 os.close(fd)
                 raise error
             try:
@@ -127,8 +128,17 @@ class RunFolderLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "RunFolderLock":
+    def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class RunFolderLock(ExclusiveFileLock):
+    """Exclusive ownership of a run folder (which must exist): `ExclusiveFileLock` on
+    ``<folder>/.lock``, refusing a second process with the holder's PID."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        super().__init__(self.folder / LOCK_NAME, lambda pid: _in_use_message(self.folder, pid))
