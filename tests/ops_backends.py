@@ -74,6 +74,18 @@ def cuda_backend(request, monkeypatch) -> Backend:
     return Backend("cuda", torch.device("cuda"))
 
 
+def opcheck_gaussian_ops(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> None:
+    """`torch.library.opcheck` on every Gaussian op (forward forms and the shared backward, with
+    and without the sample's gradient), on whichever implementation the dispatch picks."""
+    ops = torch.ops.fastfvae
+    torch.library.opcheck(ops.gaussian_sample_kl.default, (mu, logvar, eps))
+    torch.library.opcheck(ops.reparameterize.default, (mu, logvar, eps))
+    torch.library.opcheck(ops.gaussian_kl.default, (mu, logvar))
+    m, lv, e = mu.detach(), logvar.detach(), eps.detach()
+    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, e, torch.randn_like(m), torch.randn_like(m[:, 0])))
+    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, None, None, torch.randn_like(m[:, 0])))
+
+
 def graph_breaks_of(fn, *args) -> tuple[int, int, object]:
     """(graph breaks, graphs, output) of ``torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)``.
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ops_backends import backend, cuda_backend, graph_breaks_of  # noqa: F401  (fixtures)
+from ops_backends import backend, cuda_backend, graph_breaks_of, opcheck_gaussian_ops  # noqa: F401  (fixtures)
 
 from fastfvae.errors import FastFVAEError
 from fastfvae.ops import gaussian_kl, gaussian_sample_kl, reparameterize
@@ -149,13 +149,7 @@ def test_large_rows_on_gpu(cuda_backend):
 
 def test_opcheck(backend):
     mu, logvar, eps = (t.requires_grad_() for t in _inputs((6, 5), torch.float32, backend.device, seed=7))
-    ops = torch.ops.fastfvae
-    torch.library.opcheck(ops.gaussian_sample_kl.default, (mu, logvar, eps))
-    torch.library.opcheck(ops.reparameterize.default, (mu, logvar, eps))
-    torch.library.opcheck(ops.gaussian_kl.default, (mu, logvar))
-    m, lv, e = mu.detach(), logvar.detach(), eps.detach()
-    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, e, torch.randn_like(m), torch.randn_like(m[:, 0])))
-    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, None, None, torch.randn_like(m[:, 0])))
+    opcheck_gaussian_ops(mu, logvar, eps)
 
 
 def test_compiles_without_graph_breaks(backend):

@@ -18,6 +18,7 @@ import torch
 
 from fastfvae.ops import gaussian_kl, gaussian_sample_kl, native, permute_dims, reparameterize
 from fastfvae.ops.gaussian import _reference_backward, _reference_forward
+from ops_backends import opcheck_gaussian_ops
 
 REPO = Path(__file__).resolve().parents[1]
 # Overflow to inf is the expected float32 result in the extreme-value tests.
@@ -340,12 +341,7 @@ def test_opcheck_with_native_active(native_on):
     torch.library.opcheck(ops.permute_dims.default, (z, keys))
     torch.library.opcheck(ops.permute_dims_backward.default, (z, keys))
     mu, logvar, eps = (t.requires_grad_() for t in _inputs((6, 5), torch.float32, seed=7))
-    torch.library.opcheck(ops.gaussian_sample_kl.default, (mu, logvar, eps))
-    torch.library.opcheck(ops.reparameterize.default, (mu, logvar, eps))
-    torch.library.opcheck(ops.gaussian_kl.default, (mu, logvar))
-    m, lv, e = mu.detach(), logvar.detach(), eps.detach()
-    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, e, torch.randn_like(m), torch.randn_like(m[:, 0])))
-    torch.library.opcheck(ops.gaussian_backward.default, (m, lv, None, None, torch.randn_like(m[:, 0])))
+    opcheck_gaussian_ops(mu, logvar, eps)
     for name in native.NATIVE_OPS:
         assert name in native_on.called
 
