@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", default=None,
                    help="start from a named config: paper (Kim & Mnih 2018, Section 6: gamma 35, 5 D steps, second batch, "
                         "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps), quickstart "
-                        "(a ~10-minute first run on 2 CPU cores: gamma 50, larger learning rates, bf16, 5k steps)")
+                        "(a first run of a few minutes on 2 CPU cores: gamma 50, larger learning rates, bf16, 5k steps)")
     p.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
                    help="the fast path (fastfvae.fast): same algorithm, fused step with less work (default "
                         "for new runs; a resumed run keeps its own step unless this flag or --reference is given)")

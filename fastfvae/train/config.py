@@ -15,7 +15,7 @@ Presets (`preset(name)`):
   (dlib permutes the codes of the batch it trains the VAE on). dlib sweeps gamma over
   10..100; gamma stays 35 unless ``--gamma`` is given.
 
-- ``quickstart``: a first run that shows something within ~10 minutes on 2 CPU cores: the
+- ``quickstart``: a first run that shows something within a few minutes on 2 CPU cores: the
   paper's model with gamma 50 (in the paper's and disentanglement_lib's sweeps) and
   disentanglement_lib's same-batch permutation, a 3x larger VAE learning rate (3e-4) and a 10x
   larger discriminator learning rate (1e-3: a discriminator that keeps up gives the TC term a
@@ -240,7 +240,7 @@ def _dlib() -> TrainConfig:
 
 
 def _quickstart() -> TrainConfig:
-    """The first run: FactorVAE that visibly disentangles position and scale within ~10 minutes
+    """The first run: FactorVAE that visibly disentangles position and scale within a few minutes
     on 2 CPU cores (the README's first command); 5k steps is where its traversals show single
     latents for x, y and scale (docs/training.md, "Presets")."""
     return TrainConfig(model="factorvae", gamma=50.0, d_steps=1, steps=5000, batch_size=64, z_dim=10,
