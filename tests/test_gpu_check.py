@@ -155,7 +155,8 @@ def test_a_stopped_runner_keeps_every_finished_section(tmp_path, sig):
         except ProcessLookupError:
             pass
         if pid_file.exists() and _alive(int(pid_file.read_text())):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            # The phase and its child share the phase's process group: kill both, leave nothing.
+            os.killpg(os.getpgid(int(pid_file.read_text())), signal.SIGKILL)
 
 
 def test_pytest_phases_report_failures_from_junit_and_cut_runs_from_the_log(tmp_path):
