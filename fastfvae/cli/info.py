@@ -13,8 +13,11 @@ import torch
 
 DESCRIPTION = """\
 One line per fused op (torch.ops.fastfvae.*): the implementation CPU tensors and CUDA tensors
-run (native: the C++ library built with CMake; triton: the Triton kernels; reference: plain
-torch) and why. Float dtypes the kernels do not take (float64) always run the reference.
+run (native: the C++ library that `pip install` builds, or CMake by hand; triton: the Triton
+kernels; reference: plain torch) and why: for native, which library file was loaded and where
+it came from ($FASTFVAE_NATIVE_LIB, the source checkout's build/, or the one pip install put in
+the package), or why none was (an install that skipped the build says what it lacked). Float
+dtypes the kernels do not take (float64) always run the reference.
 """
 
 #: The public ops, in the order they are listed.

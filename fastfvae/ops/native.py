@@ -9,11 +9,14 @@ in `fastfvae.ops.dispatch`), so users need no change.
 The library is looked for on first use, in this order, and its absence never fails an import:
 
 * ``$FASTFVAE_NATIVE_LIB`` when set (then only there);
-* ``<repo>/build/libfastfvae_native.so`` (the CMake build of a source checkout);
-* ``libfastfvae_native.so`` next to the ``fastfvae`` package (an installed build).
+* ``<repo>/build/libfastfvae_native.so`` (the CMake build of a source checkout: only when the
+  package is imported from one, next to its CMakeLists.txt);
+* ``fastfvae/libfastfvae_native.so``, inside the package: what ``pip install`` (setup.py)
+  builds, in site-packages or, for an editable install, in the source tree. An install that
+  could not build it leaves ``fastfvae/native_build_skipped.txt`` saying why.
 
-A library that does not load (built against another torch, for example) is reported by
-`status` and ``fastfvae info``, and the torch reference runs.
+`status` and ``fastfvae info`` say which one was loaded. A library that does not load (built
+against another torch, for example) is reported there too, and the torch reference runs.
 """
 
 from __future__ import annotations
@@ -33,19 +36,42 @@ NATIVE_OPS = (
     "gaussian_sample_kl", "reparameterize", "gaussian_kl", "gaussian_backward",
 )
 
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
-_REPO_BUILD = _PACKAGE_DIR.parent / "build" / LIB_NAME
+# Written by setup.py next to where the installed library would be, when an install skipped it.
+SKIPPED_NAME = "native_build_skipped.txt"
 
-# path: the loaded library (None: not loaded); reason: why not, once looked for.
-_STATE: dict = {"tried": False, "path": None, "reason": None}
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_SOURCE_CHECKOUT = _PACKAGE_DIR.parent
+_REPO_BUILD = _SOURCE_CHECKOUT / "build" / LIB_NAME
+_INSTALLED = _PACKAGE_DIR / LIB_NAME
+
+# path: the loaded library (None: not loaded); origin: where it came from; reason: why not loaded.
+_STATE: dict = {"tried": False, "path": None, "origin": None, "reason": None}
+
+
+def sources() -> list[tuple[Path, str]]:
+    """(path, where it comes from) for each place the library is looked for, in order."""
+    explicit = os.environ.get(LIB_ENV)
+    if explicit:
+        return [(Path(explicit), f"from ${LIB_ENV}")]
+    found = []
+    if (_SOURCE_CHECKOUT / "CMakeLists.txt").is_file():
+        found.append((_REPO_BUILD, "the source checkout's CMake build"))
+    found.append((_INSTALLED, "built by pip install, inside the package"))
+    return found
 
 
 def candidates() -> list[Path]:
     """Where the library is looked for, in order (the module doc)."""
-    explicit = os.environ.get(LIB_ENV)
-    if explicit:
-        return [Path(explicit)]
-    return [_REPO_BUILD, _PACKAGE_DIR / LIB_NAME]
+    return [path for path, _ in sources()]
+
+
+def _not_built_reason() -> str:
+    skipped = _PACKAGE_DIR / SKIPPED_NAME
+    try:
+        why = skipped.read_text().strip().splitlines()[0]
+    except (OSError, IndexError):
+        return f"native library not built: {BUILD_HINT}"
+    return f"native library not built: pip install skipped it ({why}); build it: {BUILD_HINT}"
 
 
 def _already_registered() -> bool:
@@ -57,11 +83,13 @@ def _already_registered() -> bool:
 
 def _load() -> None:
     _STATE["tried"] = True
-    paths = candidates()
-    found = next((p for p in paths if p.is_file()), None)
+    places = sources()
+    found, origin = next(((p, o) for p, o in places if p.is_file()), (None, None))
     if found is None:
-        where = f"{LIB_ENV}={paths[0]} does not exist" if os.environ.get(LIB_ENV) else "native library not built"
-        _STATE["reason"] = f"{where}: {BUILD_HINT}"
+        if os.environ.get(LIB_ENV):
+            _STATE["reason"] = f"{LIB_ENV}={places[0][0]} does not exist: {BUILD_HINT}"
+        else:
+            _STATE["reason"] = _not_built_reason()
         return
     try:
         if not _already_registered():  # a second TORCH_LIBRARY(fastfvae_native) would fail
@@ -74,7 +102,7 @@ def _load() -> None:
     if missing:
         _STATE["reason"] = f"{found} lacks {', '.join(missing)}; rebuild it: {BUILD_HINT}"
         return
-    _STATE["path"] = found
+    _STATE["path"], _STATE["origin"] = found, origin
 
 
 def disabled() -> bool:
@@ -95,7 +123,8 @@ def status() -> tuple[bool, str]:
         return False, f"native disabled by {DISABLE_ENV}=1"
     if not loaded():
         return False, _STATE["reason"]
-    return True, f"native library {_STATE['path']} ({isa()})"
+    origin = _STATE.get("origin")
+    return True, f"native library {_STATE['path']} ({f'{origin}; ' if origin else ''}{isa()})"
 
 
 def isa() -> str:
