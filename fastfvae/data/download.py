@@ -1,20 +1,24 @@
-"""Download the canonical dSprites NPZ into the cache directory, resumably and atomically.
+"""Download a dataset file into the cache directory, resumably and atomically.
 
-The file comes from the dataset's public repository (deepmind/dsprites-dataset). Bytes go
-to ``<name>.part`` next to the final file; an interrupted transfer resumes from where it
+`download_file` fetches any `DownloadTarget`; `download_dsprites` is the canonical dSprites
+NPZ from the dataset's public repository (deepmind/dsprites-dataset), and
+`fastfvae.data.shapes3d.download_shapes3d` the 3dshapes HDF5 file. Bytes go to
+``<name>.part`` next to the final file; an interrupted transfer resumes from where it
 stopped with an HTTP ``Range`` request (automatically, up to ``retries`` times, or on the
 next call). The finished ``.part`` is checked and only then renamed onto the final name
 with ``os.replace`` (atomic within a directory), so the cache never holds a partial,
 corrupt or foreign file under the real name. A payload that fails the check is deleted.
 
 The check: its size against the server's, then its SHA-256 against the expected digest:
-``--sha256`` / ``sha256=``, else ``$FASTFVAE_DSPRITES_SHA256``, else `DSPRITES_SHA256`.
-That constant is None: the real file's digest could not be measured on the machines this
-was written on (no internet). With no digest the download must pass the zip members'
-CRC-32s and be a dSprites NPZ (`fastfvae.data.files.check_npz_archive`: the members, the
-metadata, the shapes of the images and factor tables, all 737,280 rows in the real order),
-and the digest it got is printed so it can be pinned. A file already under the real name is
-checked the same way (digest, else zip CRCs and layout) before it is reported as present; one
+``--sha256`` / ``sha256=``, else the target's environment variable
+(``$FASTFVAE_DSPRITES_SHA256`` for dSprites), else its pinned digest. dSprites' pinned digest
+`DSPRITES_SHA256` is None: the real file's digest could not be measured on the machines this
+was written on (no internet). With no digest the download must pass the target's own content
+check — for dSprites the zip members' CRC-32s and the layout
+(`fastfvae.data.files.check_npz_archive`: the members, the metadata, the shapes of the images
+and factor tables, all 737,280 rows in the real order) — and the digest it got is printed so
+it can be pinned. A target may ask for its content check after the digest too. A file
+already under the real name is checked the same way before it is reported as present; one
 that fails is downloaded again.
 
 Failures, each one line (`FastFVAEError`), found as early as possible:
@@ -29,8 +33,8 @@ Failures, each one line (`FastFVAEError`), found as early as possible:
   stalled server fails after about two timeouts.
 
 A folder made for ``dest`` is removed again when the download fails with nothing kept in it.
-One download at a time per ``dest`` (`download_lock`): a second one fails at once, naming the
-first one's PID.
+One download of a file at a time per ``dest`` (`download_lock`): a second one fails at once,
+naming the first one's PID.
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Callable
 
 from fastfvae.data.dsprites import NUM_IMAGES
 from fastfvae.data.files import PartialSetError, _one_line, check_npz_archive
@@ -71,17 +77,46 @@ _BLOCK = 1 << 16
 #: The lock file (`download_lock`) beside the ``.part`` file while a download runs.
 LOCK_NAME = DSPRITES_FILENAME + ".lock"
 
+#: What a content check found wrong with a file: (what the file is, in words — "corrupt",
+#: "not the dSprites NPZ" — and the problem), or None when the file is the one wanted.
+ContentProblem = tuple[str, str] | None
 
-def check_url(url: str) -> str:
+
+@dataclass(frozen=True)
+class DownloadTarget:
+    """One file `download_file` can fetch, and how to tell it is the right one.
+
+    ``label`` names it in progress bars and messages ("dSprites"); ``what`` describes it
+    ("the dSprites NPZ"); ``sha256`` is its pinned digest (None: unknown), overridden by the
+    environment variable ``sha256_env`` and then by an explicit digest. ``content_problem(path,
+    require_full)`` checks a file's content: it is the whole check when no digest is known,
+    and runs after the digest too when ``check_content_with_digest``.
+    """
+
+    label: str
+    filename: str
+    url: str
+    sha256: str | None
+    sha256_env: str
+    what: str
+    content_problem: Callable[[Path, bool], ContentProblem]
+    check_content_with_digest: bool = False
+
+    @property
+    def lock_name(self) -> str:
+        return self.filename + ".lock"
+
+
+def check_url(url: str, example: str = DSPRITES_URL) -> str:
     """``url`` if it is an http(s) address with a host; else a one-line `FastFVAEError`."""
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise FastFVAEError(f"URL {url!r} is not valid ({exc}); expected e.g. {DSPRITES_URL}") from None
+        raise FastFVAEError(f"URL {url!r} is not valid ({exc}); expected e.g. {example}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FastFVAEError(f"URL {url!r} is not an http:// or https:// address with a host; "
-                            f"expected e.g. {DSPRITES_URL}")
+                            f"expected e.g. {example}")
     return url
 
 
@@ -91,9 +126,11 @@ def cache_dir() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "fastfvae"
 
 
-def expected_sha256(sha256: str | None = None) -> str | None:
-    """The digest to check against: argument, else environment, else `DSPRITES_SHA256`."""
-    digest = sha256 or os.environ.get(SHA256_ENV) or DSPRITES_SHA256
+def expected_sha256(sha256: str | None = None, target: DownloadTarget | None = None) -> str | None:
+    """The digest to check against: argument, else the target's environment variable, else
+    its pinned digest (dSprites by default: ``$FASTFVAE_DSPRITES_SHA256``, `DSPRITES_SHA256`)."""
+    target = DSPRITES if target is None else target
+    digest = sha256 or os.environ.get(target.sha256_env) or target.sha256
     if digest is None:
         return None
     digest = digest.strip().lower()
@@ -110,12 +147,12 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, label: str = "dSprites"):
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn)
 
-    return Progress(TextColumn("dSprites"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
                     transient=True)
 
@@ -201,10 +238,10 @@ def _diagnose(exc: BaseException, url: str, timeout: float) -> tuple[bool, str]:
     return True, _one_line(reason)
 
 
-def _transfer(url: str, part: Path, retries: int, timeout: float, progress: bool) -> int:
+def _transfer(url: str, part: Path, retries: int, timeout: float, progress: bool, label: str = "dSprites") -> int:
     """Fetch ``url`` into ``part`` with up to ``retries`` retries; returns the size the server gave."""
     without_progress = 0
-    with _progress(progress) as bar:
+    with _progress(progress, label) as bar:
         task = bar.add_task("download", total=None)
         for number in range(1, retries + 2):
             attempt = _Attempt()
@@ -228,72 +265,85 @@ def _transfer(url: str, part: Path, retries: int, timeout: float, progress: bool
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
-def download_lock(dest: Path) -> ExclusiveFileLock:
-    """One download per ``dest``: an exclusive flock on ``<dest>/LOCK_NAME`` for the whole call.
+def download_lock(dest: Path, lock_name: str = LOCK_NAME) -> ExclusiveFileLock:
+    """One download of a file per ``dest``: an exclusive flock on ``<dest>/<lock_name>``
+    (``<file name>.lock``) for the whole call.
 
-    Two downloads into one folder would append to the same ``.part`` (interleaved bytes), and
-    the one that renames it would pull the file from under the other. The lock is the run
-    folder's kind (`fastfvae.train.lock.ExclusiveFileLock`): the holder's PID is named to a
-    second process, which gets a one-line `FastFVAEError` at once; the kernel drops it when its
-    holder exits however it exits, so a file left by a killed download is taken over.
+    Two downloads of one file into one folder would append to the same ``.part`` (interleaved
+    bytes), and the one that renames it would pull the file from under the other. The lock is
+    the run folder's kind (`fastfvae.train.lock.ExclusiveFileLock`): the holder's PID is named
+    to a second process, which gets a one-line `FastFVAEError` at once; the kernel drops it
+    when its holder exits however it exits, so a file left by a killed download is taken over.
     """
-    return ExclusiveFileLock(dest / LOCK_NAME, grace=0.0, in_use=lambda pid: (
+    return ExclusiveFileLock(dest / lock_name, grace=0.0, in_use=lambda pid: (
         f"another fastfvae download into {dest} is running (PID {pid}); "
         "wait for it to finish or stop it, or choose another --dest"))
 
 
-def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: str | Path | None = None,
-                      retries: int = 5, timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None,
-                      force: bool = False, require_full: bool = True) -> Path:
-    """Fetch the dSprites NPZ into ``dest`` (default `cache_dir`) and return its path.
+def download_file(target: DownloadTarget, url: str | None = None, sha256: str | None = None,
+                  dest: str | Path | None = None, retries: int = 5, timeout: float = DEFAULT_TIMEOUT,
+                  progress: bool | None = None, force: bool = False, require_full: bool = True) -> Path:
+    """Fetch ``target`` (from ``url``, default its own) into ``dest`` (default `cache_dir`)
+    and return its path.
 
     Every argument, the URL and ``dest`` are checked before any request. ``timeout``: seconds
-    without data before an attempt fails. ``require_full=False`` (tests, subset mirrors)
-    accepts an archive with fewer than 737,280 rows when no digest is pinned.
+    without data before an attempt fails. ``require_full=False`` (tests, subset mirrors) lets
+    the content check accept a subset of the dataset.
     """
+    url = target.url if url is None else url
     if retries < 0:
         raise FastFVAEError(f"retries must be 0 or more, got {retries}")
     if not timeout > 0:
         raise FastFVAEError(f"timeout must be more than 0 seconds, got {timeout}")
-    check_url(url)
-    digest = expected_sha256(sha256)
+    check_url(url, target.url)
+    digest = expected_sha256(sha256, target)
     dest = Path(dest).expanduser() if dest is not None else cache_dir()
-    final = dest / DSPRITES_FILENAME
-    part = dest / (DSPRITES_FILENAME + ".part")
-    for path in (final, part, dest / LOCK_NAME):
+    final = dest / target.filename
+    part = dest / (target.filename + ".part")
+    for path in (final, part, dest / target.lock_name):
         if os.path.lexists(path) and not path.is_file():
-            raise FastFVAEError(f"{path} exists and is not a file; expected the dSprites NPZ or nothing there")
+            raise FastFVAEError(f"{path} exists and is not a file; expected {target.what} or nothing there")
     created = make_folder(dest, "--dest")
     try:
-        with download_lock(dest):
+        with download_lock(dest, target.lock_name):
             if final.exists() and not force:
-                problem = _problem_with(final, digest, require_full)
+                problem = _problem_with(final, digest, require_full, target)
                 if problem is None:
-                    print(f"fastfvae: dSprites already in {final}", file=sys.stderr)
+                    print(f"fastfvae: {target.label} already in {final}", file=sys.stderr)
                     return final
                 print(f"fastfvae: {problem}; downloading again", file=sys.stderr)
             if progress is None:
                 progress = sys.stderr.isatty()
-            total = _transfer(url, part, retries, timeout, progress)
-            _verify(part, total, digest, url, require_full)
+            total = _transfer(url, part, retries, timeout, progress, target.label)
+            _verify(part, total, digest, url, require_full, target)
             os.replace(part, final)
     except BaseException:
         remove_empty_folders(created)  # only folders this call made, and only if empty
         raise
     _fsync_dir(dest)
-    print(f"fastfvae: dSprites saved to {final}", file=sys.stderr)
+    print(f"fastfvae: {target.label} saved to {final}", file=sys.stderr)
     return final
 
 
-def _problem_with(final: Path, digest: str | None, require_full: bool) -> str | None:
-    """Why the file already at ``final`` is not the dSprites NPZ wanted, or None if it is."""
+def download_dsprites(url: str = DSPRITES_URL, sha256: str | None = None, dest: str | Path | None = None,
+                      retries: int = 5, timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None,
+                      force: bool = False, require_full: bool = True) -> Path:
+    """Fetch the dSprites NPZ into ``dest`` (default `cache_dir`) and return its path
+    (`download_file` of `DSPRITES`). ``require_full=False`` (tests, subset mirrors) accepts
+    an archive with fewer than 737,280 rows when no digest is pinned.
+    """
+    return download_file(DSPRITES, url, sha256, dest, retries, timeout, progress, force, require_full)
+
+
+def _problem_with(final: Path, digest: str | None, require_full: bool, target: DownloadTarget) -> str | None:
+    """Why the file already at ``final`` is not the file wanted, or None if it is."""
     if digest is not None:
-        return None if _sha256_of(final) == digest else f"{final} does not match the expected SHA-256"
-    problem = _zip_problem(final)
-    if problem is not None:
-        return f"{final} is corrupt ({problem})"
-    problem = _layout_problem(final, require_full)
-    return None if problem is None else f"{final} is not the dSprites NPZ ({problem})"
+        if _sha256_of(final) != digest:
+            return f"{final} does not match the expected SHA-256"
+        if not target.check_content_with_digest:
+            return None
+    found = target.content_problem(final, require_full)
+    return None if found is None else f"{final} is {found[0]} ({found[1]})"
 
 
 def _zip_problem(path: Path) -> str | None:
@@ -318,28 +368,40 @@ def _layout_problem(path: Path, require_full: bool) -> str | None:
     return None
 
 
-def _verify(part: Path, total: int, digest: str | None, url: str, require_full: bool) -> None:
-    """Size, then SHA-256 (or, with no digest known, the zip CRCs and the dSprites layout);
-    deletes a bad payload."""
+def _dsprites_content_problem(path: Path, require_full: bool) -> ContentProblem:
+    """The zip CRCs of every member, then the dSprites layout."""
+    problem = _zip_problem(path)
+    if problem is not None:
+        return "corrupt", problem
+    problem = _layout_problem(path, require_full)
+    return None if problem is None else ("not the dSprites NPZ", problem)
+
+
+DSPRITES = DownloadTarget(label="dSprites", filename=DSPRITES_FILENAME, url=DSPRITES_URL,
+                          sha256=DSPRITES_SHA256, sha256_env=SHA256_ENV, what="the dSprites NPZ",
+                          content_problem=_dsprites_content_problem)
+
+
+def _verify(part: Path, total: int, digest: str | None, url: str, require_full: bool,
+            target: DownloadTarget = DSPRITES) -> None:
+    """Size, then SHA-256 (or, with no digest known, the target's content check); deletes a
+    bad payload."""
     size = part.stat().st_size
-    problem, what = None, "corrupt"
+    found: ContentProblem = None
     if size != total:
-        problem = f"size {size} bytes, expected {total}"
+        found = "corrupt", f"size {size} bytes, expected {total}"
     elif digest is not None:
         got = _sha256_of(part)
         if got != digest:
-            problem = f"SHA-256 {got}, expected {digest}"
-    else:
-        problem = _zip_problem(part)
-        if problem is None:
-            problem = _layout_problem(part, require_full)
-            what = "not the dSprites NPZ"
-        if problem is None:
-            print(f"fastfvae: no SHA-256 pinned for dSprites; downloaded file has SHA-256 {_sha256_of(part)} "
-                  f"(pin it with --sha256 or ${SHA256_ENV})", file=sys.stderr)
-    if problem is not None:
+            found = "corrupt", f"SHA-256 {got}, expected {digest}"
+    if found is None and (digest is None or target.check_content_with_digest):
+        found = target.content_problem(part, require_full)
+        if found is None and digest is None:
+            print(f"fastfvae: no SHA-256 pinned for {target.label}; downloaded file has SHA-256 "
+                  f"{_sha256_of(part)} (pin it with --sha256 or ${target.sha256_env})", file=sys.stderr)
+    if found is not None:
         part.unlink(missing_ok=True)
-        raise FastFVAEError(f"download of {url} is {what} ({problem}); nothing was saved")
+        raise FastFVAEError(f"download of {url} is {found[0]} ({found[1]}); nothing was saved")
 
 
 def _fsync_dir(path: Path) -> None:

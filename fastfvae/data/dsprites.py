@@ -11,10 +11,11 @@ Images are held bit-packed (``np.packbits`` of each flattened 64x64 image: 512 b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from fastfvae.data.base import GroundTruthData
 from fastfvae.data.grid import FactorGrid
 from fastfvae.errors import FastFVAEError
 
@@ -27,8 +28,10 @@ BASES = (737280, 245760, 40960, 1024, 32, 1)
 SHAPE_NAMES = ("square", "ellipse", "heart")  # shape values 1, 2, 3
 #: The factors that vary (all but color), as disentanglement_lib's ``dsprites_full`` uses them.
 LATENT_FACTOR_INDICES = (1, 2, 3, 4, 5)
+LATENT_FACTOR_NAMES = tuple(FACTOR_NAMES[k] for k in LATENT_FACTOR_INDICES)
+LATENT_FACTOR_SIZES = tuple(FACTOR_SIZES[k] for k in LATENT_FACTOR_INDICES)
 _GRID = FactorGrid(FACTOR_SIZES)
-LATENT_GRID = FactorGrid(FACTOR_SIZES[1:])
+LATENT_GRID = FactorGrid(LATENT_FACTOR_SIZES)
 
 
 def possible_values() -> dict[str, np.ndarray]:
@@ -75,21 +78,32 @@ def unpack_images(packed: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class DSprites:
-    """dSprites images (bit-packed) with their factor tables.
+class DSprites(GroundTruthData):
+    """dSprites images (bit-packed) with their factor tables: the ``dsprites`` dataset.
 
     ``packed``: uint8 [N, 512]; ``latents_classes``: int64 [N, 6]; ``latents_values``:
     float64 [N, 6]; ``source``: where it came from ("procedural", or a file path).
     N is 737,280 for the real or procedural set; small synthetic sets (tests) may hold
     fewer rows, in which case row i is the i-th stored image.
+
+    ``factor_names`` / ``factor_sizes`` are the 5 latent factors as disentanglement_lib's
+    ``dsprites_full`` uses them (colour, of size 1, is not one); ``file_factor_names`` /
+    ``file_factor_sizes`` are the 6 columns of the factor tables.
     """
 
     packed: np.ndarray
     latents_classes: np.ndarray
     latents_values: np.ndarray
     source: str = "memory"
-    factor_names: tuple[str, ...] = field(default=FACTOR_NAMES)
-    factor_sizes: tuple[int, ...] = field(default=FACTOR_SIZES)
+
+    name = "dsprites"
+    channels = 1
+    base_channels = 1
+    storage = "bits"
+    factor_names = LATENT_FACTOR_NAMES
+    factor_sizes = LATENT_FACTOR_SIZES
+    file_factor_names = FACTOR_NAMES
+    file_factor_sizes = FACTOR_SIZES
 
     def __post_init__(self) -> None:
         n = self.packed.shape[0]

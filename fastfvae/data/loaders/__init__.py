@@ -9,13 +9,16 @@ from __future__ import annotations
 from fastfvae.data.loaders.base import BatchLoader, EpochOrder
 from fastfvae.data.loaders.device import DeviceLoader
 from fastfvae.data.loaders.torch_loader import TorchLoader
-from fastfvae.data.loaders.unpack import gather_unpack, uniform_rows, unpack_bits
+from fastfvae.data.loaders.unpack import (
+    gather_batch, gather_uint8, gather_unpack, uint8_to_float, uniform_rows, unpack_bits,
+)
 from fastfvae.errors import FastFVAEError
 
 LOADER_KINDS = ("device", "dali", "torch")
 
 __all__ = ["LOADER_KINDS", "BatchLoader", "DeviceLoader", "TorchLoader", "EpochOrder",
-           "make_loader", "gather_unpack", "uniform_rows", "unpack_bits"]
+           "make_loader", "gather_batch", "gather_uint8", "gather_unpack", "uint8_to_float",
+           "uniform_rows", "unpack_bits"]
 
 
 def make_loader(kind: str, data, batch_size: int, seed: int = 0, device="cpu", **options) -> BatchLoader:

@@ -1,6 +1,9 @@
 """The one interface every loader gives the training loops, and the shared epoch order.
 
-A loader yields float32 batches [B, 1, 64, 64] in {0., 1.} on its target device:
+A loader takes any `fastfvae.data.base.GroundTruthData` and yields float32 batches of its
+stored images on its target device — [B, 1, 64, 64] in {0., 1.} for bit-packed storage
+(dSprites and its variants, whose step renders the observations), [B, C, 64, 64] = images / 255
+for uint8 storage (3dshapes):
 ``next_batch()`` (also ``next(loader)`` / ``for x in loader``), or
 ``next_batch_with_rows()`` -> ``(images, rows)`` with the int64 row indices of the batch.
 The stream is infinite: epochs roll over (reshuffled) without ``StopIteration``.

@@ -18,10 +18,11 @@ only when this loader is built. Design and the pitfalls it avoids:
 - **Prefetch.** ``prefetch_queue_depth`` batches are produced ahead (async, pipelined
   executor); the loader's state is the consumed position, and ``load_state_dict`` rebuilds
   the pipeline to start at that position.
-- **Unpacking** happens in torch after the pipeline (`unpack_bits`, on the target device):
-  DALI moves packed bytes (8x less than pixels; ``.gpu()`` in the pipeline when a CUDA
-  device is the target, ``device_id=None`` CPU-only mode otherwise) and the shift-and-mask
-  unpacking is the same code the `device` loader uses.
+- **Unpacking** happens in torch after the pipeline (on the target device): DALI moves the
+  stored bytes (``.gpu()`` in the pipeline when a CUDA device is the target, ``device_id=None``
+  CPU-only mode otherwise) — bit-packed rows (8x less than pixels), unpacked by
+  `unpack_bits`, or uint8 HWC images, turned into float NCHW by `uint8_to_float` — the same
+  code the `device` loader uses.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 
 from fastfvae.data.loaders.base import BatchLoader
 from fastfvae.data.sampling import EpochOrder
-from fastfvae.data.loaders.unpack import unpack_bits
+from fastfvae.data.loaders.device import storage_of
+from fastfvae.data.loaders.unpack import uint8_to_float, unpack_bits
 from fastfvae.errors import FastFVAEError
 
 
@@ -48,14 +50,15 @@ def _import_dali():
 
 
 class _EpochSource:
-    """Batch-mode external-source callback: (packed rows [B, 512], rows [B, 1]) of batch start + i."""
+    """Batch-mode external-source callback: (stored rows, rows [B, 1]) of batch start + i;
+    ``read(rows)`` gives the stored rows (packed bits [B, 512] or uint8 images [B, 64, 64, C])."""
 
-    def __init__(self, packed: np.ndarray, order: EpochOrder, start: int):
-        self.packed, self.order, self.start = packed, order, start
+    def __init__(self, read, order: EpochOrder, start: int):
+        self.read, self.order, self.start = read, order, start
 
     def __call__(self, info):
         rows = self.order.rows(self.start + info.iteration)
-        return self.packed[rows], rows.reshape(-1, 1)
+        return np.ascontiguousarray(self.read(rows)), rows.reshape(-1, 1)
 
 
 class DaliLoader(BatchLoader):
@@ -65,6 +68,7 @@ class DaliLoader(BatchLoader):
                  prefetch_queue_depth: int = 2):
         self._modules = _import_dali()
         super().__init__(data, batch_size, seed, device)
+        self.storage = storage_of(data)
         if prefetch_queue_depth < 1:
             raise FastFVAEError(f"prefetch_queue_depth must be >= 1, got {prefetch_queue_depth}")
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
@@ -79,14 +83,19 @@ class DaliLoader(BatchLoader):
 
     def _build(self):
         fn, pipeline_def, types, DALIGenericIterator = self._modules
-        source = _EpochSource(self.data.packed, self.epoch_order, self.global_batch)
+        if self.storage == "bits":
+            packed = self.data.packed
+            read, ndim = (lambda rows: packed[rows]), 1
+        else:  # uint8 images, in memory or read from the file on demand
+            read, ndim = self.data.images_at, 3
+        source = _EpochSource(read, self.epoch_order, self.global_batch)
         gpu = self.device_id is not None
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=self.prefetch_queue_depth, seed=self.seed)
         def pipeline():
             packed, rows = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                              dtype=[types.UINT8, types.INT64], ndim=[1, 1])
+                                              dtype=[types.UINT8, types.INT64], ndim=[ndim, 1])
             return (packed.gpu() if gpu else packed), rows
 
         self._pipe = pipeline()
@@ -96,7 +105,8 @@ class DaliLoader(BatchLoader):
         if self._iter is None:
             self._build()
         out = next(self._iter)[0]
-        images = unpack_bits(out["packed"].to(self.device, non_blocking=True))
+        stored = out["packed"].to(self.device, non_blocking=True)
+        images = unpack_bits(stored) if self.storage == "bits" else uint8_to_float(stored)
         return images, out["rows"].reshape(-1)
 
     def close(self) -> None:

@@ -1,13 +1,14 @@
 """`torch` loader: a plain ``torch.utils.data.DataLoader``, the baseline.
 
 The batch sampler is an `EpochSampler` (infinite; epochs roll over), the dataset fetches a
-whole batch at once (``__getitems__``) as ``DSprites.float_batch`` of its rows (numpy
-unpacking on the host), ``num_workers`` worker processes (default 0 on the CPU, up to 4 for
+whole batch at once (``__getitems__``) as the dataset's ``float_batch`` of its rows (numpy
+unpacking of bits, or uint8 images / 255, on the host), ``num_workers`` worker processes (default 0 on the CPU, up to 4 for
 a GPU), ``pin_memory`` when the target is CUDA. Workers run ahead (``prefetch_factor``
 batches each), so the loader tracks the consumed position itself and restarts the
 DataLoader iterator on ``load_state_dict``. Workers are forked (Linux default) and touch only
-numpy, never CUDA, so forking after CUDA is initialised is safe; ``multiprocessing_context=
-"spawn"`` is available where fork is not.
+numpy (and a file read on demand, which each process opens for itself), never CUDA, so forking
+after CUDA is initialised is safe; ``multiprocessing_context="spawn"`` is available where
+fork is not.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastfvae.errors import FastFVAEError
 
 
 class _Rows(Dataset):
-    """Map-style view of a DSprites whose batches are fetched whole."""
+    """Map-style view of a dataset whose batches are fetched whole."""
 
     def __init__(self, data):
         self.data = data

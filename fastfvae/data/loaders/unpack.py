@@ -1,10 +1,17 @@
-"""Gathering and bit unpacking of dSprites rows on the device (graph-safe: no host sync,
-static shapes).
+"""Gathering rows of a resident dataset on the device, and turning them into float batches
+(graph-safe: no host sync, static shapes).
 
-A packed row is ``np.packbits`` of a flattened 64x64 image (MSB first). `gather_unpack` is
-written so that ``torch.compile`` can place it inside a compiled training step, where it
-traces to pure torch ops: one ``index_select`` of the bytes, a broadcast right shift by
-7..0, ``& 1``, and a cast. `uniform_rows` draws rows in the graph.
+Two storages (`fastfvae.data.base.GroundTruthData.storage`):
+
+* ``"bits"`` — uint8 [N, 512], each row ``np.packbits`` of a flattened binary 64x64 image
+  (MSB first). `gather_unpack` is written so that ``torch.compile`` can place it inside a
+  compiled training step, where it traces to pure torch ops: one ``index_select`` of the
+  bytes, a broadcast right shift by 7..0, ``& 1``, and a cast.
+* ``"uint8"`` — uint8 [N, 64, 64, C], NHWC as the files hold them. `gather_uint8` is one
+  ``index_select``, a permute to NCHW, a cast and a division by 255.
+
+`gather_batch` picks between them by the resident array's rank (static metadata), and
+`uniform_rows` draws rows in the graph.
 """
 
 from __future__ import annotations
@@ -82,6 +89,33 @@ def gather_unpack_s2d(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def gather_unpack(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` (int64 [B], same device) of the resident packed set uint8 [N, 512], unpacked."""
     return unpack_bits(packed.index_select(0, rows))
+
+
+def uint8_to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [B, 64, 64, C] (NHWC) -> ``dtype`` [B, C, 64, 64] = images / 255, same device.
+
+    ``memory_format=torch.channels_last`` keeps the NHWC bytes' layout (no transposing copy);
+    the default gives a contiguous NCHW tensor. The division is by 255 in ``dtype``, as
+    disentanglement_lib's ``images.astype(np.float32) / 255.`` is, so float32 batches equal
+    its observations exactly on the CPU.
+    """
+    return images.permute(0, 3, 1, 2).to(dtype, memory_format=memory_format).div(255.0)
+
+
+def gather_uint8(packed: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Rows ``rows`` (int64 [B], same device) of the resident uint8 set [N, 64, 64, C], as
+    ``dtype`` [B, C, 64, 64] in [0, 1] (`uint8_to_float`)."""
+    return uint8_to_float(packed.index_select(0, rows), dtype, memory_format)
+
+
+def gather_batch(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """float32 [B, C, 64, 64] rows of a resident set of either storage: bit-packed [N, 512]
+    (`gather_unpack`, C = 1) or uint8 [N, 64, 64, C] (`gather_uint8`)."""
+    if packed.dim() == 2:
+        return gather_unpack(packed, rows)
+    return gather_uint8(packed, rows)
 
 
 def uniform_rows(num_rows: int, batch_size: int, device, generator: torch.Generator | None = None):
