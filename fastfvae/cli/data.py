@@ -22,9 +22,10 @@ NPZ or the HDF5 release, recognised by content.
 
 
 DOWNLOAD_DESCRIPTION = """\
-Fetch dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz into --dest (default: the cache
-directory). A dropped transfer resumes where it stopped; the file gets its final name only
-once checked (SHA-256 if one is given, else zip CRCs and the dSprites layout), and a file
+Fetch dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (or, with --dataset shapes3d,
+3dshapes.h5) into --dest (default: the cache directory). A dropped transfer resumes where it
+stopped; the file gets its final name only once checked (dSprites: SHA-256 if one is given,
+else zip CRCs and the layout; 3dshapes: SHA-256, pinned, then the layout), and a file
 already there is checked the same way before it counts as present. An unknown host, a
 refused connection or an HTTP 4xx answer fails at once; a stalled server after two
 --timeout waits. One download per --dest at a time: a second one fails at once, naming the
@@ -100,15 +101,24 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_download(args: argparse.Namespace) -> int:
-    from fastfvae.data.download import download_dsprites
+#: The datasets `data download --dataset` fetches (the colour and noisy dSprites use the dSprites file).
+DOWNLOADABLE = ("dsprites", "shapes3d")
 
+
+def run_download(args: argparse.Namespace) -> int:
+    from fastfvae.data.download import DSPRITES, download_file
+    from fastfvae.data.shapes3d import SHAPES3D
+
+    if args.dataset not in DOWNLOADABLE:
+        raise FastFVAEError(f"--dataset {args.dataset!r} cannot be downloaded; expected one of "
+                            f"{', '.join(DOWNLOADABLE)} (color_dsprites and noisy_dsprites use the dsprites file)")
     if args.retries < 0:
         raise FastFVAEError(f"--retries must be 0 or more, got {args.retries}")
     if not args.timeout > 0:
         raise FastFVAEError(f"--timeout must be more than 0 seconds, got {args.timeout}")
-    path = download_dsprites(url=args.url, sha256=args.sha256, dest=args.dest, retries=args.retries,
-                             timeout=args.timeout, force=args.force)
+    target = DSPRITES if args.dataset == "dsprites" else SHAPES3D
+    path = download_file(target, url=args.url, sha256=args.sha256, dest=args.dest, retries=args.retries,
+                         timeout=args.timeout, force=args.force)
     print(path)
     return 0
 
@@ -139,13 +149,16 @@ def register(subparsers) -> None:
     q.add_argument("--columns", type=int, default=10, help="images per row (default 10)")
     q.set_defaults(func=run_show)
 
-    q = sub.add_parser("download", help="fetch the real dSprites NPZ into the cache directory",
+    q = sub.add_parser("download", help="fetch the real dSprites NPZ (or 3dshapes) into the cache directory",
                        description=DOWNLOAD_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("--url", default=DSPRITES_URL,
-                   help="http(s) address to fetch it from (default: the dSprites repository)")
+    q.add_argument("--dataset", default="dsprites", metavar="{" + ",".join(DOWNLOADABLE) + "}",
+                   help="which file to fetch (default dsprites)")
+    q.add_argument("--url", default=None,
+                   help=f"http(s) address to fetch it from (default: the dataset's own, {DSPRITES_URL} for dSprites)")
     q.add_argument("--sha256", default=None, metavar="HEX",
-                   help=f"expected SHA-256 (default: ${SHA256_ENV}, else the pinned digest if any); without "
-                        "one the file must be a dSprites NPZ (members, shapes, row order)")
+                   help=f"expected SHA-256 (default: ${SHA256_ENV} or $FASTFVAE_SHAPES3D_SHA256, else the "
+                        "pinned digest if any); without one the file must be a dSprites NPZ (members, shapes, "
+                        "row order)")
     q.add_argument("--dest", default=None, metavar="DIR",
                    help="folder to save into, created if missing (default: the cache directory)")
     q.add_argument("--retries", type=int, default=5,

@@ -317,7 +317,7 @@ def _check_full_labels(path: Path, labels: np.ndarray) -> np.ndarray:
         got = ", ".join(f"{v:g}" for v in labels[row])
         want = ", ".join(f"{v:g}" for v in expected[row])
         raise FastFVAEError(f"{path}: labels are not the 3dshapes grid in order: row {row} is [{got}], "
-                            f"expected [{want}] (row-major over {', '.join(FACTOR_NAMES)}, "
+                            f"expected [{want}] (row-major over {', '.join(FACTOR_NAMES)}; "
                             f"{FACTOR_NAMES[-1]} fastest)")
     return LATENT_GRID.all_factors()
 

@@ -57,6 +57,12 @@ def resident_images(data, device: torch.device) -> torch.Tensor:
     upload of the packed bits, or a block-by-block upload of a uint8 set, elsewhere."""
     if device.type == "cpu" or storage_of(data) == "bits":
         return _shared_tensor(np.asarray(data.packed)).to(device)
+    return upload_blocks(data, device)
+
+
+def upload_blocks(data, device: torch.device) -> torch.Tensor:
+    """A copy of the dataset's stored array on ``device``, made `UPLOAD_ROWS` rows at a time
+    from ``data.stored_block``, so the host holds one block, not the set."""
     num = len(data)
     first = data.stored_block(0, min(num, UPLOAD_ROWS))
     out = torch.empty((num, *first.shape[1:]), dtype=torch.uint8, device=device)

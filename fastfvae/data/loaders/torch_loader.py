@@ -2,8 +2,8 @@
 
 The batch sampler is an `EpochSampler` (infinite; epochs roll over), the dataset fetches a
 whole batch at once (``__getitems__``) as the dataset's ``float_batch`` of its rows (numpy
-unpacking of bits, or uint8 images / 255, on the host), ``num_workers`` worker processes (default 0 on the CPU, up to 4 for
-a GPU), ``pin_memory`` when the target is CUDA. Workers run ahead (``prefetch_factor``
+unpacking of bits, or uint8 images / 255, on the host), ``num_workers`` worker processes
+(default 0 on the CPU, up to 4 for a GPU), ``pin_memory`` when the target is CUDA. Workers run ahead (``prefetch_factor``
 batches each), so the loader tracks the consumed position itself and restarts the
 DataLoader iterator on ``load_state_dict``. Workers are forked (Linux default) and touch only
 numpy (and a file read on demand, which each process opens for itself), never CUDA, so forking
