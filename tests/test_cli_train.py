@@ -45,7 +45,7 @@ BAD = {
     "negative beta": lambda f, r: ["--model", "betavae", "--beta", "-0.5"],
     "batch < 2": lambda f, r: ["--batch-size", "1"],
     "z-dim < 1": lambda f, r: ["--z-dim", "0"],
-    "unknown model": lambda f, r: ["--model", "vae"],
+    "unknown model": lambda f, r: ["--model", "vea"],
     "unknown perm-batch": lambda f, r: ["--perm-batch", "both"],
     "unreadable data": lambda f, r: ["--data", f["garbage"]],
     "missing data": lambda f, r: ["--data", f["new"] + ".npz"],
@@ -87,7 +87,11 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, existing_run, capsys):
      "--precision bf16 only applies to the fast path, and this run uses the reference step; "
      "drop --precision or train with --fast"),
     (["--model", "betavae", "--gamma", "10"],
-     "--gamma only applies to --model factorvae, and this run trains betavae; drop --gamma or pass --model factorvae"),
+     "--gamma only applies to --model annealedvae / factorvae, and this run trains betavae; drop --gamma or pass "
+     "--model annealedvae"),
+    (["--model", "factorvae", "--beta", "10"],
+     "--beta only applies to --model betavae / betatcvae, and this run trains factorvae; drop --beta or pass "
+     "--model betavae"),
 ])
 def test_a_flag_that_would_do_nothing_is_refused_with_its_reason(tmp_path, capsys, argv, expected):
     assert main(["train", *TINY, "--out", str(tmp_path / "r"), "--steps", "2", *argv]) == 2
@@ -135,7 +139,7 @@ def test_reference_overrides_a_fast_preset_or_runs_precision_and_loader(tmp_path
 
     import fastfvae.train.loop as loop
 
-    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: small_dsprites(256))
     out = tmp_path / "bf16"
     run_training(TrainConfig(steps=2, batch_size=8, d_hidden=32, d_layers=2, out=str(out), fast=True,
                              precision="bf16"), data=small_dsprites(256), progress=False)
@@ -182,7 +186,7 @@ def test_a_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
 
     import fastfvae.train.loop as loop
 
-    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: small_dsprites(256))
     out = tmp_path / "r"
     assert main(["train", "--out", str(out), "--steps", "2", *TINY]) == 0
     real_load, reads = torch.load, []
@@ -224,7 +228,7 @@ def test_train_eval_every_loads_the_data_once(tmp_path, monkeypatch):
 
     loads = []
 
-    def load(path):
+    def load(path, *_):
         loads.append(path)
         return small_dsprites(256)
 
@@ -245,7 +249,7 @@ def test_a_resume_drops_the_evaluations_past_its_checkpoint_and_a_failed_write_i
     import fastfvae.train.loop as loop
     from fastfvae.metrics.periodic import periodic_factor_vae
 
-    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: small_dsprites(256))
     monkeypatch.setattr("fastfvae.metrics.periodic.factor_vae_score_of_model",
                         lambda model, data, **kw: {"eval_accuracy": 0.5, "train_accuracy": 0.5})
     out = tmp_path / "r"
@@ -267,7 +271,7 @@ def test_traverse_checks_out_before_loading_data_and_leaves_nothing(existing_run
     import fastfvae.train.loop as loop
 
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(loop, "load_training_data", lambda path: pytest.fail("loaded data before checking --out"))
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: pytest.fail("loaded data before checking --out"))
     assert main(["traverse", str(existing_run), "--out", str(tmp_path / "a_file" / "figs")]) == 2
     assert capsys.readouterr().err.strip().startswith(f"fastfvae: error: --out {tmp_path / 'a_file' / 'figs'}: cannot create")
     monkeypatch.undo()
@@ -287,7 +291,7 @@ def test_quickstart_preset_trains_on_the_fast_bf16_step_and_says_what_to_open(tm
     assert main(["train", "--preset", "quickstart", "--steps", "2", "--batch-size", "8", "--out", str(out),
                  "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["preset"], saved["fast"], saved["precision"], saved["vae_lr"], saved["d_lr"]) == (
+    assert (saved["preset"], saved["fast"], saved["precision"], saved["vae_lr"], saved["hparams"]["d_lr"]) == (
         "quickstart", True, "bf16", 3e-4, 1e-3)
     err = capsys.readouterr().err
     assert "steps/s" in err and str(out / "traversals.png") in err

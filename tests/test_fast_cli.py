@@ -21,7 +21,7 @@ TINY = ["--batch-size", "8", "--no-progress", "--no-figures", "--log-every", "1"
 
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch):
-    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: small_dsprites(256))
 
 
 def _cfg(out, steps, **kw) -> TrainConfig:

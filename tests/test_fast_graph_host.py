@@ -13,7 +13,7 @@ from fastfvae.train.config import TrainConfig
 from fastfvae.train.progress import METRIC_KEYS, IntervalMeter, StackedMetrics
 from fastfvae.train.reference import draw_step_inputs
 from fastfvae.train.state import TrainState
-from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+from train_data import small_config, one_thread, small_dsprites  # noqa: F401 (autouse fixture)
 
 
 class FakeStream:
@@ -118,7 +118,7 @@ def _cpu_graphed(cfg, data, noise):
 def test_bound_graph_step_with_host_noise_matches_the_eager_step(model, monkeypatch):
     """Rows and noise through the staging buffers, metrics as one stacked vector: the same
     values as the eager fast step fed the same inputs, and no per-step pinning."""
-    cfg = TrainConfig(model=model, batch_size=8, d_hidden=32, d_layers=2, d_steps=2)
+    cfg = small_config(model=model, batch_size=8, d_hidden=32, d_layers=2, d_steps=2)
     data = small_dsprites(128)
     eager_state, eager_step, _ = _cpu_graphed(cfg, data, "host")
     state, _, graphed = _cpu_graphed(cfg, data, "host")

@@ -27,7 +27,7 @@ from fastfvae.fast.optim import FastAdam
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.reference import draw_step_inputs, make_reference_step
 from fastfvae.train.state import TrainState, build_optimizers
-from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+from train_data import one_thread, small_config, small_dsprites  # noqa: F401 (autouse fixture)
 
 STEPS = 50
 PARAM_ATOL = {"fp32": 2e-5, "bf16": STEPS * 1e-4}
@@ -37,7 +37,7 @@ ROUND_OFF_SHARE, ROUND_OFF_STEP = 1e-3, 1e-4
 
 
 def small_cfg(**kw) -> TrainConfig:
-    return TrainConfig(batch_size=16, d_hidden=64, d_layers=3, **kw)
+    return small_config(**{"batch_size": 16, "d_hidden": 64, "d_layers": 3, **kw})
 
 
 def run_both(cfg: TrainConfig, steps: int, options: FastOptions, data=None):

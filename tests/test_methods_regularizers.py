@@ -150,17 +150,6 @@ def as_steps(step: int):
     return [step, torch.tensor(step), torch.tensor(float(step), dtype=torch.float32)]
 
 
-#: FactorVAE's regulariser casts the network's logits to float32 (``.float()`` in
-#: ``FactorVAE.vae_terms``), so in float64 it is only float32-accurate; strict, so that the day it
-#: follows the inputs' dtype the marker has to go.
-FACTORVAE_FP32 = "factorvae's regularizer casts the logits to float32 instead of following the inputs' dtype"
-
-
-def xfail_factorvae_in_float64(request, name: str, dtype: torch.dtype) -> None:
-    if name == "factorvae" and dtype == torch.float64:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FACTORVAE_FP32))
-
-
 CASES = [(name, i) for name in methods.BUILTIN for i in range(len(HPARAMS[name]))]
 
 
@@ -169,7 +158,6 @@ CASES = [(name, i) for name in methods.BUILTIN for i in range(len(HPARAMS[name])
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 @pytest.mark.parametrize("name,hp_index", CASES, ids=[f"{n}-{i}" for n, i in CASES])
 def test_regularizer_matches_disentanglement_lib(request, name, hp_index, batch_size, z_dim, dtype):
-    xfail_factorvae_in_float64(request, name, dtype)
     hp = HPARAMS[name][hp_index]
     full_hp = methods.make(name, **hp).hparams.to_dict()
     mu, logvar, z, kl = make_inputs(batch_size, z_dim, seed=hp_index)
@@ -192,7 +180,6 @@ def test_regularizer_matches_disentanglement_lib(request, name, hp_index, batch_
 @pytest.mark.parametrize("batch_size,z_dim", [(2, 1), (7, 3), (5, 10)])
 @pytest.mark.parametrize("name,hp_index", CASES, ids=[f"{n}-{i}" for n, i in CASES])
 def test_regularizer_gradients(request, name, hp_index, batch_size, z_dim):
-    xfail_factorvae_in_float64(request, name, torch.float64)
     hp = HPARAMS[name][hp_index]
     mu, logvar, z, kl = make_inputs(batch_size, z_dim, seed=10 + hp_index)
     inputs = tuple(torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (kl, mu, logvar, z))

@@ -112,7 +112,7 @@ def test_cli_eval_of_a_checkpoint(vae, data, tmp_path, monkeypatch, capsys):
 
     cfg = TrainConfig(model="betavae", z_dim=6)
     save_checkpoint(tmp_path, {"config": cfg.to_dict(), "state": {"vae": vae.state_dict(), "disc": None}})
-    monkeypatch.setattr(eval_cli, "_load_data", lambda path: data)
+    monkeypatch.setattr(eval_cli, "_load_data", lambda path, *_: data)
     config = {"mig": CONFIG["mig"], "reconstruction": CONFIG["reconstruction"]}
     out = tmp_path / "scores.json"
     code = main(["eval", str(tmp_path), "--metrics", "mig", "reconstruction", "--device", "cpu",
@@ -155,7 +155,7 @@ def test_train_cli_eval_every_wires_the_callback(vae, data, tmp_path, monkeypatc
     args = build_parser().parse_args(["train", "--eval-every", "3", "--out", str(tmp_path)])
     cfg = config_from_args(args)
     assert cfg.eval_every == 3
-    monkeypatch.setattr(loop, "load_training_data", lambda path: data)
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
     (callback,) = callbacks_for(cfg, args)
     small = {"num_train": 20, "num_eval": 10, "num_variance_estimate": 100, "prune_threshold": 0.0}
     monkeypatch.setattr("fastfvae.metrics.periodic.factor_vae_score_of_model",

@@ -13,7 +13,7 @@ from fastfvae.train.checkpoint import load_checkpoint, load_models, save_checkpo
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.loop import TrainingDiverged, run_training
 from fastfvae.train.progress import read_log
-from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+from train_data import one_thread, small_config, small_dsprites  # noqa: F401 (autouse fixture)
 
 SMALL = dict(batch_size=16, d_hidden=64, d_layers=2, log_every=2, ckpt_every=0)
 
@@ -45,7 +45,7 @@ def test_30_steps_lower_the_loss(tmp_path):
 @pytest.mark.parametrize("model", ["factorvae", "betavae"])
 def test_resume_after_ctrl_c_is_bit_exact(tmp_path, model):
     data = small_dsprites()
-    base = TrainConfig(model=model, steps=6, d_steps=2, **SMALL)
+    base = small_config(model=model, steps=6, d_steps=2, **SMALL)
     straight = run_training(base.replace(out=str(tmp_path / "a")), data=data, progress=False)
 
     def ctrl_c_at_3(state, metrics):
@@ -120,14 +120,15 @@ def _recording(builder, seen, *, own_noise=False, stacked=False, defers_sync=Fal
 
     def build(state, data):
         inner = builder(state, data)
-        cfg, second = state.cfg, state.cfg.perm_batch == "second"
-        b, z = cfg.batch_size, cfg.z_dim
+        cfg, method = state.cfg, state.cfg.method()
+        second, b, z = method.second_batch, cfg.batch_size, cfg.z_dim
 
         def step(inputs):
             seen.append(inputs)
             if own_noise:
                 inputs = inputs._replace(eps=torch.randn(b, z), eps2=torch.randn(b, z) if second else None,
-                                         keys=torch.rand(cfg.d_steps, b, z))
+                                         keys=torch.rand(method.adversary_noise_shape(b, z)) if method.adversarial
+                                         else None)
             metrics = inner(inputs)
             return StackedMetrics(torch.stack(list(metrics.values())), metrics) if stacked else metrics
 
@@ -186,7 +187,7 @@ def _without_timing(path):
 def test_stacked_metrics_log_the_same_lines(tmp_path, model):
     from fastfvae.train.reference import make_reference_step
 
-    data, cfg = small_dsprites(), TrainConfig(model=model, steps=5, **{**SMALL, "log_every": 2})
+    data, cfg = small_dsprites(), small_config(model=model, steps=5, **{**SMALL, "log_every": 2})
     for name, stacked in (("plain", False), ("stacked", True)):
         run_training(cfg.replace(out=str(tmp_path / name)), data=data, progress=False,
                      step_builder=_recording(make_reference_step, [], stacked=stacked))

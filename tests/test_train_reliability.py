@@ -23,7 +23,7 @@ from fastfvae.train.config import TrainConfig
 from fastfvae.train.lock import LOCK_NAME, RunFolderLock
 from fastfvae.train.loop import TrainingDiverged, run_training
 from fastfvae.train.progress import read_log
-from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+from train_data import one_thread, small_config, small_dsprites  # noqa: F401 (autouse fixture)
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--batch-size", "8", "--no-progress", "--no-figures", "--log-every", "1"]
@@ -35,7 +35,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import fastfvae.train.loop as loop
 from train_data import small_dsprites
-loop.load_training_data = lambda path: small_dsprites(256)
+loop.load_training_data = lambda path, *_: small_dsprites(256)
 {extra}
 from fastfvae.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -50,7 +50,7 @@ def child(args, extra: str = "", **kw) -> subprocess.Popen:
 
 @pytest.fixture
 def small_data(monkeypatch):
-    monkeypatch.setattr(loop, "load_training_data", lambda path: small_dsprites(256))
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: small_dsprites(256))
 
 
 def _one_error_line(err: str) -> str:
@@ -304,7 +304,7 @@ def test_a_stop_during_set_up_abandons_the_run_and_keeps_a_resumed_checkpoint(tm
 @pytest.mark.parametrize("model,weight", [("betavae", "beta"), ("factorvae", "gamma")])
 def test_an_overflowing_optimiser_state_stops_the_run_unsaved(tmp_path, fast, model, weight):
     """beta or gamma 1e30: every loss stays finite, but Adam's second moment overflows to inf."""
-    cfg = TrainConfig(model=model, steps=6, out=str(tmp_path / "r"), fast=fast, **{**SMALL, weight: 1e30})
+    cfg = small_config(model=model, steps=6, out=str(tmp_path / "r"), fast=fast, **{**SMALL, weight: 1e30})
     with pytest.raises(TrainingDiverged, match=r"the VAE's Adam state became NaN/inf \(found at step 1.*"
                                                r"no checkpoint was written"):
         run_training(cfg, data=small_dsprites(256), progress=False, step_builder=make_fast_step if fast else None)
@@ -389,7 +389,7 @@ def _broken(good_run: Path, tmp: Path, change) -> Path:
 
 BROKEN = {
     "weights of another z_dim": (lambda p: p["config"].update(z_dim=3), "do not match its config"),
-    "weights of another D": (lambda p: p["config"].update(d_hidden=64), "disc.net.0.weight has shape"),
+    "weights of another D": (lambda p: p["config"]["hparams"].update(d_hidden=64), "disc.net.0.weight has shape"),
     "a missing weight": (lambda p: p["state"]["vae"].pop("decoder.fc.0.bias"), "vae.decoder.fc.0.bias is missing"),
     "no config": (lambda p: p.pop("config"), "has no usable config"),
     "a config value of the wrong type": (lambda p: p["config"].update(z_dim="ten"), "has a bad config"),
@@ -406,7 +406,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_one_line(good_run, tmp_p
 
     change, expected = BROKEN[case]
     broken = _broken(good_run, tmp_path, change)
-    monkeypatch.setattr(eval_cli, "_load_data", lambda path: small_dsprites(256), raising=False)
+    monkeypatch.setattr(eval_cli, "_load_data", lambda path, *_: small_dsprites(256), raising=False)
     argv = {"eval": ["eval", str(broken), "--metrics", "mig", "--device", "cpu"],
             "traverse": ["traverse", str(broken), "--out", str(tmp_path / "figs")],
             "resume": ["train", "--resume", str(broken), "--steps", "4", *TINY]}[command]

@@ -12,13 +12,14 @@ from fastfvae.data import EpochSampler
 from fastfvae.objectives import discriminator_loss, permute_dims
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.reference import draw_step_inputs, reference_step
+from train_data import small_config  # noqa: E402
 from fastfvae.train.state import TrainState, noise_seed
 
 B = 8
 
 
 def _setup(**kw):
-    cfg = TrainConfig(batch_size=B, d_hidden=32, d_layers=2, **kw)
+    cfg = small_config(batch_size=B, d_hidden=32, d_layers=2, **kw)
     state = TrainState.create(cfg, 64)
     g = torch.Generator().manual_seed(123)
     batch = (torch.rand(B, 1, 64, 64, generator=g) > 0.7).float()

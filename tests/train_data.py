@@ -39,3 +39,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def small_config(**values):
+    """A `TrainConfig` from ``values``, leaving out the hyperparameters its model does not
+    declare (the tests' small-discriminator settings apply to FactorVAE only)."""
+    from fastfvae import methods
+    from fastfvae.train.config import TrainConfig
+
+    declared = set(methods.get(values.get("model", "factorvae")).Hparams.__dataclass_fields__)
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in values.items() if k in fields or k in declared})

@@ -1,13 +1,14 @@
-"""`fastfvae train`: train FactorVAE or beta-VAE on dSprites, then draw the run's figures.
+"""`fastfvae train`: train a method (`fastfvae.methods`) on a dataset, then draw the run's figures.
 
 Flags map onto `fastfvae.train.config.TrainConfig` fields; a flag left out keeps the value
 of the preset (``--preset``), of the resumed checkpoint (``--resume``), or the paper default.
 A new run uses the fast step (`fastfvae.fast`, equal to the reference within its parity
 tolerance) unless ``--reference`` (alias ``--no-fast``) asks for the readable reference loop; a
 resumed run keeps the step it was trained with unless ``--fast`` / ``--reference`` says
-otherwise. A flag that would do nothing in the chosen mode (``--precision bf16`` or
-``--loader`` with ``--reference``, ``--beta`` with FactorVAE, ``--gamma`` / ``--d-steps`` /
-``--perm-batch`` with beta-VAE) is refused with one line rather than ignored; ``--reference``
+otherwise. Each method's hyperparameters are flags generated from its declaration
+(``fastfvae train --model NAME --help`` lists them). A flag that would do nothing in the chosen
+mode (``--precision bf16`` or ``--loader`` with ``--reference``, a hyperparameter the method does
+not declare: ``--beta`` with FactorVAE) is refused with one line rather than ignored; ``--reference``
 on a fast preset or run (the bf16 quickstart) sets precision and loader back to fp32 / device,
 so a checkpoint of either step resumes under the other.
 
@@ -27,9 +28,12 @@ import signal
 import sys
 import time
 
+from fastfvae.errors import FastFVAEError
+
 from fastfvae.train.checkpoint import checkpoint_path
 from fastfvae.train.config import (
-    FAST_ONLY, LOADERS, MODELS, PERM_BATCHES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply, preset,
+    COMPILE_MODES, FAST_ONLY, LOADERS, NOISE_SOURCES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply,
+    methods_declaring, preset,
 )
 from fastfvae.train.loop import (
     ResumePoint, RunResult, StoppedBeforeTraining, TrainingDiverged, read_resume_point, run_training,
@@ -39,38 +43,116 @@ from fastfvae.train.progress import LOG_NAME, read_log
 DEFAULTS = TrainConfig()
 
 DESCRIPTION = """\
-Train FactorVAE (Kim & Mnih 2018) or beta-VAE on dSprites.
+Train a VAE-family model (FactorVAE, Kim & Mnih 2018; beta-VAE; annealed VAE; DIP-VAE;
+beta-TC-VAE; --model NAME --help lists a method's hyperparameters) on a ground-truth dataset.
 
-Without --data it uses the cached real dSprites file if there is one, else the procedural
-dSprites (identical content, rendered on the fly). Writes into --out: config.json,
-train_log.jsonl, checkpoint.pt, reconstructions.png, traversals.png, traversals.gif and
-loss_curves.png. One run per --out at a time (a second one is refused). Ctrl-C or SIGTERM
-stops after the current step and saves a checkpoint; --resume continues a run bit-exactly
-(CPU). New runs use the fast step (same algorithm, parity-tested); --reference runs the
-readable reference loop.
+Without --data it uses the dataset's default file (dSprites: the cached real file if there is
+one, else the procedural dSprites, identical content rendered on the fly). Writes into --out:
+config.json, train_log.jsonl, checkpoint.pt, reconstructions.png, traversals.png,
+traversals.gif and loss_curves.png. One run per --out at a time (a second one is refused).
+Ctrl-C or SIGTERM stops after the current step and saves a checkpoint; --resume continues a
+run bit-exactly (CPU). New runs use the fast step (same algorithm, parity-tested);
+--reference runs the readable reference loop.
 """
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+
+def _choices(values) -> str:
+    return "{" + ",".join(values) + "}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def hparam_flags() -> dict[str, list]:
+    """Every registered method's hyperparameters: {name: [(method, dataclass field), ...]}."""
+    import dataclasses
+
+    from fastfvae import methods
+
+    flags: dict[str, list] = {}
+    for name in methods.names():
+        for f in dataclasses.fields(methods.get(name).Hparams):
+            flags.setdefault(f.name, []).append((name, f))
+    return flags
+
+
+def _hparam_type(default):
+    if isinstance(default, bool):
+        return None
+    return type(default) if isinstance(default, (int, float, str)) else None
+
+
+def add_hparam_arguments(p, only: str | None = None) -> None:
+    """One flag per hyperparameter name of the registered methods (or of method ``only``),
+    generated from the methods' declarations; dest = the hyperparameter's name."""
+    group = p.add_argument_group(f"{only} hyperparameters" if only else
+                                 "method hyperparameters (fastfvae train --model NAME --help lists one method's)")
+    for name, owners in hparam_flags().items():
+        owners = [(m, f) for m, f in owners if only in (None, m)]
+        if not owners:
+            continue
+        method, f = owners[0]
+        default = f.default
+        kwargs = {"default": None, "dest": name}
+        if isinstance(default, tuple):
+            kwargs.update(type=float, nargs=len(default), metavar=tuple("AB"[:len(default)]))
+        elif _hparam_type(default) is not None:
+            kwargs["type"] = _hparam_type(default)
+        if only:
+            source = f" [{f.metadata['source']}]" if f.metadata.get("source") else ""
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            kwargs["help"] = f"{f.metadata.get('help', '')} (default {shown}){source}".replace("%", "%%")
+        else:
+            kwargs["help"] = f"{f.metadata.get('help', '')} ({', '.join(m for m, _ in owners)})".replace("%", "%%")
+        group.add_argument(_flag(name), **kwargs)
+
+
+class _HelpForModel(argparse.Action):
+    """``--help``: the flags, with one method's hyperparameters when ``--model`` came first."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        model = getattr(namespace, "model", None)
+        from fastfvae import methods
+
+        if model in methods.names():
+            shown = argparse.ArgumentParser(prog=parser.prog, description=parser.description,
+                                            formatter_class=parser.formatter_class, add_help=False)
+            add_arguments(shown, hparams_of=model)
+            shown.print_help()
+        else:
+            parser.print_help()
+        parser.exit()
+
+
+def add_arguments(p: argparse.ArgumentParser, hparams_of: str | None = None) -> None:
     """The train flags. Choices are checked by TrainConfig.validate / preset(), not argparse, so a
     bad value is a one-line FastFVAEError (exit 2) like every other bad input."""
+    from fastfvae import methods
+    from fastfvae.data.registry import DATASETS
+
     d = DEFAULTS
-    p.add_argument("--model", metavar="{" + ",".join(MODELS) + "}", default=None,
-                   help=f"factorvae: recon + KL + gamma*TC with a discriminator; betavae: recon + beta*KL "
-                        f"(default {d.model})")
-    p.add_argument("--gamma", type=float, default=None, help=f"FactorVAE TC weight, >= 0 (default {d.gamma:g})")
-    p.add_argument("--beta", type=float, default=None, help=f"beta-VAE KL weight, >= 0 (default {d.beta:g})")
+    p.add_argument("-h", "--help", action=_HelpForModel, help="show this help (after --model NAME: that "
+                   "method's hyperparameters) and exit")
+    p.add_argument("--model", metavar=_choices(methods.names()), default=None,
+                   help="the method: " + "; ".join(f"{n}: {methods.get(n).summary}" for n in methods.names())
+                   + f" (default {d.model})")
+    p.add_argument("--dataset", metavar=_choices(DATASETS), default=None,
+                   help=f"the ground-truth dataset (default {d.dataset})")
     p.add_argument("--steps", type=int, default=None, help=f"total VAE updates (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"images per batch, >= 2 (default {d.batch_size})")
     p.add_argument("--z-dim", type=int, default=None, help=f"latent dimensions, >= 1 (default {d.z_dim})")
-    p.add_argument("--d-steps", type=int, default=None,
-                   help=f"discriminator updates per VAE update (default {d.d_steps}; the paper preset uses 5)")
-    p.add_argument("--perm-batch", metavar="{" + ",".join(PERM_BATCHES) + "}", default=None,
-                   help="where D's permuted codes come from: 'second' = a second batch (paper's Algorithm 1), "
-                        f"'same' = the VAE's batch (disentanglement_lib) (default {d.perm_batch})")
+    p.add_argument("--fc-dim", type=int, default=None,
+                   help=f"width of the encoder's / decoder's FC layer (default {d.fc_dim}; dlib 256)")
+    p.add_argument("--vae-lr", type=float, default=None, help=f"VAE Adam learning rate (default {d.vae_lr:g})")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed for init, batch order and noise, in [0, 2**63) (default {d.seed})")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="dSprites .npz/.hdf5 file (default: cached real file, else procedural dSprites)")
+                   help="the dataset's file: dSprites .npz/.hdf5, 3dshapes.h5 (default: the dataset's "
+                        "cached file; dSprites without one: the procedural set)")
     p.add_argument("--device", metavar="{auto,cpu,cuda}", default=None,
                    help=f"where to train; auto = cuda if available (default {d.device})")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -84,7 +166,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in DIR (or from checkpoint file CKPT) with its saved config; "
                         "only --steps, --out, --data, --device, --ckpt-every, --log-every and the fast-path / "
                         "evaluation flags may change")
-    p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", default=None,
+    p.add_argument("--preset", metavar=_choices(PRESETS), default=None,
                    help="start from a named config: paper (Kim & Mnih 2018, Section 6: gamma 35, 5 D steps, second batch, "
                         "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps), quickstart "
                         "(a first run of a few minutes on 2 CPU cores: gamma 50, larger learning rates, bf16, 5k steps)")
@@ -93,21 +175,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for new runs; a resumed run keeps its own step unless this flag or --reference is given)")
     p.add_argument("--reference", "--no-fast", dest="fast", action="store_const", const=False,
                    help="the readable reference loop (fastfvae.train.reference) instead of the fast path")
-    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}", default=None,
+    p.add_argument("--precision", metavar=_choices(PRECISIONS), default=None,
                    help=f"fast path only: arithmetic: fp32 (parity with the reference) or bf16 (convolutions and GEMMs in bfloat16; weights, optimiser state and losses fp32) (default {d.precision})")
-    p.add_argument("--loader", metavar="{" + ",".join(LOADERS) + "}", default=None,
-                   help=f"fast path only: batches from device (resident bit-packed set), dali, torch (default {d.loader})")
+    p.add_argument("--loader", metavar=_choices(LOADERS), default=None,
+                   help=f"fast path only: batches from device (resident stored set), dali, torch (default {d.loader})")
+    p.add_argument("--compile", metavar=_choices(COMPILE_MODES), default=None,
+                   help="fast path only: torch.compile the networks (auto: on CUDA; default auto)")
+    _switch(p, "cuda-graph", "fast path only: capture the whole iteration as one CUDA graph (default: on CUDA)")
+    p.add_argument("--noise", metavar=_choices(NOISE_SOURCES), default=None,
+                   help="fast path only: draw the step's noise on the host (the reference's stream) or on the "
+                        "device inside the CUDA graph (default auto: device with a CUDA graph)")
+    _switch(p, "by-hand", "fast path only: the CPU layers written out (default: when nothing is compiled)")
+    _switch(p, "fused-ops", "fast path only: the fastfvae.ops Triton ops (default: on CUDA)")
+    _switch(p, "channels-last", "fast path only: convolutions in channels_last (default on)")
+    _switch(p, "fused-adam", "fast path only: fused Adam (default on; off needs --no-cuda-graph)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="every N steps log the FactorVAE metric (dlib settings) to <out>/eval_log.jsonl; "
                         f"0 = never (default {d.eval_every})")
+    add_hparam_arguments(p, only=hparams_of)
+
+
+def _switch(p, name: str, help: str) -> None:
+    dest = name.replace("-", "_")
+    p.add_argument("--" + name, dest=dest, action="store_const", const=True, default=None, help=help)
+    p.add_argument("--no-" + name, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields given explicitly on the command line (flag dest == field name)."""
-    fields = TrainConfig.__dataclass_fields__
-    return {dest: value for dest, value in vars(args).items() if dest in fields and value is not None}
+    """The config fields and method hyperparameters given explicitly on the command line
+    (flag dest == field or hyperparameter name)."""
+    names = set(TrainConfig.__dataclass_fields__) | set(hparam_flags())
+    return {dest: value for dest, value in vars(args).items() if dest in names and value is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -138,9 +238,22 @@ def config_and_resume_point(args: argparse.Namespace) -> tuple[TrainConfig, Resu
             overrides.setdefault(name, getattr(DEFAULTS, name))
     if args.resume is not None and "out" not in overrides:
         overrides["out"] = str(checkpoint_path(args.resume).parent)
+    check_hparams_apply(overrides.get("model", base.model), overrides)
     cfg = base.replace(**overrides).validate()
     check_settings_apply(cfg, given, source)
     return cfg, point
+
+
+def check_hparams_apply(model: str, overrides: dict) -> None:
+    """FastFVAEError (one line) for a hyperparameter flag that ``model`` does not declare."""
+    from fastfvae import methods
+
+    declared = set(methods.get(model).Hparams.__dataclass_fields__)
+    for name in overrides:
+        if name in hparam_flags() and name not in declared and name not in TrainConfig.__dataclass_fields__:
+            owners = methods_declaring(name)
+            raise FastFVAEError(f"{_flag(name)} only applies to --model {' / '.join(owners)}, and this run "
+                                f"trains {model}; drop {_flag(name)} or pass --model {owners[0]}")
 
 
 def step_builder_for(cfg: TrainConfig):
@@ -157,7 +270,7 @@ def training_data(cfg: TrainConfig):
     callbacks share one copy of the dataset (and a bad --out fails before it is loaded)."""
     from fastfvae.train import loop
 
-    return functools.cache(lambda: loop.load_training_data(cfg.data))
+    return functools.cache(lambda: loop.load_training_data(cfg.data, cfg.dataset))
 
 
 def callbacks_for(cfg: TrainConfig, args: argparse.Namespace, data=None) -> list:
@@ -238,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train FactorVAE / beta-VAE on dSprites", description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("train", help="train FactorVAE, beta-VAE and the other methods", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     add_arguments(p)
     p.set_defaults(func=run)

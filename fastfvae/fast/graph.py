@@ -148,20 +148,30 @@ class GraphedStep:
 
     def _bind(self, step, noise: str) -> None:
         """The static inputs on the step's device (no CUDA needed: the tests bind on CPU)."""
-        cfg, dev = step.cfg, step.device
-        b, z = cfg.batch_size, cfg.z_dim
+        shapes, dev = step.shapes, step.device
+        b, z = shapes.batch_size, shapes.z_dim
         self.step, self.noise = step, noise
-        self.metric_keys, self._stacked = _metric_api()
-        self.row_inputs = StagedInputs([(b,)] * (2 if step.second else 1), torch.int64, dev)
-        self.rows, self.rows2 = (self.row_inputs.views + [None])[:2]
-        noise_shapes = [(b, z)] * (2 if step.second else 1) + ([(cfg.d_steps, b, z)] if step.factorvae else [])
+        metric_keys, self._stacked = _metric_api()
+        self.metric_keys = tuple(metric_keys[:3]) + tuple(step.method.metric_names)
+        # the rows (and the step count the regulariser sees) reach the graph as one int64 copy
+        self.row_inputs = StagedInputs([(b,)] * (2 if shapes.second_batch else 1) + [()], torch.int64, dev)
+        views = iter(self.row_inputs.views)
+        self.rows = next(views)
+        self.rows2 = next(views) if shapes.second_batch else None
+        self.step_count = next(views)
+        noise_shapes = [(b, z)] * (2 if shapes.second_batch else 1)
+        noise_shapes += [shapes.keys] if shapes.keys is not None else []
+        noise_shapes += [shapes.obs] * (2 if shapes.second_batch else 1) if shapes.obs is not None else []
         self.noise_inputs = StagedInputs(noise_shapes, torch.float32, dev)
         views = iter(self.noise_inputs.views)
         self.eps = next(views)
-        self.eps2 = next(views) if step.second else None
-        self.keys = next(views) if step.factorvae else None
-        self.images = None if step._batches.kind == "device" else torch.zeros(b, 1, 64, 64, device=dev)
-        self.images2 = None if self.images is None or not step.second else torch.zeros_like(self.images)
+        self.eps2 = next(views) if shapes.second_batch else None
+        self.keys = next(views) if shapes.keys is not None else None
+        self.obs = next(views) if shapes.obs is not None else None
+        self.obs2 = next(views) if shapes.obs is not None and shapes.second_batch else None
+        channels = getattr(step.data, "base_channels", 1)
+        self.images = None if step._batches.kind == "device" else torch.zeros(b, channels, 64, 64, device=dev)
+        self.images2 = None if self.images is None or not shapes.second_batch else torch.zeros_like(self.images)
 
     def _capture(self, warmup: int) -> None:
         """Warm up on a side stream, capture one iteration, undo the warm-up's updates."""
@@ -182,35 +192,40 @@ class GraphedStep:
         torch.cuda.set_rng_state(rng, dev)
 
     def _run(self) -> torch.Tensor:
-        """The captured iteration: static inputs -> stacked metrics [len(METRIC_KEYS)]."""
+        """The captured iteration: static inputs -> stacked metrics [len(metric_keys)]."""
         step = self.step
         if self.noise == "device":
             for buf in (self.eps, self.eps2):
                 if buf is not None:
                     buf.normal_()
-            if self.keys is not None:
-                self.keys.uniform_()
+            for buf in (self.keys, self.obs, self.obs2):
+                if buf is not None:
+                    buf.uniform_()
         if self.images is None:
             x = step._batches.gather(self.rows)
             x2 = None if self.rows2 is None else step._batches.gather(self.rows2)
         else:
             x, x2 = self.images, self.images2
-        metrics = step.body(x, x2, self.eps, self.eps2, self.keys)
-        zero = torch.zeros((), device=self.eps.device)
-        return torch.stack([metrics.get(k, zero).float() for k in self.metric_keys])
+        x, x2 = step.observe(x, self.obs), None if x2 is None else step.observe(x2, self.obs2)
+        metrics = step.body(x, x2, self.eps, self.eps2, self.keys, self.step_count)
+        return torch.stack([metrics[k].float() for k in self.metric_keys])
 
     def __call__(self, inputs) -> dict:
+        step = self.step
+        count = np.int64(step.state.step)
         if self.images is None:
-            self.row_inputs.load([inputs.rows, inputs.rows2] if self.step.second else [inputs.rows])
+            self.row_inputs.load([inputs.rows] + ([inputs.rows2] if self.rows2 is not None else []) + [count])
         else:
-            x, x2 = self.step._batches.images(inputs)
+            self.row_inputs.load([np.zeros(r.shape, np.int64) for r in self.row_inputs.views[:-1]] + [count])
+            x, x2 = step._batches.images(inputs)
             self.images.copy_(x)
             if x2 is not None:
                 self.images2.copy_(x2)
         if self.noise == "host":
-            step = self.step
-            self.noise_inputs.load([inputs.eps] + ([inputs.eps2] if step.second else [])
-                                   + ([inputs.keys] if step.factorvae else []))
+            values = [inputs.eps] + ([inputs.eps2] if self.eps2 is not None else [])
+            values += [inputs.keys] if self.keys is not None else []
+            values += [inputs.obs] if self.obs is not None else []
+            values += [inputs.obs2] if self.obs2 is not None else []
+            self.noise_inputs.load(values)
         self.graph.replay()
-        names = self.metric_keys if self.step.factorvae else self.metric_keys[:3]
-        return self._stacked(self.out.clone()[:len(names)], names)
+        return self._stacked(self.out.clone(), self.metric_keys)

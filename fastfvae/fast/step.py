@@ -46,13 +46,8 @@ from fastfvae.fast.flat_adam import FlatAdam
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
 from fastfvae.fast.optim import fast_optimizers
 from fastfvae.fast.precision import autocast, check_precision
-from fastfvae.objectives import (
-    beta_vae_loss, discriminator_accuracy, discriminator_loss, factor_vae_loss, recon_loss, tc_estimate,
-)
-from fastfvae.train.config import LOADERS
-from fastfvae.train.reference import StepInputs, uses_second_batch
-
-COMPILE_MODES = ("auto", "none", "model")
+from fastfvae.train.config import COMPILE_MODES, LOADERS
+from fastfvae.train.step import StepInputs, StepShapes, train_step
 
 
 @dataclass(frozen=True)
@@ -105,14 +100,32 @@ class FastOptions:
         return bool(self.cuda_graph) and self.noise == "device"
 
 
+class _ByHandAdversary(torch.autograd.Function):
+    """D(z) by hand (rows 0:B of its activation buffer) as an autograd node whose backward is
+    D's input gradient only: the VAE loss's TC term reaches z, never D's parameters."""
+
+    @staticmethod
+    def forward(ctx, z, d):
+        ctx.d = d
+        return d.forward(z.detach())
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        return ctx.d.input_grad(grad_logits), None
+
+
 class FastStep:
-    """The fast step for one `TrainState`. Call with `StepInputs`; returns 0-dim metric tensors."""
+    """The fast step for one `TrainState`: a mechanism of `fastfvae.train.step.train_step`.
+
+    Call with `StepInputs`; returns 0-dim metric tensors. The algorithm is `train_step` and the
+    method's own code; this class only says how each piece runs (the numbered list above)."""
 
     def __init__(self, state, data, options: FastOptions | None = None) -> None:
-        self.state, self.cfg, self.device = state, state.cfg, state.device
+        self.state, self.cfg, self.device, self.data = state, state.cfg, state.device, data
         self.options = opts = (options or FastOptions()).resolved(self.device)
-        self.factorvae = self.cfg.model == "factorvae"
-        self.second = uses_second_batch(self.cfg)
+        self.method = self.cfg.method()
+        self.shapes = StepShapes.of(self.cfg, self.method, data)
+        self.second = self.shapes.second_batch
         vae, disc = state.models
         if opts.channels_last:
             vae.to(memory_format=torch.channels_last)
@@ -126,12 +139,14 @@ class FastStep:
             self._encode, self._decode = torch.compile(vae.encode), torch.compile(vae.decode)
             self._disc = None if disc is None else torch.compile(self.ops.disc)
         self._batches = _BatchSource(opts.loader, data, state, self.device, opts.channels_last)
+        self._render = self.shapes.obs is not None
         self._dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
         #: image-side layers in space-to-depth form (`fastfvae.fast.conv`: oneDNN's one-channel
-        #: kernels are slow). bf16 only: in fp32 its different summation order reaches Adam's
-        #: near-zero-gradient elements (second moment ~1e-11), which Adam moves by ~lr whatever
-        #: their sign, beyond the fp32 parity tolerance (docs/fast-path.md)
-        self._s2d = opts.by_hand and opts.precision == "bf16"
+        #: kernels are slow). bf16 and stored one-channel observations only: in fp32 its different
+        #: summation order reaches Adam's near-zero-gradient elements (second moment ~1e-11),
+        #: which Adam moves by ~lr whatever their sign, beyond the fp32 parity tolerance
+        #: (docs/fast-path.md)
+        self._s2d = opts.by_hand and opts.precision == "bf16" and vae.channels == 1 and not self._render
         self._d_by_hand = self._flat_adam = None
         if opts.by_hand and disc is not None:
             self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
@@ -139,12 +154,14 @@ class FastStep:
                 # D's update as one compiled kernel over flat buffers (`fastfvae.fast.flat_adam`)
                 self._flat_adam = FlatAdam(state.optims.disc, self.disc_params, self._dtype)
                 self._d_by_hand.use_flat(self._flat_adam)
+        if self.method.adversarial:
+            self.method.attach(self.adversary)
         if self.device.type == "cpu":
             keep_freed_memory()
         self._graph = None
         #: True when metrics must not be read every step (the loop checks them at log time).
         self.defers_sync = bool(opts.cuda_graph)
-        #: True when the step ignores the inputs' eps/eps2/keys (the loop then draws rows only).
+        #: True when the step ignores the inputs' noise (the loop then draws rows only).
         self.draws_own_noise = opts.draws_own_noise
         if opts.cuda_graph:
             from fastfvae.fast.graph import GraphedStep
@@ -158,113 +175,95 @@ class FastStep:
     def __call__(self, inputs: StepInputs) -> dict:
         if self._graph is not None:
             return self._graph(inputs)
-        x, x2 = self._batches.images(inputs, s2d=self._s2d)
         to = self.device
-        eps = inputs.eps.to(to)
-        eps2 = None if inputs.eps2 is None else inputs.eps2.to(to)
-        keys = None if inputs.keys is None else inputs.keys.to(to)
-        return self.body(x, x2, eps, eps2, keys)
 
-    def body(self, x, x2, eps, eps2, keys) -> dict:
+        def dev(t):
+            return None if t is None else t.to(to)
+
+        x, x2 = self._batches.images(inputs, s2d=self._s2d)
+        x, x2 = self.observe(x, dev(inputs.obs)), None if x2 is None else self.observe(x2, dev(inputs.obs2))
+        return self.body(x, x2, dev(inputs.eps), dev(inputs.eps2), dev(inputs.keys), self.state.step)
+
+    def observe(self, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The dataset's rendering of a batch with its observation noise (colour, background)."""
+        if not self._render:
+            return x
+        return self.data.render(x, noise).contiguous(memory_format=self._batches.format)
+
+    def body(self, x, x2, eps, eps2, keys, step) -> dict:
         """One iteration on device tensors; no host synchronisation (graph-capturable)."""
-        if self.options.by_hand:
-            return self.body_by_hand(x, x2, eps, eps2, keys)
-        cfg, opts, ops = self.cfg, self.options, self.ops
-        optims = self.state.optims
-        with autocast(opts.precision, self.device):
-            mu, logvar = self._encode(x)
-            z, kl_per_sample = ops.sample_kl(mu.float(), logvar.float(), eps)
-            recon = recon_loss(self._decode(z).float(), x)
-            kl = kl_per_sample.mean()
-            if self.factorvae:
-                logits_q = self._disc(z).float()
-                tc = tc_estimate(logits_q)
-                loss = factor_vae_loss(recon, kl, tc, cfg.gamma)
-            else:
-                loss = beta_vae_loss(recon, kl, cfg.beta)
-        loss.backward(inputs=self.vae_params, retain_graph=self.factorvae)
-        optims.vae.step()
-        optims.vae.zero_grad(set_to_none=True)
-        metrics = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
-        if not self.factorvae:
-            return metrics
-
-        z_q = z.detach()
-        z_p = z_q
-        if self.second:
-            with torch.no_grad(), autocast(opts.precision, self.device):
-                mu2, logvar2 = self._encode(x2)
-                z_p, _ = ops.sample_kl(mu2.float(), logvar2.float(), eps2)
-        b = z_q.shape[0]
-        for k in range(keys.shape[0]):
-            with autocast(opts.precision, self.device):
-                if k == 0:  # D(z_q) with D's current parameters is logits_q: reuse it (see 1.)
-                    logits_p = self._disc(ops.permute(z_p, keys[0])).float()
-                else:
-                    both = self._disc(torch.cat([z_q, ops.permute(z_p, keys[k])])).float()
-                    logits_q, logits_p = both[:b], both[b:]
-                d_loss = discriminator_loss(logits_q, logits_p)
-            d_loss.backward(inputs=self.disc_params)
-            optims.disc.step()
-            optims.disc.zero_grad(set_to_none=True)
-        metrics.update(tc=tc.detach(), d_loss=d_loss.detach(),
-                       d_acc=discriminator_accuracy(logits_q.detach(), logits_p.detach()))
-        return metrics
-
-    def body_by_hand(self, x, x2, eps, eps2, keys) -> dict:
-        """The same iteration with `fastfvae.fast.conv` and `DiscriminatorByHand` (see 7.)."""
-        cfg, ops, optims, dtype, s2d = self.cfg, self.ops, self.state.optims, self._dtype, self._s2d
-        vae = self.state.models.vae
-        mu, logvar = by_hand.encode(vae.encoder, x, dtype, s2d)
-        z, kl_per_sample = ops.sample_kl(mu, logvar, eps)
-        # with s2d, logits and x are both in space-to-depth layout: the summed loss is the same
-        recon = recon_loss(by_hand.decode(vae.decoder, z, dtype, s2d).float(), x)
-        kl = kl_per_sample.mean()
-        d, b, z_q = self._d_by_hand, z.shape[0], z.detach()
         if self._flat_adam is not None and self._flat_adam.ensure_bound():
-            d.parameters_changed()  # a load replaced D's optimiser state: the flat buffers are new
-        if self.factorvae:
-            logits_q = d.forward(z_q).requires_grad_()
-            tc = tc_estimate(logits_q)
-            loss = factor_vae_loss(recon, kl, tc, cfg.gamma)
-            (grad_logits_q,) = torch.autograd.grad(loss, logits_q, retain_graph=True)
-            roots, grads = [loss, z], [None, d.input_grad(grad_logits_q)]  # the TC term reaches z
-        else:
-            loss = beta_vae_loss(recon, kl, cfg.beta)
-            roots, grads = [loss], [None]
-        torch.autograd.backward(roots, grads, inputs=self.vae_params)
-        optims.vae.step()
-        optims.vae.zero_grad(set_to_none=True)
-        metrics = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
-        if not self.factorvae:
-            return metrics
+            self._d_by_hand.parameters_changed()  # a load replaced D's optimiser state: new flat buffers
+        return train_step(self, self.method, x, x2, eps, eps2, keys, step)
 
-        z_p = z_q
-        if self.second:
-            with torch.no_grad():
-                mu2, logvar2 = by_hand.encode(vae.encoder, x2, dtype, s2d)
-                z_p, _ = ops.sample_kl(mu2, logvar2, eps2)
-        logits_q = logits_q.detach()
-        for k in range(keys.shape[0]):
-            if k == 0:  # D(z_q) with D's current parameters is logits_q: reuse it (see 1.)
-                logits_p = d.forward(ops.permute(z_p, keys[0]), start=b)
+    # --- the mechanism: how each piece of `train_step` runs ----------------------------------
+    def autocast(self):
+        return autocast(self.options.precision, self.device)
+
+    def encode(self, x):
+        if self.options.by_hand:
+            return by_hand.encode(self.state.models.vae.encoder, x, self._dtype, self._s2d)
+        with self.autocast():
+            mu, logvar = self._encode(x)
+        return mu.float(), logvar.float()
+
+    def decode(self, z):
+        if self.options.by_hand:
+            # with s2d the logits are in space-to-depth layout, as x is: the summed loss is the same
+            return by_hand.decode(self.state.models.vae.decoder, z, self._dtype, self._s2d).float()
+        with self.autocast():
+            return self._decode(z).float()
+
+    def sample_kl(self, mu, logvar, eps):
+        return self.ops.sample_kl(mu, logvar, eps)
+
+    def permute(self, z, keys):
+        return self.ops.permute(z, keys)
+
+    def adversary(self, z):
+        if self._d_by_hand is not None:
+            return _ByHandAdversary.apply(z, self._d_by_hand)
+        with self.autocast():
+            return self._disc(z).float()
+
+    def adversary_pair(self, z_q, z_perm, logits_q=None):
+        """Logits on z_q and z_perm: one 2B-row pass, or with ``logits_q`` (the TC term's, from
+        D's current parameters, see 1.) only the permuted half."""
+        b = z_q.shape[0]
+        d = self._d_by_hand
+        if d is not None:
+            if logits_q is not None:
+                logits_p = d.forward(z_perm, start=b)
             else:
-                both = d.forward(torch.cat([z_q, ops.permute(z_p, keys[k])]))
+                both = d.forward(torch.cat([z_q, z_perm]))
                 logits_q, logits_p = both[:b], both[b:]
-            logits_q, logits_p = logits_q.requires_grad_(), logits_p.requires_grad_()
-            d_loss = discriminator_loss(logits_q, logits_p)
-            d.param_grads(torch.cat(torch.autograd.grad(d_loss, [logits_q, logits_p])))
-            if self._flat_adam is not None:
-                self._flat_adam.step()
-                d.weights_written()
-            else:
-                optims.disc.step()
-                optims.disc.zero_grad(set_to_none=True)
-                d.parameters_changed()
-            logits_q, logits_p = logits_q.detach(), logits_p.detach()
-        metrics.update(tc=tc.detach(), d_loss=d_loss.detach(),
-                       d_acc=discriminator_accuracy(logits_q, logits_p))
-        return metrics
+            return logits_q.detach().requires_grad_(), logits_p.requires_grad_()
+        with self.autocast():
+            if logits_q is not None:
+                return logits_q, self._disc(z_perm).float()
+            both = self._disc(torch.cat([z_q, z_perm])).float()
+        return both[:b], both[b:]
+
+    def vae_update(self, loss, retain_graph: bool = False) -> None:
+        loss.backward(inputs=self.vae_params, retain_graph=retain_graph and self._d_by_hand is None)
+        self.state.optims.vae.step()
+        self.state.optims.vae.zero_grad(set_to_none=True)
+
+    def adversary_update(self, loss, logits_q=None, logits_p=None) -> None:
+        optim, d = self.state.optims.disc, self._d_by_hand
+        if d is None:
+            loss.backward(inputs=self.disc_params)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            return
+        d.param_grads(torch.cat(torch.autograd.grad(loss, [logits_q, logits_p])))
+        if self._flat_adam is not None:
+            self._flat_adam.step()
+            d.weights_written()
+        else:
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            d.parameters_changed()
 
 
 class _BatchSource:
@@ -314,9 +313,14 @@ class _BatchSource:
         return x, x2
 
 
+def options_of(cfg) -> FastOptions:
+    """The fast-path options a run's config holds (``config.json`` records them)."""
+    return FastOptions(precision=cfg.precision, loader=cfg.loader, compile=cfg.compile, channels_last=cfg.channels_last,
+                       fused_adam=cfg.fused_adam, fused_ops=cfg.fused_ops, cuda_graph=cfg.cuda_graph, noise=cfg.noise,
+                       by_hand=cfg.by_hand)
+
+
 def make_fast_step(state, data, options: FastOptions | None = None) -> FastStep:
     """``step_builder`` for `run_training`: the fast step for ``state`` (options from the config
     when not given)."""
-    if options is None:
-        options = FastOptions(precision=state.cfg.precision, loader=state.cfg.loader)
-    return FastStep(state, data, options)
+    return FastStep(state, data, options_of(state.cfg) if options is None else options)

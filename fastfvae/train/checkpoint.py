@@ -175,16 +175,18 @@ def _weights_mismatch(part: str, saved: Any, expected: dict[str, tuple]) -> str 
 def check_weights(payload: dict[str, Any], path: str | os.PathLike) -> None:
     """FastFVAEError (one line) unless the checkpoint's config is valid and its VAE (and, for
     FactorVAE, D) weights have exactly the names and shapes that config builds."""
-    from fastfvae.models import VAE, Discriminator
+    from fastfvae.models import VAE
+    from fastfvae.train.state import dataset_channels
 
     cfg = config_of(payload, path)
     state = payload.get("state")
     if not isinstance(state, dict):
         raise FastFVAEError(f"{path} has no training state; expected a checkpoint.pt written by fastfvae train")
     with torch.device("meta"):  # shapes only: nothing allocated or initialised
-        parts = {"vae": VAE(cfg.z_dim, cfg.fc_dim)}
-        if cfg.model == "factorvae":
-            parts["disc"] = Discriminator(cfg.z_dim, cfg.d_hidden, cfg.d_layers, cfg.d_slope)
+        parts = {"vae": VAE(cfg.z_dim, cfg.fc_dim, channels=dataset_channels(cfg))}
+        method = cfg.method()
+        if method.adversarial:
+            parts["disc"] = method.build_adversary(cfg.z_dim)
     for part, module in parts.items():
         problem = _weights_mismatch(part, state.get(part), _expected_shapes(module))
         if problem:

@@ -39,63 +39,66 @@ from typing import Any
 
 from fastfvae.errors import FastFVAEError
 
-MODELS = ("factorvae", "betavae")
-PERM_BATCHES = ("second", "same")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("device", "torch", "dali")
+COMPILE_MODES = ("auto", "none", "model")
+NOISE_SOURCES = ("auto", "host", "device")
 #: Seeds are in [0, SEED_LIMIT): numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64 and
 #: DALI's pipeline seed is an int64.
 SEED_LIMIT = 2**63
 
 
-@dataclass
+def _method_class(model: str):
+    from fastfvae import methods
+
+    return methods.get(model)
+
+
+def _hparam_names(model: str) -> set[str]:
+    return set(_method_class(model).Hparams.__dataclass_fields__)
+
+
+@dataclass(init=False)
 class TrainConfig:
-    """A training run. Every field has the paper's default; see the module docstring for sources."""
+    """A training run. Every field has the paper's default; see the module docstring for sources.
+
+    ``TrainConfig(model="betavae", beta=8.0)``: keyword arguments that are not fields are the
+    method's hyperparameters (`fastfvae.methods`), kept in ``hparams`` with the method's
+    defaults for the rest and readable as attributes (``cfg.beta``).
+    """
 
     # --- objective ---------------------------------------------------------------------------
-    #: "factorvae" (recon + KL + gamma * TC, with a discriminator) or "betavae" (recon + beta * KL).
+    #: The method (`fastfvae.methods.names()`): factorvae, betavae, vae, annealedvae, dipvae, betatcvae.
     model: str = "factorvae"
-    #: FactorVAE's TC weight (Kim & Mnih 2018, Section 6: 35; the full paper sweeps 10..100).
-    gamma: float = 35.0
-    #: beta-VAE's KL weight (used only with model="betavae"; 4 is Higgins et al.'s dSprites choice).
-    beta: float = 4.0
+    #: The method's hyperparameters, every declared one (defaults filled in): `fastfvae.methods`.
+    hparams: dict = field(default_factory=dict)
 
-    # --- architecture ------------------------------------------------------------------------
+    # --- data and architecture ----------------------------------------------------------------
+    #: The ground-truth dataset (`fastfvae.data.registry`): dsprites, color_dsprites,
+    #: noisy_dsprites, shapes3d.
+    dataset: str = "dsprites"
     #: Latent dimensions (paper: 10).
     z_dim: int = 10
     #: Width of the encoder's / decoder's fully connected layer (paper: 128; dlib: 256).
     fc_dim: int = 128
-    #: Discriminator hidden width and number of hidden layers (Kim & Mnih 2018, Section 6: 6 layers of 1000).
-    d_hidden: int = 1000
-    d_layers: int = 6
-    #: Discriminator LeakyReLU negative slope (paper: 0.2).
-    d_slope: float = 0.2
 
     # --- optimisation ------------------------------------------------------------------------
     #: Number of VAE updates (paper: 3e5 iterations).
     steps: int = 300_000
     #: Images per batch (paper: 64). At least 2: permuting dimensions across a batch needs 2 rows.
     batch_size: int = 64
-    #: Discriminator updates per VAE update (Kim & Mnih 2018, Section 6, used 5; 1 is the common choice).
-    d_steps: int = 1
-    #: Where the permuted codes come from: "second" = a second, independent batch (paper's
-    #: Algorithm 1, 1Konny), "same" = the batch the VAE step used (disentanglement_lib).
-    perm_batch: str = "second"
     #: VAE Adam learning rate and betas (paper: 1e-4, (0.9, 0.999)).
     vae_lr: float = 1e-4
     vae_betas: tuple[float, float] = (0.9, 0.999)
-    #: Discriminator Adam learning rate and betas (paper: 1e-4, (0.5, 0.9)).
-    d_lr: float = 1e-4
-    d_betas: tuple[float, float] = (0.5, 0.9)
-    #: Adam epsilon for both optimisers (Adam's / TensorFlow's default).
+    #: Adam epsilon for every optimiser (Adam's / TensorFlow's default).
     adam_eps: float = 1e-8
 
     # --- run ---------------------------------------------------------------------------------
     #: Seeds the model initialisation, the batch order (EpochSampler) and the step noise generator.
     seed: int = 0
-    #: dSprites file (.npz or .hdf5); None = `fastfvae.data.load_dsprites()`'s default (cached
-    #: real file, else the procedural set).
+    #: The dataset's file (dSprites .npz/.hdf5, 3dshapes.h5); None = the dataset's default
+    #: (dSprites: the cached real file, else the procedural set; 3D Shapes: the cached download).
     data: str | None = None
     #: "auto" (cuda if available, else cpu), "cpu" or "cuda".
     device: str = "auto"
@@ -108,20 +111,62 @@ class TrainConfig:
     #: The preset the config started from (recorded for the record only).
     preset: str | None = None
 
-    # --- fast path / evaluation (their semantics live in fastfvae.fast / fastfvae.metrics) ------
+    # --- fast path (its mechanisms live in fastfvae.fast; none changes the algorithm) ---------
     #: Use the fast step (fastfvae.fast) instead of the reference step. The CLI turns it on for
     #: every new run (``--reference`` turns it off); `run_training`'s own default step is the
     #: reference, so the dataclass default stays False.
     fast: bool = False
-    #: Batch loader for the fast path ("device": the bit-packed set resident on the device).
+    #: Batch loader for the fast path ("device": the stored set resident on the device).
     loader: str = "device"
     #: Arithmetic precision for the fast path ("fp32" for the reference step).
     precision: str = "fp32"
+    #: torch.compile the networks: none | model | auto (model on CUDA, none on CPU).
+    compile: str = "auto"
+    #: Capture the whole iteration as one CUDA graph (None = on CUDA).
+    cuda_graph: bool | None = None
+    #: Where the step's noise is drawn: host (the reference's stream) | device (inside the CUDA
+    #: graph) | auto (device with a CUDA graph, else host).
+    noise: str = "auto"
+    #: The CPU layers written out (split-backward convolutions, D by hand); None = when nothing
+    #: is compiled or captured.
+    by_hand: bool | None = None
+    #: fastfvae.ops Triton ops (None = on CUDA when available).
+    fused_ops: bool | None = None
+    #: Convolutions in channels_last memory format.
+    channels_last: bool = True
+    #: Fused (and on CUDA capturable) Adam.
+    fused_adam: bool = True
+
+    # --- evaluation ----------------------------------------------------------------------------
     #: Evaluate disentanglement metrics every N steps (0 = never during training).
     eval_every: int = 0
 
     #: Test hook, never set by the CLI: make the loss NaN at this step (checks the NaN guard).
     debug_nan_at_step: int | None = field(default=None, repr=False)
+
+    def __init__(self, model: str = "factorvae", hparams: dict | None = None, **values: Any) -> None:
+        for f in dataclasses.fields(self):
+            if f.name not in ("model", "hparams"):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                setattr(self, f.name, values.pop(f.name) if f.name in values else default)
+        self.model = model
+        given = dict(hparams or {})
+        given.update(values)  # the rest: the method's hyperparameters
+        self.hparams = resolve_hparams(model, given) if model_known(model) else given
+
+    def __getattr__(self, name: str) -> Any:
+        # the method's hyperparameters as attributes; only called when normal lookup fails
+        hparams = self.__dict__.get("hparams")
+        if hparams is not None and name in hparams:
+            return hparams[name]
+        raise AttributeError(f"{type(self).__name__} ({self.__dict__.get('model')}) has no field or "
+                             f"hyperparameter {name!r}")
+
+    def method(self):
+        """A fresh `fastfvae.methods.Method` for this run's model and hyperparameters."""
+        from fastfvae import methods
+
+        return methods.make(self.model, **self.hparams)
 
     # -------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -129,33 +174,26 @@ class TrainConfig:
         def bad(name: str, value: Any, expected: str) -> FastFVAEError:
             return FastFVAEError(f"{name} must be {expected}, got {value!r}")
 
-        if self.model not in MODELS:
-            raise bad("model", self.model, " or ".join(MODELS))
-        if self.perm_batch not in PERM_BATCHES:
-            raise bad("perm-batch", self.perm_batch, " or ".join(PERM_BATCHES))
-        if self.device not in DEVICES:
-            raise bad("device", self.device, ", ".join(DEVICES))
-        if self.precision not in PRECISIONS:
-            raise bad("precision", self.precision, " or ".join(PRECISIONS))
-        if self.loader not in LOADERS:
-            raise bad("loader", self.loader, ", ".join(LOADERS))
-        for name in ("gamma", "beta", "d_slope"):
-            value = getattr(self, name)
-            if not (value >= 0.0 and value != float("inf")):
-                raise bad(name.replace("_", "-"), value, "a finite number >= 0")
-        for name in ("vae_lr", "d_lr", "adam_eps"):
+        self.method()  # unknown model, an undeclared hyperparameter, or a value out of its range
+        for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("loader", LOADERS),
+                              ("compile", COMPILE_MODES), ("noise", NOISE_SOURCES)):
+            if getattr(self, name) not in choices:
+                raise bad(name.replace("_", "-"), getattr(self, name), ", ".join(choices))
+        from fastfvae.data.registry import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise bad("dataset", self.dataset, "one of " + ", ".join(DATASETS))
+        for name in ("vae_lr", "adam_eps"):
             if not getattr(self, name) > 0.0:
                 raise bad(name.replace("_", "-"), getattr(self, name), "> 0")
-        for name in ("vae_betas", "d_betas"):
-            betas = tuple(getattr(self, name))
-            if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-                raise bad(name.replace("_", "-"), betas, "two numbers in [0, 1)")
+        betas = tuple(self.vae_betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise bad("vae-betas", betas, "two numbers in [0, 1)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
             raise bad("seed", self.seed, "an integer in [0, 2**63) (torch, numpy and DALI all take it)")
         if self.batch_size < 2:
             raise bad("batch-size", self.batch_size, ">= 2 (permuting codes across a batch needs 2 rows)")
-        minimum = {"z_dim": 1, "fc_dim": 1, "d_hidden": 1, "d_layers": 1, "d_steps": 1, "steps": 0,
-                   "ckpt_every": 0, "log_every": 1, "eval_every": 0}
+        minimum = {"z_dim": 1, "fc_dim": 1, "steps": 0, "ckpt_every": 0, "log_every": 1, "eval_every": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -164,69 +202,139 @@ class TrainConfig:
 
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("debug_nan_at_step")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "debug_nan_at_step"}
+        d["hparams"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.hparams.items()}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """From `to_dict`'s form; a config written before methods declared their own
+        hyperparameters (``gamma``, ``beta``, ``d_steps`` ... as top-level fields) is read too."""
+        d = dict(d)
+        model = d.pop("model", "factorvae")
+        hparams = dict(d.pop("hparams", None) or {})
+        if model_known(model):
+            declared = _hparam_names(model)
+            for name in LEGACY_HPARAM_FIELDS:
+                if name in d:
+                    value = d.pop(name)
+                    if name in declared:
+                        hparams.setdefault(name, value)
+        unknown = sorted(set(d) - _FIELD_NAMES)
         if unknown:
             raise FastFVAEError(f"unknown config field(s) {', '.join(unknown)}; expected fields of TrainConfig")
-        kwargs = {k: tuple(v) if k in ("vae_betas", "d_betas") else v for k, v in d.items()}
-        return cls(**kwargs)
+        return cls(model=model, hparams=hparams, **{k: tuple(v) if k == "vae_betas" else v for k, v in d.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with fields and hyperparameters changed. A new ``model`` keeps only the
+        hyperparameters it declares too (with their values) and takes its defaults for the rest."""
+        model = changes.pop("model", self.model)
+        hparams = dict(changes.pop("hparams", None) or self.hparams)
+        if model != self.model and model_known(model):
+            declared = _hparam_names(model)
+            hparams = {k: v for k, v in hparams.items() if k in declared}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "hparams")}
+        for name in list(changes):
+            if name in fields:
+                fields[name] = changes.pop(name)
+        hparams.update(changes)
+        return TrainConfig(model=model, hparams=hparams, **fields)
 
 
-#: Fields a resumed run may change; every other field must match the checkpoint's config.
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+#: Hyperparameters that were top-level config fields before methods declared their own.
+LEGACY_HPARAM_FIELDS = ("gamma", "beta", "d_steps", "perm_batch", "d_lr", "d_betas", "d_hidden", "d_layers", "d_slope")
+
+
+def model_known(model: str) -> bool:
+    from fastfvae import methods
+
+    try:
+        methods.get(model)
+    except FastFVAEError:
+        return False
+    return True
+
+
+def resolve_hparams(model: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Every hyperparameter ``model`` declares: ``given`` over its defaults (FastFVAEError for a
+    name it does not declare; values are checked by `TrainConfig.validate`)."""
+    cls = _method_class(model)
+    declared = _hparam_names(model)
+    unknown = sorted(set(given) - declared)
+    if unknown:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise FastFVAEError(f"{flags} is not a hyperparameter of {model} (it takes: {', '.join(sorted(declared)) or 'none'})")
+    defaults = cls.Hparams()
+    values = {name: getattr(defaults, name) for name in sorted(declared)}
+    for name, value in given.items():
+        values[name] = tuple(value) if isinstance(values[name], tuple) and isinstance(value, list) else value
+    return values
+
+
+#: Fields a resumed run may change; every other field (and every hyperparameter) must match
+#: the checkpoint's config.
 RESUMABLE_CHANGES = frozenset({
-    "steps", "data", "device", "out", "ckpt_every", "log_every", "preset",
-    "fast", "loader", "precision", "eval_every", "debug_nan_at_step",
+    "steps", "data", "device", "out", "ckpt_every", "log_every", "preset", "fast", "loader", "precision",
+    "compile", "cuda_graph", "noise", "by_hand", "fused_ops", "channels_last", "fused_adam", "eval_every",
+    "debug_nan_at_step",
 })
 
 
 def resume_conflicts(saved: TrainConfig, requested: TrainConfig) -> list[str]:
-    """Names of the fields where ``requested`` differs from the checkpoint's ``saved`` config
-    in a way a resumed run cannot honour (anything but `RESUMABLE_CHANGES`)."""
+    """Names of the fields (and hyperparameters) where ``requested`` differs from the checkpoint's
+    ``saved`` config in a way a resumed run cannot honour (anything but `RESUMABLE_CHANGES`)."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(requested)
-    return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
+    conflicts = [k for k in a if k not in RESUMABLE_CHANGES | {"hparams"} and a[k] != b[k]]
+    if saved.model == requested.model:
+        conflicts += [k for k in saved.hparams if saved.hparams[k] != requested.hparams.get(k)]
+    return conflicts
 
 
-#: Fields that only matter for one model: set explicitly for the other, they would do nothing.
-MODEL_ONLY = {"beta": "betavae", "gamma": "factorvae", "d_steps": "factorvae", "perm_batch": "factorvae"}
-#: Fields that only the fast path reads (the reference step always computes in fp32 from
-#: `DSprites.float_batch`).
-FAST_ONLY = ("precision", "loader")
+#: Fields that only the fast path reads (the reference step always computes in fp32 from the
+#: dataset's ``float_batch``).
+FAST_ONLY = ("precision", "loader", "compile", "cuda_graph", "noise", "by_hand", "fused_ops", "channels_last",
+             "fused_adam")
+
+
+def methods_declaring(name: str) -> list[str]:
+    """The registered methods that declare hyperparameter ``name``."""
+    from fastfvae import methods
+
+    return [m for m in methods.names() if name in methods.get(m).Hparams.__dataclass_fields__]
 
 
 def check_settings_apply(cfg: TrainConfig, given=(), source: str = "the config") -> None:
     """FastFVAEError (one line) if a setting would do nothing in ``cfg``'s mode, instead of
-    silently ignoring it: a precision or loader other than the default with the reference step,
+    silently ignoring it: a fast-path setting other than its default with the reference step,
     and, among ``given`` (the fields the user set explicitly), a fast-path field with the
-    reference step or a field of the other model (``beta`` for FactorVAE; ``gamma``,
-    ``d_steps``, ``perm_batch`` for beta-VAE). ``source`` names where the fields not in
-    ``given`` came from (a preset, a checkpoint), so the message points at it, not at a flag."""
+    reference step or a hyperparameter the run's method does not declare. ``source`` names where
+    the fields not in ``given`` came from (a preset, a checkpoint), so the message points at it,
+    not at a flag."""
     defaults = TrainConfig()
     if not cfg.fast:
         for name in FAST_ONLY:
             value, default = getattr(cfg, name), getattr(defaults, name)
+            flag = "--" + name.replace("_", "-")
             if name in given and not (name == "precision" and value == "fp32"):
-                raise FastFVAEError(f"--{name} {value} only applies to the fast path, and this run uses the "
-                                    f"reference step; drop --{name} or train with --fast")
+                raise FastFVAEError(f"{flag} {value} only applies to the fast path, and this run uses the "
+                                    f"reference step; drop {flag} or train with --fast")
             if name not in given and value != default:
                 raise FastFVAEError(f"{source} sets {name} {value}, which only applies to the fast path, and this "
-                                    f"run uses the reference step; train with --fast or pass --{name} {default}")
-    for name, model in MODEL_ONLY.items():
-        if name in given and cfg.model != model:
-            flag = "--" + name.replace("_", "-")
-            raise FastFVAEError(f"{flag} only applies to --model {model}, and this run trains {cfg.model}; "
-                                f"drop {flag} or pass --model {model}")
+                                    f"run uses the reference step; train with --fast or pass {flag} {default}")
+    for name in given:
+        if name in _FIELD_NAMES or name in cfg.hparams:
+            continue
+        owners = methods_declaring(name)
+        flag = "--" + name.replace("_", "-")
+        if owners:
+            raise FastFVAEError(f"{flag} only applies to --model {' / '.join(owners)}, and this run trains "
+                                f"{cfg.model}; drop {flag} or pass --model {owners[0]}")
+        raise FastFVAEError(f"{flag} is not a setting of {cfg.model}")
 
 
 def _paper() -> TrainConfig:

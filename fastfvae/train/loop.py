@@ -58,7 +58,7 @@ from fastfvae.train.checkpoint import (
 from fastfvae.train.config import TrainConfig, check_settings_apply, resume_conflicts
 from fastfvae.train.lock import RunFolderLock, check_not_in_use
 from fastfvae.train.progress import EVAL_LOG_NAME, LOG_NAME, IntervalMeter, MetricLog, TrainProgress
-from fastfvae.train.reference import StepFn, draw_step_inputs, make_reference_step
+from fastfvae.train.reference import StepFn, StepShapes, draw_step_inputs, make_reference_step
 from fastfvae.train.state import TrainState, resolve_device
 
 #: Files only the folder's owner writes; their temporary files are removed by the next owner.
@@ -96,11 +96,12 @@ class RunResult:
     seconds: float = 0.0             # wall time of this call's steps (set-up excluded)
 
 
-def load_training_data(path: str | None):
-    """The dataset for ``cfg.data`` via `fastfvae.data.load_dsprites` (procedural when there is no file)."""
-    from fastfvae.data import load_dsprites
+def load_training_data(path: str | None, dataset: str = "dsprites"):
+    """The ground-truth dataset ``dataset`` from ``path`` (None: the dataset's default;
+    dSprites: the cached real file, else the procedural set), via `fastfvae.data.registry`."""
+    from fastfvae.data.registry import load_dataset
 
-    return load_dsprites(path)
+    return load_dataset(dataset, path)
 
 
 def holds_run(out: Path) -> bool:
@@ -304,7 +305,7 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
                 payload = resume_point(cfg, resume).payload  # a run that held the folder saved again meanwhile
             remove_stale_temp_files(out, RUN_FILES)
             if data is None:
-                data = load_training_data(cfg.data)
+                data = load_training_data(cfg.data, cfg.dataset)
             elif callable(data):
                 data = data()
             state = TrainState.create(cfg, len(data), device)
@@ -394,6 +395,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
     # A step that draws its noise on the device (the CUDA graph's noise="device") gets the rows
     # only: the sampler advances as always (same batches), the host generator not at all.
     host_noise = not getattr(step_fn, "draws_own_noise", False)
+    shapes = StepShapes.of(cfg, data=data)
     status, mid_step = "completed", False
     try:
         with TrainProgress(cfg.steps, state.step, progress, console) as bar:
@@ -404,7 +406,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                     status = "interrupted"
                     break
                 mid_step = True
-                metrics = step_fn(draw_step_inputs(cfg, state.sampler, state.generator, noise=host_noise))
+                metrics = step_fn(draw_step_inputs(shapes, state.sampler, state.generator, noise=host_noise))
                 state.step += 1
                 mid_step = False
                 if cfg.debug_nan_at_step == state.step:

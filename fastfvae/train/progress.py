@@ -27,6 +27,8 @@ from fastfvae.train.checkpoint import atomic_write_text
 LOG_NAME = "train_log.jsonl"
 #: ``--eval-every``'s log (`fastfvae.metrics.periodic`), one ``{"step", "factor_vae", "seconds"}`` line per evaluation.
 EVAL_LOG_NAME = "eval_log.jsonl"
+#: The metrics every log line has (None where a run's method has no such metric): the VAE's,
+#: then FactorVAE's. A method's other metrics (its ``metric_names``) follow them.
 METRIC_KEYS = ("loss", "recon", "kl", "tc", "d_loss", "d_acc")
 
 
@@ -95,10 +97,12 @@ class IntervalMeter:
         now = time.perf_counter()
         n = max(self.count, 1)
         sums = self.sums
-        seen = [k for k in METRIC_KEYS if k in sums]
+        # the loop's own names (None when a method has no such metric), then a method's own ones
+        names = list(METRIC_KEYS) + [k for k in sums if k not in METRIC_KEYS]
+        seen = [k for k in names if k in sums]
         # one device-to-host read for all of them (float() per metric would be one sync each)
         totals = dict(zip(seen, torch.stack([sums[k] for k in seen]).tolist())) if seen else {}
-        means = {k: (totals[k] / n if k in totals else None) for k in METRIC_KEYS}
+        means = {k: (totals[k] / n if k in totals else None) for k in names}
         rate = self.count / max(now - self.t0, 1e-9)
         self._entries, self._vector, self._names = {}, None, ()
         self.count, self.t0 = 0, now

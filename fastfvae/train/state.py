@@ -15,18 +15,18 @@ import torch
 
 from fastfvae.data.sampling import EpochSampler
 from fastfvae.errors import FastFVAEError
-from fastfvae.models import VAE, Discriminator
+from fastfvae.models import VAE
 from fastfvae.train.config import TrainConfig
 
 
 class Models(NamedTuple):
     vae: VAE
-    disc: Discriminator | None  # None for beta-VAE
+    disc: torch.nn.Module | None  # the method's adversary network (FactorVAE's D); None without one
 
 
 class Optimizers(NamedTuple):
     vae: torch.optim.Adam
-    disc: torch.optim.Adam | None
+    disc: torch.optim.Optimizer | None
 
 
 def own_storage(t):
@@ -58,22 +58,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dataset_channels(cfg: TrainConfig) -> int:
+    """Channels of ``cfg.dataset``'s observations (the model's input and output channels)."""
+    from fastfvae.data.registry import dataset_channels as channels_of
+
+    return channels_of(cfg.dataset)
+
+
 def build_models(cfg: TrainConfig, device: torch.device | str = "cpu") -> Models:
-    """Fresh models, initialised from ``cfg.seed`` (VAE first, then D)."""
+    """Fresh models, initialised from ``cfg.seed`` (VAE first, then the method's adversary)."""
+    method = cfg.method()
     torch.manual_seed(cfg.seed)
-    vae = VAE(cfg.z_dim, cfg.fc_dim).to(device)
-    disc = None
-    if cfg.model == "factorvae":
-        disc = Discriminator(cfg.z_dim, cfg.d_hidden, cfg.d_layers, cfg.d_slope).to(device)
+    vae = VAE(cfg.z_dim, cfg.fc_dim, channels=dataset_channels(cfg)).to(device)
+    disc = method.build_adversary(cfg.z_dim).to(device) if method.adversarial else None
     return Models(vae, disc)
 
 
 def build_optimizers(cfg: TrainConfig, models: Models) -> Optimizers:
-    """Adam for the VAE (encoder + decoder) and, for FactorVAE, a separate Adam for D."""
+    """Adam for the VAE (encoder + decoder) and the method's optimiser for its adversary."""
     vae_opt = torch.optim.Adam(models.vae.parameters(), lr=cfg.vae_lr, betas=tuple(cfg.vae_betas), eps=cfg.adam_eps)
     disc_opt = None
     if models.disc is not None:
-        disc_opt = torch.optim.Adam(models.disc.parameters(), lr=cfg.d_lr, betas=tuple(cfg.d_betas), eps=cfg.adam_eps)
+        disc_opt = cfg.method().adversary_optimizer(models.disc.parameters(), cfg.adam_eps)
     return Optimizers(vae_opt, disc_opt)
 
 
