@@ -123,7 +123,7 @@ class _H5Images:
 
     def read_sorted(self, rows: np.ndarray) -> np.ndarray:
         """uint8 [n, 64, 64, 3] of strictly increasing ``rows``: one read per run of
-        consecutive rows (h5py's list indexing costs far more per row than a slice)."""
+        consecutive rows, which is cheaper than h5py's list indexing (docs/data.md)."""
         out = np.empty((len(rows), *IMAGE_SHAPE), dtype=np.uint8)
         if not len(rows):
             return out
