@@ -227,3 +227,13 @@ def test_values_table_is_unchanged_by_wrapping(small):
     data = NoisyDSprites(small)
     assert np.array_equal(data.latents_classes, small.latents_classes)
     assert np.array_equal(data.latents_values, values_of(small.latents_classes))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_render_under_inductor(small, variant):
+    data = variant(small)
+    base = data.float_batch(np.arange(16))
+    noise = torch.rand(data.observation_noise_shape(16), generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(data.render, fullgraph=True)
+    torch.testing.assert_close(compiled(base, noise), data.render(base, noise), rtol=0, atol=1e-7)

@@ -146,3 +146,11 @@ def test_unknown_storage_is_refused(images, classes):
     data.storage = "jpeg"
     with pytest.raises(FastFVAEError, match="unknown dataset storage 'jpeg'; expected bits or uint8"):
         make_loader("device", data, B)
+
+
+@pytest.mark.slow
+def test_gather_uint8_under_inductor(images):
+    packed = torch.from_numpy(images)
+    rows = torch.randint(0, N, (64,), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(gather_uint8, fullgraph=True)
+    assert torch.equal(compiled(packed, rows), torch.from_numpy(expected_pixels(images[rows.numpy()])))
