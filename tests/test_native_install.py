@@ -130,6 +130,15 @@ def test_skipping_records_the_reason_and_prints_one_line(setup_py, tmp_path, mon
     assert "FASTFVAE_NATIVE_LIB" in err[0]  # a regular install: the hand-built library is not found by itself
 
 
+def test_no_importable_torch_skips_and_says_to_install_it_first(setup_py, tmp_path, monkeypatch):
+    monkeypatch.setattr(setup_py, "skip_reason", lambda environ: None)
+    monkeypatch.setattr(setup_py, "find_torch", lambda environ: None)
+    cmd, ext = _command(setup_py, tmp_path)
+    cmd.build_extension(ext)
+    reason = (tmp_path / "lib" / "fastfvae" / setup_py.SKIPPED_NAME).read_text()
+    assert reason == f"torch is not importable by {sys.executable}; install torch first\n"
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 def test_a_failing_cmake_never_fails_the_build(setup_py, tmp_path, monkeypatch, capsys):
     source = tmp_path / "src"
