@@ -167,7 +167,11 @@ class BuildNative(build_ext):
             source = Path(build_py.get_package_dir(PACKAGE))
             for name in (LIB_NAME, SKIPPED_NAME):
                 if (built / name).is_file():
-                    shutil.copyfile(built / name, source / name)
+                    # A new file renamed over the old one: a process that has the old library
+                    # loaded keeps its mapping (copying over it in place could crash it).
+                    partial = source / f".{name}.partial"
+                    shutil.copyfile(built / name, partial)
+                    os.replace(partial, source / name)
                 else:  # a library from an earlier install, or a record it no longer needs
                     (source / name).unlink(missing_ok=True)
 

@@ -177,6 +177,13 @@ def test_editable_copy_replaces_what_an_earlier_install_left(setup_py, tmp_path,
     cmd.copy_extensions_to_source()
     assert (source_pkg / setup_py.LIB_NAME).read_bytes() == b"new library"
     assert not (source_pkg / setup_py.SKIPPED_NAME).exists()
+    # A library some process may have loaded is replaced by a new file, never written over.
+    loaded_inode = (source_pkg / setup_py.LIB_NAME).stat().st_ino
+    (built / setup_py.LIB_NAME).write_bytes(b"newer library")
+    cmd.copy_extensions_to_source()
+    assert (source_pkg / setup_py.LIB_NAME).read_bytes() == b"newer library"
+    assert (source_pkg / setup_py.LIB_NAME).stat().st_ino != loaded_inode
+    assert sorted(p.name for p in source_pkg.iterdir()) == [setup_py.LIB_NAME]
 
 
 def test_the_library_name_is_plain(setup_py, tmp_path):
