@@ -58,7 +58,7 @@ def run_folder(tmp_path, monkeypatch):
     save_checkpoint(run, {"config": TrainConfig(model="betavae", z_dim=4).to_dict(),
                           "state": {"step": 0, "vae": VAE(z_dim=4).state_dict(), "disc": None}})
     data = tiny_dsprites()
-    monkeypatch.setattr(eval_cli, "_load_data", lambda path: data)
+    monkeypatch.setattr(eval_cli, "_load_data", lambda dataset, path: data)
     return run
 
 
@@ -103,12 +103,12 @@ def bad_json_path(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["proc", "missing folder", "folder", "under a file"])
 def test_unwritable_json_fails_before_the_model_is_loaded(kind, run_folder, tmp_path, capsys, monkeypatch):
-    import fastfvae.metrics.evaluate as evaluate
+    import fastfvae.cli.eval as eval_cli
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded the model before checking --json")
 
-    monkeypatch.setattr(evaluate, "load_model", must_not_load)
+    monkeypatch.setattr(eval_cli, "_load_checkpoint", must_not_load)
     path, message = bad_json_path(kind, tmp_path)
     before = sorted(os.listdir(tmp_path))
     code, _, err = _cli(capsys, run_folder, "--metrics", "mig", "--device", "cpu", "--json", path)

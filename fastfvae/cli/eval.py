@@ -1,8 +1,11 @@
 """`fastfvae eval`: disentanglement scores of a checkpoint (or a code table), dlib-identical.
 
-``fastfvae eval CKPT`` loads the VAE of a fastfvae checkpoint (a run folder or a .pt file),
-encodes every dSprites image once and scores the code table; ``CKPT`` may also be an .npz
-holding ``codes`` [rows, D] and ``factor_sizes`` (a precomputed table, no model needed).
+``fastfvae eval CKPT`` loads the VAE of a fastfvae checkpoint (a run folder or a .pt file)
+and the run's dataset (its config's ``dataset`` and ``data``: any registered dataset,
+`fastfvae.data.registry`; ``--data PATH`` replaces the file), encodes every image once as
+the model sees it (`fastfvae.metrics.encode`) and scores the code table; ``CKPT`` may also
+be an .npz holding ``codes`` [rows, D] and ``factor_sizes`` (a precomputed table, no model
+needed).
 Prints a table of every score with the seconds each metric took; ``--json`` writes them.
 
 Everything is checked before the model is loaded or any image encoded: the metric names
@@ -19,7 +22,6 @@ import os
 import time
 from pathlib import Path
 
-from fastfvae.data.files import EXPECTED_FILE
 from fastfvae.data.paths import check_input_file, check_output_file
 from fastfvae.errors import FastFVAEError
 from fastfvae.metrics.evaluate import (
@@ -37,6 +39,11 @@ sizes takes minutes on a CPU (drop it with --metrics or use --fast-dci).
 
 #: Every metric name eval accepts, from the registry of fastfvae.metrics.evaluate.
 KNOWN_METRICS = (*METRICS, *MODEL_METRICS)
+#: What --data must be (checked readable before the model is loaded, when the dataset is
+#: not known yet; the dataset's loader says more about a file it cannot read).
+EXPECTED_DATA_FILE = "the run's dataset file (dSprites .npz/.hdf5, 3dshapes.h5)"
+#: The dataset of a checkpoint whose config names none.
+DEFAULT_DATASET = "dsprites"
 
 
 def register(subparsers) -> None:
@@ -52,7 +59,9 @@ def register(subparsers) -> None:
                         f"(default: {','.join(DEFAULT_METRICS)}); CKPT may come before or after them")
     p.add_argument("--seed", type=int, default=0, help="seed of each metric's fresh RandomState, in [0, 2**32) (default 0)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="dSprites .npz/.hdf5 (default: cached real file, else procedural dSprites)")
+                   help="the run's dataset file, dSprites .npz/.hdf5 or 3dshapes.h5 (default: the run's "
+                        "--data, else the dataset's default: for dSprites the cached real file, else the "
+                        "procedural set)")
     p.add_argument("--fast-dci", action="store_true", help="replace dci by dci_fast (not dlib-identical)")
     p.add_argument("--config", default=None, metavar="JSON",
                    help='per-metric settings with dlib names, e.g. \'{"dci": {"num_train": 2000}}\'')
@@ -152,12 +161,28 @@ def _device(name: str | None):
     return device
 
 
-def _load_data(path: str | None):
+def _load_checkpoint(path: str, device):
+    """(VAE, TrainConfig) of a fastfvae checkpoint (a run folder or a .pt file)."""
     try:
-        from fastfvae.data import load_dsprites
-    except ImportError:  # pragma: no cover - the data part ships it
-        raise FastFVAEError("dSprites loading (fastfvae.data.load_dsprites) is not available in this install") from None
-    return load_dsprites(path)
+        from fastfvae.train.checkpoint import load_models
+    except ImportError as exc:  # pragma: no cover - the train part ships it
+        raise FastFVAEError(f"cannot load checkpoints here ({exc}); use an .npz code table") from None
+    vae, _, cfg = load_models(path, map_location=device)
+    return vae, cfg
+
+
+def _load_data(dataset: str, path: str | None):
+    """The ground-truth dataset ``dataset`` from ``path`` (None: the dataset's default)."""
+    from fastfvae.data.registry import load_dataset
+
+    return load_dataset(dataset, path)
+
+
+def run_dataset(cfg, data_flag: str | None) -> tuple[str, str | None]:
+    """(dataset name, file) of a run: its config's ``dataset`` (dSprites for a config that
+    names none) and ``data``, the file replaced by ``--data`` when given."""
+    dataset = getattr(cfg, "dataset", None) or DEFAULT_DATASET
+    return dataset, data_flag if data_flag is not None else getattr(cfg, "data", None)
 
 
 #: Seeds numpy's RandomState accepts (each metric draws from a fresh RandomState(seed)).
@@ -178,7 +203,7 @@ def run(args) -> int:
     if args.json:  # every output is checked writable before the (minutes-long) encoding
         check_output_file(args.json, "--json")
     if args.data is not None and ckpt.suffix != ".npz":  # before the model is loaded
-        check_input_file(Path(args.data).expanduser(), EXPECTED_FILE)
+        check_input_file(Path(args.data).expanduser(), EXPECTED_DATA_FILE)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if ckpt.suffix == ".npz":
@@ -187,13 +212,13 @@ def run(args) -> int:
         source = {"codes": str(ckpt)}
     else:
         device = _device(args.device)
-        from fastfvae.metrics.evaluate import load_model
-
-        model = load_model(str(ckpt), device)  # before the data: a bad checkpoint fails fast
-        data = _load_data(args.data)
+        model, cfg = _load_checkpoint(str(ckpt), device)  # before the data: a bad checkpoint fails fast
+        dataset, data_path = run_dataset(cfg, args.data)
+        data = _load_data(dataset, data_path)
         scores = evaluate_model(model, data, metrics, args.seed, args.batch_size, device, config,
                                 timings=timings, progress=True)
-        source = {"checkpoint": str(ckpt), "data": getattr(data, "source", None), "device": str(device)}
+        source = {"checkpoint": str(ckpt), "dataset": dataset, "data": getattr(data, "source", None),
+                  "device": str(device)}
     total = time.perf_counter() - start
     print_table(scores, timings, total)
     if args.json:

@@ -1,4 +1,9 @@
-"""`fastfvae traverse CKPT`: redraw a run's figures (reconstructions, traversals PNG/GIF, loss curves)."""
+"""`fastfvae traverse CKPT`: redraw a run's figures (reconstructions, traversals PNG/GIF, loss curves).
+
+The images shown come from the run's dataset (its config's ``dataset`` and ``data``, through
+`fastfvae.data.registry`; ``--data PATH`` replaces the file): gray figures for a 1-channel
+dataset, RGB for a 3-channel one.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastfvae.cli.eval import run_dataset
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import checkpoint_path, load_models
 from fastfvae.train import loop
@@ -15,6 +21,7 @@ DESCRIPTION = """\
 Draw the figures of a trained model: reconstructions.png, traversals.png (each latent dim
 swept over [-3, 3] around a few fixed images, one row per dim, dims ordered by KL),
 traversals.gif, and loss_curves.png when the run's train_log.jsonl is beside the checkpoint.
+The images come from the run's dataset (RGB figures for a colour one).
 """
 
 
@@ -27,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = checkpoint_path(args.checkpoint).parent
     out = Path(args.out) if args.out else run_dir
     # loop.load_training_data looked up when called, like the train command's (one place to replace it)
-    data_path = args.data if args.data is not None else cfg.data
-    data = loop.make_out_then_load(out, lambda: loop.load_training_data(data_path))
+    dataset, data_path = run_dataset(cfg, args.data)
+    data = loop.make_out_then_load(out, lambda: loop.load_training_data(data_path, dataset))
     log = run_dir / LOG_NAME
     records = read_log(log) if log.exists() else None
     paths = write_run_figures(vae, data, out, records, num_images=args.images)
@@ -42,6 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a run folder or a checkpoint.pt file")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the figures (default: the run folder)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="dSprites file for the images shown (default: the run's --data, else the default set)")
+                   help="the run's dataset file for the images shown (default: the run's --data, else the "
+                        "dataset's default)")
     p.add_argument("--images", type=int, default=3, metavar="N", help="fixed images in the traversals (default 3)")
     p.set_defaults(func=run)

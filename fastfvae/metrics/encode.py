@@ -3,7 +3,23 @@
 The representation is the encoder mean (dlib's "mean" postprocessing), computed in eval mode
 without gradients, in batches, on the model's device. Models are duck-typed: anything with
 ``encode(x) -> (mu, logvar)`` and ``parameters()`` (metrics never import ``fastfvae.models``).
-Data is a `DSprites`-like object with ``float_batch(rows, device)`` and ``len``.
+Data is a `fastfvae.data.base.GroundTruthData` (or anything with ``float_batch(rows, device)``
+and ``len``).
+
+What is encoded is what the model sees (`observed_batch`):
+
+* a dataset whose observations are its stored images: those images. Bit-packed ones
+  (``storage`` "bits", dSprites) travel to a GPU as their bytes (8x less) and are unpacked
+  there; ``"uint8"`` ones (3dshapes) travel as uint8 and are divided by 255 there
+  (`GroundTruthData.float_batch`);
+* a dataset with observation noise (colour / noisy dSprites: ``observation_noise_shape`` is
+  not None): its base images rendered (``data.render``, the training step's rendering) with
+  `row_uniforms`, one fixed draw per row keyed by (`OBSERVATION_NOISE_SEED`, row). A row's
+  code is then the same whatever the batch it is encoded in, the other rows asked for or
+  the device, so the code table, `CachedEncoder` and `PerBatchEncoder` agree.
+  disentanglement_lib instead draws the noise anew for every observation a metric samples
+  (from the metric's ``RandomState``); a code table cannot, so for these datasets the scores
+  are those of one fixed noisy observation per factor combination.
 """
 
 from __future__ import annotations
@@ -38,14 +54,38 @@ def eval_mode(model):
         model.train(was_training)
 
 
+#: The seed of the observation noise of encoded rows: row r's uniforms are
+#: ``np.random.default_rng([OBSERVATION_NOISE_SEED, r])``'s first draws (`row_uniforms`).
+OBSERVATION_NOISE_SEED = 0
+
+
+def has_observation_noise(data) -> bool:
+    """True for a dataset whose observations carry randomness beyond their factors."""
+    noise_shape = getattr(data, "observation_noise_shape", None)
+    return noise_shape is not None and noise_shape(1) is not None
+
+
+def check_channels(model, data) -> None:
+    """FastFVAEError unless the model takes the channels of the dataset's observations
+    (checked before any encoding; a model without a ``channels`` attribute is not checked)."""
+    model_channels = getattr(model, "channels", None)
+    data_channels = getattr(data, "channels", None)
+    if model_channels is not None and data_channels is not None and model_channels != data_channels:
+        name = getattr(data, "name", type(data).__name__)
+        raise FastFVAEError(f"the model takes {model_channels}-channel images but {name}'s observations have "
+                            f"{data_channels}; expected the dataset the model was trained on")
+
+
 def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=None,
                 progress: bool = False) -> np.ndarray:
-    """float32 [n, D] encoder means of the images at ``rows``, in batches of ``batch_size``.
+    """float32 [n, D] encoder means of the observations of ``rows`` (`observed_batch`), in
+    batches of ``batch_size``.
 
     ``progress``: show a progress bar on stderr (encoding all of dSprites takes minutes on a CPU).
     """
     if not hasattr(model, "encode"):
         raise FastFVAEError(f"{type(model).__name__} has no encode(x) -> (mu, logvar); expected a VAE")
+    check_channels(model, data)
     import torch
 
     device = model_device(model) if device is None else torch.device(device)
@@ -60,21 +100,48 @@ def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=No
                        console=Console(stderr=True), transient=True)
     with eval_mode(model):
         for start in starts:
-            mu, _ = model.encode(_images(data, rows[start:start + batch_size], device))
+            mu, _ = model.encode(observed_batch(data, rows[start:start + batch_size], device))
             chunks.append(mu.float())  # stays on the device: one copy back at the end
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return np.ascontiguousarray(torch.cat(chunks).cpu().numpy(), dtype=np.float32)
 
 
-def _images(data, rows: np.ndarray, device):
-    """float32 {0,1} [n, 1, 64, 64] on ``device``; on a GPU the bit-packed bytes travel (8x less)."""
+def row_uniforms(rows: np.ndarray, shape: tuple[int, ...], seed: int = OBSERVATION_NOISE_SEED) -> np.ndarray:
+    """float32 [n, *shape] uniforms U[0, 1): row ``r``'s are the first draws of
+    ``np.random.default_rng([seed, r])``, so they depend on the row alone (a SeedSequence
+    per row: numpy's way to independent streams)."""
+    out = np.empty((len(rows), *shape), dtype=np.float32)
+    for i, row in enumerate(np.asarray(rows, dtype=np.int64)):
+        np.random.default_rng([seed, int(row)]).random(out=out[i], dtype=np.float32)
+    return out
+
+
+def observed_batch(data, rows: np.ndarray, device):
+    """float32 [n, channels, 64, 64] on ``device``: the observations of ``rows`` the model is
+    given (see the module docstring for the noise of colour / noisy dSprites)."""
     import torch
 
-    if device.type != "cpu" and hasattr(data, "packed"):
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rows = np.asarray(rows, dtype=np.int64)
+    base = _stored_images(data, rows, device)
+    if not has_observation_noise(data):
+        return base
+    noise_shape = data.observation_noise_shape(rows.shape[0])
+    noise = torch.from_numpy(row_uniforms(rows, tuple(noise_shape[1:]))).to(device)
+    return data.render(base, noise)
+
+
+def _stored_images(data, rows: np.ndarray, device):
+    """float32 [n, base_channels, 64, 64] on ``device``, as the loaders deliver them; on a GPU
+    bit-packed bytes travel and are unpacked there (8x less to copy)."""
+    import torch
+
+    storage = getattr(data, "storage", "bits")
+    if device.type != "cpu" and storage == "bits" and hasattr(data, "packed"):
         from fastfvae.data.loaders.unpack import unpack_bits
 
-        return unpack_bits(torch.from_numpy(data.packed[rows]).to(device, non_blocking=True))
+        return unpack_bits(torch.from_numpy(np.asarray(data.packed[rows])).to(device, non_blocking=True))
     return data.float_batch(rows, device)
 
 

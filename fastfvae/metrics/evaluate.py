@@ -1,11 +1,15 @@
 """Run several metrics on a code table or a model, each with a fresh ``RandomState(seed)``.
 
-``evaluate_codes(codes, factor_sizes, metrics, seed, config)`` is the fast path: dSprites
-holds one image per factor combination and the representation (the encoder mean, eval mode)
-is deterministic, so the codes of every row, looked up by row, give exactly the scores
-disentanglement_lib gets by encoding each sampled batch. ``evaluate_model`` encodes the
-whole dataset once and calls it. As in dlib's ``evaluate.py``, each metric gets its own
-``np.random.RandomState(seed)``; parity DCI also seeds its boosting trees with ``seed``.
+``evaluate_codes(codes, factor_sizes, metrics, seed, config)`` is the fast path: a
+ground-truth dataset holds one image per factor combination and the representation (the
+encoder mean, eval mode) is deterministic, so the codes of every row, looked up by row,
+give exactly the scores disentanglement_lib gets by encoding each sampled batch.
+``evaluate_model`` encodes the whole dataset once (`fastfvae.metrics.encode`: what the
+model sees, any registered dataset) and calls it. For a dataset with observation noise
+(colour / noisy dSprites) each row is encoded with one fixed draw of its noise, where dlib
+draws it anew per sampled observation (see `fastfvae.metrics.encode`). As in dlib's
+``evaluate.py``, each metric gets its own ``np.random.RandomState(seed)``; parity DCI also
+seeds its boosting trees with ``seed``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import numpy as np
 from fastfvae.data.grid import FactorGrid
 from fastfvae.errors import FastFVAEError
 from fastfvae.metrics import beta_vae, dci, factor_vae, gaussian_tc, mig, reconstruction, sap
-from fastfvae.metrics.encode import CachedEncoder, encode_dataset, eval_mode, model_device
+from fastfvae.metrics.encode import (
+    CachedEncoder, check_channels, encode_dataset, eval_mode, model_device, observed_batch,
+)
 from fastfvae.metrics.sampling import CodeTable
 
 #: name -> (function, default settings = dlib's unsupervised_study_v1 metric configs)
@@ -118,14 +124,18 @@ def evaluate_codes(codes, factor_sizes, metrics=DEFAULT_METRICS, seed: int = 0,
 def grid_of_data(data, factor_sizes=None) -> FactorGrid:
     """The factor grid whose row-major rows are the rows of ``data``.
 
-    The full dSprites uses its 5 varying factors; a smaller set must hold a full grid, in
-    row-major order, over the factors that vary in its ``latents_classes`` (or give
-    ``factor_sizes``).
+    A full dataset (every factor combination of its ``latent_grid``: the full dSprites, its
+    variants, 3dshapes) uses its own grid; a smaller set must hold a full grid, in row-major
+    order, over the factors that vary in its ``latents_classes`` (or give ``factor_sizes``).
     """
     if factor_sizes is not None:
         grid = FactorGrid(tuple(factor_sizes))
     elif getattr(data, "is_full", False):
         return data.latent_grid
+    elif not hasattr(data, "latents_classes"):
+        name = getattr(data, "name", type(data).__name__)
+        raise FastFVAEError(f"this {name} set holds {len(data)} of its {data.latent_grid.num_rows} factor "
+                            "combinations and no factor table; expected the full dataset (or factor_sizes)")
     else:
         classes = np.asarray(data.latents_classes)
         varying = classes.max(axis=0) > 0
@@ -168,6 +178,7 @@ def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, 
     """
     metrics = check_request(metrics, seed, config, allow_model_metrics=True)
     model = load_model(model_or_ckpt, device)
+    check_channels(model, data)
     grid = grid_of_data(data, factor_sizes)
     code_metrics = tuple(m for m in metrics if m in METRICS)
     results = {}
@@ -189,14 +200,17 @@ def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, 
 
 def reconstruction_of_model(model, data, seed: int = 0, device=None, num_samples: int = 10000,
                             batch_size: int = 256) -> dict:
-    """Mean BCE per image (nats) of ``decode(encoder mean)`` on ``num_samples`` random rows."""
+    """Mean BCE per image (nats) of ``decode(encoder mean)`` on ``num_samples`` random rows,
+    against the observations the model sees (`observed_batch`: for colour / noisy dSprites,
+    each row's fixed draw of its noise)."""
+    check_channels(model, data)
     device = model_device(model) if device is None else device
 
     def reconstruct(x):
         with eval_mode(model):
             return model.decode(model.encode(x)[0])
 
-    return reconstruction.reconstruction_error(reconstruct, lambda rows: data.float_batch(rows, device),
+    return reconstruction.reconstruction_error(reconstruct, lambda rows: observed_batch(data, rows, device),
                                                len(data), np.random.RandomState(seed),
                                                num_samples=num_samples, batch_size=batch_size)
 

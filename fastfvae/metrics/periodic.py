@@ -20,7 +20,9 @@ from fastfvae.train.progress import EVAL_LOG_NAME, MetricLog  # noqa: F401 (EVAL
 
 def periodic_factor_vae(every: int, data, out_dir=None, seed: int = 0, config: dict | None = None,
                         batch_size: int = 1024, stream=None):
-    """A training callback; ``data`` is a DSprites or a zero-argument function returning one."""
+    """A training callback; ``data`` is a `GroundTruthData` (any registered dataset; what is
+    encoded is what the model sees, `fastfvae.metrics.encode`) or a zero-argument function
+    returning one."""
     if every < 1:
         raise FastFVAEError(f"--eval-every must be >= 1 step, got {every}")
     holder = {}

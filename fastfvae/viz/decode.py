@@ -1,6 +1,8 @@
 """What the figures show, computed from a trained VAE (duck-typed: ``encode``/``decode``).
 
-All functions run without gradients in eval mode, and return numpy arrays of probabilities.
+All functions run without gradients in eval mode and return numpy arrays of probabilities
+as pictures: ``[..., 64, 64]`` for a 1-channel model, ``[..., 64, 64, 3]`` (channels last,
+as `fastfvae.viz.grids` and PIL take them) for a 3-channel one.
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ def _device(vae) -> torch.device:
     return next(vae.parameters()).device
 
 
+def as_pictures(images: torch.Tensor) -> np.ndarray:
+    """float images [n, C, H, W] -> numpy [n, H, W] (C = 1) or [n, H, W, C] (channels last)."""
+    images = images.float().cpu()
+    if images.shape[1] == 1:
+        return images[:, 0].numpy()
+    return np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
+
+
 @torch.no_grad()
 def reconstructions(vae, images: torch.Tensor) -> np.ndarray:
-    """Bernoulli means sigmoid(dec(mu(x))) of images [n, 1, 64, 64]: [n, 64, 64]."""
+    """Bernoulli means sigmoid(dec(mu(x))) of images [n, C, 64, 64], as `as_pictures`."""
     mu, _ = vae.encode(images.to(_device(vae)))
-    return torch.sigmoid(vae.decode(mu))[:, 0].float().cpu().numpy()
+    return as_pictures(torch.sigmoid(vae.decode(mu)))
 
 
 @torch.no_grad()
@@ -37,7 +47,8 @@ def kl_per_dim(vae, images: torch.Tensor, batch: int = 256) -> np.ndarray:
 def traversals(vae, images: torch.Tensor, dims: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Sweep each dim in ``dims`` over ``values`` around each image's posterior mean.
 
-    Returns [n_images, len(dims), len(values), 64, 64] Bernoulli means.
+    Returns [n_images, len(dims), len(values), 64, 64] Bernoulli means (``[..., 3]`` for a
+    3-channel model).
     """
     mu, _ = vae.encode(images.to(_device(vae)))
     n, v, d = mu.shape[0], len(values), len(dims)
@@ -45,5 +56,5 @@ def traversals(vae, images: torch.Tensor, dims: np.ndarray, values: np.ndarray) 
     sweep = torch.as_tensor(values, dtype=mu.dtype, device=mu.device)
     for i, dim in enumerate(dims):
         codes[:, i, :, int(dim)] = sweep
-    out = torch.sigmoid(vae.decode(codes.reshape(-1, mu.shape[1])))
-    return out.reshape(n, d, v, *out.shape[-2:]).float().cpu().numpy()
+    pictures = as_pictures(torch.sigmoid(vae.decode(codes.reshape(-1, mu.shape[1]))))
+    return pictures.reshape(n, d, v, *pictures.shape[1:])

@@ -9,6 +9,11 @@
 - ``traversals.gif``: the same sweeps animated (-3 -> 3 -> -3): rows = fixed images,
   columns = dims in KL order.
 - ``loss_curves.png``: the JSONL log's curves (loss, recon, KL, TC, D accuracy) against steps.
+
+Any registered dataset (`fastfvae.data.base.GroundTruthData`): a 1-channel one gives gray
+figures, a 3-channel one RGB figures. The images shown are the observations the model sees
+(`shown_images`): for colour / noisy dSprites, ``data.observations(rows,
+np.random.RandomState(0))`` (disentanglement_lib's draw of their noise), not the base sprites.
 """
 
 from __future__ import annotations
@@ -23,19 +28,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fastfvae.viz.decode import kl_per_dim, reconstructions, traversals  # noqa: E402
+from fastfvae.data.dsprites import FACTOR_SIZES, LATENT_FACTOR_INDICES  # noqa: E402
+from fastfvae.metrics.encode import check_channels, has_observation_noise  # noqa: E402
+from fastfvae.viz.decode import as_pictures, kl_per_dim, reconstructions, traversals  # noqa: E402
 from fastfvae.viz.grids import tile, to_uint8  # noqa: E402
 
 SWEEP = np.linspace(-3.0, 3.0, 10)
 GIF_SWEEP = np.linspace(-3.0, 3.0, 16)
 
 
+#: Seed of the observation noise of the images shown (colour / noisy dSprites).
+NOISE_SEED = 0
+#: dSprites' 5 latent factors (shape, scale, orientation, posX, posY): the grid whose
+#: images `fixed_rows` picks by factor.
+DSPRITES_FACTOR_SIZES = tuple(FACTOR_SIZES[k] for k in LATENT_FACTOR_INDICES)
+
+
 def fixed_rows(data, count: int) -> np.ndarray:
-    """Rows of the images to show: on the full dSprites, one centred image per shape (large,
-    unrotated) then random ones; otherwise ``count`` rows drawn with a fixed seed."""
+    """Rows of the images to show.
+
+    On the full dSprites (and its colour / noisy variants: the full grid of dSprites' 5
+    latent factors), one centred image per shape (large, unrotated), then random ones;
+    otherwise ``count`` distinct rows drawn with a fixed seed (on a full grid, rows are
+    factor combinations: uniform rows are uniformly drawn factors).
+    """
     n = len(data)
     rng = np.random.default_rng(0)
-    if getattr(data, "is_full", False):
+    if getattr(data, "is_full", False) and tuple(data.latent_grid.sizes) == DSPRITES_FACTOR_SIZES:
         # (shape, scale, orientation, posX, posY) over the 5 varying factors
         shapes = np.array([[s, 5, 0, 16, 16] for s in range(3)])
         picked = list(data.rows_from_factors(shapes))
@@ -44,11 +63,20 @@ def fixed_rows(data, count: int) -> np.ndarray:
     return np.sort(rng.choice(n, min(count, n), replace=False)).astype(np.int64)
 
 
+def shown_images(data, rows: np.ndarray):
+    """float32 [n, channels, 64, 64]: the observations of ``rows`` the model sees; for a
+    dataset with observation noise, drawn with ``np.random.RandomState(NOISE_SEED)``."""
+    if has_observation_noise(data):
+        return data.observations(rows, np.random.RandomState(NOISE_SEED))
+    return data.float_batch(rows)
+
+
 def save_reconstruction_grid(vae, images, path: Path, cols: int = 8) -> Path:
-    """Originals over reconstructions, ``cols`` per row (images [n, 1, 64, 64], n multiple of cols)."""
+    """Originals over reconstructions, ``cols`` per row (images [n, C, 64, 64], C = 1: gray,
+    3: RGB; the images past the last multiple of ``cols`` are left out)."""
     cols = min(cols, len(images))
     images = images[:len(images) // cols * cols]
-    originals = images[:, 0].float().numpy()
+    originals = as_pictures(images)
     recons = reconstructions(vae, images)
     rows = []
     for start in range(0, len(originals), cols):
@@ -59,16 +87,20 @@ def save_reconstruction_grid(vae, images, path: Path, cols: int = 8) -> Path:
 
 
 def save_traversal_png(sweeps: np.ndarray, dims: np.ndarray, kls: np.ndarray, path: Path) -> Path:
-    """sweeps [n_images, n_dims, n_values, H, W] -> one labelled panel per image."""
-    n_img, n_dims, n_val, h, w = sweeps.shape
+    """sweeps [n_images, n_dims, n_values, H, W] (gray) or [..., H, W, 3] (RGB) -> one
+    labelled panel per image."""
+    n_img, n_dims, n_val, h, w = sweeps.shape[:5]
     panels = [tile(sweeps[i], pad=2) for i in range(n_img)]
-    ph, pw = panels[0].shape
+    ph, pw = panels[0].shape[:2]
     dpi = 100
     fig_w = (n_img * pw + (n_img - 1) * 20 + 90) / dpi
     fig_h = (ph + 60) / dpi
     fig, axes = plt.subplots(1, n_img, figsize=(fig_w, fig_h), dpi=dpi, squeeze=False)
     for i, ax in enumerate(axes[0]):
-        ax.imshow(panels[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if panels[i].ndim == 2:
+            ax.imshow(panels[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(np.clip(panels[i], 0.0, 1.0), interpolation="nearest")
         ax.set_xticks([(w + 2) * j + w / 2 for j in (0, n_val - 1)], [f"{SWEEP[0]:+.0f}", f"{SWEEP[-1]:+.0f}"],
                       fontsize=7)
         ax.set_yticks([(h + 2) * r + h / 2 for r in range(n_dims)])
@@ -82,7 +114,8 @@ def save_traversal_png(sweeps: np.ndarray, dims: np.ndarray, kls: np.ndarray, pa
 
 
 def save_traversal_gif(sweeps: np.ndarray, path: Path, ms_per_frame: int = 120) -> Path:
-    """sweeps [n_images, n_dims, n_frames, H, W] -> GIF; frame t shows every (image, dim) at value t."""
+    """sweeps [n_images, n_dims, n_frames, H, W] (or [..., H, W, 3]) -> GIF; frame t shows
+    every (image, dim) at value t (RGB frames get an adaptive palette each, as PIL saves them)."""
     n_frames = sweeps.shape[2]
     order = list(range(n_frames)) + list(range(n_frames - 2, 0, -1))  # ping-pong
     frames = [Image.fromarray(to_uint8(tile(sweeps[:, :, t], pad=2), scale=2)) for t in order]
@@ -121,17 +154,19 @@ def write_run_figures(vae, data, out, records: list[dict] | None = None, num_ima
                       num_recons: int = 16, kl_rows: int = 1024) -> dict[str, Path]:
     """Write the four figures into ``out``; returns {name: path}. ``records``: the JSONL log."""
     out = Path(out)
+    check_channels(vae, data)
     was_training = vae.training
     vae.eval()
     try:
         rng = np.random.default_rng(1)
-        kl_images = data.float_batch(np.sort(rng.choice(len(data), min(kl_rows, len(data)), replace=False)))
+        kl_images = shown_images(data, np.sort(rng.choice(len(data), min(kl_rows, len(data)), replace=False)))
         kls = kl_per_dim(vae, kl_images)
         dims = np.argsort(-kls, kind="stable")
-        shown = data.float_batch(fixed_rows(data, num_images))
+        shown = shown_images(data, fixed_rows(data, num_images))
         recon_rows = np.sort(rng.choice(len(data), min(num_recons, len(data)), replace=False))
         paths = {
-            "reconstructions": save_reconstruction_grid(vae, data.float_batch(recon_rows), out / "reconstructions.png"),
+            "reconstructions": save_reconstruction_grid(vae, shown_images(data, recon_rows),
+                                                        out / "reconstructions.png"),
             "traversals": save_traversal_png(traversals(vae, shown, dims, SWEEP), dims, kls, out / "traversals.png"),
             "traversals_gif": save_traversal_gif(traversals(vae, shown, dims, GIF_SWEEP), out / "traversals.gif"),
         }
