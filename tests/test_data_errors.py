@@ -93,12 +93,17 @@ def unreadable(small, monkeypatch):
     return small
 
 
+#: What each command says it expected: ``eval`` checks --data before it knows the run's dataset.
+EXPECTED = {"data info": "a dSprites .npz or .hdf5 file", "data show": "a dSprites .npz or .hdf5 file",
+            "eval": "the run's dataset file (dSprites .npz/.hdf5, 3dshapes.h5)"}
+
+
 @pytest.mark.parametrize("command", ["data info", "data show", "eval"])
 def test_unreadable_file_is_one_line(unreadable, checkpoint, no_model_load, command, capsys):
     assert main(commands(unreadable, checkpoint)[command]) == 2
     line = one_error_line(capsys)
     assert line == (f"fastfvae: error: {unreadable}: permission denied (the file is not readable); "
-                    "expected a dSprites .npz or .hdf5 file")
+                    f"expected {EXPECTED[command]}")
     assert not os.path.exists(str(unreadable) + ".png")
 
 
@@ -146,7 +151,7 @@ def not_a_file(kind, tmp_path):
 def test_path_that_is_not_a_file_says_what_it_is(kind, command, tmp_path, checkpoint, no_model_load, capsys):
     path, what = not_a_file(kind, tmp_path)
     assert main(commands(path, checkpoint)[command]) == 2
-    assert one_error_line(capsys) == f"fastfvae: error: {path}: {what}; expected a dSprites .npz or .hdf5 file"
+    assert one_error_line(capsys) == f"fastfvae: error: {path}: {what}; expected {EXPECTED[command]}"
 
 
 # --- a subset where the full set is needed ---------------------------------------------------

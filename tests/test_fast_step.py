@@ -25,7 +25,7 @@ from fastfvae.fast import PARITY_RTOL, FastOptions, FastStep
 from fastfvae.fast.impl import fused_ops_available
 from fastfvae.fast.optim import FastAdam
 from fastfvae.train.config import TrainConfig
-from fastfvae.train.reference import draw_step_inputs, make_reference_step
+from fastfvae.train.reference import StepShapes, draw_step_inputs, make_reference_step
 from fastfvae.train.state import TrainState, build_optimizers
 from train_data import one_thread, small_config, small_dsprites  # noqa: F401 (autouse fixture)
 
@@ -46,9 +46,12 @@ def run_both(cfg: TrainConfig, steps: int, options: FastOptions, data=None):
     ref_state, fast_state = TrainState.create(cfg, len(data)), TrainState.create(cfg, len(data))
     ref, fast = make_reference_step(ref_state, data), FastStep(fast_state, data, options)
     ref_metrics, fast_metrics = [], []
+    shapes = StepShapes.of(cfg, data=data)
     for _ in range(steps):
-        ref_metrics.append(ref(draw_step_inputs(cfg, ref_state.sampler, ref_state.generator)))
-        fast_metrics.append(fast(draw_step_inputs(cfg, fast_state.sampler, fast_state.generator)))
+        ref_metrics.append(ref(draw_step_inputs(shapes, ref_state.sampler, ref_state.generator)))
+        fast_metrics.append(fast(draw_step_inputs(shapes, fast_state.sampler, fast_state.generator)))
+        ref_state.step += 1
+        fast_state.step += 1
     return ref_state, fast_state, ref_metrics, fast_metrics
 
 

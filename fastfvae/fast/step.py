@@ -1,34 +1,30 @@
-"""The fast training step: the reference step's algorithm with less work, one function per iteration.
+"""The fast training step: `fastfvae.train.step.train_step` over faster mechanisms.
 
 `make_fast_step(state, data, options)` is a ``step_builder`` for `fastfvae.train.loop.run_training`:
-it returns a `StepFn` taking the same `StepInputs` (rows, eps, eps2, keys drawn in the
-reference's documented order) and updating the same models, so with fp32 it computes what
-`fastfvae.train.reference.reference_step` computes, up to float round-off. What it does
-differently, and why each change leaves the result unchanged:
+it returns a `StepFn` taking the same `StepInputs` (drawn in the documented order) and running
+the same algorithm — `train_step` and the method's own regulariser and adversary step — with
+`FastStep` as the mechanism, so with fp32 it computes what the reference computes, up to float
+round-off. What the mechanism does differently, and why each change leaves the result unchanged:
 
-1. **One D forward on z serves both losses.** The reference runs D on z for the TC term,
-   then again on ``z.detach()`` for D's first update. D's parameters are not changed by the
-   VAE update in between, so both forwards give identical logits: the fast step keeps the
-   first one's graph (``retain_graph``) and back-propagates the VAE loss into the VAE
-   parameters only (``backward(inputs=vae params)``) and D's loss into D's parameters only
-   (``backward(inputs=D params)``): the same gradients as the reference's two passes.
-2. Updates k >= 1 (``--d-steps`` > 1) run D once on the concatenation [z_q; permuted z_p]
-   (one 2B GEMM chain instead of two B ones; the loss is formed from the two halves).
-3. Fused Adam (one kernel over all tensors; capturable on CUDA) instead of the per-tensor loop.
-4. Convolutions in channels_last (oneDNN's native layout on CPU, NHWC tensor cores on GPU).
-5. Optional bf16 autocast (``precision="bf16"``).
-6. Batches come from the dataset resident on the device, bit-packed (``--loader device``):
-   gather + unpack are part of the step; or from the torch/DALI loaders, in the same order.
-7. On CPU (no compilation): the convolutions' bias gradients as plain sums outside oneDNN's
+1. An adversary's two halves in one pass: updates that cannot reuse the TC term's logits run
+   D once on the concatenation [z_q; permuted z_p] (one 2B GEMM chain instead of two B ones;
+   the loss is formed from the two halves).
+2. Fused Adam (one kernel over all tensors; capturable on CUDA) instead of the per-tensor loop.
+3. Convolutions in channels_last (oneDNN's native layout on CPU, NHWC tensor cores on GPU).
+4. Optional bf16 autocast (``precision="bf16"``) for the networks; the losses, the method's
+   regulariser and the optimiser state stay fp32.
+5. Batches come from the dataset resident on the device, as stored (bit-packed or uint8;
+   ``--loader device``): gather + unpack are part of the step; or from the torch/DALI loaders,
+   in the same order. Observation noise (colour / noisy dSprites) is rendered on the device.
+6. On CPU (no compilation): the convolutions' bias gradients as plain sums outside oneDNN's
    weight-gradient primitive (`fastfvae.fast.conv`), and D's forward/backward written out
-   (`fastfvae.fast.disc_by_hand`): one forward on z serves the TC term and D's loss, the TC
-   gradient w.r.t. z is pushed into the VAE's backward (``autograd.backward([loss, z],
-   [1, dz])``), D's parameter gradient for both halves is one 2B-row pass. With bf16 the
-   layers run in bf16 with explicit casts instead of autocast, and D's Adam is one compiled
-   kernel over flat buffers (`fastfvae.fast.flat_adam`: bf16 gradient in, bf16 weights out).
-8. On CUDA the whole iteration (batch, VAE forward/backward, D updates, both Adam updates)
-   is compiled (Inductor) and captured as one CUDA graph (`fastfvae.fast.graph`): one replay
-   per step, no host synchronisation; metrics stay on the device until the loop logs them.
+   (`fastfvae.fast.disc_by_hand`): D(z) for the regulariser is an autograd node whose backward
+   is D's input gradient only, D's parameter gradient for both halves is one 2B-row pass. With
+   bf16 the layers run in bf16 with explicit casts instead of autocast, and D's Adam is one
+   compiled kernel over flat buffers (`fastfvae.fast.flat_adam`: bf16 gradient in, bf16 weights out).
+7. On CUDA the whole iteration (batch, VAE forward/backward, adversary updates, both Adam
+   updates) is compiled (Inductor) and captured as one CUDA graph (`fastfvae.fast.graph`): one
+   replay per step, no host synchronisation; metrics stay on the device until the loop logs them.
 """
 
 from __future__ import annotations
@@ -118,7 +114,7 @@ class FastStep:
     """The fast step for one `TrainState`: a mechanism of `fastfvae.train.step.train_step`.
 
     Call with `StepInputs`; returns 0-dim metric tensors. The algorithm is `train_step` and the
-    method's own code; this class only says how each piece runs (the numbered list above)."""
+    method's own code; this class only says how each piece runs (the numbered list of the module docstring)."""
 
     def __init__(self, state, data, options: FastOptions | None = None) -> None:
         self.state, self.cfg, self.device, self.data = state, state.cfg, state.device, data
@@ -228,7 +224,7 @@ class FastStep:
 
     def adversary_pair(self, z_q, z_perm, logits_q=None):
         """Logits on z_q and z_perm: one 2B-row pass, or with ``logits_q`` (the TC term's, from
-        D's current parameters, see 1.) only the permuted half."""
+        D's current parameters) only the permuted half."""
         b = z_q.shape[0]
         d = self._d_by_hand
         if d is not None:
@@ -285,13 +281,13 @@ class _BatchSource:
         return rows.to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
 
     def gather(self, rows: torch.Tensor, s2d: bool = False) -> torch.Tensor:
-        """uint8 rows of the resident set -> float32 [B, 1, 64, 64] (graph-safe), or with
-        ``s2d`` their space-to-depth layout [B, 4, 32, 32]."""
-        from fastfvae.data.loaders.unpack import gather_unpack, gather_unpack_s2d
+        """Rows of the resident set (bit-packed or uint8) -> float32 [B, C, 64, 64] (graph-safe),
+        or with ``s2d`` (bit-packed only) their space-to-depth layout [B, 4, 32, 32]."""
+        from fastfvae.data.loaders.unpack import gather_batch, gather_unpack_s2d
 
         if s2d:
             return gather_unpack_s2d(self.packed, rows)
-        return gather_unpack(self.packed, rows).contiguous(memory_format=self.format)
+        return gather_batch(self.packed, rows).contiguous(memory_format=self.format)
 
     def _from_loader(self, rows: np.ndarray) -> torch.Tensor:
         images, got = self.loader.next_batch_with_rows()

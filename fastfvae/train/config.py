@@ -140,6 +140,9 @@ class TrainConfig:
     # --- evaluation ----------------------------------------------------------------------------
     #: Evaluate disentanglement metrics every N steps (0 = never during training).
     eval_every: int = 0
+    #: The metrics each evaluation scores (`fastfvae.metrics.periodic`): factor_vae, beta_vae,
+    #: mig, sap, dci, recon.
+    eval_metrics: tuple[str, ...] = ("factor_vae",)
 
     #: Test hook, never set by the CLI: make the loss NaN at this step (checks the NaN guard).
     debug_nan_at_step: int | None = field(default=None, repr=False)
@@ -223,7 +226,8 @@ class TrainConfig:
         unknown = sorted(set(d) - _FIELD_NAMES)
         if unknown:
             raise FastFVAEError(f"unknown config field(s) {', '.join(unknown)}; expected fields of TrainConfig")
-        return cls(model=model, hparams=hparams, **{k: tuple(v) if k == "vae_betas" else v for k, v in d.items()})
+        tuples = ("vae_betas", "eval_metrics")
+        return cls(model=model, hparams=hparams, **{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -281,7 +285,7 @@ def resolve_hparams(model: str, given: dict[str, Any]) -> dict[str, Any]:
 RESUMABLE_CHANGES = frozenset({
     "steps", "data", "device", "out", "ckpt_every", "log_every", "preset", "fast", "loader", "precision",
     "compile", "cuda_graph", "noise", "by_hand", "fused_ops", "channels_last", "fused_adam", "eval_every",
-    "debug_nan_at_step",
+    "eval_metrics", "debug_nan_at_step",
 })
 
 

@@ -1,0 +1,1 @@
+"""Studies: many runs of one method x hyperparameters x seeds (`pack`: K runs trained together)."""
