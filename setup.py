@@ -7,9 +7,9 @@ torch of the environment being installed into. `fastfvae.ops.native` loads it fr
 
 The library is an optimisation (the torch reference runs without it), so the install never
 fails because of it: without cmake, a C++ compiler or an importable torch, with
-``FASTFVAE_BUILD_NATIVE=0``, or when CMake fails, the pure-Python package is installed, one
-line says why (pip shows it with ``-v``), and the reason is written to
-``fastfvae/native_build_skipped.txt`` for ``fastfvae info`` to report.
+``FASTFVAE_BUILD_NATIVE=0``, or when CMake fails, the pure-Python package is installed, a
+one-line warning says why (pip 26.3 and newer show it; older pip only with ``-v``), and the
+reason is written to ``fastfvae/native_build_skipped.txt`` for ``fastfvae info`` to report.
 
 Finding torch: pip runs this build with the interpreter it installs into, but build
 isolation hides that environment's site-packages behind ``PYTHONPATH`` (a sitecustomize that
@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -124,7 +125,9 @@ class BuildNative(build_ext):
             return
         target.unlink(missing_ok=True)
         skipped.write_text(reason + "\n")
-        print(notice(reason, self.editable_mode), file=sys.stderr, flush=True)
+        # A warning, not a print: pip 26.3 and newer show a backend's warnings in a plain
+        # `pip install`, older ones (like all of the build's output) only with -v.
+        warnings.warn(notice(reason, self.editable_mode), UserWarning, stacklevel=1)
 
     def build_native(self, target: Path) -> str | None:
         """Build the library into `target`; None when done, else why it was not."""
