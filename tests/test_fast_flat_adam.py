@@ -36,6 +36,7 @@ def step_both(ref, ref_opt, flat, fa, seed):
     for view, g in zip(fa.grads, grads):
         view.copy_(g)
     fa.step()
+    fa.write_back()
 
 
 def assert_close(got, want, tol, what):
@@ -68,16 +69,26 @@ def test_flat_adam_matches_torch_adam(hyper, size):
     assert_state_equal(ref, ref_opt, flat, opt)
 
 
-def test_parameters_and_moments_are_views_of_the_flat_buffers():
+def test_the_flat_weights_are_its_own_and_moments_are_views_of_the_flat_buffers():
     _, _, flat, opt, fa = twin(Discriminator(4, 8, 2), HYPER[0])
     params = list(flat.parameters())
     assert sum(p.numel() for p in params) == fa.flat_param.numel() == fa.flat_grad.numel()
     for p in params:
-        assert p.untyped_storage().data_ptr() == fa.flat_param.untyped_storage().data_ptr()
+        assert p.untyped_storage().data_ptr() != fa.flat_param.untyped_storage().data_ptr()
         assert opt.state[p]["exp_avg"].untyped_storage().data_ptr() == fa.flat_exp_avg.untyped_storage().data_ptr()
-    with torch.no_grad():
-        params[0].add_(1.0)  # a write through the module lands in the flat buffer
+    before = [p.detach().clone() for p in params]
+    for view in fa.grads:
+        view.fill_(1.0)
+    fa.step()  # the parameters are untouched until write_back
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    fa.write_back()
     assert torch.equal(fa.flat_param[:params[0].numel()], params[0].detach().reshape(-1))
+    assert not torch.equal(params[0].detach(), before[0])
+    with torch.no_grad():
+        params[0].add_(1.0)  # a write through the module is taken in by refresh_weights
+    fa.refresh_weights()
+    assert torch.equal(fa.flat_param[:params[0].numel()], params[0].detach().reshape(-1))
+    assert torch.equal(fa.weights[0], params[0].detach().to(BF16))
 
 
 def test_load_state_dict_rebinds_and_continues_like_torch():

@@ -27,7 +27,7 @@ def test_warmup_then_restore_is_invisible(prior_steps):
         for _ in range(prior_steps):
             step(draw_step_inputs(cfg, state.sampler, state.generator))
         if warm:
-            optims = [o for o in state.optims if o is not None]
+            optims = [o for o in step.optims if o is not None]
             params = step.vae_params + step.disc_params
             ids = [id(p) for p in params]
             saved = snapshot(params, optims)
@@ -38,6 +38,7 @@ def test_warmup_then_restore_is_invisible(prior_steps):
             assert [id(p) for p in step.vae_params + step.disc_params] == ids  # same tensors (addresses)
         for _ in range(3):
             step(draw_step_inputs(cfg, state.sampler, state.generator))
+        step.sync_state()
         runs.append(state)
     a, b = runs
     for p, q in zip(a.models.vae.parameters(), b.models.vae.parameters()):

@@ -52,6 +52,7 @@ def run_both(cfg: TrainConfig, steps: int, options: FastOptions, data=None):
         fast_metrics.append(fast(draw_step_inputs(shapes, fast_state.sampler, fast_state.generator)))
         ref_state.step += 1
         fast_state.step += 1
+    fast.sync_state()
     return ref_state, fast_state, ref_metrics, fast_metrics
 
 
@@ -185,16 +186,22 @@ def test_fast_adam_writes_the_reference_format_and_resumes_it():
 
 
 def test_bf16_checkpoint_state_owns_its_tensors():
-    """The bf16 CPU step keeps D's parameters and moments in flat buffers (FlatAdam): the saved
-    state holds tensors of their own (a view would save, and load back as, the whole buffer)."""
+    """The bf16 CPU step keeps D's weights and moments in flat buffers of its own (FlatAdam), and
+    writes them back into the run's state when asked (`sync_state`): the saved state holds
+    tensors of their own (a view would save, and load back as, the whole buffer) with the
+    step's values."""
     cfg = small_cfg()
     data = small_dsprites(512)
     state = TrainState.create(cfg, len(data))
     step = FastStep(state, data, FastOptions(precision="bf16"))
     assert step._flat_adam is not None
+    before = [p.detach().clone() for p in state.models.disc.parameters()]
     step(draw_step_inputs(cfg, state.sampler, state.generator))
-    disc_param = next(state.models.disc.parameters())
-    assert disc_param.untyped_storage().nbytes() > disc_param.numel() * 4  # live: a view
+    assert all(torch.equal(p, b) for p, b in zip(state.models.disc.parameters(), before))  # not the step's
+    assert state.optims.disc is not step.optims.disc
+    step.sync_state()
+    flat = step._flat_adam.flat_param
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in state.models.disc.parameters()]), flat)
     saved = state.state_dict()
     tensors = list(saved["disc"].values()) + [t for s in saved["disc_opt"]["state"].values()
                                               for t in s.values() if torch.is_tensor(t)]

@@ -7,9 +7,11 @@ a view of a flat bf16 buffer the GEMMs write into, and one Inductor-compiled ele
 reads the bf16 gradient, updates the moments and the fp32 weights with torch's Adam formula,
 and writes the bf16 weight copy: one pass instead of three (timings in docs/fast-path.md).
 
-The optimiser stays the run's `torch.optim.Adam` (its state tensors become views of the flat
-buffers), so checkpoints, ``load_state_dict`` and the reference loop see the usual state;
-`FlatAdam.bind` re-points everything after a load replaced those tensors.
+The flat fp32 weights are FlatAdam's own copy of D's parameters; the optimiser it drives (the
+fast step's own Adam, whose state tensors become views of the flat moment buffers) keeps the
+usual per-parameter state, so its ``state_dict`` is the reference's format. `write_back` copies
+the flat weights into the parameters (the fast step does before the loop reads the run's
+state); `FlatAdam.bind` re-points everything after a load replaced the optimiser's tensors.
 """
 
 from __future__ import annotations
@@ -79,8 +81,6 @@ class FlatAdam:
             self.flat_param = self._flatten([p.detach() for p in self.params])
             self.flat_exp_avg = self._flatten([state[p]["exp_avg"] for p in self.params])
             self.flat_exp_avg_sq = self._flatten([state[p]["exp_avg_sq"] for p in self.params])
-            for p, view in zip(self.params, self._views(self.flat_param)):
-                p.data = view
             for p, m, v in zip(self.params, self._views(self.flat_exp_avg), self._views(self.flat_exp_avg_sq)):
                 state[p]["exp_avg"], state[p]["exp_avg_sq"] = m, v
             self.flat_grad = torch.zeros_like(self.flat_param, dtype=self.dtype)
@@ -109,9 +109,16 @@ class FlatAdam:
         return True
 
     def refresh_weights(self) -> None:
-        """The bf16 copy from the fp32 parameters (after they changed outside `step`)."""
+        """Take the parameters' values (they changed outside `step`: a load, a copy) into the flat
+        weights and their ``dtype`` copy."""
         with torch.no_grad():
+            torch._foreach_copy_(self._views(self.flat_param), [p.detach() for p in self.params])
             self.flat_weights.copy_(self.flat_param)
+
+    def write_back(self) -> None:
+        """Copy the flat weights (updated by `step`) into the parameters."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.params], self._views(self.flat_param))
 
     # --- the update ------------------------------------------------------------------------
     @torch.no_grad()

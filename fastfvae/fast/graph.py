@@ -176,7 +176,7 @@ class GraphedStep:
     def _capture(self, warmup: int) -> None:
         """Warm up on a side stream, capture one iteration, undo the warm-up's updates."""
         step, dev = self.step, self.step.device
-        optims = [o for o in step.state.optims if o is not None]
+        optims = [o for o in step.optims if o is not None]
         params = step.vae_params + step.disc_params
         saved, rng = snapshot(params, optims), torch.cuda.get_rng_state(dev)
         side = torch.cuda.Stream(dev)

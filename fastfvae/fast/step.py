@@ -96,6 +96,10 @@ class FastOptions:
         return bool(self.cuda_graph) and self.noise == "device"
 
 
+def _is_channels_last(module: torch.nn.Module) -> bool:
+    return all(p.is_contiguous(memory_format=torch.channels_last) for p in module.parameters() if p.dim() == 4)
+
+
 class _ByHandAdversary(torch.autograd.Function):
     """D(z) by hand (rows 0:B of its activation buffer) as an autograd node whose backward is
     D's input gradient only: the VAE loss's TC term reaches z, never D's parameters."""
@@ -123,10 +127,12 @@ class FastStep:
         self.shapes = StepShapes.of(self.cfg, self.method, data)
         self.second = self.shapes.second_batch
         vae, disc = state.models
-        if opts.channels_last:
+        if opts.channels_last and not _is_channels_last(vae):
+            # a state built for the reference step: the layout changes, not one value
             vae.to(memory_format=torch.channels_last)
-        if opts.fused_adam:
-            state.optims = fast_optimizers(state.optims)
+        #: the step's own optimisers (fused Adam), started from the state's and written back into
+        #: them by `sync_state`; without fused Adam the state's own
+        self.optims = fast_optimizers(state.optims) if opts.fused_adam else state.optims
         self.vae_params = list(vae.parameters())
         self.disc_params = [] if disc is None else list(disc.parameters())
         self.ops: OpSet = select_ops(disc, bool(opts.fused_ops))
@@ -148,7 +154,7 @@ class FastStep:
             self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
             if opts.precision == "bf16" and self.device.type == "cpu":
                 # D's update as one compiled kernel over flat buffers (`fastfvae.fast.flat_adam`)
-                self._flat_adam = FlatAdam(state.optims.disc, self.disc_params, self._dtype)
+                self._flat_adam = FlatAdam(self.optims.disc, self.disc_params, self._dtype)
                 self._d_by_hand.use_flat(self._flat_adam)
         if self.method.adversarial:
             self.method.attach(self.adversary)
@@ -166,6 +172,17 @@ class FastStep:
             if state.step == 0:  # a resumed run has its CUDA generator state from the checkpoint
                 torch.cuda.manual_seed(noise_seed(self.cfg.seed))
             self._graph = GraphedStep(self, noise=opts.noise)
+
+    def sync_state(self) -> None:
+        """Write what the step keeps of its own (its optimisers' state; with the flat Adam, D's
+        weights and moments in flat buffers) into the `TrainState` it was given, in the
+        reference's format: the loop calls this before it checks, saves or returns the state."""
+        if self._flat_adam is not None:
+            self._flat_adam.write_back()
+            self._d_by_hand.weights_written()  # the parameters now equal the flat weights
+        for own, theirs in zip(self.optims, self.state.optims):
+            if own is not None and own is not theirs:
+                theirs.load_state_dict(own.state_dict())
 
     # --- the iteration -------------------------------------------------------------------
     def __call__(self, inputs: StepInputs) -> dict:
@@ -242,11 +259,11 @@ class FastStep:
 
     def vae_update(self, loss, retain_graph: bool = False) -> None:
         loss.backward(inputs=self.vae_params, retain_graph=retain_graph and self._d_by_hand is None)
-        self.state.optims.vae.step()
-        self.state.optims.vae.zero_grad(set_to_none=True)
+        self.optims.vae.step()
+        self.optims.vae.zero_grad(set_to_none=True)
 
     def adversary_update(self, loss, logits_q=None, logits_p=None) -> None:
-        optim, d = self.state.optims.disc, self._d_by_hand
+        optim, d = self.optims.disc, self._d_by_hand
         if d is None:
             loss.backward(inputs=self.disc_params)
             optim.step()

@@ -362,7 +362,12 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
         return (f"the last good checkpoint is {ckpt} (step {saved_step})" if saved_step is not None
                 else "no checkpoint was written")
 
+    # A step that keeps parts of the state in its own form (the fast step's optimisers and flat
+    # buffers) writes them back into ``state`` before the loop reads it.
+    sync_state = getattr(step_fn, "sync_state", None) or (lambda: None)
+
     def check_state() -> None:
+        sync_state()
         bad = nonfinite_state(state)
         if bad is not None:
             raise TrainingDiverged(f"{bad} became NaN/inf (found at step {state.step}; a loss weight too large "

@@ -70,6 +70,8 @@ def build_models(cfg: TrainConfig, device: torch.device | str = "cpu") -> Models
     method = cfg.method()
     torch.manual_seed(cfg.seed)
     vae = VAE(cfg.z_dim, cfg.fc_dim, channels=dataset_channels(cfg)).to(device)
+    if cfg.fast and cfg.channels_last:  # the fast path's layout (values and state_dict unchanged)
+        vae.to(memory_format=torch.channels_last)
     disc = method.build_adversary(cfg.z_dim).to(device) if method.adversarial else None
     return Models(vae, disc)
 
