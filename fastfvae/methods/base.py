@@ -119,6 +119,9 @@ class Method:
     adversarial: ClassVar[bool] = False
     #: True when the adversary's updates see a second, independent batch (drawn after the first).
     second_batch: bool = False
+    #: Float hyperparameters that the runs of a pack (`fastfvae.study.pack`) must share: an
+    #: optimiser's setting or the architecture's (the pack stacks the others as [K] tensors).
+    pack_fixed: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hparams: Hyperparameters | None = None) -> None:
         self.hparams = (hparams if hparams is not None else self.Hparams()).validate()

@@ -41,12 +41,13 @@ def gaussian_log_density(samples: torch.Tensor, mean: torch.Tensor, logvar: torc
 
 
 def total_correlation(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """The minibatch-weighted TC estimate of the batch (0-dim; see the module's docstring)."""
-    # [j, i, l]: log q(z_jl | x_i), sample j's code under sample i's posterior
-    log_q = gaussian_log_density(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))
-    log_q_joint = torch.logsumexp(log_q.sum(dim=2), dim=1)
-    log_q_marginals = torch.logsumexp(log_q, dim=1).sum(dim=1)
-    return (log_q_joint - log_q_marginals).mean()
+    """The minibatch-weighted TC estimate of the batch (see the module's docstring): codes
+    [..., B, z] -> [...] (0-dim for one model; leading dimensions are models of a pack)."""
+    # [..., j, i, l]: log q(z_jl | x_i), sample j's code under sample i's posterior
+    log_q = gaussian_log_density(z.unsqueeze(-2), mu.unsqueeze(-3), logvar.unsqueeze(-3))
+    log_q_joint = torch.logsumexp(log_q.sum(dim=-1), dim=-1)
+    log_q_marginals = torch.logsumexp(log_q, dim=-2).sum(dim=-1)
+    return (log_q_joint - log_q_marginals).mean(dim=-1)
 
 
 @register

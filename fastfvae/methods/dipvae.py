@@ -34,18 +34,18 @@ class DIPVAEHparams(Hyperparameters):
 
 
 def covariance_of_means(mu: torch.Tensor) -> torch.Tensor:
-    """[z, z] batch covariance of the encoder means, E[mu mu^T] - E[mu] E[mu]^T (dlib's
-    ``compute_covariance_z_mean``: divided by the batch size, not batch size - 1)."""
-    mean = mu.mean(dim=0)
-    return (mu.transpose(0, 1) @ mu) / mu.shape[0] - torch.outer(mean, mean)
+    """[..., z, z] batch covariance of the encoder means [..., B, z], E[mu mu^T] - E[mu] E[mu]^T
+    (dlib's ``compute_covariance_z_mean``: divided by the batch size, not batch size - 1)."""
+    mean = mu.mean(dim=-2)
+    return (mu.transpose(-1, -2) @ mu) / mu.shape[-2] - mean.unsqueeze(-1) * mean.unsqueeze(-2)
 
 
 def off_diagonal_and_diagonal_penalty(cov: torch.Tensor, lambda_od: float, lambda_d: float) -> torch.Tensor:
     """``lambda_od * sum(off-diagonal^2) + lambda_d * sum((diagonal - 1)^2)``: how far ``cov`` is
     from the identity."""
-    diagonal = torch.diagonal(cov)
+    diagonal = torch.diagonal(cov, dim1=-2, dim2=-1)
     off_diagonal = cov - torch.diag_embed(diagonal)
-    return lambda_od * off_diagonal.square().sum() + lambda_d * (diagonal - 1).square().sum()
+    return lambda_od * off_diagonal.square().sum(dim=(-2, -1)) + lambda_d * (diagonal - 1).square().sum(dim=-1)
 
 
 @register
@@ -60,7 +60,7 @@ class DIPVAE(Method):
         """The covariance the penalty pulls to identity (see the module's docstring)."""
         cov = covariance_of_means(mu)
         if self.hparams.dip_type == "ii":
-            cov = cov + torch.diag_embed(logvar.exp().mean(dim=0))
+            cov = cov + torch.diag_embed(logvar.exp().mean(dim=-2))
         return cov
 
     def regularizer(self, kl, mu, logvar, z, step):

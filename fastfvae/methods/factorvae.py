@@ -57,6 +57,7 @@ class FactorVAE(AdversarialMethod):
     citation = "Kim & Mnih, Disentangling by Factorising, ICML 2018"
     Hparams = FactorVAEHparams
     metric_names = ("tc", "d_loss", "d_acc")
+    pack_fixed = ("d_lr", "d_slope")
 
     @property
     def second_batch(self) -> bool:
@@ -92,9 +93,9 @@ class FactorVAE(AdversarialMethod):
                 mu2, logvar2 = mech.encode(x2)
                 z_p, _ = mech.sample_kl(mu2, logvar2, eps2)
         logits_q = aux["logits_q"]
-        for k in range(noise.shape[0]):
+        for k in range(noise.shape[-3]):  # noise [..., d_steps, B, z] (leading dims: a pack's models)
             # update 0: D(z_q) with D's current parameters is the TC term's logits_q
-            logits_q, logits_p = mech.adversary_pair(z_q, mech.permute(z_p, noise[k]),
+            logits_q, logits_p = mech.adversary_pair(z_q, mech.permute(z_p, noise[..., k, :, :]),
                                                      logits_q if k == 0 else None)
             d_loss = discriminator_loss(logits_q, logits_p)
             mech.adversary_update(d_loss, logits_q, logits_p)

@@ -1,31 +1,70 @@
-"""A pack: K runs of one method, architecture and dataset, trained together.
+"""A pack: K runs of one method, architecture and dataset trained as one vectorised step.
 
 `train_pack(configs)` trains every config to its ``steps``, each in its own run folder
 (``cfg.out``) with exactly the layout of a single `fastfvae train` run (``config.json``,
 ``checkpoint.pt``, ``train_log.jsonl``, ``eval_log.jsonl``), so ``fastfvae eval``,
 ``traverse`` and ``train --resume`` work on every run of it. A run folder that already holds a
 checkpoint is resumed from it; a finished run is left as it is.
+
+How K runs become one step. Each run keeps what makes it itself: its initial weights (built
+from its seed exactly as a single run builds them), its batch order (its own `EpochSampler`),
+its noise (its own generator, drawn in the documented order) and its hyperparameter values.
+What they share is the computation: the K encoders, decoders and discriminators are stacked
+(``torch.func.stack_module_state``) and run through ``torch.func.vmap`` (batched convolutions
+and GEMMs instead of K small ones), and the algorithm is `fastfvae.train.step.train_step`
+itself, run once on tensors with a leading model dimension ([K, B, ...]): the objectives and
+the methods' regularisers treat leading dimensions as independent models (one loss per
+model), a method's float hyperparameters become [K] tensors, and the mechanism back-propagates
+the sum of the K losses. Model k's parameters enter only model k's loss, so their gradient is
+exactly the single run's; Adam is elementwise, so one Adam over the stacked tensors (same lr,
+betas and eps: they are part of `pack_key`) makes each model's update the single run's. What
+differs from a single run is only the summation order inside the batched kernels, so model k
+of a pack equals the single run within the fast path's fp32 parity tolerance.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
 from fastfvae.errors import FastFVAEError
-from fastfvae.train.checkpoint import checkpoint_path, load_checkpoint
+from fastfvae.objectives import gaussian_kl, permute_dims, reparameterize
+from fastfvae.train import loop as single
+from fastfvae.train.checkpoint import (
+    atomic_write_text, capture_rng_states, checkpoint_path, load_checkpoint, remove_stale_temp_files,
+    restore_state, save_checkpoint,
+)
 from fastfvae.train.config import TrainConfig
-from fastfvae.train.loop import RunResult, run_training
+from fastfvae.train.progress import EVAL_LOG_NAME, LOG_NAME, IntervalMeter, MetricLog, TrainProgress
+from fastfvae.train.step import StepShapes, draw_step_inputs, train_step
+from fastfvae.train.state import TrainState, resolve_device
+
+
+def stacked_hparam_names(cfg: TrainConfig) -> set[str]:
+    """The hyperparameters that may differ between the runs of a pack: the method's float
+    hyperparameters that are not an optimiser's setting (those would need one Adam per value)."""
+    method = cfg.method()
+    names = {k for k, v in cfg.hparams.items() if isinstance(v, float) and not isinstance(v, bool)}
+    return names - set(method.pack_fixed)
 
 
 def pack_key(cfg: TrainConfig) -> tuple:
-    """What the runs of one pack must share: everything but the seed, the run folder and the
-    method's float hyperparameters (which the pack stacks)."""
+    """What the runs of one pack must share: everything but the seed, the run folder, the
+    preset and the stackable hyperparameters (`stacked_hparam_names`)."""
     d = cfg.to_dict()
     for name in ("seed", "out", "preset"):
         d.pop(name)
     hparams = d.pop("hparams")
-    fixed = tuple(sorted((k, str(v)) for k, v in hparams.items() if not isinstance(v, float)))
+    stacked = stacked_hparam_names(cfg)
+    fixed = tuple(sorted((k, str(v)) for k, v in hparams.items() if k not in stacked))
     return tuple(sorted((k, str(v)) for k, v in d.items())) + fixed
 
 
@@ -40,7 +79,7 @@ def check_pack(configs: Sequence[TrainConfig]) -> None:
     for cfg in configs[1:]:
         if pack_key(cfg) != key:
             raise FastFVAEError(f"{cfg.out} cannot join a pack with {configs[0].out}: the runs of a pack differ "
-                                "only in seed and the method's float hyperparameters")
+                                f"only in seed and {', '.join(sorted(stacked_hparam_names(cfg))) or 'nothing else'}")
 
 
 def finished(cfg: TrainConfig) -> bool:
@@ -50,21 +89,331 @@ def finished(cfg: TrainConfig) -> bool:
     return int(load_checkpoint(cfg.out)["state"]["step"]) >= cfg.steps
 
 
+def stacked_method(configs: Sequence[TrainConfig], device):
+    """One method object for the pack: its float hyperparameters that differ between runs as
+    [K] tensors (each value was validated by its run's config), the others as they are."""
+    methods = [cfg.method() for cfg in configs]
+    first = methods[0]
+    values = {}
+    for f in dataclasses.fields(first.hparams):
+        per_run = [getattr(m.hparams, f.name) for m in methods]
+        same = all(v == per_run[0] for v in per_run)
+        values[f.name] = per_run[0] if same else torch.tensor(per_run, dtype=torch.float32, device=device)
+    method = copy.copy(first)
+    method.hparams = type(first.hparams)(**values)
+    return method
+
+
+class _Stacked:
+    """K modules of one architecture as stacked parameters, called as one vmapped functional
+    call (batched GEMMs: the discriminator) or, with ``loop=True``, model by model on slices of
+    the stacked parameters (convolutions: oneDNN's grouped convolutions, which vmap makes of
+    them, run 2-4x slower on CPU than one convolution per model)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], loop: bool = False) -> None:
+        self.loop = loop
+        params, buffers = stack_module_state(list(modules))
+        if buffers:
+            raise FastFVAEError("a pack stacks modules without buffers")
+        self.names = list(params)
+        self.params = [params[n] for n in self.names]
+        self.base = copy.deepcopy(modules[0]).to("meta")
+        self.modules = list(modules)
+
+        def one(params, x):
+            return functional_call(self.base, dict(zip(self.names, params)), (x,))
+
+        self._vmapped = vmap(one)
+
+    def __call__(self, x: torch.Tensor):
+        if not self.loop:
+            return self._vmapped(self.params, x)
+        outs = [functional_call(self.base, {n: p[k] for n, p in zip(self.names, self.params)}, (x[k],))
+                for k in range(x.shape[0])]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outs))
+        return torch.stack(outs)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Each module's parameters from its slice of the stacked tensors."""
+        for k, module in enumerate(self.modules):
+            for name, stacked in zip(self.names, self.params):
+                module.get_parameter(name).copy_(stacked[k])
+
+
+def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch.Tensor]) -> torch.optim.Adam:
+    """One fused Adam over the stacked parameters, with the runs' settings and state."""
+    group = optims[0].param_groups[0]
+    adam = torch.optim.Adam(stacked_params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                            weight_decay=group["weight_decay"], fused=True)
+    per_run = [[o.state.get(p) for g in o.param_groups for p in g["params"]] for o in optims]
+    if any(s for states in per_run for s in states):
+        for i, p in enumerate(stacked_params):
+            states = [states[i] for states in per_run]
+            steps = {float(s["step"]) for s in states}
+            if None in states or len(steps) != 1:
+                raise FastFVAEError("the runs of a pack must resume from the same step")
+            adam.state[p] = {"step": torch.tensor(steps.pop(), dtype=torch.float32),
+                             "exp_avg": torch.stack([s["exp_avg"] for s in states]),
+                             "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in states])}
+    return adam
+
+
+def _write_adam_back(adam: torch.optim.Adam, optims: Sequence[torch.optim.Adam]) -> None:
+    """Each run's optimiser state (the reference's format) from its slice of the stacked one."""
+    stacked = adam.param_groups[0]["params"]
+    if not all(p in adam.state for p in stacked):
+        return
+    for k, opt in enumerate(optims):
+        saved = opt.state_dict()
+        saved["state"] = {i: {"step": adam.state[p]["step"].clone(),
+                              "exp_avg": adam.state[p]["exp_avg"][k].clone(),
+                              "exp_avg_sq": adam.state[p]["exp_avg_sq"][k].clone()}
+                          for i, p in enumerate(stacked)}
+        opt.load_state_dict(saved)
+
+
+class PackStep:
+    """The mechanism of `train_step` for K stacked runs, and the step that feeds it.
+
+    ``__call__(inputs)`` takes one `StepInputs` per run (each drawn from that run's sampler and
+    generator) and returns the metrics as [K] tensors; `sync_state` writes the stacked weights
+    and optimiser state back into each run's `TrainState` (before a checkpoint or an evaluation).
+    """
+
+    def __init__(self, states: Sequence[TrainState], data) -> None:
+        self.states, self.data = list(states), data
+        cfgs = [s.cfg for s in self.states]
+        self.device = self.states[0].device
+        self.method = stacked_method(cfgs, self.device)
+        self.shapes = StepShapes.of(cfgs[0], cfgs[0].method(), data)
+        vaes = [s.models.vae for s in self.states]
+        loop = self.device.type == "cpu"
+        self.encoder = _Stacked([v.encoder for v in vaes], loop=loop)
+        self.decoder = _Stacked([v.decoder for v in vaes], loop=loop)
+        self.vae_params = self.encoder.params + self.decoder.params
+        self.vae_opt = _stacked_adam([s.optims.vae for s in self.states], self.vae_params)
+        self.disc = self.disc_opt = None
+        self.disc_params: list[torch.Tensor] = []
+        if self.method.adversarial:
+            self.disc = _Stacked([s.models.disc for s in self.states])
+            self.disc_params = self.disc.params
+            self.disc_opt = _stacked_adam([s.optims.disc for s in self.states], self.disc_params)
+            self.method.attach(self.adversary)
+        self._render = self.shapes.obs is not None
+        self.precision = cfgs[0].precision if cfgs[0].fast else "fp32"
+
+    # --- the step ----------------------------------------------------------------------------
+    def __call__(self, inputs: Sequence) -> dict:
+        k, b = len(self.states), self.shapes.batch_size
+
+        def stack(name):
+            values = [getattr(i, name) for i in inputs]
+            return None if values[0] is None else torch.stack(values).to(self.device)
+
+        def images(rows_name, obs_name):
+            rows = [getattr(i, rows_name) for i in inputs]
+            if rows[0] is None:
+                return None
+            x = self.data.float_batch(np.concatenate(rows), self.device)
+            if self._render:
+                noise = torch.cat([getattr(i, obs_name) for i in inputs]).to(self.device)
+                x = self.data.render(x, noise)
+            return x.view(k, b, *x.shape[1:])
+
+        step = self.states[0].step
+        return train_step(self, self.method, images("rows", "obs"), images("rows2", "obs2"), stack("eps"),
+                          stack("eps2"), stack("keys"), step)
+
+    def sync_state(self) -> None:
+        self.encoder.write_back()
+        self.decoder.write_back()
+        _write_adam_back(self.vae_opt, [s.optims.vae for s in self.states])
+        if self.disc is not None:
+            self.disc.write_back()
+            _write_adam_back(self.disc_opt, [s.optims.disc for s in self.states])
+
+    # --- the mechanism ---------------------------------------------------------------------
+    def autocast(self):
+        """bf16 autocast for the networks with ``precision="bf16"`` (the fast path's)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, x):
+        with self.autocast():
+            mu, logvar = self.encoder(x)
+        return mu.float(), logvar.float()
+
+    def decode(self, z):
+        with self.autocast():
+            return self.decoder(z).float()
+
+    def sample_kl(self, mu, logvar, eps):
+        return reparameterize(mu, logvar, eps), gaussian_kl(mu, logvar)
+
+    def permute(self, z, keys):
+        return permute_dims(z, keys)
+
+    def adversary(self, z):
+        with self.autocast():
+            return self.disc(z).float()
+
+    def adversary_pair(self, z_q, z_perm, logits_q=None):
+        if logits_q is not None:
+            return logits_q, self.adversary(z_perm)
+        both = self.adversary(torch.cat([z_q, z_perm], dim=-2))
+        b = z_q.shape[-2]
+        return both[..., :b, :], both[..., b:, :]
+
+    def vae_update(self, loss, retain_graph: bool = False) -> None:
+        loss.sum().backward(inputs=self.vae_params, retain_graph=retain_graph)
+        self.vae_opt.step()
+        self.vae_opt.zero_grad(set_to_none=True)
+
+    def adversary_update(self, loss, logits_q=None, logits_p=None) -> None:
+        loss.sum().backward(inputs=self.disc_params)
+        self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+
+
+# --- the pack's loop --------------------------------------------------------------------------
+def _unfinished(configs: Sequence[TrainConfig]) -> list[TrainConfig]:
+    return [cfg for cfg in configs if not finished(cfg)]
+
+
 def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = True, console=None,
-               callbacks_for=None) -> list[RunResult | None]:
-    """Train the runs of a pack; returns one `RunResult` per config (None for a run that was
-    already finished). ``callbacks_for(cfg, data)``: the per-step callbacks of each run."""
+               callbacks_for=None) -> list[single.RunResult | None]:
+    """Train the runs of a pack as one vectorised step (see the module docstring); returns one
+    `RunResult` per config (None for a run that was already finished). ``callbacks_for(cfg,
+    data)``: the per-step callbacks of each run (periodic evaluation), called with that run's
+    state (synced from the pack first at its evaluation steps)."""
     configs = [cfg.validate() for cfg in configs]
     check_pack(configs)
-    results: list[RunResult | None] = []
-    for cfg in configs:
-        if finished(cfg):
-            results.append(None)
-            continue
-        resume = cfg.out if checkpoint_path(cfg.out).exists() else None
-        callbacks = callbacks_for(cfg, data) if callbacks_for is not None else ()
-        result = run_training(cfg, data=data, resume=resume, progress=progress, console=console, callbacks=callbacks)
-        results.append(result)
-        if result.status != "completed":
-            break
-    return results
+    todo = _unfinished(configs)
+    if not todo:
+        return [None] * len(configs)
+    device = resolve_device(todo[0].device)
+    results: dict[str, single.RunResult] = {}
+    with single._StopOnSignals() as stop:
+        folders = []
+        try:
+            for cfg in todo:
+                resuming = checkpoint_path(cfg.out).exists()
+                single.check_out(Path(cfg.out), resuming)
+                folders.append(single._OwnedFolder(Path(cfg.out)))
+                remove_stale_temp_files(Path(cfg.out), single.RUN_FILES)
+            if data is None:
+                data = single.load_training_data(todo[0].data, todo[0].dataset)
+            elif callable(data):
+                data = data()
+            states, payloads = [], []
+            for cfg in todo:
+                state = TrainState.create(cfg, len(data), device)
+                payload = load_checkpoint(cfg.out) if checkpoint_path(cfg.out).exists() else None
+                if payload is not None:
+                    saved = TrainConfig.from_dict(payload["config"])
+                    conflicts = single.resume_conflicts(saved, cfg)
+                    if conflicts:
+                        raise FastFVAEError(f"cannot resume {checkpoint_path(cfg.out)}: it was trained with different "
+                                            f"{', '.join(conflicts)}")
+                    restore_state(state, payload, checkpoint_path(cfg.out))
+                states.append(state)
+                payloads.append(payload)
+            if len({s.step for s in states}) != 1:
+                raise FastFVAEError("the runs of a pack must be at the same step; train them as separate packs")
+            step = PackStep(states, data)
+            callbacks = [callbacks_for(cfg, data) if callbacks_for is not None else () for cfg in todo]
+        except BaseException:
+            for folder in folders:
+                folder.abandon()
+            raise
+        try:
+            for state, result in zip(states, _train_pack(todo, states, payloads, step, data, callbacks, stop,
+                                                         progress, console)):
+                results[state.cfg.out] = result
+        finally:
+            for folder in folders:
+                folder.release()
+    return [results.get(cfg.out) for cfg in configs]
+
+
+def _train_pack(cfgs, states, payloads, step, data, callbacks, stop, progress, console):
+    """The steps of `train_pack` in the folders it owns; one `RunResult` per run."""
+    cfg0, k = cfgs[0], len(cfgs)
+    logs = [MetricLog(Path(c.out)) for c in cfgs]
+    for cfg, payload, log in zip(cfgs, payloads, logs):
+        out = Path(cfg.out)
+        if payload is not None:
+            log.truncate_after(int(payload["state"]["step"]))
+            MetricLog(out, EVAL_LOG_NAME).truncate_after(int(payload["state"]["step"]))
+        else:
+            for name in (LOG_NAME, EVAL_LOG_NAME):
+                (out / name).unlink(missing_ok=True)
+        atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+    elapsed0 = [float(p.get("elapsed_s", 0.0)) if p is not None else 0.0 for p in payloads]
+    last = [dict(p.get("metrics", {})) if p is not None else {} for p in payloads]
+    meters = [IntervalMeter() for _ in range(k)]
+    shapes = [StepShapes.of(c, data=data) for c in cfgs]
+    t_start, step0 = time.perf_counter(), states[0].step
+
+    def check_and_save():
+        step.sync_state()
+        for cfg, state in zip(cfgs, states):
+            bad = single.nonfinite_state(state)
+            if bad is not None:
+                raise single.TrainingDiverged(f"{cfg.out}: {bad} became NaN/inf (found at step {state.step}); the pack "
+                                              f"stopped, each run's last good checkpoint is kept")
+        for i, (cfg, state) in enumerate(zip(cfgs, states)):
+            save_checkpoint(Path(cfg.out), {"config": cfg.to_dict(), "state": state.state_dict(),
+                                            "rng": capture_rng_states(),
+                                            "elapsed_s": elapsed0[i] + time.perf_counter() - t_start,
+                                            "metrics": last[i]})
+
+    def flush(bar):
+        for i, (cfg, state, meter, log) in enumerate(zip(cfgs, states, meters, logs)):
+            if not meter.count:
+                continue
+            means, rate = meter.flush()
+            last[i] = means
+            log.write({"step": state.step, **means, "steps_per_s": rate,
+                       "elapsed_s": elapsed0[i] + time.perf_counter() - t_start})
+        bar.update(states[0].step, last[0], None)
+
+    status = "completed"
+    with TrainProgress(cfg0.steps, step0, progress, console) as bar:
+        while states[0].step < cfg0.steps:
+            if stop.requested:
+                status = "interrupted"
+                break
+            inputs = [draw_step_inputs(s, st.sampler, st.generator) for s, st in zip(shapes, states)]
+            metrics = step(inputs)
+            for state in states:
+                state.step += 1
+            per_run = [{name: value[i] for name, value in metrics.items()} for i in range(k)]
+            for meter, m in zip(meters, per_run):
+                meter.add(m)
+            n = states[0].step
+            if not bool(torch.isfinite(metrics["loss"]).all()):
+                bad = [c.out for c, m in zip(cfgs, per_run) if not bool(torch.isfinite(m["loss"]))]
+                raise single.TrainingDiverged(f"loss became NaN/inf at step {n} in {', '.join(bad)}; the pack stopped, "
+                                              f"each run's last good checkpoint is kept")
+            if n % cfg0.log_every == 0 or n == cfg0.steps:
+                flush(bar)
+            else:
+                bar.update(n)
+            if any(callbacks):
+                if cfg0.eval_every and n % cfg0.eval_every == 0:
+                    step.sync_state()
+                for cbs, state, m in zip(callbacks, states, per_run):
+                    for callback in cbs:
+                        callback(state, m)
+            if cfg0.ckpt_every and n % cfg0.ckpt_every == 0 and n < cfg0.steps:
+                check_and_save()
+        flush(bar)
+    seconds = time.perf_counter() - t_start
+    check_and_save()
+    stop_signal = (stop.signum or single.signal.SIGINT) if status == "interrupted" else None
+    return [single.RunResult(state, Path(cfg.out), status, checkpoint_path(cfg.out), last[i], data, stop_signal,
+                             state.step - step0, seconds) for i, (cfg, state) in enumerate(zip(cfgs, states))]

@@ -112,7 +112,7 @@ def train_step(mech, method, x: torch.Tensor, x2: torch.Tensor | None, eps: torc
     mu, logvar = mech.encode(x)
     z, kl_per_sample = mech.sample_kl(mu, logvar, eps)
     recon = recon_loss(mech.decode(z), x)
-    kl = kl_per_sample.mean()
+    kl = kl_per_sample.mean(dim=-1)
     regularizer, aux = method.vae_terms(kl, mu, logvar, z, step)
     loss = recon + regularizer
     # an adversary's first update reuses the regulariser's forward through it: keep its graph
