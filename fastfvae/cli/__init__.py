@@ -16,7 +16,7 @@ from fastfvae.errors import FastFVAEError
 
 # Sub-command modules, in the order `--help` lists them. A module that is missing (a
 # feature not built yet) is skipped rather than breaking the whole CLI.
-SUBCOMMAND_MODULES = ("train", "eval", "traverse", "data", "report", "info")
+SUBCOMMAND_MODULES = ("train", "eval", "traverse", "data", "sweep", "report", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
