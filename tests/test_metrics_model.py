@@ -62,12 +62,24 @@ def test_codes_do_not_depend_on_batch_composition(vae, data):
 
 def test_encoding_uses_eval_mode_and_restores_training_flag(vae, data):
     vae.train()
-    codes = encode_dataset(vae, data, batch_size=64)
+    codes = encode_dataset(vae, data, batch_size=64, channels_last=False)
     assert vae.training
     with torch.no_grad():
         vae.eval()
         mu, _ = vae.encode(data.float_batch(np.arange(64)))  # same batch: same bits
     assert np.array_equal(codes[:64], mu.numpy())
+
+
+def test_channels_last_encoding_leaves_the_model_as_it_was(vae, data):
+    """On a CPU the encoder runs on a channels_last copy: codes within float rounding of the
+    model's own, and the caller's weights keep their layout and training flag."""
+    vae.train()
+    weight = vae.encoder.net[2].weight  # [32, 32, 4, 4]: its layouts differ
+    codes = encode_dataset(vae, data, batch_size=64)
+    assert vae.training and weight.is_contiguous() and vae.encoder.net[2].weight is weight
+    assert not weight.is_contiguous(memory_format=torch.channels_last)
+    plain = encode_dataset(vae, data, batch_size=64, channels_last=False)
+    np.testing.assert_allclose(codes, plain, rtol=0, atol=1e-6)
 
 
 def test_factor_vae_score_of_model_for_training(vae, data):
@@ -146,6 +158,7 @@ def test_periodic_factor_vae_callback(vae, data, tmp_path):
 
 
 def test_train_cli_eval_every_wires_the_callback(vae, data, tmp_path, monkeypatch):
+    import json
     from types import SimpleNamespace
 
     import fastfvae.train.loop as loop
@@ -157,11 +170,9 @@ def test_train_cli_eval_every_wires_the_callback(vae, data, tmp_path, monkeypatc
     assert cfg.eval_every == 3
     monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
     (callback,) = callbacks_for(cfg, args)
-    small = {"num_train": 20, "num_eval": 10, "num_variance_estimate": 100, "prune_threshold": 0.0}
-    monkeypatch.setattr("fastfvae.metrics.periodic.factor_vae_score_of_model",
-                        lambda model, d, **kw: factor_vae_score_of_model(model, d, config=small))
     callback(SimpleNamespace(models=SimpleNamespace(vae=vae), step=3), {})
-    assert (tmp_path / "eval_log.jsonl").read_text().count('"step": 3') == 1
+    (line,) = (tmp_path / "eval_log.jsonl").read_text().splitlines()
+    assert json.loads(line)["step"] == 3 and list(json.loads(line)["details"]) == ["factor_vae"]
     assert callbacks_for(config_from_args(build_parser().parse_args(["train"])), args) == []
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fastfvae.data.paths import check_input_file, check_output_file
 from fastfvae.errors import FastFVAEError
+from fastfvae.metrics.encode import CPU_BATCH_SIZE, DEVICE_BATCH_SIZE, PRECISIONS, check_precision
 from fastfvae.metrics.evaluate import (
     DEFAULT_METRICS, METRICS, MODEL_METRICS, check_metric_names, evaluate_codes, evaluate_model,
 )
@@ -65,7 +66,11 @@ def register(subparsers) -> None:
     p.add_argument("--fast-dci", action="store_true", help="replace dci by dci_fast (not dlib-identical)")
     p.add_argument("--config", default=None, metavar="JSON",
                    help='per-metric settings with dlib names, e.g. \'{"dci": {"num_train": 2000}}\'')
-    p.add_argument("--batch-size", type=int, default=1024, help="images per encoder batch (default 1024)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per encoder batch (default {CPU_BATCH_SIZE} on a CPU, {DEVICE_BATCH_SIZE} on a GPU)")
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}", default="fp32",
+                   help="encoder arithmetic: fp32, or bf16 autocast (faster; its codes differ from fp32's by "
+                        "~1e-3, which can move a score: docs/metrics.md) (default fp32)")
     p.add_argument("--device", default=None, help="torch device for encoding (default: cuda if available, else cpu)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the scores and timings as JSON")
     p.set_defaults(func=run)
@@ -198,7 +203,8 @@ def run(args) -> int:
         raise FastFVAEError(f"no such file or folder: {ckpt}; expected a run folder, checkpoint.pt or .npz code table")
     metrics = metric_names(args)
     config = parse_config(args.config)
-    if args.batch_size < 1:
+    check_precision(args.precision)
+    if args.batch_size is not None and args.batch_size < 1:
         raise FastFVAEError(f"--batch-size must be >= 1 image, got {args.batch_size}")
     if args.json:  # every output is checked writable before the (minutes-long) encoding
         check_output_file(args.json, "--json")
@@ -216,9 +222,9 @@ def run(args) -> int:
         dataset, data_path = run_dataset(cfg, args.data)
         data = _load_data(dataset, data_path)
         scores = evaluate_model(model, data, metrics, args.seed, args.batch_size, device, config,
-                                timings=timings, progress=True)
+                                timings=timings, progress=True, precision=args.precision)
         source = {"checkpoint": str(ckpt), "dataset": dataset, "data": getattr(data, "source", None),
-                  "device": str(device)}
+                  "device": str(device), "precision": args.precision}
     total = time.perf_counter() - start
     print_table(scores, timings, total)
     if args.json:

@@ -133,6 +133,7 @@ def add_arguments(p: argparse.ArgumentParser, hparams_of: str | None = None) -> 
     bad value is a one-line FastFVAEError (exit 2) like every other bad input."""
     from fastfvae import methods
     from fastfvae.data.registry import DATASETS
+    from fastfvae.metrics.evaluate import MAIN_SCORES
 
     d = DEFAULTS
     p.add_argument("-h", "--help", action=_HelpForModel, help="show this help (after --model NAME: that "
@@ -192,9 +193,19 @@ def add_arguments(p: argparse.ArgumentParser, hparams_of: str | None = None) -> 
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
-                   help="every N steps log the FactorVAE metric (dlib settings) to <out>/eval_log.jsonl; "
-                        f"0 = never (default {d.eval_every})")
+                   help="every N steps score the --eval-metrics (dlib settings) and append them to "
+                        f"<out>/eval_log.jsonl; 0 = never (default {d.eval_every})")
+    p.add_argument("--eval-metrics", nargs="+", action=_MetricNames, default=None, metavar="NAME",
+                   help=f"what --eval-every scores, space- or comma-separated: {', '.join(MAIN_SCORES)} "
+                        f"(default {','.join(d.eval_metrics)})")
     add_hparam_arguments(p, only=hparams_of)
+
+
+class _MetricNames(argparse.Action):
+    """``--eval-metrics a b`` or ``a,b``: a tuple of names (checked by `callbacks_for`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(name for value in values for name in value.split(",") if name))
 
 
 def _switch(p, name: str, help: str) -> None:
@@ -274,13 +285,18 @@ def training_data(cfg: TrainConfig):
 
 
 def callbacks_for(cfg: TrainConfig, args: argparse.Namespace, data=None) -> list:
-    """Per-step callbacks: the periodic FactorVAE metric with ``--eval-every N``. ``data``: the
-    run's `training_data` (default: a loader of its own)."""
+    """Per-step callbacks: with ``--eval-every N``, the ``--eval-metrics`` at dlib's settings
+    (`fastfvae.metrics.periodic.periodic_evaluation`). The metric names are checked even
+    without ``--eval-every``, before the run starts. ``data``: the run's `training_data`
+    (default: a loader of its own)."""
+    from fastfvae.metrics.evaluate import check_log_metric_names
+
+    check_log_metric_names(cfg.eval_metrics)
     if not cfg.eval_every:
         return []
-    from fastfvae.metrics.periodic import periodic_factor_vae
+    from fastfvae.metrics.periodic import periodic_evaluation
 
-    return [periodic_factor_vae(cfg.eval_every, data or training_data(cfg), out_dir=cfg.out)]
+    return [periodic_evaluation(cfg.eval_every, data or training_data(cfg), cfg.eval_metrics, out_dir=cfg.out)]
 
 
 def write_outputs(result: RunResult, args: argparse.Namespace) -> dict:

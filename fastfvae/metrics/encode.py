@@ -76,35 +76,160 @@ def check_channels(model, data) -> None:
                             f"{data_channels}; expected the dataset the model was trained on")
 
 
-def encode_rows(model, data, rows: np.ndarray, batch_size: int = 1024, device=None,
-                progress: bool = False) -> np.ndarray:
-    """float32 [n, D] encoder means of the observations of ``rows`` (`observed_batch`), in
-    batches of ``batch_size``.
+#: Images per encoder call on a CPU. Every activation of a batch this size (the largest, the
+#: first convolution's output, is 16 MiB) stays below glibc's mmap threshold once
+#: `keep_freed_memory` is set, so each batch reuses the previous batch's memory instead of
+#: page-faulting fresh pages in; the speeds behind the choice are in docs/metrics.md.
+CPU_BATCH_SIZE = 128
+#: Images per encoder call on a GPU (where larger batches keep the device busy).
+DEVICE_BATCH_SIZE = 1024
+#: Encoder arithmetic: fp32 (the default, what every score in docs/metrics.md is), or bf16
+#: autocast (opt-in: faster, and its codes differ from fp32's by ~1e-3, which can move a score).
+PRECISIONS = ("fp32", "bf16")
 
-    ``progress``: show a progress bar on stderr (encoding all of dSprites takes minutes on a CPU).
-    """
-    if not hasattr(model, "encode"):
-        raise FastFVAEError(f"{type(model).__name__} has no encode(x) -> (mu, logvar); expected a VAE")
-    check_channels(model, data)
+
+def default_batch_size(device) -> int:
+    """`CPU_BATCH_SIZE` on a CPU, `DEVICE_BATCH_SIZE` elsewhere."""
     import torch
 
-    device = model_device(model) if device is None else torch.device(device)
+    return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else DEVICE_BATCH_SIZE
+
+
+def keep_host_memory(device) -> None:
+    """On a CPU, keep freed memory in the process heap (`fastfvae.fast.allocator`,
+    process-wide and one-way): batch after batch of activations then reuses the same pages
+    instead of page-faulting (and zeroing) fresh ones, which cost more system time than the
+    convolutions' user time (docs/metrics.md)."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        from fastfvae.fast.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise FastFVAEError(f"unknown encoder precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device, precision: str):
+    """bf16 autocast on ``device`` for ``precision="bf16"``, else nothing."""
+    import torch
+
+    if check_precision(precision) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _is_channels_last(model) -> bool:
+    import torch
+
+    return all(p.dim() != 4 or p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def inference_models(models, device, channels_last: bool | None = None):
+    """The models to encode with, in eval and inference mode, for the duration.
+
+    ``channels_last`` (None: on a CPU): each model whose 4-D weights are not channels_last
+    already is replaced by a channels_last copy (oneDNN's direct convolutions; about 1.3x
+    faster on the CPU, codes within ~1e-8 of the contiguous ones), so the caller's model,
+    its memory layout and its training flag are left as they were. A model that cannot be
+    copied is used as it is. Without channels_last the models themselves are put in eval
+    mode and their training flags restored after.
+    """
+    import copy
+
+    import torch
+
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
+    prepared, restore = [], []
+    for model in models:
+        if channels_last and not _is_channels_last(model):
+            try:
+                model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            except (TypeError, RuntimeError, copy.Error):
+                pass
+            else:
+                prepared.append(model.eval())
+                continue
+        restore.append((model, model.training))
+        prepared.append(model.eval())
+    try:
+        with torch.inference_mode():
+            yield prepared
+    finally:
+        for model, was_training in restore:
+            model.train(was_training)
+
+
+def check_models(models, data):
+    """The models' common device; FastFVAEError for a model without ``encode``, one whose
+    channels are not the data's, or models on different devices (checked before encoding)."""
+    if not models:
+        raise FastFVAEError("no models given; expected at least one VAE")
+    devices = []
+    for i, model in enumerate(models):
+        if not hasattr(model, "encode"):
+            raise FastFVAEError(f"model {i} ({type(model).__name__}) has no encode(x) -> (mu, logvar); expected a VAE")
+        check_channels(model, data)
+        devices.append(model_device(model))
+    if len(set(devices)) > 1:
+        raise FastFVAEError(f"the models are on different devices ({', '.join(sorted(map(str, set(devices))))}); "
+                            "expected all of them on one device")
+    return devices[0]
+
+
+def encode_rows_many(models, data, rows: np.ndarray, batch_size: int | None = None, device=None,
+                     progress: bool = False, channels_last: bool | None = None,
+                     precision: str = "fp32") -> list[np.ndarray]:
+    """float32 [n, D_k] encoder means of the observations of ``rows`` (`observed_batch`), one
+    array per model: each batch of images is produced (gathered, unpacked, uploaded,
+    rendered) once and given to every model.
+
+    ``batch_size``: images per batch (None: `default_batch_size` of the device). On a CPU
+    the process keeps freed memory in its heap (`fastfvae.fast.allocator.keep_freed_memory`,
+    process-wide), so the batches stop page-faulting. ``channels_last``: see
+    `inference_models`; ``precision``: `PRECISIONS`. ``progress``: a progress bar on stderr.
+    A row's code does not depend on the other rows of its batch (beyond the convolution
+    library's choice of algorithm for a batch size), nor on the other models.
+    """
+    import torch
+
+    check_precision(precision)
+    models = list(models)
+    own_device = check_models(models, data)
+    device = own_device if device is None else torch.device(device)
+    batch_size = default_batch_size(device) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise FastFVAEError(f"the encoder batch size must be >= 1 image, got {batch_size}")
+    keep_host_memory(device)
     rows = np.asarray(rows, dtype=np.int64)
-    chunks = []
+    chunks: list[list] = [[] for _ in models]
     starts = range(0, rows.shape[0], batch_size)
     if progress:
         from rich.console import Console
         from rich.progress import track
 
-        starts = track(starts, description=f"encoding {rows.shape[0]:,} images",
-                       console=Console(stderr=True), transient=True)
-    with eval_mode(model):
+        what = f"encoding {rows.shape[0]:,} images" + (f" ({len(models)} models)" if len(models) > 1 else "")
+        starts = track(starts, description=what, console=Console(stderr=True), transient=True)
+    with inference_models(models, device, channels_last) as prepared, autocast(device, precision):
         for start in starts:
-            mu, _ = model.encode(observed_batch(data, rows[start:start + batch_size], device))
-            chunks.append(mu.float())  # stays on the device: one copy back at the end
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.ascontiguousarray(torch.cat(chunks).cpu().numpy(), dtype=np.float32)
+            x = observed_batch(data, rows[start:start + batch_size], device)
+            for k, model in enumerate(prepared):
+                chunks[k].append(model.encode(x)[0].float())  # stays on the device: one copy back at the end
+    if not rows.shape[0]:
+        return [np.zeros((0, 0), dtype=np.float32) for _ in models]
+    return [np.ascontiguousarray(torch.cat(c).cpu().numpy(), dtype=np.float32) for c in chunks]
+
+
+def encode_rows(model, data, rows: np.ndarray, batch_size: int | None = None, device=None,
+                progress: bool = False, channels_last: bool | None = None, precision: str = "fp32") -> np.ndarray:
+    """`encode_rows_many` of one model: float32 [n, D] encoder means of ``rows``' observations."""
+    return encode_rows_many([model], data, rows, batch_size, device, progress, channels_last, precision)[0]
 
 
 def row_uniforms(rows: np.ndarray, shape: tuple[int, ...], seed: int = OBSERVATION_NOISE_SEED) -> np.ndarray:
@@ -145,15 +270,17 @@ def _stored_images(data, rows: np.ndarray, device):
     return data.float_batch(rows, device)
 
 
-def encode_dataset(model, data, batch_size: int = 1024, device=None, progress: bool = False) -> np.ndarray:
+def encode_dataset(model, data, batch_size: int | None = None, device=None, progress: bool = False,
+                   channels_last: bool | None = None, precision: str = "fp32") -> np.ndarray:
     """The code table: float32 [len(data), D] encoder means of every row, in row order."""
-    return encode_rows(model, data, np.arange(len(data), dtype=np.int64), batch_size, device, progress)
+    return encode_rows(model, data, np.arange(len(data), dtype=np.int64), batch_size, device, progress,
+                       channels_last, precision)
 
 
 class PerBatchEncoder:
     """dlib's way: a representation function that encodes the sampled images on every call."""
 
-    def __init__(self, model, data, batch_size: int = 1024, device=None):
+    def __init__(self, model, data, batch_size: int | None = None, device=None):
         self.model, self.data, self.batch_size, self.device = model, data, batch_size, device
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
@@ -168,7 +295,7 @@ class CachedEncoder:
     only the rows the metric draws.
     """
 
-    def __init__(self, model, data, batch_size: int = 1024, device=None):
+    def __init__(self, model, data, batch_size: int | None = None, device=None):
         self.model, self.data, self.batch_size, self.device = model, data, batch_size, device
         self.table: np.ndarray | None = None
         self.done = np.zeros(len(data), dtype=bool)
