@@ -23,7 +23,7 @@ import pytest
 #: The environment variable that turns a missing extra from a skip into a failure.
 REQUIRE_ENV = "FASTFVAE_REQUIRE_EXTRAS"
 #: Each extra of pyproject.toml that tests use, and the module that proves it is installed.
-EXTRA_MODULES = {"dali": "nvidia.dali", "tb": "tensorboard"}
+EXTRA_MODULES = {"dali": "nvidia.dali", "tb": "tensorboard", "ray": "ray"}
 
 
 def _skip_unless_required(reason: str, promise: str) -> NoReturn:

@@ -8,6 +8,8 @@ carries on).
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import signal
 import sys
 
@@ -44,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "continues the runs to the spec's steps)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and packs, train nothing, write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress display (one line per pack instead)")
+    p.add_argument("--ray", default=None, metavar="auto|HOST:PORT",
+                   help="run the packs as tasks on a running Ray cluster (auto: the one started on this machine; "
+                        "HOST:PORT: its head node); DIR must be on a filesystem every node shares. "
+                        "Needs pip install 'fastfvae[ray]'")
 
 
 def load(args: argparse.Namespace):
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from fastfvae.train.loop import StoppedBeforeTraining, TrainingDiverged
 
     spec = load(args)
-    plan = plan_sweep(spec, args.out, steps=args.steps, device=args.device, pack_size=args.pack)
+    out = os.path.abspath(args.out) if args.ray is not None else args.out  # the same path on every Ray node
+    plan = plan_sweep(spec, out, steps=args.steps, device=args.device, pack_size=args.pack)
     packs = plan.packs()
     if args.dry_run:
         print("\n".join(dry_run_lines(plan, packs)))
@@ -98,8 +105,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"fastfvae: {line}", file=sys.stderr, flush=True)
 
     try:
-        result = run_sweep(plan, progress=not args.no_progress, console=console,
-                           callbacks_for=lambda cfg, data: callbacks_for(cfg, args, data), status=status)
+        if args.ray is not None:
+            from fastfvae.study.ray_backend import run_sweep_on_ray
+
+            result = run_sweep_on_ray(plan, args.ray, callbacks_for=functools.partial(_callbacks, args),
+                                      status=status)
+        else:
+            result = run_sweep(plan, progress=not args.no_progress, console=console,
+                               callbacks_for=lambda cfg, data: callbacks_for(cfg, args, data), status=status)
     except TrainingDiverged as exc:
         print(f"fastfvae: error: {exc}", file=sys.stderr)
         return 1
@@ -108,12 +121,20 @@ def run(args: argparse.Namespace) -> int:
         return 128 + int(exc.signum)
     if result.status == "interrupted":
         how = "stopped by SIGTERM" if result.stop_signal == signal.SIGTERM else "interrupted"
-        print(f"fastfvae: sweep {how} in pack {result.pack}; checkpoints saved, {result.done}/{result.runs} runs "
+        where = f" in pack {result.pack}" if result.pack is not None else ""
+        print(f"fastfvae: sweep {how}{where}; checkpoints saved, {result.done}/{result.runs} runs "
               f"done (continue with the same command)", file=sys.stderr)
         return 128 + int(result.stop_signal or signal.SIGINT)
     print(f"fastfvae: sweep {plan.out}: {result.done}/{result.runs} runs done ({len(result.trained)} trained now, "
           f"{duration(result.seconds)})", file=sys.stderr)
     return 0
+
+
+def _callbacks(args: argparse.Namespace, cfg, data):
+    """`fastfvae.cli.train.callbacks_for` of a Ray task's run (a module-level function: it pickles)."""
+    from fastfvae.cli.train import callbacks_for
+
+    return callbacks_for(cfg, args, data)
 
 
 def register(subparsers) -> None:

@@ -26,6 +26,7 @@ one; the sweep then returns ``status="interrupted"`` and the next call carries o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -276,12 +277,21 @@ def run_sweep(plan: SweepPlan, *, progress: bool = True, console=None,
     ``data``: the dataset for every run (default: each dataset loaded once, on first use,
     shared by the packs that train on it). ``callbacks_for(cfg, data)``: each run's per-step
     callbacks. ``status(line)``: called with one line before each pack (the sweep's progress)."""
-    from fastfvae.data.paths import make_folder, remove_empty_folders
     from fastfvae.train.state import resolve_device
 
-    packs = plan.packs()
     for kind in {run.config.device for run in plan.runs}:
         resolve_device(kind)  # --device cuda without CUDA: refused before anything is written
+    with owned_sweep(plan) as (plan, packs):
+        return _run_packs(plan, packs, progress, console, callbacks_for, data, status)
+
+
+@contextlib.contextmanager
+def owned_sweep(plan: SweepPlan):
+    """Hold ``plan.out`` (its lock) and write its ``sweep.json``; yields the plan (made again
+    if another process changed the record after it was made) and its packs. Whoever trains
+    the packs (this process, or Ray tasks: `fastfvae.study.ray_backend`) does it inside."""
+    from fastfvae.data.paths import make_folder, remove_empty_folders
+
     out = plan.out
     created = make_folder(out, "--out")
     lock = sweep_lock(out)
@@ -293,11 +303,10 @@ def run_sweep(plan: SweepPlan, *, progress: bool = True, console=None,
     try:
         if read_record(out) != plan.recorded:  # another process wrote it after the plan was made
             plan = plan_sweep(plan.spec, out, steps=plan.steps, device=plan.device, pack_size=plan.pack_size)
-            packs = plan.packs()
         record = json.loads(json.dumps(plan.record()))  # as it reads back (tuples as lists)
         if record != plan.recorded:
             atomic_write_text(out / SWEEP_FILE, json.dumps(record, indent=1) + "\n")
-        return _run_packs(plan, packs, progress, console, callbacks_for, data, status)
+        yield plan, plan.packs()
     finally:
         lock.release()
 
