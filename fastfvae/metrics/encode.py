@@ -130,22 +130,21 @@ def _is_channels_last(model) -> bool:
 
 
 @contextlib.contextmanager
-def inference_models(models, device, channels_last: bool | None = None):
+def inference_models(models, channels_last: bool = False):
     """The models to encode with, in eval and inference mode, for the duration.
 
-    ``channels_last`` (None: on a CPU): each model whose 4-D weights are not channels_last
-    already is replaced by a channels_last copy (oneDNN's direct convolutions; about 1.3x
-    faster on the CPU, codes within ~1e-8 of the contiguous ones), so the caller's model,
-    its memory layout and its training flag are left as they were. A model that cannot be
-    copied is used as it is. Without channels_last the models themselves are put in eval
-    mode and their training flags restored after.
+    ``channels_last`` (opt-in): each model whose 4-D weights are not channels_last already is
+    replaced by a channels_last copy, so the caller's model, its memory layout and its
+    training flag are left as they were (a model that cannot be copied is used as it is).
+    On the CPU oneDNN's channels_last convolutions are about 1.2x faster, but they sum in
+    another order: codes within ~2e-6 of the contiguous ones, enough to move beta-VAE's
+    score in the third decimal (docs/metrics.md), so it is not the default. Otherwise the
+    models themselves are put in eval mode and their training flags restored after.
     """
     import copy
 
     import torch
 
-    if channels_last is None:
-        channels_last = torch.device(device).type == "cpu"
     prepared, restore = [], []
     for model in models:
         if channels_last and not _is_channels_last(model):
@@ -184,7 +183,7 @@ def check_models(models, data):
 
 
 def encode_rows_many(models, data, rows: np.ndarray, batch_size: int | None = None, device=None,
-                     progress: bool = False, channels_last: bool | None = None,
+                     progress: bool = False, channels_last: bool = False,
                      precision: str = "fp32") -> list[np.ndarray]:
     """float32 [n, D_k] encoder means of the observations of ``rows`` (`observed_batch`), one
     array per model: each batch of images is produced (gathered, unpacked, uploaded,
@@ -192,8 +191,10 @@ def encode_rows_many(models, data, rows: np.ndarray, batch_size: int | None = No
 
     ``batch_size``: images per batch (None: `default_batch_size` of the device). On a CPU
     the process keeps freed memory in its heap (`fastfvae.fast.allocator.keep_freed_memory`,
-    process-wide), so the batches stop page-faulting. ``channels_last``: see
-    `inference_models`; ``precision``: `PRECISIONS`. ``progress``: a progress bar on stderr.
+    process-wide), so the batches stop page-faulting; the codes are bit for bit those of any
+    other batch size (but 1) here. ``channels_last`` (opt-in, `inference_models`) and
+    ``precision="bf16"`` (opt-in, `PRECISIONS`) are faster and change the codes' last bits
+    or more. ``progress``: a progress bar on stderr.
     A row's code does not depend on the other rows of its batch (beyond the convolution
     library's choice of algorithm for a batch size), nor on the other models.
     """
@@ -216,7 +217,7 @@ def encode_rows_many(models, data, rows: np.ndarray, batch_size: int | None = No
 
         what = f"encoding {rows.shape[0]:,} images" + (f" ({len(models)} models)" if len(models) > 1 else "")
         starts = track(starts, description=what, console=Console(stderr=True), transient=True)
-    with inference_models(models, device, channels_last) as prepared, autocast(device, precision):
+    with inference_models(models, channels_last) as prepared, autocast(device, precision):
         for start in starts:
             x = observed_batch(data, rows[start:start + batch_size], device)
             for k, model in enumerate(prepared):
@@ -227,7 +228,7 @@ def encode_rows_many(models, data, rows: np.ndarray, batch_size: int | None = No
 
 
 def encode_rows(model, data, rows: np.ndarray, batch_size: int | None = None, device=None,
-                progress: bool = False, channels_last: bool | None = None, precision: str = "fp32") -> np.ndarray:
+                progress: bool = False, channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
     """`encode_rows_many` of one model: float32 [n, D] encoder means of ``rows``' observations."""
     return encode_rows_many([model], data, rows, batch_size, device, progress, channels_last, precision)[0]
 
@@ -271,7 +272,7 @@ def _stored_images(data, rows: np.ndarray, device):
 
 
 def encode_dataset(model, data, batch_size: int | None = None, device=None, progress: bool = False,
-                   channels_last: bool | None = None, precision: str = "fp32") -> np.ndarray:
+                   channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
     """The code table: float32 [len(data), D] encoder means of every row, in row order."""
     return encode_rows(model, data, np.arange(len(data), dtype=np.int64), batch_size, device, progress,
                        channels_last, precision)

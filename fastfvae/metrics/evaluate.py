@@ -177,7 +177,7 @@ def load_model(model_or_ckpt, device=None):
 
 def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, batch_size: int | None = None,
                    device=None, config: dict | None = None, factor_sizes=None,
-                   timings: dict | None = None, progress: bool = False, channels_last: bool | None = None,
+                   timings: dict | None = None, progress: bool = False, channels_last: bool = False,
                    precision: str = "fp32") -> dict[str, dict]:
     """Encode every row of ``data`` once (encoder mean, eval mode, no grad), then `evaluate_codes`.
 
@@ -212,7 +212,7 @@ def evaluate_model(model_or_ckpt, data, metrics=DEFAULT_METRICS, seed: int = 0, 
 
 
 def reconstruction_of_model(model, data, seed: int = 0, device=None, num_samples: int = 10000,
-                            batch_size: int = 256, channels_last: bool | None = None,
+                            batch_size: int = 256, channels_last: bool = False,
                             precision: str = "fp32") -> dict:
     """Mean BCE per image (nats) of ``decode(encoder mean)`` on ``num_samples`` random rows,
     against the observations the model sees (`observed_batch`: for colour / noisy dSprites,
@@ -223,7 +223,7 @@ def reconstruction_of_model(model, data, seed: int = 0, device=None, num_samples
 
 
 def reconstruction_of_models(models, data, seed: int = 0, num_samples: int = 10000, batch_size: int = 256,
-                             channels_last: bool | None = None, precision: str = "fp32") -> list[dict]:
+                             channels_last: bool = False, precision: str = "fp32") -> list[dict]:
     """`reconstruction.reconstruction_error` of each model, each batch of images produced once
     for all of them: the same rows (one ``randint(len(data), size=num_samples)`` from
     ``RandomState(seed)``), batches and float64 sums as `reconstruction_error`, per model.
@@ -238,7 +238,7 @@ def reconstruction_of_models(models, data, seed: int = 0, num_samples: int = 100
     network_batch = default_batch_size(device)
     rows = np.random.RandomState(seed).randint(len(data), size=num_samples)
     totals = [0.0] * len(models)
-    with inference_models(models, device, channels_last) as prepared, autocast(device, precision):
+    with inference_models(models, channels_last) as prepared, autocast(device, precision):
         for start in range(0, num_samples, batch_size):
             x = observed_batch(data, rows[start:start + batch_size], device)
             targets = x.float().cpu().numpy()
@@ -430,7 +430,7 @@ class PlannedCodes:
 
 def evaluate_models(models, data, metrics=TRAINING_METRICS, seed: int = 0, budget="dlib",
                     config: dict | None = None, batch_size: int | None = None,
-                    channels_last: bool | None = None, precision: str = "fp32",
+                    channels_last: bool = False, precision: str = "fp32",
                     progress: bool = False) -> list[dict]:
     """Score K models (plain VAEs on one device) on ``data``: one eval-log record each.
 

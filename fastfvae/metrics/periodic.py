@@ -98,6 +98,38 @@ def periodic_evaluation(every: int, data, metrics=TRAINING_METRICS, out_dir=None
     return callback
 
 
+def periodic_pack_evaluation(every: int, data, out_dirs, metrics=TRAINING_METRICS, seed: int = 0,
+                             budget="dlib", config: dict | None = None, batch_size: int | None = None,
+                             precision: str = "fp32", stream=None):
+    """`periodic_evaluation` for a pack: ``evaluate(step, models)`` scores the K models (the
+    pack's VAEs, in the order of ``out_dirs``) in one `evaluate_models` call every ``every``
+    steps and appends each model's line to ``<out_dirs[k]>/eval_log.jsonl``. Returns the K
+    records (None between evaluations). Checked like `periodic_evaluation`, here."""
+    check_every(every)
+    log_settings(metrics, seed, budget, config)
+    logs = [MetricLog(out, EVAL_LOG_NAME) for out in out_dirs]
+    holder = {}
+
+    def evaluate(step: int, models) -> list[dict] | None:
+        if step % every:
+            return None
+        models = list(models)
+        if len(models) != len(logs):
+            raise FastFVAEError(f"{len(models)} models for the {len(logs)} run folders of this pack")
+        if "data" not in holder:
+            holder["data"] = data() if callable(data) else data
+        results = evaluate_models(models, holder["data"], metrics, seed=seed, budget=budget, config=config,
+                                  batch_size=batch_size, precision=precision)
+        records = [log_record(step, result) for result in results]
+        for log, record in zip(logs, records):
+            log.write(record)
+        for k, record in enumerate(records):
+            print(f"run {k}: {summary_line(record)}", file=stream or sys.stderr)
+        return records
+
+    return evaluate
+
+
 def periodic_factor_vae(every: int, data, out_dir=None, seed: int = 0, config: dict | None = None,
                         batch_size: int | None = None, stream=None):
     """The first form of the callback, kept for callers of it: the FactorVAE metric alone
