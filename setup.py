@@ -142,7 +142,7 @@ class BuildNative(build_ext):
         # moved, or of another torch) would fail or mislead the configure step.
         build_dir = Path(self.build_temp).resolve() / "native"
         shutil.rmtree(build_dir, ignore_errors=True)
-        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(len(os.sched_getaffinity(0)))
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
         steps = (
             ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
              f"-DCMAKE_PREFIX_PATH={prefix}", f"-DPython_EXECUTABLE={sys.executable}"],

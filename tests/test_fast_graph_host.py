@@ -114,20 +114,30 @@ def _cpu_graphed(cfg, data, noise):
     return state, step, graphed
 
 
-@pytest.mark.parametrize("model", ["factorvae", "betavae"])
-def test_bound_graph_step_with_host_noise_matches_the_eager_step(model, monkeypatch):
-    """Rows and noise through the staging buffers, metrics as one stacked vector: the same
-    values as the eager fast step fed the same inputs, and no per-step pinning."""
-    cfg = small_config(model=model, batch_size=8, d_hidden=32, d_layers=2, d_steps=2)
-    data = small_dsprites(128)
+@pytest.mark.parametrize("model,colour", [("factorvae", False), ("betavae", False), ("annealedvae", False),
+                                          ("factorvae", True)])
+def test_bound_graph_step_with_host_noise_matches_the_eager_step(model, colour, monkeypatch):
+    """Rows, the step count and noise (colour dSprites: its colours too) through the staging
+    buffers, metrics as one stacked vector: the same values as the eager fast step fed the same
+    inputs, step after step (annealedvae reads the staged step count), and no per-step pinning."""
+    from fastfvae.data.variants import ColorDSprites
+    from fastfvae.train.step import StepShapes
+
+    extra = {"iteration_threshold": 4, "c_max": 5.0, "gamma": 10.0} if model == "annealedvae" else {}
+    cfg = small_config(model=model, batch_size=8, d_hidden=32, d_layers=2, d_steps=2,
+                       dataset="color_dsprites" if colour else "dsprites", **extra)
+    data = ColorDSprites(small_dsprites(128)) if colour else small_dsprites(128)
+    shapes = StepShapes.of(cfg, data=data)
     eager_state, eager_step, _ = _cpu_graphed(cfg, data, "host")
     state, _, graphed = _cpu_graphed(cfg, data, "host")
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda *a, **k: pytest.fail("pinned memory allocated per step"))
-    for _ in range(3):
-        expected = eager_step(draw_step_inputs(cfg, eager_state.sampler, eager_state.generator))
-        got = graphed(draw_step_inputs(cfg, state.sampler, state.generator))
+    for _ in range(6):
+        expected = eager_step(draw_step_inputs(shapes, eager_state.sampler, eager_state.generator))
+        got = graphed(draw_step_inputs(shapes, state.sampler, state.generator))
         assert isinstance(got, StackedMetrics) and list(got) == list(expected)
         assert torch.equal(got.values, torch.stack([expected[k] for k in got]))
+        eager_state.step += 1
+        state.step += 1
     for p, q in zip(eager_state.models.vae.parameters(), state.models.vae.parameters()):
         assert torch.equal(p, q)
 

@@ -20,7 +20,7 @@ SUBCOMMAND_MODULES = ("train", "eval", "traverse", "data", "sweep", "report", "i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastfvae", description="Train and evaluate FactorVAE / beta-VAE fast.")
+    parser = argparse.ArgumentParser(prog="fastfvae", description="Train and evaluate disentangled VAEs (FactorVAE, beta-VAE and disentanglement_lib's other methods) fast.")
     parser.add_argument("--version", action="version", version=f"fastfvae {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True

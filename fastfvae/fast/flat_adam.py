@@ -64,8 +64,9 @@ class FlatAdam:
 
     # --- binding ---------------------------------------------------------------------------
     def bind(self) -> None:
-        """Make the parameters, their Adam moments and a gradient buffer views of flat buffers
-        (values kept; missing state is created as torch's Adam creates it at its first step)."""
+        """Copy the parameters into FlatAdam's own flat weights, make their Adam moments views of
+        flat buffers and add a flat gradient buffer (values kept; missing state is created as
+        torch's Adam creates it at its first step)."""
         state = self.optimizer.state
         for p in self.params:
             s = state[p]

@@ -59,7 +59,7 @@ class FastOptions:
     cuda_graph: bool | None = None   # capture the whole step as one CUDA graph; None = on CUDA
     noise: str = "auto"              # host (the reference's stream) | device (in-graph); auto:
                                      # device with a CUDA graph, else host
-    by_hand: bool | None = None      # split-backward convolutions + D written out (7.);
+    by_hand: bool | None = None      # split-backward convolutions + D written out (6.);
                                      # None = when nothing is compiled or captured (CPU)
 
     def resolved(self, device: torch.device) -> "FastOptions":

@@ -35,7 +35,10 @@ import difflib
 import itertools
 import json
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
+    import tomli as tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

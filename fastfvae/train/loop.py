@@ -22,8 +22,8 @@ every ``ckpt_every`` steps and at the end.
   A second one interrupts at once (KeyboardInterrupt); a checkpoint is then written only if
   no step was half-done.
 - NaN/inf guard: the loss every step (or at log time for a step that defers host syncs), and
-  the weights and Adam state of both networks (the fast step's flat buffers included: they
-  are the optimisers' state tensors) at every log line and before every checkpoint, with
+  the weights and Adam state of both networks (what the fast step keeps of its own written
+  back first, `sync_state`) at every log line and before every checkpoint, with
   one reduction per tensor. Either raises `TrainingDiverged` and nothing more is written, so
   the last checkpoint on disk is the last good state; no checkpoint holds NaN/inf.
 - A checkpoint that cannot be written (disk full) stops the run with a one-line
@@ -167,8 +167,8 @@ class _StopOnSignals:
 
 
 def _state_tensors(state: TrainState) -> dict[str, list[torch.Tensor]]:
-    """The weights and the Adam moments of each network, by name. The optimisers' state dicts
-    are the live tensors (views of the fast step's flat buffers where it uses them)."""
+    """The weights and the Adam moments of each network, by name (after the step's
+    `sync_state`: the run's own optimisers, in the reference's format)."""
     parts = {}
     for name, model, opt in (("the VAE", state.models.vae, state.optims.vae),
                              ("D", state.models.disc, state.optims.disc)):
@@ -278,6 +278,8 @@ def run_training(cfg: TrainConfig, *, data=None, resume: str | os.PathLike | Non
     the step implementation (default: `fastfvae.fast.make_fast_step` when ``cfg.fast``, else
     the reference step).
     ``callbacks``: called as ``cb(state, metrics)`` after every step (e.g. periodic evaluation).
+    The VAE's weights are always current; the rest of the state (optimisers, a by-hand D's
+    flat weights) is written back by the step at log, checkpoint and ``eval_every`` steps.
     ``on_finish``: called with the result while the folder is still this run's (the CLI draws
     its figures there). Bad input raises FastFVAEError before anything is written.
     """
@@ -428,6 +430,8 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                     flush_log()
                 else:
                     bar.update(state.step)
+                if callbacks and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    sync_state()  # an evaluation step: the callbacks see the whole state as it is
                 for callback in callbacks:
                     callback(state, metrics)
                 if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.step < cfg.steps:

@@ -15,11 +15,6 @@ from fastfvae.train.step import (  # noqa: F401  (the step's public names, re-ex
 )
 
 
-def uses_second_batch(cfg) -> bool:
-    """True when ``cfg``'s method trains its adversary on a second batch (FactorVAE, perm_batch="second")."""
-    return bool(cfg.method().second_batch)
-
-
 def observations(data, rows, noise: torch.Tensor | None, device) -> torch.Tensor:
     """The float batch of ``rows`` as the model sees it: the stored images, rendered with the
     step's observation noise by datasets that have some (the identity otherwise)."""
