@@ -138,3 +138,26 @@ def test_seed_outside_randomstate_range_is_one_line(seed, tmp_path, capsys):
 
 def test_largest_randomstate_seed_is_accepted(tmp_path, capsys):
     assert _scores(capsys, tmp_path, TABLE, "--metrics", "mig", "--seed", 2**32 - 1)["mig"]
+
+
+def test_precision_and_channels_last_reach_the_encoder_and_a_bad_precision_is_one_line(run_folder, tmp_path,
+                                                                                       capsys, monkeypatch):
+    import fastfvae.cli.eval as eval_cli
+
+    def no_checkpoint(*a):
+        pytest.fail("loaded the checkpoint before checking --precision")
+
+    with monkeypatch.context() as m:
+        m.setattr(eval_cli, "_load_checkpoint", no_checkpoint)
+        code, _, err = _cli(capsys, run_folder, "--metrics", "mig", "--precision", "fp16")
+    assert code == 2 and err.strip() == "fastfvae: error: unknown encoder precision 'fp16'; expected one of fp32, bf16"
+    asked = []
+    real = eval_cli.evaluate_model
+    monkeypatch.setattr(eval_cli, "evaluate_model", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    out = tmp_path / "s.json"
+    code, _, err = _cli(capsys, run_folder, "--metrics", "mig", "--precision", "bf16", "--channels-last",
+                        "--json", out, "--device", "cpu")
+    assert code == 0, err
+    assert asked[0]["precision"] == "bf16" and asked[0]["channels_last"] is True
+    report = json.loads(out.read_text())
+    assert report["precision"] == "bf16" and report["channels_last"] is True
