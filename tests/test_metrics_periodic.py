@@ -199,6 +199,13 @@ def test_a_metric_subset_scores_only_those(vaes, data):
 VALID = "factor_vae, beta_vae, mig, sap, dci, dci_fast, gaussian_tc, recon"
 
 
+def _every_24th_row(data):
+    """48 of the 1,152 rows: no full factor grid."""
+    from fastfvae.data import DSprites
+
+    return DSprites(data.packed[::24], data.latents_classes[::24], data.latents_values[::24])
+
+
 def test_a_bad_metric_name_is_one_line_listing_the_valid_ones_before_any_work(vaes, data):
     def no_data():
         pytest.fail("loaded the data for a bad request")
@@ -222,6 +229,8 @@ def test_a_bad_metric_name_is_one_line_listing_the_valid_ones_before_any_work(va
         evaluate_models([Untouchable()], data, ("mig",), budget="quick")
     with pytest.raises(FastFVAEError, match=r"^unknown setting\(s\) \['num_evals'\] for metric 'factor_vae'"):
         periodic_evaluation(10, no_data, ("factor_vae",), config={"factor_vae": {"num_evals": 5}})
+    with pytest.raises(FastFVAEError, match=r"^the 48 rows of this dataset are not a full row-major factor grid"):
+        periodic_evaluation(10, _every_24th_row(data), ("mig",))
     with pytest.raises(FastFVAEError, match=r"^--eval-every must be an integer >= 1 step, got 0$"):
         periodic_evaluation(0, no_data)
     with pytest.raises(FastFVAEError, match=r"^model 1 \(object\) has no encode"):

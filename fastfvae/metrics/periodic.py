@@ -43,7 +43,7 @@ import time
 
 from fastfvae.errors import FastFVAEError
 from fastfvae.metrics.evaluate import (  # noqa: F401 (MAIN_SCORES, BUDGETS: importable here too)
-    BUDGETS, MAIN_SCORES, TRAINING_METRICS, evaluate_models, factor_vae_score_of_model, log_settings,
+    BUDGETS, MAIN_SCORES, TRAINING_METRICS, evaluate_models, factor_vae_score_of_model, grid_of_data, log_settings,
 )
 from fastfvae.train.progress import EVAL_LOG_NAME, MetricLog  # noqa: F401 (EVAL_LOG_NAME: importable here too)
 
@@ -75,11 +75,14 @@ def periodic_evaluation(every: int, data, metrics=TRAINING_METRICS, out_dir=None
     sees, `fastfvae.metrics.encode`) or a zero-argument function returning one (loaded at the
     first evaluation). ``budget``: a name of `BUDGETS` (default ``dlib``: disentanglement_lib's
     full settings, the numbers of a final evaluation; ``training`` for cheaper curves) or a dict
-    of settings per metric; ``config``: settings on top of it. The metric names, the budget and
-    the settings are checked here, before the run starts (one-line FastFVAEError).
+    of settings per metric; ``config``: settings on top of it. The metric names, the budget,
+    the settings and a given dataset (a full factor grid) are checked here, before the run
+    starts (one-line FastFVAEError).
     """
     check_every(every)
     log_settings(metrics, seed, budget, config)  # raises on a bad name or setting
+    if not callable(data):
+        grid_of_data(data)  # a dataset that is no full factor grid: now, not at the first evaluation
     holder = {}
     log = MetricLog(out_dir, EVAL_LOG_NAME) if out_dir is not None else None
 
@@ -107,6 +110,8 @@ def periodic_pack_evaluation(every: int, data, out_dirs, metrics=TRAINING_METRIC
     records (None between evaluations). Checked like `periodic_evaluation`, here."""
     check_every(every)
     log_settings(metrics, seed, budget, config)
+    if not callable(data):
+        grid_of_data(data)
     logs = [MetricLog(out, EVAL_LOG_NAME) for out in out_dirs]
     holder = {}
 
