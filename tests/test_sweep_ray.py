@@ -53,6 +53,17 @@ device = "cpu"
 NAMES = ("factorvae-seed0", "factorvae-seed1", "betavae-seed0")
 
 
+def _swept_locally(tmp_path, monkeypatch, pack: int):
+    """The test sweep trained locally without Ray (the result a Ray sweep must equal): (its
+    spec, the local folder, the folder for the Ray sweep, the dataset every run loads)."""
+    data = small_dsprites(256)
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert run_sweep(plan_sweep(spec, local, pack_size=pack), progress=False).status == "completed"
+    return spec, local, on_ray, data
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster of its own processes (a 2-CPU head node) and its address. Everything
@@ -130,11 +141,7 @@ def assert_same_checkpoints(a: Path, b: Path) -> None:
 def test_a_worker_killed_mid_pack_is_retried_and_resumes_bit_exactly(tmp_path, ray_cluster, monkeypatch, pack):
     from fastfvae.study.ray_backend import run_sweep_on_ray
 
-    data = small_dsprites(256)
-    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
-    spec = load_spec(write_spec(tmp_path, SPEC))
-    local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert run_sweep(plan_sweep(spec, local, pack_size=pack), progress=False).status == "completed"
+    spec, local, on_ray, data = _swept_locally(tmp_path, monkeypatch, pack=pack)
 
     marker = tmp_path / "killed"
     lines = []
@@ -155,11 +162,7 @@ def test_without_retries_a_killed_worker_fails_the_sweep_and_the_same_sweep_resu
                                                                                      monkeypatch):
     from fastfvae.study.ray_backend import run_sweep_on_ray
 
-    data = small_dsprites(256)
-    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
-    spec = load_spec(write_spec(tmp_path, SPEC))
-    local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert run_sweep(plan_sweep(spec, local, pack_size=2), progress=False).status == "completed"
+    spec, local, on_ray, data = _swept_locally(tmp_path, monkeypatch, pack=2)
     kill = kill_worker_once(tmp_path / "killed", seed=1, at_step=3)
     with pytest.raises(FastFVAEError, match=r"pack 1: its Ray worker died and the retries ran out"):
         run_sweep_on_ray(plan_sweep(spec, on_ray, pack_size=2), ray_cluster, data=data, callbacks_for=kill,
@@ -214,11 +217,7 @@ def test_ctrl_c_in_the_driver_cancels_the_tasks_and_the_same_sweep_resumes_bit_e
                                                                                         monkeypatch):
     from fastfvae.study.ray_backend import run_sweep_on_ray
 
-    data = small_dsprites(256)
-    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
-    spec = load_spec(write_spec(tmp_path, SPEC))
-    local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert run_sweep(plan_sweep(spec, local, pack_size=2), progress=False).status == "completed"
+    spec, local, on_ray, data = _swept_locally(tmp_path, monkeypatch, pack=2)
     started = tmp_path / "started"
 
     def mark_step_2(cfg, data):
