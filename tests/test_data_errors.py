@@ -185,3 +185,39 @@ def test_partial_set_error_is_a_fastfvae_error(small):
     assert isinstance(info.value, FastFVAEError) and info.value.rows == N
     assert "--allow-partial" not in str(info.value)
     assert "--allow-partial" in str(info.value.with_option("--allow-partial"))
+
+
+def test_make_folder_tolerates_another_process_creating_the_same_parents(tmp_path, monkeypatch):
+    """Tasks of one sweep create ``runs/<name>`` at once: a parent made by someone else between
+    the existence check and ``mkdir`` is used, and not removed by the loser's clean-up."""
+    from fastfvae.data import paths
+
+    shared = tmp_path / "runs"
+    real_mkdir = type(tmp_path).mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == shared and not shared.exists():
+            real_mkdir(self)  # the other task wins the race
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", racing_mkdir)
+    created = paths.make_folder(shared / "factorvae-seed1", "--out")
+    assert created == [shared / "factorvae-seed1"]
+    paths.remove_empty_folders(created)
+    assert shared.is_dir() and not (shared / "factorvae-seed1").exists()
+
+
+def test_make_folder_still_refuses_a_file_made_in_its_place(tmp_path, monkeypatch):
+    from fastfvae.data import paths
+
+    shared = tmp_path / "runs"
+    real_mkdir = type(tmp_path).mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == shared and not shared.exists():
+            shared.write_text("")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", racing_mkdir)
+    with pytest.raises(FastFVAEError, match="cannot create or write in this folder"):
+        paths.make_folder(shared / "x", "--out")

@@ -113,7 +113,8 @@ def make_folder(path: str | Path, flag: str) -> list[Path]:
     """Create folder ``path`` and its missing parents; returns the folders created, outermost first.
 
     Raises a one-line `FastFVAEError` (after removing what it created) when ``path`` is a
-    file or cannot be created or written in.
+    file or cannot be created or written in. Safe against processes creating the same folders
+    at once (tasks of one sweep share ``runs/``): a folder someone else made is not "created".
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -126,7 +127,14 @@ def make_folder(path: str | Path, flag: str) -> list[Path]:
     created: list[Path] = []
     try:
         for folder in reversed(missing):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                # Another process (a parallel sweep task) made it since the check above:
+                # theirs, so it is used but never removed here.
+                if not folder.is_dir():
+                    raise
+                continue
             created.append(folder)
         _probe_folder(path)
     except OSError as exc:
