@@ -293,3 +293,51 @@ def test_a_pack_evaluation_writes_each_models_line_to_its_own_run(vaes, data, tm
         assert line["step"] == 5 and line["details"] == want[k]["details"] == records[k]["details"]
     with pytest.raises(FastFVAEError, match=r"^2 models for the 3 run folders of this pack$"):
         evaluate(10, vaes[:2])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_pack_scores_its_runs_together_at_their_configs_budget(data, tmp_path, monkeypatch, k):
+    """`train_pack` evaluates its runs itself from their config (every, metrics, budget): one
+    `evaluate_models` call with the K VAEs per evaluation step, each run's line in its own log,
+    and those scores equal to the models' own evaluation afterwards (the checkpoints' VAEs)."""
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.checkpoint import load_models
+    from fastfvae.train.config import TrainConfig
+
+    calls = []
+    real = evaluate_module.evaluate_models
+
+    def counting(models, *args, **kwargs):
+        calls.append((len(models), kwargs.get("budget")))
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_models", counting)
+    import fastfvae.metrics.periodic as periodic_module
+
+    monkeypatch.setattr(periodic_module, "evaluate_models", counting)
+    cfgs = [TrainConfig(model="betavae", beta=b, seed=s, z_dim=3, fc_dim=16, batch_size=8, steps=4,
+                        out=str(tmp_path / f"run{s}"), eval_every=2, eval_metrics=("mig", "sap"),
+                        eval_budget="training", device="cpu")
+            for s, b in zip(range(k), (1.0, 4.0))]
+    train_pack(cfgs, data=data, progress=False)
+    assert calls == [(k, "training"), (k, "training")]
+    for cfg in cfgs:
+        lines = [json.loads(line) for line in (tmp_path / cfg.out / "eval_log.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == [2, 4]
+        assert all(line["budget"] == "training" for line in lines)
+        (own,) = real([load_models(cfg.out)[0]], data, ("mig", "sap"), seed=0, budget="training")
+        assert scores_of(lines[-1]) == pytest.approx(scores_of(log_record_of(own)), abs=1e-6)
+
+
+def log_record_of(result):
+    from fastfvae.metrics.periodic import log_record
+
+    return log_record(4, result)
+
+
+def test_a_bad_eval_budget_is_one_line_before_training(tmp_path):
+    from fastfvae.train.config import EVAL_BUDGETS, TrainConfig
+
+    assert set(EVAL_BUDGETS) <= set(BUDGETS)
+    with pytest.raises(FastFVAEError, match=r"^eval-budget must be dlib, training, got 'tiny'$"):
+        TrainConfig(eval_budget="tiny").validate()

@@ -73,7 +73,7 @@ BAD_SPECS = [
     ("grid = { gamma = [10.0, -1.0] }", "grid gamma=-1", "gamma must be a finite number >= 0", "-1.0"),
     ("grid = { gamma = [] }", "block 1 (factorvae)", "grid.gamma must be a non-empty list", "[]"),
     ("grid = { model = [\"vae\"] }", "block 1 (factorvae)", "grid.model", "one block per value"),
-    ("eval = { every = 10, metric = [\"mig\"] }", "block 1 (factorvae)", "unknown key eval.metric", "every or metrics"),
+    ("eval = { every = 10, metric = [\"mig\"] }", "block 1 (factorvae)", "unknown key eval.metric", "every, metrics or budget"),
     ("eval = { every = 10, metrics = [\"migg\"] }", "block 1 (factorvae)", "unknown metric 'migg'", "mig"),
     ("seeds = [0, 0]", "block 1 (factorvae)", "seeds lists 0 twice", ""),
     ("seeds = [-1]", "seed -1", "seed must be an integer in [0, 2**63)", ""),
@@ -102,6 +102,7 @@ def test_a_bad_block_is_one_line_naming_block_and_key_and_writes_nothing(tmp_pat
     ('[[block]]\nmodel = "nope"\n', "block 1: model must be one of"),
     ('[[block]]\nmodel = "betavae"\nbeta = 4.0\n[[block]]\nmodel = "betavae"\nbeta = 4.0\neval_every = 5\n',
      "trains the same as a run of block 1"),
+    ('[[block]]\nmodel = "betavae"\neval = { every = 5, budget = "tiny" }\n', "eval-budget must be dlib, training"),
 ])
 def test_a_bad_spec_file_is_one_line(tmp_path, capsys, text, problem):
     spec = write_spec(tmp_path, text)
@@ -127,7 +128,7 @@ def test_block_settings_reach_every_run_config(tmp_path):
     spec = parse_spec({"block": [{
         "model": "factorvae", "dataset": "color_dsprites", "steps": 300, "fc_dim": 64, "d_steps": 3,
         "hparams": {"d_lr": 1e-3}, "seeds": [4, 5], "grid": {"gamma": [10, 20.5], "vae_lr": [1e-4, 3e-4]},
-        "eval": {"every": 100, "metrics": ["mig", "sap"]}}]}, "test")
+        "eval": {"every": 100, "metrics": ["mig", "sap"], "budget": "training"}}]}, "test")
     runs = expand(spec, tmp_path / "runs")
     assert len(runs) == 2 * 2 * 2
     seen = {(r.config.gamma, r.config.vae_lr, r.config.seed) for r in runs}
@@ -136,7 +137,7 @@ def test_block_settings_reach_every_run_config(tmp_path):
         c = run.config
         assert isinstance(c.gamma, float)  # TOML's 10 is 10.0: it packs with 20.5
         assert (c.dataset, c.steps, c.fc_dim, c.d_steps, c.d_lr) == ("color_dsprites", 300, 64, 3, 1e-3)
-        assert (c.eval_every, tuple(c.eval_metrics), c.fast) == (100, ("mig", "sap"), True)
+        assert (c.eval_every, tuple(c.eval_metrics), c.eval_budget, c.fast) == (100, ("mig", "sap"), "training", True)
         assert Path(c.out) == tmp_path / "runs" / run.name
     assert runs[0].name == "factorvae-gamma10-vae_lr0.0001-seed4"
 
@@ -287,7 +288,7 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_it_bit_exactly(tmp_
     argv = ["sweep", str(spec), "--pack", "2", "--no-progress", "--device", "cpu"]
     assert main([*argv, "--out", str(whole)]) == 0
 
-    def ctrl_c_at_step_2_of_seed_1(cfg, args, data=None):
+    def ctrl_c_at_step_2_of_seed_1(cfg, args, data=None, evaluation=True):
         def callback(state, metrics):
             if cfg.seed == 1 and state.step == 2:
                 os.kill(os.getpid(), signal.SIGINT)

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                                       status=status)
         else:
             result = run_sweep(plan, progress=not args.no_progress, console=console,
-                               callbacks_for=lambda cfg, data: callbacks_for(cfg, args, data), status=status)
+                               callbacks_for=lambda cfg, data: callbacks_for(cfg, args, data, evaluation=False),
+                               status=status)
     except TrainingDiverged as exc:
         print(f"fastfvae: error: {exc}", file=sys.stderr)
         return 1
@@ -131,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _callbacks(args: argparse.Namespace, cfg, data):
-    """`fastfvae.cli.train.callbacks_for` of a Ray task's run (a module-level function: it pickles)."""
+    """`fastfvae.cli.train.callbacks_for` of a Ray task's run (a module-level function: it pickles),
+    without the evaluation: the run's pack evaluates it."""
     from fastfvae.cli.train import callbacks_for
 
-    return callbacks_for(cfg, args, data)
+    return callbacks_for(cfg, args, data, evaluation=False)
 
 
 def register(subparsers) -> None:

@@ -23,7 +23,6 @@ Extension points for other parts: `add_arguments` (more flags), `overrides_from_
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import sys
 import time
@@ -32,11 +31,12 @@ from fastfvae.errors import FastFVAEError
 
 from fastfvae.train.checkpoint import checkpoint_path
 from fastfvae.train.config import (
-    COMPILE_MODES, FAST_ONLY, LOADERS, NOISE_SOURCES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply,
+    COMPILE_MODES, EVAL_BUDGETS, FAST_ONLY, LOADERS, NOISE_SOURCES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply,
     methods_declaring, preset,
 )
 from fastfvae.train.loop import (
-    ResumePoint, RunResult, StoppedBeforeTraining, TrainingDiverged, read_resume_point, run_training,
+    ResumePoint, RunResult, StoppedBeforeTraining, TrainingDiverged, lazy_training_data, read_resume_point,
+    run_training,
 )
 from fastfvae.train.progress import LOG_NAME, read_log
 
@@ -193,11 +193,14 @@ def add_arguments(p: argparse.ArgumentParser, hparams_of: str | None = None) -> 
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end of the run")
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
-                   help="every N steps score the --eval-metrics (dlib settings) and append them to "
+                   help="every N steps score the --eval-metrics (at --eval-budget) and append them to "
                         f"<out>/eval_log.jsonl; 0 = never (default {d.eval_every})")
     p.add_argument("--eval-metrics", nargs="+", action=_MetricNames, default=None, metavar="NAME",
                    help=f"what --eval-every scores, space- or comma-separated: {', '.join(MAIN_SCORES)} "
                         f"(default {','.join(d.eval_metrics)})")
+    p.add_argument("--eval-budget", choices=EVAL_BUDGETS, default=None,
+                   help="the sample budget of --eval-every: dlib = disentanglement_lib's settings, training = "
+                        f"about a quarter of the rows, cheaper curves (default {d.eval_budget})")
     add_hparam_arguments(p, only=hparams_of)
 
 
@@ -276,27 +279,21 @@ def step_builder_for(cfg: TrainConfig):
     return None
 
 
-def training_data(cfg: TrainConfig):
-    """A zero-argument function loading ``cfg.data`` on its first call only, so the run and its
-    callbacks share one copy of the dataset (and a bad --out fails before it is loaded)."""
-    from fastfvae.train import loop
-
-    return functools.cache(lambda: loop.load_training_data(cfg.data, cfg.dataset))
-
-
-def callbacks_for(cfg: TrainConfig, args: argparse.Namespace, data=None) -> list:
-    """Per-step callbacks: with ``--eval-every N``, the ``--eval-metrics`` at dlib's settings
+def callbacks_for(cfg: TrainConfig, args: argparse.Namespace, data=None, evaluation: bool = True) -> list:
+    """Per-step callbacks: with ``--eval-every N``, the ``--eval-metrics`` at ``--eval-budget``
     (`fastfvae.metrics.periodic.periodic_evaluation`). The metric names are checked even
     without ``--eval-every``, before the run starts. ``data``: the run's `training_data`
-    (default: a loader of its own)."""
+    (default: a loader of its own). ``evaluation=False``: no evaluation callback (a sweep's
+    packs evaluate their runs themselves, `fastfvae.study.pack.pack_evaluation`)."""
     from fastfvae.metrics.evaluate import check_log_metric_names
 
     check_log_metric_names(cfg.eval_metrics)
-    if not cfg.eval_every:
+    if not (cfg.eval_every and evaluation):
         return []
     from fastfvae.metrics.periodic import periodic_evaluation
 
-    return [periodic_evaluation(cfg.eval_every, data or training_data(cfg), cfg.eval_metrics, out_dir=cfg.out)]
+    return [periodic_evaluation(cfg.eval_every, data or lazy_training_data(cfg), cfg.eval_metrics, out_dir=cfg.out,
+                                budget=cfg.eval_budget)]
 
 
 def write_outputs(result: RunResult, args: argparse.Namespace) -> dict:
@@ -339,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     if point is not None and point.payload is None:
         print(f"fastfvae: {checkpoint_path(args.resume).parent} has no checkpoint (its run stopped before the "
               f"first one): starting it again from step 0 with its config.json", file=sys.stderr)
-    data = training_data(cfg)
+    data = lazy_training_data(cfg)
     figures: dict = {}
 
     def finish(result: RunResult) -> None:  # inside the run: the folder is still this process's

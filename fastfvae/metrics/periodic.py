@@ -39,6 +39,7 @@ Logs written before these metrics existed (`periodic_factor_vae`) hold
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 import time
 
 from fastfvae.errors import FastFVAEError
@@ -128,8 +129,8 @@ def periodic_pack_evaluation(every: int, data, out_dirs, metrics=TRAINING_METRIC
         records = [log_record(step, result) for result in results]
         for log, record in zip(logs, records):
             log.write(record)
-        for k, record in enumerate(records):
-            print(f"run {k}: {summary_line(record)}", file=stream or sys.stderr)
+        for out, record in zip(out_dirs, records):
+            print(f"{Path(out).name}: {summary_line(record)}", file=stream or sys.stderr)
         return records
 
     return evaluate

@@ -283,22 +283,45 @@ def _unfinished(configs: Sequence[TrainConfig]) -> list[TrainConfig]:
     return [cfg for cfg in configs if not finished(cfg)]
 
 
+def pack_evaluation(configs: Sequence[TrainConfig], data):
+    """The runs' evaluation through training, from their config (``eval_every``, ``eval_metrics``,
+    ``eval_budget``: shared by a pack's runs): ``evaluate(step, vaes)`` scores the K VAEs together
+    (one pass over the images, `periodic_pack_evaluation`) and appends each one's line to its
+    run's ``eval_log.jsonl``; None when the runs do not evaluate. Checked here, before training."""
+    cfg0 = configs[0]
+    if not cfg0.eval_every:
+        return None
+    from fastfvae.metrics.periodic import periodic_pack_evaluation
+
+    return periodic_pack_evaluation(cfg0.eval_every, data, [c.out for c in configs], cfg0.eval_metrics,
+                                    budget=cfg0.eval_budget)
+
+
 def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = True, console=None,
-               callbacks_for=None) -> list[single.RunResult | None]:
+               callbacks_for=None, evaluate: bool = True) -> list[single.RunResult | None]:
     """Train the runs of a pack as one vectorised step (see the module docstring); returns one
     `RunResult` per config (None for a run that was already finished). ``callbacks_for(cfg,
-    data)``: the per-step callbacks of each run (periodic evaluation), called with that run's
-    state (synced from the pack first at its evaluation steps)."""
+    data)``: more per-step callbacks of each run, called with that run's state (synced from the
+    pack first at its evaluation steps). ``evaluate``: score the runs through training as their
+    configs say (`pack_evaluation`; the K models encode the images together)."""
     configs = [cfg.validate() for cfg in configs]
     check_pack(configs)
     todo = _unfinished(configs)
     if not todo:
         return [None] * len(configs)
+    if evaluate:
+        pack_evaluation(todo, data if data is not None else (lambda: None))  # bad settings: before anything
     if len(todo) == 1:  # a pack of one is a single run: the single fast step is the faster mechanism
         cfg = todo[0]
         resume = cfg.out if checkpoint_path(cfg.out).exists() else None
+        if data is None:
+            data = single.lazy_training_data(cfg)
+        callbacks = list(callbacks_for(cfg, data)) if callbacks_for is not None else []
+        evaluation = pack_evaluation(todo, data) if evaluate else None
+        if evaluation is not None:
+            callbacks.append(lambda state, metrics: evaluation(state.step, [state.models.vae]))
         result = single.run_training(cfg, data=data, resume=resume, progress=progress, console=console,
-                                     callbacks=callbacks_for(cfg, data) if callbacks_for is not None else ())
+                                     callbacks=callbacks)
         return [result if c is cfg else None for c in configs]
     device = resolve_device(todo[0].device)
     results: dict[str, single.RunResult] = {}
@@ -331,13 +354,14 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
                 raise FastFVAEError("the runs of a pack must be at the same step; train them as separate packs")
             step = PackStep(states, data)
             callbacks = [callbacks_for(cfg, data) if callbacks_for is not None else () for cfg in todo]
+            evaluation = pack_evaluation(todo, data) if evaluate else None
         except BaseException:
             for folder in folders:
                 folder.abandon()
             raise
         try:
-            for state, result in zip(states, _train_pack(todo, states, payloads, step, data, callbacks, stop,
-                                                         progress, console)):
+            for state, result in zip(states, _train_pack(todo, states, payloads, step, data, callbacks, evaluation,
+                                                         stop, progress, console)):
                 results[state.cfg.out] = result
         finally:
             for folder in folders:
@@ -345,7 +369,7 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
     return [results.get(cfg.out) for cfg in configs]
 
 
-def _train_pack(cfgs, states, payloads, step, data, callbacks, stop, progress, console):
+def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop, progress, console):
     """The steps of `train_pack` in the folders it owns; one `RunResult` per run."""
     cfg0, k = cfgs[0], len(cfgs)
     logs = [MetricLog(Path(c.out)) for c in cfgs]
@@ -409,9 +433,11 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, stop, progress, c
                 flush(bar)
             else:
                 bar.update(n)
+            if cfg0.eval_every and n % cfg0.eval_every == 0 and (evaluation is not None or any(callbacks)):
+                step.sync_state()
+                if evaluation is not None:
+                    evaluation(n, [state.models.vae for state in states])
             if any(callbacks):
-                if cfg0.eval_every and n % cfg0.eval_every == 0:
-                    step.sync_state()
                 for cbs, state, m in zip(callbacks, states, per_run):
                     for callback in cbs:
                         callback(state, m)

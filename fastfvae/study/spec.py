@@ -7,7 +7,8 @@
     d_steps = 5                    # ... and the method's hyperparameters, at the top level
     seeds = [0, 1, 2]              # one run per seed (default: [seed], i.e. [0])
     grid = { gamma = [10.0, 20.0] }  # the cartesian product of these values
-    eval = { every = 10000, metrics = ["factor_vae", "mig"] }  # -> eval_every, eval_metrics
+    eval = { every = 10000, metrics = ["factor_vae", "mig"], budget = "training" }  # -> eval_every, ...
+                                   # eval_metrics, eval_budget (default "dlib")
 
 Optional keys besides: ``name`` (the block's label in run names and messages, default the
 model's name), ``preset`` (a `fastfvae.train.config.preset` the block starts from instead of the
@@ -260,9 +261,9 @@ def _parse_block(index: int, table: dict, source: str) -> Block:
         if not isinstance(evaluation, dict):
             raise FastFVAEError(f"{where}: eval must be a table {{ every = N, metrics = [...] }}, got {evaluation!r}")
         for key in evaluation:
-            if key not in ("every", "metrics"):
-                raise FastFVAEError(f"{where}: unknown key eval.{key}: expected every or metrics")
-        for key, field_name in (("every", "eval_every"), ("metrics", "eval_metrics")):
+            if key not in ("every", "metrics", "budget"):
+                raise FastFVAEError(f"{where}: unknown key eval.{key}: expected every, metrics or budget")
+        for key, field_name in (("every", "eval_every"), ("metrics", "eval_metrics"), ("budget", "eval_budget")):
             if key in evaluation:
                 if field_name in settings:
                     raise FastFVAEError(f"{where}: {field_name} is given twice (as {field_name} and eval.{key})")

@@ -42,6 +42,8 @@ from fastfvae.errors import FastFVAEError
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("device", "torch", "dali")
+#: The sample budgets an evaluation during training may use (`fastfvae.metrics.evaluate.BUDGETS`).
+EVAL_BUDGETS = ("dlib", "training")
 COMPILE_MODES = ("auto", "none", "model")
 NOISE_SOURCES = ("auto", "host", "device")
 #: Seeds are in [0, SEED_LIMIT): numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64 and
@@ -143,6 +145,9 @@ class TrainConfig:
     #: The metrics each evaluation scores (`fastfvae.metrics.periodic`): factor_vae, beta_vae,
     #: mig, sap, dci, recon.
     eval_metrics: tuple[str, ...] = ("factor_vae",)
+    #: Their sample budget: "dlib" (disentanglement_lib's settings, every dSprites row encoded)
+    #: or "training" (about a quarter of the rows: cheaper curves, estimates of the dlib scores).
+    eval_budget: str = "dlib"
 
     #: Test hook, never set by the CLI: make the loss NaN at this step (checks the NaN guard).
     debug_nan_at_step: int | None = field(default=None, repr=False)
@@ -179,7 +184,8 @@ class TrainConfig:
 
         self.method()  # unknown model, an undeclared hyperparameter, or a value out of its range
         for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("loader", LOADERS),
-                              ("compile", COMPILE_MODES), ("noise", NOISE_SOURCES)):
+                              ("compile", COMPILE_MODES), ("noise", NOISE_SOURCES),
+                              ("eval_budget", EVAL_BUDGETS)):
             if getattr(self, name) not in choices:
                 raise bad(name.replace("_", "-"), getattr(self, name), ", ".join(choices))
         from fastfvae.data.registry import DATASETS
@@ -285,7 +291,7 @@ def resolve_hparams(model: str, given: dict[str, Any]) -> dict[str, Any]:
 RESUMABLE_CHANGES = frozenset({
     "steps", "data", "device", "out", "ckpt_every", "log_every", "preset", "fast", "loader", "precision",
     "compile", "cuda_graph", "noise", "by_hand", "fused_ops", "channels_last", "fused_adam", "eval_every",
-    "eval_metrics", "debug_nan_at_step",
+    "eval_metrics", "eval_budget", "debug_nan_at_step",
 })
 
 

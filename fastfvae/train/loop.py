@@ -39,6 +39,7 @@ every ``ckpt_every`` steps and at the end.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -102,6 +103,12 @@ def load_training_data(path: str | None, dataset: str = "dsprites"):
     from fastfvae.data.registry import load_dataset
 
     return load_dataset(dataset, path)
+
+
+def lazy_training_data(cfg: TrainConfig):
+    """A zero-argument function loading ``cfg``'s dataset on its first call only, so a run and
+    its callbacks share one copy of it (and a bad --out fails before it is loaded)."""
+    return functools.cache(lambda: load_training_data(cfg.data, cfg.dataset))
 
 
 def holds_run(out: Path) -> bool:
