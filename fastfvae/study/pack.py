@@ -394,7 +394,8 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
             bad = single.nonfinite_state(state)
             if bad is not None:
                 raise single.TrainingDiverged(f"{cfg.out}: {bad} became NaN/inf (found at step {state.step}); the pack "
-                                              f"stopped, each run's last good checkpoint is kept")
+                                              f"stopped, each run's last good checkpoint is kept",
+                                              outs=(cfg.out,), step=state.step)
         for i, (cfg, state) in enumerate(zip(cfgs, states)):
             save_checkpoint(Path(cfg.out), {"config": cfg.to_dict(), "state": state.state_dict(),
                                             "rng": capture_rng_states(),
@@ -428,7 +429,7 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
             if not bool(torch.isfinite(metrics["loss"]).all()):
                 bad = [c.out for c, m in zip(cfgs, per_run) if not bool(torch.isfinite(m["loss"]))]
                 raise single.TrainingDiverged(f"loss became NaN/inf at step {n} in {', '.join(bad)}; the pack stopped, "
-                                              f"each run's last good checkpoint is kept")
+                                              f"each run's last good checkpoint is kept", outs=bad, step=n)
             if n % cfg0.log_every == 0 or n == cfg0.steps:
                 flush(bar)
             else:

@@ -71,7 +71,13 @@ Callback = Callable[[TrainState, dict], None]
 
 class TrainingDiverged(RuntimeError):
     """A loss, weight or optimiser state became NaN or inf; the message says at which step and
-    which checkpoint is kept."""
+    which checkpoint is kept. ``outs``: the run folders that diverged (all of a pack's runs when
+    it cannot tell), ``step``: the step at which it was found."""
+
+    def __init__(self, message: str, outs=(), step: int | None = None) -> None:
+        super().__init__(message)
+        self.outs = tuple(str(out) for out in outs)
+        self.step = step
 
 
 class StoppedBeforeTraining(KeyboardInterrupt):
@@ -381,7 +387,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
         if bad is not None:
             raise TrainingDiverged(f"{bad} became NaN/inf (found at step {state.step}; a loss weight too large "
                                    f"for float32, such as --beta/--gamma 1e30, overflows it); training stopped, "
-                                   f"{kept()}")
+                                   f"{kept()}", outs=(out,), step=state.step)
 
     def save() -> Path:
         nonlocal saved_step
@@ -432,7 +438,8 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                 due = (state.step % cfg.log_every == 0 or state.step == cfg.steps or stop.requested
                        or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0))
                 if (due or not deferred) and not _finite(meter.sums if deferred else metrics):
-                    raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept()}")
+                    raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept()}",
+                                           outs=(out,), step=state.step)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     flush_log()
                 else:
