@@ -377,3 +377,47 @@ def test_the_sweep_folder_belongs_to_one_process(tmp_path, small_data, capsys):
         assert not (out / SWEEP_FILE).exists() and not (out / "runs").exists()
     finally:
         holder.communicate("", timeout=30)
+
+
+DIVERGING = f"""
+[[block]]
+model = "betavae"
+steps = 4
+{TINY}
+grid = {{ beta = [2.0, 1e38] }}
+"""
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_diverged_run_is_marked_and_the_others_train_on(tmp_path, small_data, capsys, pack):
+    """beta = 1e38 overflows float32: that run is marked diverged (its folder says where), the
+    pack goes on without it, the sweep ends with exit 1 naming it, and the same command later
+    skips it. The good run equals the same run swept alone."""
+    from fastfvae.study.sweep import DIVERGED_FILE
+
+    spec = write_spec(tmp_path, DIVERGING)
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(spec), "--out", str(out), "--pack", str(pack), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastfvae: error: 1 run(s) diverged (NaN/inf): betavae-beta1e+38-seed0;"), err
+    assert "fastfvae: sweep " in err[-2] and "1/2 runs done" in err[-2]
+    record = json.loads((out / "runs" / "betavae-beta1e+38-seed0" / DIVERGED_FILE).read_text())
+    assert record["step"] >= 1 and "NaN/inf" in record["message"]
+    good = load_checkpoint(out / "runs" / "betavae-beta2-seed0")
+    assert good["state"]["step"] == 4
+
+    alone = write_spec(tmp_path, DIVERGING.replace("[2.0, 1e38]", "[2.0]"), "alone.toml")
+    assert main(["sweep", str(alone), "--out", str(tmp_path / "alone"), "--no-progress", "--device", "cpu"]) == 0
+    a, b = _tensors(good), _tensors(load_checkpoint(tmp_path / "alone" / "runs" / "betavae-beta2-seed0"))
+    assert a.keys() == b.keys()
+    for key in a:  # diverged before any checkpoint: the good run trained afresh, alone
+        same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+        assert same, key
+
+    capsys.readouterr()
+    assert main(argv) == 1  # nothing to train; the diverged run is still reported
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "0 trained now" in err[-2] and "betavae-beta1e+38-seed0" in err[-1]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "diverged at step" in capsys.readouterr().out

@@ -237,3 +237,20 @@ def test_ctrl_c_in_the_driver_cancels_the_tasks_and_the_same_sweep_resumes_bit_e
     result = run_sweep_on_ray(plan_sweep(spec, on_ray), ray_cluster, data=data)
     assert (result.status, result.done) == ("completed", 3)
     assert_same_checkpoints(local, on_ray)
+
+
+@pytest.mark.requires_extra("ray")
+def test_a_run_diverging_in_a_ray_task_is_marked_and_its_pack_mate_finishes(tmp_path, ray_cluster, monkeypatch):
+    from fastfvae.study.ray_backend import run_sweep_on_ray
+    from fastfvae.study.sweep import DIVERGED_FILE
+    from test_sweep import DIVERGING
+
+    data = small_dsprites(256)
+    monkeypatch.setattr(loop, "load_training_data", lambda path, *_: data)
+    spec = load_spec(write_spec(tmp_path, DIVERGING))
+    result = run_sweep_on_ray(plan_sweep(spec, tmp_path / "ray", pack_size=2, device="cpu"), ray_cluster, data=data)
+    assert (result.status, result.done, result.diverged) == ("completed", 1, ["betavae-beta1e+38-seed0"])
+    assert (tmp_path / "ray" / "runs" / "betavae-beta1e+38-seed0" / DIVERGED_FILE).is_file()
+    assert load_checkpoint(tmp_path / "ray" / "runs" / "betavae-beta2-seed0")["state"]["step"] == 4
+    again = run_sweep_on_ray(plan_sweep(spec, tmp_path / "ray", device="cpu"), ray_cluster, data=data)
+    assert (again.done, again.diverged, again.trained) == (1, ["betavae-beta1e+38-seed0"], [])

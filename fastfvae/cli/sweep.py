@@ -64,15 +64,17 @@ def load(args: argparse.Namespace):
 
 def dry_run_lines(plan, packs) -> list[str]:
     from fastfvae.study.spec import format_value
-    from fastfvae.study.sweep import describe_pack, saved_step
+    from fastfvae.study.sweep import describe_pack, diverged_record, saved_step
 
     lines = [f"sweep {plan.out}: {len(plan.runs)} runs in {len(packs)} packs (from {plan.spec.source})"]
     for index, pack in enumerate(packs, 1):
         lines.append(f"pack {index}/{len(packs)}: {describe_pack(pack)}")
         for run in pack:
-            step = saved_step(run.config)
+            step, bad = saved_step(run.config), diverged_record(run.config)
             state = ("new" if step is None else "done" if step >= run.config.steps
                      else f"at step {step} of {run.config.steps}")
+            if bad is not None:
+                state = f"diverged at step {bad.get('step')} (kept: {state})"
             values = " ".join([*(f"{k}={format_value(v)}" for k, v in run.point), f"seed={run.seed}"])
             lines.append(f"  {run.name}  {values}  steps={run.config.steps}  {state}")
     return lines
@@ -80,7 +82,7 @@ def dry_run_lines(plan, packs) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from fastfvae.cli.train import callbacks_for, duration
-    from fastfvae.study.sweep import plan_sweep, run_sweep
+    from fastfvae.study.sweep import DIVERGED_FILE, plan_sweep, run_sweep
     from fastfvae.train.loop import StoppedBeforeTraining, TrainingDiverged
 
     spec = load(args)
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_sweep(plan, progress=not args.no_progress, console=console,
                                callbacks_for=lambda cfg, data: callbacks_for(cfg, args, data, evaluation=False),
                                status=status)
-    except TrainingDiverged as exc:
+    except TrainingDiverged as exc:  # a divergence run_pack could not attribute to a run
         print(f"fastfvae: error: {exc}", file=sys.stderr)
         return 1
     except StoppedBeforeTraining as exc:
@@ -128,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
         return 128 + int(result.stop_signal or signal.SIGINT)
     print(f"fastfvae: sweep {plan.out}: {result.done}/{result.runs} runs done ({len(result.trained)} trained now, "
           f"{duration(result.seconds)})", file=sys.stderr)
+    if result.diverged:
+        names = ", ".join(result.diverged)
+        print(f"fastfvae: error: {len(result.diverged)} run(s) diverged (NaN/inf): {names}; each keeps its last good "
+              f"checkpoint and says where in runs/<name>/{DIVERGED_FILE} (delete that file to train it again)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

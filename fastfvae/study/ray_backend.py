@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.study.sweep import SweepPlan, SweepResult, _StopBetweenPacks, device_kind, owned_sweep, saved_step
+from fastfvae.study.sweep import (
+    SweepPlan, SweepResult, _StopBetweenPacks, device_kind, diverged_record, owned_sweep, saved_step,
+)
 
 #: CPUs a CPU pack's task asks Ray for: one, since D's GEMMs at batch 64 gain little from more
 #: intra-op threads and a node is better used by one pack per core (docs/studies.md, "Ray").
@@ -96,7 +98,7 @@ def _train_pack_task(configs: list[dict], data, callbacks_for) -> list[dict]:
     """The Ray task: train one pack's unfinished runs (resuming from their checkpoints), the
     parts at different steps one after another as a local sweep trains them; returns one
     summary per run it trained."""
-    from fastfvae.study.sweep import run_pack
+    from fastfvae.study.sweep import DivergedRun, diverged_record, run_pack
     from fastfvae.train import loop
     from fastfvae.train.config import TrainConfig
 
@@ -107,17 +109,19 @@ def _train_pack_task(configs: list[dict], data, callbacks_for) -> list[dict]:
     parts: dict[int, list] = {}
     for cfg in configs:
         step = saved_step(cfg) or 0
-        if step < cfg.steps:
+        if step < cfg.steps and diverged_record(cfg) is None:
             parts.setdefault(step, []).append(cfg)
     summaries = []
     for part in parts.values():
         results = run_pack(part, data=data, progress=False, callbacks_for=callbacks_for)
         for cfg, result in zip(part, results):
-            if result is not None:
+            if isinstance(result, DivergedRun):
+                summaries.append({"out": cfg.out, "status": result.status, "step": saved_step(cfg) or 0})
+            elif result is not None:
                 summaries.append({"out": cfg.out, "status": result.status, "step": int(result.state.step),
                                   "steps_run": int(result.steps_run), "seconds": float(result.seconds),
                                   "stop_signal": result.stop_signal})
-        if any(s["status"] != "completed" for s in summaries):
+        if any(s["status"] not in ("completed", "diverged") for s in summaries):
             break
     return summaries
 
@@ -159,10 +163,17 @@ def _run_tasks(ray, plan, packs: Sequence, data, callbacks_for, status, max_retr
     at = {r.config.out: saved_step(r.config) or 0 for r in plan.runs}
     steps_of = {r.config.out: r.config.steps for r in plan.runs}
     done = lambda: sum(at[o] >= steps_of[o] for o in at)  # noqa: E731
-    todo = [(i, pack) for i, pack in enumerate(packs, 1) if any(at[r.config.out] < r.config.steps for r in pack)]
+    diverged = [r.name for r in plan.runs if diverged_record(r.config) is not None]
+    todo = [(i, pack) for i, pack in enumerate(packs, 1)
+            if any(at[r.config.out] < r.config.steps and r.name not in diverged for r in pack)]
     trained: list[str] = []
+
+    def result(status_, signum=None, index=None) -> SweepResult:
+        return SweepResult(status_, len(plan.runs), done(), trained, signum, index, time.perf_counter() - t0,
+                           diverged)
+
     if not todo:
-        return SweepResult("completed", len(plan.runs), done(), trained, None, None, time.perf_counter() - t0)
+        return result("completed")
     gpus = ray.cluster_resources().get("GPU", 0)
     task = ray.remote(max_retries=max_retries, retry_exceptions=False)(_train_pack_task)
     data_ref = ray.put(data) if data is not None else None
@@ -185,6 +196,9 @@ def _run_tasks(ray, plan, packs: Sequence, data, callbacks_for, status, max_retr
                     summaries = _result(ray, ref, index)
                     for s in summaries:
                         at[s["out"]] = s["step"]
+                        if s["status"] == "diverged":
+                            diverged.append(name_of[s["out"]])
+                            continue
                         trained.append(name_of[s["out"]])
                         if s["status"] != "completed" and stopped is None:
                             stopped = (s["stop_signal"] or signal.SIGINT, index)
@@ -196,9 +210,8 @@ def _run_tasks(ray, plan, packs: Sequence, data, callbacks_for, status, max_retr
         if stop.signum is not None or stopped is not None:
             _cancel(ray, pending)
             signum, index = (stop.signum, None) if stop.signum is not None else stopped
-            return SweepResult("interrupted", len(plan.runs), done(), trained, signum, index,
-                               time.perf_counter() - t0)
-    return SweepResult("completed", len(plan.runs), done(), trained, None, None, time.perf_counter() - t0)
+            return result("interrupted", signum, index)
+    return result("completed")
 
 
 def _result(ray, ref, index: int) -> list[dict]:

@@ -21,7 +21,9 @@ equals its single run within fp32 parity, and a resumed pack equals the uninterr
 for bit). A pack trains its runs in lockstep, so a pack whose unfinished runs stand at
 different steps (runs added to a grown sweep) trains as one pack per step. Ctrl-C / SIGTERM:
 the pack stops after its step with checkpoints saved, or, between packs, before the next
-one; the sweep then returns ``status="interrupted"`` and the next call carries on.
+one; the sweep then returns ``status="interrupted"`` and the next call carries on. A run that
+diverges is marked (``runs/<name>/diverged.json``) and skipped from then on while the others
+train on (`run_pack`); `SweepResult.diverged` names those runs.
 """
 
 from __future__ import annotations
@@ -211,11 +213,61 @@ def saved_step(cfg: TrainConfig) -> int | None:
         return 0
 
 
+#: A run folder's record that the run diverged: the sweep skips it from then on (delete the file
+#: to train the run again, e.g. after changing what made it diverge).
+DIVERGED_FILE = "diverged.json"
+
+
+@dataclass(frozen=True)
+class DivergedRun:
+    """`run_pack`'s result for a run that diverged (its last good checkpoint is kept)."""
+    out: str
+    step: int | None
+    message: str
+    status: str = "diverged"
+
+
+def diverged_record(cfg: TrainConfig) -> dict | None:
+    """``cfg.out``'s `DIVERGED_FILE` (None: the run has not diverged)."""
+    path = Path(cfg.out) / DIVERGED_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"step": None, "message": f"{path} is unreadable"}
+
+
 def run_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = True, console=None,
-             callbacks_for=None):
+             callbacks_for=None) -> list:
     """Train one pack (its runs' configs) in this process: `train_pack`. The unit a scheduler
-    hands out: every pack is independent of the others and resumable in its run folders."""
-    return train_pack(list(configs), data=data, progress=progress, console=console, callbacks_for=callbacks_for)
+    hands out: every pack is independent of the others and resumable in its run folders.
+
+    A run that diverges (NaN/inf) does not take the others with it: it is marked
+    (`DIVERGED_FILE` in its folder: the step and the message; its last good checkpoint is kept)
+    and the pack trains again without it, its other runs resumed from their last checkpoints
+    (equal, within fp32 parity, to what they would have been). Returns one result per config:
+    a `RunResult`, a `DivergedRun`, or None (finished before, or marked diverged before)."""
+    from fastfvae.train.loop import TrainingDiverged
+
+    configs = list(configs)
+    results: dict[str, object] = {}
+    todo = [cfg for cfg in configs if diverged_record(cfg) is None]
+    while todo:
+        try:
+            trained = train_pack(todo, data=data, progress=progress, console=console, callbacks_for=callbacks_for)
+        except TrainingDiverged as exc:
+            bad = set(exc.outs) or {cfg.out for cfg in todo}
+            for cfg in todo:
+                if cfg.out in bad:
+                    atomic_write_text(Path(cfg.out) / DIVERGED_FILE,
+                                      json.dumps({"step": exc.step, "message": str(exc)}) + "\n")
+                    results[cfg.out] = DivergedRun(cfg.out, exc.step, str(exc))
+            todo = [cfg for cfg in todo if cfg.out not in bad]
+            continue
+        results.update((cfg.out, result) for cfg, result in zip(todo, trained))
+        break
+    return [results.get(cfg.out) for cfg in configs]
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -228,6 +280,7 @@ class SweepResult:
     stop_signal: int | None = None
     pack: int | None = None              # the pack (1-based) that was stopped
     seconds: float = 0.0
+    diverged: list[str] = field(default_factory=list)  # runs marked diverged (now or before)
 
 
 class _StopBetweenPacks:
@@ -316,35 +369,40 @@ def _run_packs(plan: SweepPlan, packs, progress, console, callbacks_for, data, s
     steps_of = {r.name: r.config.steps for r in plan.runs}
     at = {r.name: saved_step(r.config) or 0 for r in plan.runs}
     done = lambda: sum(at[n] >= steps_of[n] for n in at)  # noqa: E731
+    diverged = [r.name for r in plan.runs if diverged_record(r.config) is not None]
     loaders: dict = {}
     trained: list[str] = []
     steps_run, train_seconds = 0, 0.0
+
+    def result(status_, signum=None, index=None) -> SweepResult:
+        return SweepResult(status_, len(plan.runs), done(), trained, signum, index, time.perf_counter() - t0,
+                           diverged)
+
     with _StopBetweenPacks() as stop:
         for index, pack in enumerate(packs, 1):
-            for part in at_same_step(pack, at):
-                remaining = sum(max(0, steps_of[n] - at[n]) for n in at)
+            for part in at_same_step([r for r in pack if r.name not in diverged], at):
+                remaining = sum(max(0, steps_of[n] - at[n]) for n in at if n not in diverged)
                 rate = steps_run / train_seconds if train_seconds > 0 else None
                 if status is not None:
-                    status(pack_line(index, len(packs), part, done(), len(plan.runs), rate, remaining))
+                    status(pack_line(index, len(packs), part, done(), len(plan.runs), rate, remaining, len(diverged)))
                 if stop.signum is not None:
-                    return SweepResult("interrupted", len(plan.runs), done(), trained, stop.signum, index,
-                                       time.perf_counter() - t0)
+                    return result("interrupted", stop.signum, index)
                 configs = [r.config for r in part]
                 pack_data = data if data is not None else loaders.setdefault(
                     (configs[0].data, configs[0].dataset), _cached_loader(configs[0]))
                 results = run_pack(configs, data=pack_data, progress=progress, console=console,
                                    callbacks_for=callbacks_for)
-                ran = [(run, result) for run, result in zip(part, results) if result is not None]
-                for run, result in ran:
+                diverged += [run.name for run, r in zip(part, results) if isinstance(r, DivergedRun)]
+                ran = [(run, r) for run, r in zip(part, results) if r is not None and not isinstance(r, DivergedRun)]
+                for run, r in ran:
                     trained.append(run.name)
-                    at[run.name] = result.state.step
-                    steps_run += result.steps_run
-                train_seconds += max((result.seconds for _, result in ran), default=0.0)  # the pack's wall time
-                stopped = [result for _, result in ran if result.status != "completed"]
+                    at[run.name] = r.state.step
+                    steps_run += r.steps_run
+                train_seconds += max((r.seconds for _, r in ran), default=0.0)  # the pack's wall time
+                stopped = [r for _, r in ran if r.status != "completed"]
                 if stopped:
-                    return SweepResult("interrupted", len(plan.runs), done(), trained,
-                                       stopped[0].stop_signal or signal.SIGINT, index, time.perf_counter() - t0)
-    return SweepResult("completed", len(plan.runs), done(), trained, None, None, time.perf_counter() - t0)
+                    return result("interrupted", stopped[0].stop_signal or signal.SIGINT, index)
+    return result("completed")
 
 
 def describe_pack(pack: Sequence[SweepRun]) -> str:
@@ -366,11 +424,14 @@ def describe_pack(pack: Sequence[SweepRun]) -> str:
     return f"{first.label}: {'; '.join(parts)} ({runs}, {device_kind(first.config.device)})"
 
 
-def pack_line(index: int, total: int, pack, done: int, runs: int, rate: float | None, remaining: int) -> str:
-    """The sweep's progress before a pack: runs done, the pack, run-steps/s so far and the ETA."""
+def pack_line(index: int, total: int, pack, done: int, runs: int, rate: float | None, remaining: int,
+              diverged: int = 0) -> str:
+    """The sweep's progress before a pack: runs done (and diverged), the pack, run-steps/s so far
+    and the ETA."""
     speed = f"{rate:,.0f} run-steps/s" if rate else "-- run-steps/s"
     eta = _duration(remaining / rate) if rate else "--"
-    return f"sweep: {done}/{runs} runs done, {speed}, ETA {eta}; pack {index}/{total}: {describe_pack(pack)}"
+    bad = f", {diverged} diverged" if diverged else ""
+    return f"sweep: {done}/{runs} runs done{bad}, {speed}, ETA {eta}; pack {index}/{total}: {describe_pack(pack)}"
 
 
 def _duration(seconds: float) -> str:
