@@ -11,7 +11,7 @@ import pytest
 from fastfvae.cli import main
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import load_checkpoint
-from fastfvae.train.config import TrainConfig
+from fastfvae.train.config import TrainConfig, preset
 from fastfvae.train.loop import run_training
 from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
 
@@ -66,6 +66,8 @@ BAD = {
     "gamma with betavae": lambda f, r: ["--model", "betavae", "--gamma", "10"],
     "d-steps with betavae": lambda f, r: ["--model", "betavae", "--d-steps", "5"],
     "perm-batch with betavae": lambda f, r: ["--model", "betavae", "--perm-batch", "same"],
+    "factorvae preset with betavae": lambda f, r: ["--preset", "paper", "--model", "betavae"],
+    "factorvae preset with annealedvae": lambda f, r: ["--preset", "dlib", "--model", "annealedvae"],
 }
 
 
@@ -148,6 +150,69 @@ def test_reference_overrides_a_fast_preset_or_runs_precision_and_loader(tmp_path
     assert resumed["state"]["step"] == 4
     assert (resumed["config"]["fast"], resumed["config"]["precision"]) == (False, "fp32")
     assert main(["train", "--resume", str(out), "--fast", "--steps", "6", *TINY]) == 0  # and back to the fast step
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--preset", "paper", "--model", "betavae"],
+     "--preset paper is a factorvae preset and its factorvae settings (gamma 35.0, d_steps 5, perm_batch second) do "
+     "not apply to --model betavae; pass --model factorvae, or drop --preset (its other settings are the defaults)"),
+    (["--preset", "dlib", "--model", "annealedvae"],  # annealedvae declares a gamma too: not FactorVAE's
+     "--preset dlib is a factorvae preset and its factorvae settings (d_steps 1, perm_batch same) do not apply to "
+     "--model annealedvae; pass --model factorvae, or drop --preset and give its other settings as flags "
+     "(--fc-dim 256)"),
+    (["--preset", "quickstart", "--model", "vae"],
+     "--preset quickstart is a factorvae preset and its factorvae settings (gamma 50.0, d_steps 1, perm_batch same, "
+     "d_lr 0.001) do not apply to --model vae; pass --model factorvae, or drop --preset and give its other settings "
+     "as flags (--steps 5000 --vae-lr 0.0003 --precision bf16 --ckpt-every 1000)"),
+], ids=["paper-betavae", "dlib-annealedvae", "quickstart-vae"])
+def test_a_factorvae_preset_with_another_model_is_refused_naming_what_would_not_apply(tmp_path, capsys, argv,
+                                                                                       expected):
+    """A preset's hyperparameters are FactorVAE's: with another --model they would be dropped (or,
+    for AnnealedVAE's gamma, carried into another meaning), so the run is refused with the
+    flags that give the preset's other settings; the preset's own model still takes it."""
+    assert main(["train", *TINY, "--out", str(tmp_path / "r"), "--steps", "2", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"fastfvae: error: {expected}"
+    assert not (tmp_path / "r").exists()
+    from fastfvae.cli import build_parser
+    from fastfvae.cli.train import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--preset", "paper",
+                                                      "--model", "factorvae"]))
+    assert (cfg.model, cfg.d_steps, cfg.preset) == ("factorvae", 5, "paper")
+    flags = expected.split("(")[-1].rstrip(")")
+    if flags.startswith("--"):  # the flags named give the preset's other settings, with that model
+        model = argv[argv.index("--model") + 1]
+        other = config_from_args(build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--model", model,
+                                                            *flags.split()]))
+        base = preset(argv[argv.index("--preset") + 1])
+        for name in ("steps", "fc_dim", "vae_lr", "precision", "ckpt_every", "batch_size", "z_dim"):
+            assert getattr(other, name) == getattr(base, name), name
+
+
+@pytest.mark.parametrize("argv", [["--model", "nope", "--help"], ["--model=nope", "-h"]])
+def test_help_for_an_unknown_model_is_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(["train", *argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines() == ["fastfvae: error: unknown model 'nope'; expected one of: vae, betavae, "
+                                        "annealedvae, factorvae, dipvae, betatcvae"]
+
+
+def test_the_train_flags_that_are_no_config_field_are_the_names_a_hyperparameter_may_not_take():
+    """`check_hparam_names` refuses a hyperparameter named like one of the train command's own
+    flags; this keeps its list (`CLI_ONLY_NAMES`) in step with the parser."""
+    import argparse
+
+    from fastfvae.cli.train import add_arguments, hparam_flags
+    from fastfvae.train.config import CLI_ONLY_NAMES
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    names = {s.lstrip("-").replace("-", "_") for a in p._actions for s in a.option_strings if s.startswith("--")}
+    fields = set(TrainConfig.__dataclass_fields__) | set(hparam_flags())
+    assert names - fields == set(CLI_ONLY_NAMES)
 
 
 def test_bad_input_through_the_real_entry_point(tmp_path):

@@ -181,3 +181,116 @@ def test_a_method_needs_a_name(registry):
     with pytest.raises(ValueError, match="no name"):
         methods.register(Nameless)
     assert "" not in methods.names()
+
+
+# --- a hyperparameter named like a run setting ------------------------------------------------
+def _clashing_method(field: str) -> type[Method]:
+    """A method whose one hyperparameter is called ``field``."""
+    hparams = dataclasses.make_dataclass(
+        "ClashHparams", [(field, int, hparam(3, "a clashing name", at_least(0, integer=True), "this test"))],
+        bases=(Hyperparameters,), frozen=True)
+
+    class Clash(HalfKL):
+        name = "clash"
+        Hparams = hparams
+
+        def regularizer(self, kl, mu, logvar, z, step):
+            return kl
+
+    return Clash
+
+
+@pytest.mark.parametrize("field", ["steps", "batch_size", "z_dim", "model", "hparams", "seed"])
+def test_a_hyperparameter_named_like_a_config_field_is_refused_when_registered(registry, field):
+    """TrainConfig routes a keyword that is a field to the field, and the CLI's flag of that name
+    is the field's: the hyperparameter could never be set, so registering the method fails."""
+    one_line_error(lambda: methods.register(_clashing_method(field)), "'clash'", f"hyperparameter {field!r}",
+                   f"TrainConfig field {field!r}")
+    assert "clash" not in methods.names()
+
+
+@pytest.mark.parametrize("flag", ["resume", "no_progress", "reference", "no_fast"])
+def test_a_hyperparameter_named_like_a_train_flag_is_refused_when_registered(registry, flag):
+    one_line_error(lambda: methods.register(_clashing_method(flag)), "'clash'", f"hyperparameter {flag!r}",
+                   "--" + flag.replace("_", "-"))
+
+
+def test_a_clashing_method_put_in_the_registry_by_hand_cannot_build_a_config(registry):
+    from fastfvae.train.config import TrainConfig
+
+    registry["clash"] = _clashing_method("batch_size")  # past `register`'s check
+    one_line_error(lambda: TrainConfig(model="clash", batch_size=8), "'clash'", "hyperparameter 'batch_size'",
+                   "TrainConfig field 'batch_size'")
+
+
+# --- an adversary whose optimiser is not plain Adam ---------------------------------------------
+class ClippedAdam(torch.optim.Adam):
+    """An Adam variant of a method's own: gradients clipped elementwise before Adam's update."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.clamp_(-1e-4, 1e-4)
+        return super().step(closure)
+
+
+#: Optimisers the fast step's own Adam cannot stand in for: not an Adam at all (SGD), one with
+#: Adam's betas and eps but another update (NAdam, Adamax), an Adam subclass with its own step,
+#: and Adam options the flat bf16 Adam does not compute (weight decay, AdamW's decoupled decay).
+ADVERSARY_OPTIMISERS = {
+    "sgd": lambda params, eps: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+    "nadam": lambda params, eps: torch.optim.NAdam(params, lr=1e-4, betas=(0.5, 0.9), eps=eps),
+    "adamax": lambda params, eps: torch.optim.Adamax(params, lr=1e-4, betas=(0.5, 0.9), eps=eps),
+    "clipped_adam": lambda params, eps: ClippedAdam(params, lr=1e-4, betas=(0.5, 0.9), eps=eps),
+    "adamw": lambda params, eps: torch.optim.AdamW(params, lr=1e-4, betas=(0.5, 0.9), eps=eps, weight_decay=0.5),
+    "adam_weight_decay": lambda params, eps: torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9), eps=eps,
+                                                              weight_decay=0.5),
+}
+
+
+def _factorvae_with(kind: str):
+    """FactorVAE (a plug-in subclass) whose discriminator trains with ``ADVERSARY_OPTIMISERS[kind]``."""
+    from fastfvae.methods.factorvae import FactorVAE
+
+    class OtherOptimiserFactorVAE(FactorVAE):
+        name = f"fvae_{kind}"
+
+        def adversary_optimizer(self, params, adam_eps, fused=None):
+            return ADVERSARY_OPTIMISERS[kind](params, adam_eps)
+
+    return OtherOptimiserFactorVAE
+
+
+@pytest.mark.parametrize("kind,precision", [
+    ("sgd", "fp32"), ("nadam", "fp32"), ("adamax", "fp32"), ("clipped_adam", "fp32"),
+    ("sgd", "bf16"), ("adamw", "bf16"), ("adam_weight_decay", "bf16"),
+])
+def test_the_fast_step_runs_an_adversary_optimiser_it_cannot_replace_as_built(registry, kind, precision):
+    """The fast step's own Adam (fused; in bf16 on CPU the flat one) is built from an Adam's lr,
+    betas and eps; for any other optimiser the fast step steps the method's own, as the reference
+    step does, so it trains what the reference trains (within the precision's parity tolerance)."""
+    from test_fast_step import assert_parity, run_both, small_cfg
+
+    from fastfvae.fast import FastOptions
+
+    methods.register(_factorvae_with(kind))
+    cfg = small_cfg(model=f"fvae_{kind}", perm_batch="same", d_steps=2)
+    ref_state, fast_state, ref_metrics, fast_metrics = run_both(cfg, 12, FastOptions(precision=precision))
+    assert_parity(ref_state, fast_state, ref_metrics, fast_metrics, precision)
+
+
+def test_a_cuda_graph_with_an_adversary_optimiser_it_cannot_capture_is_refused(registry):
+    """The CUDA graph captures the fast step's own fused Adam: another optimiser is one line
+    before anything runs (``cuda_graph=True``: the check comes before the device's)."""
+    from train_data import small_dsprites
+
+    from fastfvae.fast import FastOptions, FastStep
+    from fastfvae.train.state import TrainState
+    from test_fast_step import small_cfg
+
+    methods.register(_factorvae_with("sgd"))
+    state = TrainState.create(small_cfg(model="fvae_sgd"), 512)
+    one_line_error(lambda: FastStep(state, small_dsprites(512), FastOptions(cuda_graph=True)),
+                   "fvae_sgd", "SGD", "--no-cuda-graph")

@@ -90,3 +90,22 @@ def test_hyperparameters_are_the_methods_and_round_trip():
     assert cfg.replace(model="betavae").hparams == {"beta": 4.0}
     with pytest.raises(AttributeError, match="gamma"):
         cfg.gamma
+
+
+def test_preset_settings_are_what_each_preset_writes():
+    """The fields and hyperparameters a preset sets itself (the CLI names the latter when the
+    preset meets another model); every preset's config is built from exactly these."""
+    from fastfvae.train.config import preset_settings
+
+    fields, hparams = preset_settings("paper")
+    assert fields["model"] == "factorvae" and hparams == {"gamma": 35.0, "d_steps": 5, "perm_batch": "second"}
+    assert preset_settings("dlib")[0]["fc_dim"] == 256 and preset_settings("dlib")[1] == {"d_steps": 1,
+                                                                                           "perm_batch": "same"}
+    for name in PRESETS:
+        fields, hparams = preset_settings(name)
+        cfg = preset(name)
+        assert cfg.model == fields["model"] and cfg.preset == name
+        assert all(getattr(cfg, k) == v for k, v in {**fields, **hparams}.items())
+        assert set(hparams) <= set(cfg.hparams)
+    with pytest.raises(FastFVAEError, match="unknown preset 'x'"):
+        preset_settings("x")

@@ -8,7 +8,8 @@ resumed run keeps the step it was trained with unless ``--fast`` / ``--reference
 otherwise. Each method's hyperparameters are flags generated from its declaration
 (``fastfvae train --model NAME --help`` lists them). A flag that would do nothing in the chosen
 mode (``--precision bf16`` or ``--loader`` with ``--reference``, a hyperparameter the method does
-not declare: ``--beta`` with FactorVAE) is refused with one line rather than ignored; ``--reference``
+not declare: ``--beta`` with FactorVAE; a FactorVAE ``--preset`` with another ``--model``) is refused
+with one line rather than ignored; ``--reference``
 on a fast preset or run (the bf16 quickstart) sets precision and loader back to fp32 / device,
 so a checkpoint of either step resumes under the other.
 
@@ -32,7 +33,7 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import checkpoint_path
 from fastfvae.train.config import (
     COMPILE_MODES, EVAL_BUDGETS, FAST_ONLY, LOADERS, NOISE_SOURCES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply,
-    methods_declaring, preset,
+    methods_declaring, model_known, preset, preset_settings,
 )
 from fastfvae.train.loop import (
     ResumePoint, RunResult, StoppedBeforeTraining, TrainingDiverged, lazy_training_data, read_resume_point,
@@ -118,13 +119,18 @@ class _HelpForModel(argparse.Action):
         model = getattr(namespace, "model", None)
         from fastfvae import methods
 
-        if model in methods.names():
+        if model is None:
+            parser.print_help()
+        elif model in methods.names():
             shown = argparse.ArgumentParser(prog=parser.prog, description=parser.description,
                                             formatter_class=parser.formatter_class, add_help=False)
             add_arguments(shown, hparams_of=model)
             shown.print_help()
-        else:
-            parser.print_help()
+        else:  # the generic help would hide the typo: one line, as training with it would say
+            try:
+                methods.get(model)
+            except FastFVAEError as exc:
+                parser.exit(2, f"fastfvae: error: {exc}\n")
         parser.exit()
 
 
@@ -168,9 +174,10 @@ def add_arguments(p: argparse.ArgumentParser, hparams_of: str | None = None) -> 
                         "only --steps, --out, --data, --device, --ckpt-every, --log-every and the fast-path / "
                         "evaluation flags may change")
     p.add_argument("--preset", metavar=_choices(PRESETS), default=None,
-                   help="start from a named config: paper (Kim & Mnih 2018, Section 6: gamma 35, 5 D steps, second batch, "
-                        "300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k steps), quickstart "
-                        "(a first run of a few minutes on 2 CPU cores: gamma 50, larger learning rates, bf16, 5k steps)")
+                   help="start from a named FactorVAE config: paper (Kim & Mnih 2018, Section 6: gamma 35, 5 D steps, "
+                        "second batch, 300k steps), dlib (disentanglement_lib: FC 256, same-batch permutation, 300k "
+                        "steps), quickstart (a first run of a few minutes on 2 CPU cores: gamma 50, larger learning "
+                        "rates, bf16, 5k steps); with another --model it is refused, naming what would not apply")
     p.add_argument("--fast", dest="fast", action="store_const", const=True, default=None,
                    help="the fast path (fastfvae.fast): same algorithm, fused step with less work (default "
                         "for new runs; a resumed run keeps its own step unless this flag or --reference is given)")
@@ -236,6 +243,8 @@ def config_and_resume_point(args: argparse.Namespace) -> tuple[TrainConfig, Resu
     point = read_resume_point(args.resume) if args.resume is not None else None
     if args.preset is not None:
         base, source = preset(args.preset), f"--preset {args.preset}"
+        if args.model is not None:
+            check_preset_applies(args.preset, args.model)
     elif point is not None:
         base = point.config
         source = f"the resumed run's config ({checkpoint_path(args.resume)})"
@@ -256,6 +265,37 @@ def config_and_resume_point(args: argparse.Namespace) -> tuple[TrainConfig, Resu
     cfg = base.replace(**overrides).validate()
     check_settings_apply(cfg, given, source)
     return cfg, point
+
+
+def _as_flags(settings: dict) -> str:
+    """``{"fc_dim": 256, "fast": True}`` as the flags that give them: ``--fc-dim 256 --fast``."""
+    flags = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            flags.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            flags.append(f"{_flag(name)} {' '.join(map(str, value))}")
+        else:
+            flags.append(f"{_flag(name)} {value}")
+    return " ".join(flags)
+
+
+def check_preset_applies(name: str, model: str) -> None:
+    """FastFVAEError (one line) for ``--preset NAME --model MODEL`` when the preset is another
+    model's: its hyperparameters are that model's (FactorVAE's gamma is a TC weight, AnnealedVAE's
+    gamma a KL-capacity weight), so they would be dropped or, for a name both declare, carried
+    into a different meaning. The line names them and the flags that give the preset's other
+    settings, so the run asked for is one command away and nothing changes silently."""
+    fields, hparams = preset_settings(name)
+    if model == fields["model"] or not model_known(model):
+        return  # an unknown model is refused by the config's validation, naming the known ones
+    shown = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in hparams.items())
+    rest = {k: v for k, v in fields.items() if k not in ("model", "preset") and v != getattr(DEFAULTS, k)
+            and not (k == "fast" and v is True)}  # a new run is fast anyway
+    other = f"drop --preset and give its other settings as flags ({_as_flags(rest)})" if rest else \
+        "drop --preset (its other settings are the defaults)"
+    raise FastFVAEError(f"--preset {name} is a {fields['model']} preset and its {fields['model']} settings ({shown}) "
+                        f"do not apply to --model {model}; pass --model {fields['model']}, or {other}")
 
 
 def check_hparams_apply(model: str, overrides: dict) -> None:

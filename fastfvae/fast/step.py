@@ -9,7 +9,9 @@ round-off. What the mechanism does differently, and why each change leaves the r
 1. An adversary's two halves in one pass: updates that cannot reuse the TC term's logits run
    D once on the concatenation [z_q; permuted z_p] (one 2B GEMM chain instead of two B ones;
    the loss is formed from the two halves).
-2. Fused Adam (one kernel over all tensors; capturable on CUDA) instead of the per-tensor loop.
+2. Fused Adam (one kernel over all tensors; capturable on CUDA) instead of the per-tensor loop,
+   for the VAE and for an adversary whose method builds a plain Adam (`plain_adam`); any other
+   adversary optimiser is stepped as built, as in the reference step (without a CUDA graph).
 3. Convolutions in channels_last (oneDNN's native layout on CPU, NHWC tensor cores on GPU).
 4. Optional bf16 autocast (``precision="bf16"``) for the networks; the losses, the method's
    regulariser and the optimiser state stay fp32.
@@ -40,7 +42,7 @@ from fastfvae.fast.allocator import keep_freed_memory
 from fastfvae.fast.disc_by_hand import DiscriminatorByHand
 from fastfvae.fast.flat_adam import FlatAdam
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
-from fastfvae.fast.optim import fast_optimizers
+from fastfvae.fast.optim import FastAdam, fast_optimizers
 from fastfvae.fast.precision import autocast, check_precision
 from fastfvae.train.config import COMPILE_MODES, LOADERS
 from fastfvae.train.step import StepInputs, StepShapes, train_step
@@ -96,6 +98,19 @@ class FastOptions:
         return bool(self.cuda_graph) and self.noise == "device"
 
 
+def plain_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the fast step's own Adam (`FastAdam`, and `FlatAdam` in bf16 on CPU) computes
+    what ``optimizer`` computes: exactly `torch.optim.Adam` (not a subclass such as AdamW), one
+    parameter group, no weight decay, amsgrad, maximize or differentiable option. They are built
+    from its lr, betas and eps alone, so any other optimiser an adversarial method returns runs as
+    it was built (docs/methods.md, "A method with an adversary")."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    return not (group.get("weight_decay") or group.get("amsgrad") or group.get("maximize")
+                or group.get("differentiable") or group.get("decoupled_weight_decay"))
+
+
 def _is_channels_last(module: torch.nn.Module) -> bool:
     return all(p.is_contiguous(memory_format=torch.channels_last) for p in module.parameters() if p.dim() == 4)
 
@@ -122,7 +137,17 @@ class FastStep:
 
     def __init__(self, state, data, options: FastOptions | None = None) -> None:
         self.state, self.cfg, self.device, self.data = state, state.cfg, state.device, data
-        self.options = opts = (options or FastOptions()).resolved(self.device)
+        opts = options or FastOptions()
+        # an adversary optimiser the fast Adam cannot stand in for runs as the method built it
+        own_disc_optim = state.optims.disc is not None and not plain_adam(state.optims.disc)
+        if own_disc_optim:
+            if opts.cuda_graph:
+                raise FastFVAEError(f"the CUDA graph captures a plain torch Adam only (as the fast step's fused Adam), "
+                                    f"and {self.cfg.model}'s adversary optimiser is "
+                                    f"{type(state.optims.disc).__name__}; train with --no-cuda-graph")
+            if opts.cuda_graph is None:
+                opts = replace(opts, cuda_graph=False)
+        self.options = opts = opts.resolved(self.device)
         self.method = self.cfg.method()
         self.shapes = StepShapes.of(self.cfg, self.method, data)
         self.second = self.shapes.second_batch
@@ -132,7 +157,9 @@ class FastStep:
             vae.to(memory_format=torch.channels_last)
         #: the step's own optimisers (fused Adam), started from the state's and written back into
         #: them by `sync_state`; without fused Adam the state's own
-        self.optims = fast_optimizers(state.optims) if opts.fused_adam else state.optims
+        self.optims = fast_optimizers(state.optims) if opts.fused_adam and not own_disc_optim else state.optims
+        if own_disc_optim and opts.fused_adam:  # the method's own optimiser, stepped as the reference's
+            self.optims = type(state.optims)(FastAdam(state.optims.vae), state.optims.disc)
         self.vae_params = list(vae.parameters())
         self.disc_params = [] if disc is None else list(disc.parameters())
         self.ops: OpSet = select_ops(disc, bool(opts.fused_ops))
@@ -152,7 +179,7 @@ class FastStep:
         self._d_by_hand = self._flat_adam = None
         if opts.by_hand and disc is not None:
             self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
-            if opts.precision == "bf16" and self.device.type == "cpu":
+            if opts.precision == "bf16" and self.device.type == "cpu" and not own_disc_optim:
                 # D's update as one compiled kernel over flat buffers (`fastfvae.fast.flat_adam`)
                 self._flat_adam = FlatAdam(self.optims.disc, self.disc_params, self._dtype)
                 self._d_by_hand.use_flat(self._flat_adam)

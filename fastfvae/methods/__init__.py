@@ -23,9 +23,15 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
+    """Class decorator: make ``cls`` available under ``cls.name``. A hyperparameter named like a
+    run setting (``steps``, ``batch_size``, ``z_dim``: a `TrainConfig` field, or one of
+    ``fastfvae train``'s own flags) is refused here, when the method is defined, since a run
+    could never set it."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    from fastfvae.train.config import check_hparam_names  # here: the config reads this registry
+
+    check_hparam_names(cls)
     known = _REGISTRY.get(cls.name)
     if known is not None and known.__qualname__ != cls.__qualname__:
         raise ValueError(f"method name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}")

@@ -6,7 +6,7 @@ architecture, gamma = 35 and the discriminator; the ICML version's appendix for 
 Algorithm 1 for the second batch of permuted codes. The CLI maps its flags onto these fields; the resolved config is written as
 ``config.json`` in the run folder and inside every checkpoint, and restored on resume.
 
-Presets (`preset(name)`):
+Presets (`preset(name)`; `preset_settings(name)`: what each sets), all FactorVAE runs:
 
 - ``paper``: the run of Kim & Mnih 2018, Section 6: FactorVAE, gamma 35, D 6 x 1000, **5** D updates per VAE
   update, batch 64, z 10, 300k steps, permuted codes from a second batch (Algorithm 1).
@@ -270,10 +270,34 @@ def model_known(model: str) -> bool:
     return True
 
 
+#: Names that ``fastfvae train`` uses for flags of its own that are not `TrainConfig` fields
+#: (``--help``, ``--resume``, ``--reference``, the ``--no-*`` forms of its switches): a method's
+#: hyperparameter becomes the flag of its name, so it may not take one of these either.
+CLI_ONLY_NAMES = ("help", "resume", "no_progress", "no_figures", "reference", "no_fast", "no_cuda_graph",
+                  "no_by_hand", "no_fused_ops", "no_channels_last", "no_fused_adam")
+
+
+def check_hparam_names(cls) -> None:
+    """FastFVAEError (one line) if method class ``cls`` declares a hyperparameter named like a
+    `TrainConfig` field or one of ``fastfvae train``'s own flags: `TrainConfig` routes a keyword
+    that is a field to the field, never to ``hparams``, and the CLI's flag for it would be the
+    field's, so the hyperparameter could never be set (and the CLI's parser could not be built)."""
+    for name in getattr(cls.Hparams, "__dataclass_fields__", {}):
+        if name in _FIELD_NAMES:
+            raise FastFVAEError(f"method {cls.name!r} declares hyperparameter {name!r}, which clashes with the "
+                                f"TrainConfig field {name!r} (TrainConfig({name}=...) sets the field, never the "
+                                f"hyperparameter); rename the hyperparameter")
+        if name in CLI_ONLY_NAMES:
+            raise FastFVAEError(f"method {cls.name!r} declares hyperparameter {name!r}, which clashes with "
+                                f"fastfvae train's own flag --{name.replace('_', '-')}; rename the hyperparameter")
+
+
 def resolve_hparams(model: str, given: dict[str, Any]) -> dict[str, Any]:
     """Every hyperparameter ``model`` declares: ``given`` over its defaults (FastFVAEError for a
-    name it does not declare; values are checked by `TrainConfig.validate`)."""
+    name it does not declare, or for a declaration that clashes with a field, `check_hparam_names`;
+    values are checked by `TrainConfig.validate`)."""
     cls = _method_class(model)
+    check_hparam_names(cls)
     declared = _hparam_names(model)
     unknown = sorted(set(given) - declared)
     if unknown:
@@ -347,26 +371,39 @@ def check_settings_apply(cfg: TrainConfig, given=(), source: str = "the config")
         raise FastFVAEError(f"{flag} is not a setting of {cfg.model}")
 
 
-def _paper() -> TrainConfig:
-    return TrainConfig(model="factorvae", gamma=35.0, d_steps=5, steps=300_000, batch_size=64,
-                       z_dim=10, perm_batch="second", preset="paper")
-
-
-def _dlib() -> TrainConfig:
-    return TrainConfig(model="factorvae", d_steps=1, steps=300_000, batch_size=64, z_dim=10,
-                       fc_dim=256, perm_batch="same", preset="dlib")
-
-
-def _quickstart() -> TrainConfig:
-    """The first run: FactorVAE that visibly disentangles position and scale within a few minutes
-    on 2 CPU cores (the README's first command); 5k steps is where its traversals show single
-    latents for x, y and scale (docs/training.md, "Presets")."""
-    return TrainConfig(model="factorvae", gamma=50.0, d_steps=1, steps=5000, batch_size=64, z_dim=10,
+#: Each preset's settings as written: its run-config fields and its model's hyperparameters
+#: (`preset_settings`; the CLI names the latter when a preset meets another ``--model``).
+_PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": dict(model="factorvae", gamma=35.0, d_steps=5, steps=300_000, batch_size=64, z_dim=10,
+                  perm_batch="second", preset="paper"),
+    "dlib": dict(model="factorvae", d_steps=1, steps=300_000, batch_size=64, z_dim=10, fc_dim=256,
+                 perm_batch="same", preset="dlib"),
+    # The first run: FactorVAE that visibly disentangles position and scale within a few minutes
+    # on 2 CPU cores (the README's first command); 5k steps is where its traversals show single
+    # latents for x, y and scale (docs/training.md, "Presets").
+    "quickstart": dict(model="factorvae", gamma=50.0, d_steps=1, steps=5000, batch_size=64, z_dim=10,
                        perm_batch="same", vae_lr=3e-4, d_lr=1e-3, fast=True, precision="bf16",
-                       ckpt_every=1000, preset="quickstart")
+                       ckpt_every=1000, preset="quickstart"),
+}
 
 
-PRESETS = {"paper": _paper, "dlib": _dlib, "quickstart": _quickstart}
+def _preset_builder(name: str):
+    def build() -> TrainConfig:
+        return TrainConfig(**_PRESET_SETTINGS[name])
+    build.__name__ = f"_{name}"
+    return build
+
+
+PRESETS = {name: _preset_builder(name) for name in _PRESET_SETTINGS}
+
+
+def preset_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run-config fields, the hyperparameters) that preset ``name`` sets, as written (not the
+    defaults it leaves); the model is among the fields."""
+    preset(name)  # an unknown name: FastFVAEError
+    settings = _PRESET_SETTINGS[name]
+    fields = {k: v for k, v in settings.items() if k in _FIELD_NAMES}
+    return fields, {k: v for k, v in settings.items() if k not in _FIELD_NAMES}
 
 
 def preset(name: str) -> TrainConfig:
