@@ -1,9 +1,12 @@
-"""A pack of K runs trained as one vectorised step equals the K single runs.
+"""A pack of K runs trained as one step equals the K single runs.
 
-Model k of a pack against the single reference run with the same seed and hyperparameters
-(fp32), for every method and K = 1, 3, 8: losses at every step and parameters at the end, with
-the fast path's parity tolerances (tests/test_fast_step.py's `assert_parity`). The pack's
-float hyperparameters differ between its models, so a test also fails if they were mixed up.
+The stacked mechanism (the GPU's: one vectorised step): model k of a pack against the single
+reference run with the same seed and hyperparameters (fp32), for every method and K = 1, 3, 8:
+losses at every step and parameters at the end, with the fast path's parity tolerances
+(tests/test_fast_step.py's `assert_parity`). The threaded mechanism (the CPU's: each run's own
+single step on worker threads): the same comparison, and, for fast runs in fp32 and bf16, model
+k bit for bit equal to its single fast run (same kernels, same intra-op thread count). The
+pack's float hyperparameters differ between its models, so a test also fails if they were mixed up.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import pytest
 import torch
 
 from fastfvae import methods
-from fastfvae.study.pack import PackStep, check_pack, stacked_method
+from fastfvae.fast import make_fast_step
+from fastfvae.study.pack import StackedPackStep, ThreadedPackStep, check_pack, make_pack_step, stacked_method
 from fastfvae.train.reference import StepShapes, draw_step_inputs, make_reference_step
 from fastfvae.train.state import TrainState
-from test_fast_step import assert_parity, small_cfg
+from test_fast_step import assert_parity, params_of, small_cfg
 from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
 
 STEPS = 12
@@ -35,18 +39,22 @@ def _configs(name: str, k: int):
 
 
 def _single(cfg, data, steps):
+    """The single run of ``cfg``: the reference step, or the fast step for a fast config."""
     state = TrainState.create(cfg, len(data))
-    step, shapes = make_reference_step(state, data), StepShapes.of(cfg, data=data)
+    step = make_fast_step(state, data) if cfg.fast else make_reference_step(state, data)
+    shapes = StepShapes.of(cfg, data=data)
     metrics = []
     for _ in range(steps):
         metrics.append(step(draw_step_inputs(shapes, state.sampler, state.generator)))
         state.step += 1
+    getattr(step, "sync_state", lambda: None)()  # the fast step's own state (bf16: D's flat weights)
     return state, metrics
 
 
-def _pack(cfgs, data, steps):
+def _pack(cfgs, data, steps, mechanism="stacked"):
+    """``mechanism``: stacked, or threads on two workers (the tests run one intra-op thread)."""
     states = [TrainState.create(cfg, len(data)) for cfg in cfgs]
-    pack = PackStep(states, data)
+    pack = make_pack_step(states, data, mechanism, workers=2 if mechanism == "threads" else None)
     shapes = [StepShapes.of(cfg, data=data) for cfg in cfgs]
     metrics = []
     for _ in range(steps):
@@ -54,12 +62,14 @@ def _pack(cfgs, data, steps):
         for state in states:
             state.step += 1
     pack.sync_state()
+    pack.close()
     return states, metrics
 
 
+@pytest.mark.parametrize("mechanism", ["stacked", "threads"])
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("name", methods.BUILTIN)
-def test_model_k_of_a_pack_equals_its_single_run(name, k, monkeypatch):
+def test_model_k_of_a_pack_equals_its_single_run(name, k, mechanism, monkeypatch):
     """beta-TC-VAE: its minibatch TC (a difference of two large logsumexps) leaves more of the
     encoder's gradient elements at round-off level than the other methods' losses (measured: the
     gradients agree to 6e-7 of their largest element, yet ~1 % of the FC weights' Adam steps
@@ -72,20 +82,75 @@ def test_model_k_of_a_pack_equals_its_single_run(name, k, monkeypatch):
         monkeypatch.setattr(test_fast_step, "ROUND_OFF_STEP", 3e-4)
     if k == 8 and name not in ("factorvae", "betavae"):
         pytest.skip("K = 8 for one method with and one without an adversary keeps the default run short")
+    if mechanism == "threads" and k != 3:
+        pytest.skip("the threaded mechanism at K = 3 (two workers, one with two models)")
     data = small_dsprites(512)
     cfgs = _configs(name, k)
-    states, pack_metrics = _pack(cfgs, data, STEPS)
+    states, pack_metrics = _pack(cfgs, data, STEPS, mechanism)
     for i, cfg in enumerate(cfgs):
         single_state, single_metrics = _single(cfg, data, STEPS)
         model_metrics = [{key: value[i] for key, value in m.items()} for m in pack_metrics]
         assert_parity(single_state, states[i], single_metrics, model_metrics, "fp32")
 
 
-def test_a_pack_is_not_its_runs_in_another_order():
+def _bit_equal(single_state, pack_state, single_metrics, model_metrics):
+    for step, (a, b) in enumerate(zip(single_metrics, model_metrics)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"step {step + 1} {key}: {a[key]} != {b[key]}"
+    ours, theirs = params_of(pack_state), params_of(single_state)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    for part in ("vae", "disc"):
+        a, b = getattr(single_state.optims, part), getattr(pack_state.optims, part)
+        if a is None:
+            continue
+        for sa, sb in zip(a.state_dict()["state"].values(), b.state_dict()["state"].values()):
+            assert all(torch.equal(sa[m], sb[m]) for m in ("exp_avg", "exp_avg_sq")), part
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["factorvae", "betavae"])
+def test_threaded_pack_runs_each_model_as_its_single_fast_run(name, precision):
+    """Fast runs (by-hand convolutions and D; bf16: space-to-depth layers and D's flat Adam) in a
+    threaded pack of 3 on 2 workers: model k's losses at every step, its parameters and its
+    optimiser state are its single fast run's, bit for bit."""
+    data = small_dsprites(512)
+    cfgs = [cfg.replace(fast=True, precision=precision) for cfg in _configs(name, 3)]
+    states, pack_metrics = _pack(cfgs, data, STEPS, "threads")
+    for i, cfg in enumerate(cfgs):
+        single_state, single_metrics = _single(cfg, data, STEPS)
+        _bit_equal(single_state, states[i], single_metrics, [{k: v[i] for k, v in m.items()} for m in pack_metrics])
+
+
+def test_make_pack_step_picks_and_checks_the_mechanism():
+    from fastfvae.errors import FastFVAEError
+
+    data = small_dsprites(256)
+    states = [TrainState.create(cfg, len(data)) for cfg in _configs("betavae", 2)]
+    step = make_pack_step(states, data)  # CPU: threads; one intra-op thread here, so one worker
+    assert isinstance(step, ThreadedPackStep) and step.workers == 1 and step.threads_per_model == 1
+    two = make_pack_step(states, data, "threads", workers=4)  # at most one worker per model
+    assert two.workers == 2 and two.threads_per_model == 1
+    two.close()
+    assert isinstance(make_pack_step(states, data, "stacked"), StackedPackStep)
+    with pytest.raises(FastFVAEError, match="mechanism must be one of stacked, threads, got 'vmap'"):
+        make_pack_step(states, data, "vmap")
+    with pytest.raises(FastFVAEError, match="workers >= 1"):
+        make_pack_step(states, data, "threads", workers=0)
+    with pytest.raises(FastFVAEError, match="not of the stacked one"):
+        make_pack_step(states, data, "stacked", workers=2)
+    with pytest.raises(FastFVAEError, match="takes 2 step inputs, got 1"):
+        step([draw_step_inputs(StepShapes.of(states[0].cfg, data=data), states[0].sampler, states[0].generator)])
+
+
+@pytest.mark.parametrize("mechanism", ["stacked", "threads"])
+def test_a_pack_is_not_its_runs_in_another_order(mechanism):
     """Not vacuous: model 0 of a pack is not run 1's single run."""
     data = small_dsprites(512)
     cfgs = _configs("factorvae", 2)
-    states, metrics = _pack(cfgs, data, 3)
+    states, metrics = _pack(cfgs, data, 3, mechanism)
     other, other_metrics = _single(cfgs[1], data, 3)
     with pytest.raises(AssertionError):
         assert_parity(other, states[0], other_metrics, [{k: v[0] for k, v in m.items()} for m in metrics], "fp32")

@@ -20,6 +20,16 @@ exactly the single run's; Adam is elementwise, so one Adam over the stacked tens
 betas and eps: they are part of `pack_key`) makes each model's update the single run's. What
 differs from a single run is only the summation order inside the batched kernels, so model k
 of a pack equals the single run within the fast path's fp32 parity tolerance.
+
+That is the *stacked* mechanism (`StackedPackStep`), the one for a GPU, where one batch-64
+step leaves the chip idle. On CPU the pack's step is the *threaded* mechanism
+(`ThreadedPackStep`): each run keeps its own single step (the fast step with all its CPU
+mechanisms, or the reference step for ``fast=False``), and the K steps run concurrently on
+worker threads, one model per thread with its own intra-op threads (the process's threads split
+between the workers). Each model's step is then exactly its single run's at that thread count,
+and the cores work on independent models instead of meeting at a barrier after every small
+convolution and GEMM. `make_pack_step` picks the mechanism for the device; docs/studies.md
+("Packs") has the measurements behind the choice.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import contextlib
 import copy
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -128,7 +139,10 @@ class _Stacked:
     def __call__(self, x: torch.Tensor):
         if not self.loop:
             return self._vmapped(self.params, x)
-        outs = [functional_call(self.base, {n: p[k] for n, p in zip(self.names, self.params)}, (x[k],))
+        # one unbind per stacked tensor: its backward stacks the K slices' gradients once (indexing
+        # p[k] per model would give each slice's gradient as a zero-filled [K, ...] tensor to add)
+        slices = [p.unbind(0) for p in self.params]
+        outs = [functional_call(self.base, {n: s[k] for n, s in zip(self.names, slices)}, (x[k],))
                 for k in range(x.shape[0])]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(parts) for parts in zip(*outs))
@@ -174,7 +188,102 @@ def _write_adam_back(adam: torch.optim.Adam, optims: Sequence[torch.optim.Adam])
         opt.load_state_dict(saved)
 
 
-class PackStep:
+#: The ways a pack's step can run (`make_pack_step`).
+PACK_MECHANISMS = ("stacked", "threads")
+
+
+def pack_mechanism(device: torch.device, requested: str | None = None) -> str:
+    """``requested`` checked, or the device's default: ``threads`` on CPU, ``stacked`` elsewhere."""
+    if requested is None:
+        return "threads" if torch.device(device).type == "cpu" else "stacked"
+    if requested not in PACK_MECHANISMS:
+        raise FastFVAEError(f"a pack's mechanism must be one of {', '.join(PACK_MECHANISMS)}, got {requested!r}")
+    return requested
+
+
+def make_pack_step(states: Sequence[TrainState], data, mechanism: str | None = None, workers: int | None = None):
+    """The step of a pack of ``states`` (all at the same step): `ThreadedPackStep` on CPU,
+    `StackedPackStep` on a GPU, unless ``mechanism`` names one (`PACK_MECHANISMS`);
+    ``workers``: the threaded mechanism's worker threads (default: `ThreadedPackStep`'s)."""
+    kind = pack_mechanism(states[0].device, mechanism)
+    if kind == "stacked":
+        if workers is not None:
+            raise FastFVAEError("workers is a setting of the threaded pack mechanism, not of the stacked one")
+        return StackedPackStep(states, data)
+    return ThreadedPackStep(states, data, workers=workers)
+
+
+class ThreadedPackStep:
+    """A pack's step on CPU: each run's own single step, the K of them run concurrently on worker threads.
+
+    Each run's step is the one its single run builds (`fastfvae.fast.make_fast_step` for a fast
+    run, with the by-hand convolutions and discriminator, the space-to-depth layers and D's flat
+    Adam in bf16; `make_reference_step` otherwise), so the pack adds no mechanism of its own and
+    model k computes exactly what its single run computes with the same intra-op thread count.
+    ``workers`` threads (default: one per intra-op thread of the process, at most K) take the
+    models in turn; each worker runs its models with ``torch.get_num_threads() // workers``
+    intra-op threads (at least 1), so a model's thread count, and with it every bit of its
+    result, does not depend on which worker runs it. With one worker the steps run one after
+    the other in the calling thread.
+
+    Why threads: at batch 64 a step is hundreds of small oneDNN/MKL calls; split over the
+    cores, each ends at a barrier, which costs the most when the cores are shared with other
+    work (a descheduled thread stalls the others). One model per core has no barriers.
+    The first step runs the models one at a time (each on a worker): a step's first call
+    compiles what it compiles (bf16: D's flat Adam kernel) and builds its oneDNN primitives.
+
+    ``__call__(inputs)`` (one `StepInputs` per run) returns the metrics as [K] tensors;
+    `sync_state` writes each step's own state into its run's `TrainState`; `close` stops the workers.
+    """
+
+    def __init__(self, states: Sequence[TrainState], data, workers: int | None = None) -> None:
+        from fastfvae.train.reference import make_reference_step
+
+        self.states = list(states)
+        cfg = self.states[0].cfg
+        if cfg.fast:
+            from fastfvae.fast import make_fast_step
+
+            builder = make_fast_step
+        else:
+            builder = make_reference_step
+        total = torch.get_num_threads()
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise FastFVAEError(f"a threaded pack needs workers >= 1 (an integer), got {workers!r}")
+        self.workers = min(len(self.states), total if workers is None else workers)
+        self.threads_per_model = max(1, total // self.workers)
+        self.steps = [builder(state, data) for state in self.states]
+        self._pool = None
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastfvae-pack",
+                                            initializer=torch.set_num_threads, initargs=(self.threads_per_model,))
+        self._warm = False
+
+    def __call__(self, inputs: Sequence) -> dict:
+        if len(inputs) != len(self.steps):
+            raise FastFVAEError(f"a pack of {len(self.steps)} runs takes {len(self.steps)} step inputs, got {len(inputs)}")
+        if self._pool is None:
+            outs = [step(i) for step, i in zip(self.steps, inputs)]
+        elif not self._warm:
+            outs = [self._pool.submit(step, i).result() for step, i in zip(self.steps, inputs)]
+        else:
+            outs = list(self._pool.map(lambda pair: pair[0](pair[1]), zip(self.steps, inputs)))
+        self._warm = True
+        return {name: torch.stack([out[name] for out in outs]) for name in outs[0]}
+
+    def sync_state(self) -> None:
+        for step in self.steps:
+            sync = getattr(step, "sync_state", None)
+            if sync is not None:
+                sync()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class StackedPackStep:
     """The mechanism of `train_step` for K stacked runs, and the step that feeds it.
 
     ``__call__(inputs)`` takes one `StepInputs` per run (each drawn from that run's sampler and
@@ -233,6 +342,9 @@ class PackStep:
         if self.disc is not None:
             self.disc.write_back()
             _write_adam_back(self.disc_opt, [s.optims.disc for s in self.states])
+
+    def close(self) -> None:
+        """Nothing to stop (the threaded mechanism's counterpart stops its workers)."""
 
     # --- the mechanism ---------------------------------------------------------------------
     def autocast(self):
@@ -326,7 +438,7 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
     device = resolve_device(todo[0].device)
     results: dict[str, single.RunResult] = {}
     with single._StopOnSignals() as stop:
-        folders = []
+        folders, step = [], None
         try:
             for cfg in todo:
                 resuming = checkpoint_path(cfg.out).exists()
@@ -352,10 +464,12 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
                 payloads.append(payload)
             if len({s.step for s in states}) != 1:
                 raise FastFVAEError("the runs of a pack must be at the same step; train them as separate packs")
-            step = PackStep(states, data)
+            step = make_pack_step(states, data)
             callbacks = [callbacks_for(cfg, data) if callbacks_for is not None else () for cfg in todo]
             evaluation = pack_evaluation(todo, data) if evaluate else None
         except BaseException:
+            if step is not None:
+                step.close()
             for folder in folders:
                 folder.abandon()
             raise
@@ -364,6 +478,7 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
                                                          stop, progress, console)):
                 results[state.cfg.out] = result
         finally:
+            step.close()
             for folder in folders:
                 folder.release()
     return [results.get(cfg.out) for cfg in configs]
