@@ -421,3 +421,18 @@ def test_a_diverged_run_is_marked_and_the_others_train_on(tmp_path, small_data, 
     assert "0 trained now" in err[-2] and "betavae-beta1e+38-seed0" in err[-1]
     assert main([*argv, "--dry-run"]) == 0
     assert "diverged at step" in capsys.readouterr().out
+
+
+def test_another_methods_preset_gives_its_shared_settings_but_none_of_its_hyperparameters(tmp_path):
+    """``preset = "dlib"`` is FactorVAE's config plus dlib's shared settings: an AnnealedVAE block
+    on it gets the shared ones (FC width 256) and AnnealedVAE's own defaults, not FactorVAE's
+    gamma under AnnealedVAE's name."""
+    from fastfvae.methods import get
+    from fastfvae.train.config import preset
+
+    spec = parse_spec({"block": [{"model": "annealedvae", "preset": "dlib"},
+                                 {"model": "factorvae", "preset": "dlib"}]}, "test")
+    annealed, factor = (r.config for r in expand(spec, tmp_path / "runs"))
+    assert annealed.gamma == get("annealedvae").Hparams().gamma != preset("dlib").gamma
+    assert (annealed.fc_dim, annealed.batch_size, annealed.preset) == (256, 64, "dlib")
+    assert (factor.fc_dim, factor.d_steps, factor.perm_batch) == (256, 1, "same")

@@ -47,6 +47,7 @@ from typing import Any
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.config import (
     FAST_ONLY, RESUMABLE_CHANGES, TrainConfig, check_settings_apply, methods_declaring, preset as config_preset,
+    preset_settings,
 )
 
 #: Keys of a block that are not run-config fields.
@@ -318,7 +319,14 @@ def block_base(block: Block) -> TrainConfig:
     """The config every run of ``block`` starts from: its preset (or the defaults), its model and
     settings; the fast path unless the block says ``fast = false`` (then the fast-only settings
     it does not give take their defaults, as ``fastfvae train --reference`` does)."""
-    base = config_preset(block.preset) if block.preset is not None else TrainConfig()
+    base = TrainConfig()
+    if block.preset is not None:
+        fields, _ = preset_settings(block.preset)
+        # Another method's preset gives its shared settings (dlib's shared.gin: batch, z, FC width)
+        # but never its hyperparameters, not even one of the same name (FactorVAE's gamma is no
+        # AnnealedVAE gamma).
+        base = (config_preset(block.preset) if fields["model"] == block.model else
+                TrainConfig(model=block.model, **{k: v for k, v in fields.items() if k != "model"}))
     changes = {"model": block.model, **block.settings}
     changes.setdefault("fast", True)
     if changes["fast"] is False:
