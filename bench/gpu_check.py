@@ -14,7 +14,8 @@
    appending its section to ``REPORT_DIR/report.md`` and writing ``REPORT_DIR/<phase>.json``
    the moment it ends -- so a run killed at any point keeps every finished phase:
    smoke (``fastfvae train --fast``, fp32 and bf16), parity on the GPU (fast vs reference,
-   fp32 / TF32 / bf16), the op tests on CUDA only, the train-step and op benchmarks, the
+   fp32 / TF32 / bf16), the op tests on CUDA only, packs (run-steps/s for K = 1..60 and the
+   hours the ``seed-fig3`` preset would train for), the train-step and op benchmarks, the
    loaders, and the compiled op-benchmark rows if time is left. Nothing CPU-bound (metrics,
    DCI) runs. The report ends with where the seconds went.
 
@@ -74,6 +75,7 @@ TRAIN_STEP_CONFIGS = ["paper-d1", "b256", "b1024"]
 OPS_SELECTION = "(64 or 128) and not compiled"
 OPS_COMPILED_SELECTION = "(64 or 128) and (compiled or fastfvae) and not randperm"
 PARITY_MODES_JSON = "parity.modes.json"
+PACK_JSON = "pack.measured.json"
 
 
 def train_step_selection(config: str) -> str:
@@ -578,6 +580,30 @@ def summarise_parity(result: PhaseResult, report_dir: Path, parity_json: str) ->
     return "\n".join(lines), data
 
 
+def summarise_pack(result: PhaseResult, report_dir: Path, pack_json: str) -> tuple[str, dict]:
+    """The pack phase's table (run-steps/s per method and K) and the seed-fig3 projection."""
+    path = report_dir / pack_json
+    if not path.exists():
+        return "No pack JSON was written.", {}
+    data = json.loads(path.read_text())
+    lines = [f"{data.get('steps')} timed steps per pack, batch {data.get('batch_size')}, the seed-fig3 preset's "
+             "runs (beta-VAE defaults; FactorVAE paper settings: 5 D updates, second batch); run-steps/s = K x "
+             "the pack's steps/s.", "", "| method | K | pack steps/s | run-steps/s | build s |", "|---|---:|---:|---:|---:|"]
+    for method, rows in data.get("methods", {}).items():
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {method} | {r['k']} | | | | **ERROR** {r['error']} |")
+            else:
+                lines.append(f"| {method} | {r['k']} | {r['steps_per_s']:.1f} | {r['run_steps_per_s']:.0f} | "
+                             f"{r['build_s']:.1f} |")
+    proj = data.get("projection", {})
+    if proj.get("complete"):
+        best = ", ".join(f"{m} at K = {r['k']}" for m, r in proj["best"].items())
+        lines += ["", f"seed-fig3 ({proj['runs']} runs x {proj['steps_per_run']:,} steps) at the best measured rates "
+                      f"({best}): **{proj['hours']:.2f} h** of training (goal <= 1 h; evaluation not counted)."]
+    return "\n".join(lines), data
+
+
 # --- the CUDA phases ----------------------------------------------------------------------
 
 def _smoke_phase(python: str, report_dir: Path, precision: str, steps: int, timeout_s: float) -> Phase:
@@ -625,6 +651,9 @@ def cuda_phases(python: str, report_dir: Path, smoke_steps: int = 300) -> list[P
               120, summarise=lambda r, d: summarise_parity(r, d, PARITY_MODES_JSON), min_s=30),
         pytest_phase(python, report_dir, "op-tests", "(c) op tests, CUDA cases only (one GEMM config: "
                      "FASTFVAE_AUTOTUNE=0)", OP_TEST_FILES, 150, k="cuda", env={"FASTFVAE_AUTOTUNE": "0"}),
+        Phase("pack", "(c2) packs: run-steps/s of K runs as one step, K = 1, 8, 32, 60, and the seed-fig3 "
+              "projection", [python, "-m", "bench.gpu_check_pack", "--json", str(report_dir / PACK_JSON)], 120,
+              summarise=lambda r, d: summarise_pack(r, d, PACK_JSON), min_s=30),
     ]
     for config in TRAIN_STEP_CONFIGS:
         phases.append(pytest_phase(

@@ -195,7 +195,7 @@ def test_pytest_phases_report_failures_from_junit_and_cut_runs_from_the_log(tmp_
 def test_the_cuda_phases_come_in_order_of_value_and_run_nothing_cpu_bound(tmp_path):
     phases = gpu_check.cuda_phases(PY, tmp_path)
     names = [p.name for p in phases]
-    assert names == ["smoke-fp32", "smoke-bf16", "parity", "op-tests", "bench-step-paper-d1", "bench-step-b256",
+    assert names == ["smoke-fp32", "smoke-bf16", "parity", "op-tests", "pack", "bench-step-paper-d1", "bench-step-b256",
                      "bench-step-b1024", "bench-ops", "bench-loaders", "bench-ops-compiled"]
     for phase in phases:
         command = " ".join(map(str, phase.argv))
@@ -269,3 +269,25 @@ def test_the_op_tests_collect_without_rich():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "error" not in proc.stdout.lower().split("\n")[-2]
+
+
+def test_pack_phase_script_measures_packs_and_projects_the_preset(tmp_path):
+    """The pack phase's own script on CPU with tiny sizes: every method and K measured (or the
+    error said), the JSON's projection equal to 60 runs x 300k steps at each method's best rate."""
+    out = tmp_path / "pack.json"
+    proc = subprocess.run([PY, "-m", "bench.gpu_check_pack", "--json", str(out), "--device", "cpu", "--ks", "1,2",
+                           "--steps", "2", "--batch-size", "8", "--rows", "512", "--d-hidden", "32"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["methods"]) == {"betavae", "factorvae"}
+    for rows in data["methods"].values():
+        assert [r["k"] for r in rows] == [1, 2]
+        assert all("error" not in r for r in rows), rows
+        for r in rows:
+            assert r["run_steps_per_s"] == pytest.approx(r["k"] * r["steps_per_s"])
+    proj = data["projection"]
+    best = {m: max(r["run_steps_per_s"] for r in rows) for m, rows in data["methods"].items()}
+    assert proj["complete"] and proj["hours"] == pytest.approx(sum(60 * 300_000 / b for b in best.values()) / 3600)
+    body, _ = gpu_check.summarise_pack(PhaseResult("pack", "pack", "ok"), tmp_path, "pack.json")
+    assert "| factorvae | 2 |" in body and "seed-fig3 (120 runs x 300,000 steps)" in body
