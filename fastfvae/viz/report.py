@@ -445,7 +445,8 @@ def figure3(runs: list[Run]) -> tuple[Figure, dict]:
                 ax.legend(fontsize="small", title=", ".join(groups[method][0].swept) or None)
             else:
                 ax.text(0.5, 0.5, "not evaluated", transform=ax.transAxes, ha="center", va="center", color="grey")
-    fig.suptitle(f"Kim & Mnih 2018, Figure 3: mean over seeds, shaded {CONFIDENCE:.0%} t-interval")
+    sep = "\n" if len(methods) < 2 else " "  # one column is too narrow for the title on one line
+    fig.suptitle(f"Kim & Mnih 2018, Figure 3:{sep}mean over seeds, shaded {CONFIDENCE:.0%} t-interval")
     return fig, plotted
 
 
