@@ -181,8 +181,11 @@ def test_gradcheck_float64_reference():
         assert torch.autograd.gradcheck(lambda x, w, b: linear_leaky_relu(x, w, b, slope), leaves)
 
 
-def test_cpu_reference_matches_eager_bit_for_bit():
-    """On CPU the fused discriminator is eager torch's arithmetic: logits and all gradients equal."""
+def test_cpu_reference_matches_eager_bit_for_bit(monkeypatch):
+    """On CPU the fused discriminator's torch reference is eager torch's arithmetic: logits and
+    all gradients equal (the native library, when loaded, is checked against it with tolerances
+    in tests/test_ops_mlp_native.py)."""
+    monkeypatch.setenv("FASTFVAE_NO_NATIVE", "1")
     torch.manual_seed(3)
     ref = Discriminator(z_dim=10, hidden=64, num_layers=3)
     torch.manual_seed(3)
@@ -203,10 +206,12 @@ def _autocast_dtypes(backend):
     return [torch.float16] if backend.name == "interp" else [torch.bfloat16, torch.float16]
 
 
-def test_autocast_runs_the_discriminator_in_the_autocast_dtype(backend):
+def test_autocast_runs_the_discriminator_in_the_autocast_dtype(backend, monkeypatch):
     """FusedDiscriminator at the paper's size under autocast: bf16/fp16 logits equal to
     models.Discriminator's under the same autocast (nn.Linear's autocast rule), fp32 grads
-    for the fp32 parameters; the same call crashed on the next layer's dtype check before."""
+    for the fp32 parameters; the same call crashed on the next layer's dtype check before.
+    (The torch backend is the reference; the native library's autocast: test_ops_mlp_native.py.)"""
+    monkeypatch.setenv("FASTFVAE_NO_NATIVE", "1")
     dev = backend.device
     torch.manual_seed(4)
     fused = FusedDiscriminator(10, 1000, 6).to(dev)
@@ -243,11 +248,14 @@ def test_autocast_output_dtype_matches_the_fake_impl():
     assert op(x, w, b, 0.2).dtype == torch.float32
 
 
-def test_autocast_reaches_the_compiled_fused_step_discriminator():
+def test_autocast_reaches_the_compiled_fused_step_discriminator(monkeypatch):
     """The fast step's fused D (select_ops: the run's Discriminator parameters through
     FusedDiscriminator), eager and compiled (aot_eager traces the same dispatch as Inductor):
-    bf16 logits under bf16 autocast, fp32 gradients on the run's parameters."""
+    bf16 logits under bf16 autocast, fp32 gradients on the run's parameters (the torch
+    reference, compared exactly; the native library's: test_ops_mlp_native.py)."""
     from fastfvae.fast.impl import select_ops
+
+    monkeypatch.setenv("FASTFVAE_NO_NATIVE", "1")
 
     torch.manual_seed(5)
     disc = Discriminator(z_dim=10, hidden=64, num_layers=3)

@@ -1,5 +1,9 @@
 """Linear + LeakyReLU as one fused op, and the MLP / FactorVAE discriminator built from it.
 
+Implementations: the Triton kernels on CUDA; on CPU the native library's GEMM for float32 and
+bfloat16 (`fastfvae.ops.native`, kernels/native/mlp*.cpp: float32 accumulation, the LeakyReLU
+and its derivative fused), else the torch reference (`fastfvae.ops.dispatch` says which).
+
 ``linear_leaky_relu(x, weight, bias, slope)`` == ``F.leaky_relu(F.linear(x, weight, bias), slope)``
 (slope = 1.0: plain ``F.linear``). x [..., K]; weight [N, K] (nn.Linear layout); bias [N] or
 None; one float dtype and device; slope >= 0 (the backward recomputes the activation
@@ -24,7 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_triton
+from fastfvae.ops import native
+from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_native, use_triton
+
+# The dtypes the native CPU GEMM takes (float32 accumulation); others run the torch reference.
+NATIVE_MLP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slope: float) -> None:
@@ -56,6 +64,8 @@ def _act_grad(grad: Tensor, out: Tensor, slope: float) -> Tensor:
 def _linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None, slope: float) -> Tensor:
     _check(x, weight, bias, slope)
     if x.numel() == 0 or weight.numel() == 0 or not use_triton(x, weight, bias, dtypes=KERNEL_FLOAT_DTYPES):
+        if x.numel() and weight.numel() and use_native(x, weight, bias, dtypes=NATIVE_MLP_DTYPES):
+            return native.ops().linear_leaky_relu(x, weight, bias, slope)
         y = F.linear(x, weight, bias)
         return (y if slope == 1.0 else F.leaky_relu(y, slope)).contiguous()
     out = x.new_empty((x.shape[0], weight.shape[0]))
@@ -64,10 +74,17 @@ def _linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None, slope: fl
     return out
 
 
+def _native_backward(grad: Tensor, other: Tensor, out: Tensor) -> bool:
+    """The native backward takes one dtype for all three (autograd may hand a gradient of another)."""
+    return grad.dtype == other.dtype == out.dtype and use_native(grad, other, out, dtypes=NATIVE_MLP_DTYPES)
+
+
 @torch.library.custom_op("fastfvae::linear_leaky_relu_grad_input", mutates_args=())
 def _grad_input(grad: Tensor, weight: Tensor, out: Tensor, slope: float) -> Tensor:
     """dL/dx = (grad * act'(out)) @ weight."""
     if grad.numel() == 0 or not use_triton(grad, weight, out, dtypes=KERNEL_FLOAT_DTYPES):
+        if grad.numel() and _native_backward(grad, weight, out):
+            return native.ops().linear_leaky_relu_grad_input(grad, weight, out, slope)
         return (_act_grad(grad, out, slope) @ weight).contiguous()
     gx = grad.new_empty((grad.shape[0], weight.shape[1]))
     y = None if slope == 1.0 else out.contiguous()
@@ -79,6 +96,8 @@ def _grad_input(grad: Tensor, weight: Tensor, out: Tensor, slope: float) -> Tens
 def _grad_weight(grad: Tensor, x: Tensor, out: Tensor, slope: float) -> tuple[Tensor, Tensor]:
     """(dL/dweight, dL/dbias) = ((grad * act'(out)).T @ x, sum over rows of grad * act'(out))."""
     if grad.numel() == 0 or not use_triton(grad, x, out, dtypes=KERNEL_FLOAT_DTYPES):
+        if grad.numel() and _native_backward(grad, x, out):
+            return native.ops().linear_leaky_relu_grad_weight(grad, x, out, slope)
         g = _act_grad(grad, out, slope)
         return (g.t() @ x).contiguous(), g.sum(0)
     gw = grad.new_empty((grad.shape[1], x.shape[1]))

@@ -1,8 +1,9 @@
 """The native CPU library of the fused ops (``libfastfvae_native``, built with CMake).
 
 Build it with ``cmake -S . -B build && cmake --build build`` (see docs/ops.md, "Native CPU
-build"). It registers ``torch.ops.fastfvae_native.*``: C++ implementations of permute_dims
-and the Gaussian ops for CPU tensors, with the torch references' semantics. The public ops
+build"). It registers ``torch.ops.fastfvae_native.*``: C++ implementations of permute_dims,
+the Gaussian ops and linear_leaky_relu (float32 / bfloat16) for CPU tensors, with the torch
+references' semantics, and the discriminator calls of `fastfvae.ops.native_mlp`. The public ops
 (``torch.ops.fastfvae.*``) call them from their CPU branch when the library is loaded (rules
 in `fastfvae.ops.dispatch`), so users need no change.
 
@@ -34,7 +35,10 @@ BUILD_HINT = "cmake -S . -B build && cmake --build build"
 NATIVE_OPS = (
     "permute_dims", "permute_dims_backward",
     "gaussian_sample_kl", "reparameterize", "gaussian_kl", "gaussian_backward",
+    "linear_leaky_relu", "linear_leaky_relu_grad_input", "linear_leaky_relu_grad_weight",
 )
+# The discriminator calls (fastfvae.ops.native_mlp), checked at load with the ops.
+NATIVE_CALLS = ("mlp_pack_weight", "mlp_forward", "mlp_backward", "mlp_update", "mlp_adam", "mlp_isa")
 
 # Written by setup.py next to where the installed library would be, when an install skipped it.
 SKIPPED_NAME = "native_build_skipped.txt"
@@ -94,7 +98,7 @@ def _load() -> None:
     try:
         if not _already_registered():  # a second TORCH_LIBRARY(fastfvae_native) would fail
             torch.ops.load_library(str(found))
-        missing = [name for name in NATIVE_OPS if not hasattr(torch.ops.fastfvae_native, name)]
+        missing = [name for name in NATIVE_OPS + NATIVE_CALLS if not hasattr(torch.ops.fastfvae_native, name)]
     except (OSError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _STATE["reason"] = f"{found} does not load ({first_line}); rebuild it: {BUILD_HINT}"
@@ -124,12 +128,18 @@ def status() -> tuple[bool, str]:
     if not loaded():
         return False, _STATE["reason"]
     origin = _STATE.get("origin")
-    return True, f"native library {_STATE['path']} ({f'{origin}; ' if origin else ''}{isa()})"
+    return True, f"native library {_STATE['path']} ({f'{origin}; ' if origin else ''}{isa()}, GEMM {gemm_isa()})"
 
 
 def isa() -> str:
     """The SIMD variant the native loops run: avx512, avx2 or scalar."""
     return torch.ops.fastfvae_native.isa() if loaded() else "not loaded"
+
+
+def gemm_isa() -> str:
+    """The variant the native GEMM (linear_leaky_relu, the discriminator) runs: avx512_bf16
+    (vdpbf16ps), avx512, avx2 or scalar; ``FASTFVAE_NATIVE_ISA`` caps it as it caps `isa`."""
+    return torch.ops.fastfvae_native.mlp_isa() if loaded() else "not loaded"
 
 
 def ops():

@@ -5,6 +5,7 @@
 
 #include "cpu_isa.h"
 #include "gaussian.h"
+#include "mlp.h"
 #include "permute.h"
 
 namespace {
@@ -20,8 +21,27 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("reparameterize(Tensor mu, Tensor logvar, Tensor eps) -> Tensor");
   m.def("gaussian_kl(Tensor mu, Tensor logvar) -> Tensor");
   m.def("gaussian_backward(Tensor mu, Tensor logvar, Tensor? eps, Tensor? grad_z, Tensor? grad_kl) -> (Tensor, Tensor)");
+  m.def("linear_leaky_relu(Tensor x, Tensor weight, Tensor? bias, float slope) -> Tensor");
+  m.def("linear_leaky_relu_grad_input(Tensor grad, Tensor weight, Tensor out, float slope) -> Tensor");
+  m.def("linear_leaky_relu_grad_weight(Tensor grad, Tensor x, Tensor out, float slope) -> (Tensor, Tensor)");
+  // The discriminator on weights packed once per update (kernels/native/mlp.h).
+  m.def("mlp_pack_weight(Tensor weight, ScalarType dtype) -> (Tensor, Tensor)");
+  m.def("mlp_forward(Tensor x, Tensor[] packed, Tensor[] bias, int[] widths, float slope, Tensor(a!)[] acts, "
+        "int start) -> Tensor");
+  m.def("mlp_backward(Tensor grad, Tensor[] packed_t, Tensor[] acts, int[] widths, float slope, int start, "
+        "bool input_grad, Tensor(a!)[] grad_w, Tensor(b!)[] grad_b) -> Tensor");
+  m.def("mlp_update(Tensor grad, Tensor(a!)[] packed_t, Tensor[] acts, int[] widths, float slope, "
+        "Tensor(b!)[] weight, Tensor(c!)[] bias, Tensor(d!)[] exp_avg_w, Tensor(e!)[] exp_avg_sq_w, "
+        "Tensor(f!)[] exp_avg_b, Tensor(g!)[] exp_avg_sq_b, Tensor(h!)[] packed, float step_size, "
+        "float bias_correction2_sqrt, float one_minus_beta1, float beta2, float one_minus_beta2, float eps) -> ()");
+  m.def("mlp_adam(Tensor(a!)[] weight, Tensor(b!)[] bias, Tensor(c!)[] exp_avg_w, Tensor(d!)[] exp_avg_sq_w, "
+        "Tensor(e!)[] exp_avg_b, Tensor(f!)[] exp_avg_sq_b, Tensor[] grad_w, Tensor[] grad_b, Tensor(g!)[] packed, "
+        "Tensor(h!)[] packed_t, float step_size, float bias_correction2_sqrt, float one_minus_beta1, float beta2, "
+        "float one_minus_beta2, float eps) -> ()");
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
+  // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
+  m.def("mlp_isa() -> str", &fastfvae_native::mlp_isa);
 }
 
 TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
@@ -31,4 +51,12 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("reparameterize", &fastfvae_native::reparameterize);
   m.impl("gaussian_kl", &fastfvae_native::gaussian_kl);
   m.impl("gaussian_backward", &fastfvae_native::gaussian_backward);
+  m.impl("linear_leaky_relu", &fastfvae_native::linear_leaky_relu);
+  m.impl("linear_leaky_relu_grad_input", &fastfvae_native::linear_leaky_relu_grad_input);
+  m.impl("linear_leaky_relu_grad_weight", &fastfvae_native::linear_leaky_relu_grad_weight);
+  m.impl("mlp_pack_weight", &fastfvae_native::mlp_pack_weight);
+  m.impl("mlp_forward", &fastfvae_native::mlp_forward);
+  m.impl("mlp_backward", &fastfvae_native::mlp_backward);
+  m.impl("mlp_update", &fastfvae_native::mlp_update);
+  m.impl("mlp_adam", &fastfvae_native::mlp_adam);
 }

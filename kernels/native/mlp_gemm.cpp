@@ -1,0 +1,707 @@
+// The GEMM of mlp_gemm.h: panel packing, register-blocked microkernels per instruction set
+// (function target attributes in one translation unit, chosen at run time) and the epilogue.
+//
+// A microkernel computes an MR x (16 * NR) block of C over the whole reduction (K of the
+// discriminator is at most ~1000, so a bfloat16 panel of B, 48 columns x K, is ~96 KB and
+// stays in L2 while every row block of A goes past it), keeping the accumulators in registers
+// and storing them to a float32 tile once; the epilogue then reads the tile. AVX-512-BF16
+// uses vdpbf16ps (8 x 3 accumulators); AVX-512 without it and AVX2 widen bfloat16 to float32
+// by shifts (a bfloat16 is the high half of a float32) and use FMAs; the scalar variant is
+// plain loops.
+#include "mlp_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(FASTFVAE_MLP_SIMD)
+// GCC 12's AVX-512 headers warn about their own _mm512_undefined_* placeholders.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+
+namespace fastfvae_native {
+namespace mlp {
+namespace {
+
+constexpr int kMaxRows = 8;
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16's rounding.
+inline uint16_t f32_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline uint32_t load_u32(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// --- Adam -------------------------------------------------------------------------------------
+
+// One element of torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1) (torch's lerp: the weight < 0.5
+// branch or the other), exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2),
+// denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps, w.addcdiv_(exp_avg, denom, -step_size).
+inline __attribute__((always_inline)) void adam_one(float& w, float& m, float& v, float g, const AdamScalars& s) {
+  const float w1 = s.one_minus_beta1;
+  const float mi = w1 < 0.5f ? m + w1 * (g - m) : g - (g - m) * (1.0f - w1);
+  const float vi = v * s.beta2 + s.one_minus_beta2 * g * g;
+  const float denom = std::sqrt(vi) / s.bias_correction2_sqrt + s.eps;
+  m = mi;
+  v = vi;
+  w = w + (-s.step_size) * mi / denom;
+}
+
+inline __attribute__((always_inline)) void adam_span(float* w, float* m, float* v, const float* g, int64_t n,
+                                                     const AdamScalars& s) {
+  for (int64_t i = 0; i < n; ++i) adam_one(w[i], m[i], v[i], g[i], s);
+}
+
+inline __attribute__((always_inline)) uint16_t round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(r);
+}
+
+// The body of adam_rows, inlined into one clone per instruction set so its loops vectorise for it.
+inline __attribute__((always_inline)) void adam_rows_body(float* w, float* m, float* v, const float* g, int64_t N,
+                                                          int64_t K, int64_t r0, int64_t r1, const AdamScalars& s,
+                                                          Elem e, void* packed, void* packed_t, uint16_t* b16) {
+  const int64_t K2 = (K + 1) / 2, N2 = (N + 1) / 2, panels = panel_count(K);
+  for (int64_t r = r0; r < r1; r += 2) {
+    const int64_t rows = std::min<int64_t>(2, r1 - r);
+    for (int64_t h = 0; h < rows; ++h) adam_span(w + (r + h) * K, m + (r + h) * K, v + (r + h) * K, g + (r + h) * K, K, s);
+    if (e == Elem::F32) {
+      float* f = static_cast<float*>(packed);
+      float* t = static_cast<float*>(packed_t);
+      for (int64_t h = 0; h < rows; ++h) {
+        const float* wr = w + (r + h) * K;
+        const int64_t p = (r + h) / kPanel, c = (r + h) % kPanel;
+        float* fp = f + p * K * kPanel + c;
+        for (int64_t k = 0; k < K; ++k) fp[k * kPanel] = wr[k];
+        for (int64_t kb = 0; kb < panels; ++kb) {
+          const int64_t cols = std::min<int64_t>(kPanel, K - kb * kPanel);
+          float* tp = t + (kb * N + r + h) * kPanel;
+          for (int64_t kk = 0; kk < cols; ++kk) tp[kk] = wr[kb * kPanel + kk];
+        }
+      }
+      continue;
+    }
+    for (int64_t h = 0; h < rows; ++h) {
+      const float* wr = w + (r + h) * K;
+      uint16_t* br = b16 + h * (K2 * 2);
+      for (int64_t k = 0; k < K; ++k) br[k] = round_bf16(wr[k]);
+      if (K & 1) br[K] = 0;
+    }
+    if (rows == 1) std::fill(b16 + K2 * 2, b16 + K2 * 4, uint16_t{0});
+    // forward copy: the pair (k, k + 1) of column r + h is one 32-bit word, 48 words apart
+    uint32_t* f = static_cast<uint32_t*>(packed);
+    for (int64_t h = 0; h < rows; ++h) {
+      const int64_t p = (r + h) / kPanel, c = (r + h) % kPanel;
+      uint32_t* fp = f + p * K2 * kPanel + c;
+      const uint16_t* br = b16 + h * (K2 * 2);
+      for (int64_t kp = 0; kp < K2; ++kp) {
+        fp[kp * kPanel] = static_cast<uint32_t>(br[2 * kp]) | (static_cast<uint32_t>(br[2 * kp + 1]) << 16);
+      }
+    }
+    // input-gradient copy: rows r and r + 1 interleaved, one 48-column run per panel
+    uint16_t* t = static_cast<uint16_t*>(packed_t);
+    const uint16_t* b0 = b16;
+    const uint16_t* b1 = b16 + K2 * 2;
+    for (int64_t kb = 0; kb < panels; ++kb) {
+      const int64_t cols = std::min<int64_t>(kPanel, K - kb * kPanel);
+      uint16_t* tp = t + (kb * N2 + r / 2) * kPanel * 2;
+      for (int64_t kk = 0; kk < cols; ++kk) {
+        tp[2 * kk] = b0[kb * kPanel + kk];
+        tp[2 * kk + 1] = b1[kb * kPanel + kk];
+      }
+    }
+  }
+}
+
+// The Adam epilogue of one tile: rows m0.. of W (mr <= 8, m0 a multiple of mr's block, the
+// tile inside one forward panel), columns n0..n0 + ncols (one input-gradient panel).
+inline __attribute__((always_inline)) void adam_tile_body(const float* tile, int mr, int64_t m0, int64_t n0, int ncols,
+                                                          const AdamUpdate& a) {
+  alignas(64) float wt[kMaxRows * kPanel];
+  for (int i = 0; i < mr; ++i) {
+    const int64_t off = (m0 + i) * a.K + n0;
+    float* w = a.w + off;
+    float* m = a.m + off;
+    float* v = a.v + off;
+    const float* g = tile + i * kPanel;
+    float* out = wt + i * kPanel;
+    for (int c = 0; c < ncols; ++c) {
+      float wi = w[c], mi = m[c], vi = v[c];
+      adam_one(wi, mi, vi, g[c], a.s);
+      w[c] = wi;
+      m[c] = mi;
+      v[c] = vi;
+      out[c] = wi;
+    }
+  }
+  const int64_t p = m0 / kPanel, kb = n0 / kPanel;
+  if (a.e == Elem::F32) {
+    float* f = static_cast<float*>(a.packed);
+    float* t = static_cast<float*>(a.packed_t);
+    for (int i = 0; i < mr; ++i) {
+      const int64_t n = m0 + i;
+      float* fp = f + p * a.K * kPanel + n % kPanel;
+      for (int c = 0; c < ncols; ++c) fp[(n0 + c) * kPanel] = wt[i * kPanel + c];
+      float* tp = t + (kb * a.N + n) * kPanel;
+      for (int c = 0; c < ncols; ++c) tp[c] = wt[i * kPanel + c];
+    }
+    return;
+  }
+  alignas(64) uint16_t bt[kMaxRows * (kPanel + 2)];
+  for (int i = 0; i < mr; ++i) {
+    for (int c = 0; c < ncols; ++c) bt[i * (kPanel + 2) + c] = round_bf16(wt[i * kPanel + c]);
+    bt[i * (kPanel + 2) + ncols] = 0;  // the pair partner past an odd K
+  }
+  const int64_t K2 = (a.K + 1) / 2, N2 = (a.N + 1) / 2;
+  uint32_t* f = static_cast<uint32_t*>(a.packed);
+  for (int i = 0; i < mr; ++i) {
+    const int64_t n = m0 + i;
+    uint32_t* fp = f + (p * K2 + n0 / 2) * kPanel + n % kPanel;
+    const uint16_t* br = bt + i * (kPanel + 2);
+    for (int j = 0; 2 * j < ncols; ++j) {
+      fp[j * kPanel] = static_cast<uint32_t>(br[2 * j]) | (static_cast<uint32_t>(br[2 * j + 1]) << 16);
+    }
+  }
+  uint16_t* t = static_cast<uint16_t*>(a.packed_t);
+  for (int i = 0; i < mr; ++i) {
+    const int64_t n = m0 + i;
+    uint16_t* tp = t + (kb * N2 + n / 2) * kPanel * 2 + (n & 1);
+    const uint16_t* br = bt + i * (kPanel + 2);
+    for (int c = 0; c < ncols; ++c) tp[2 * c] = br[c];
+  }
+}
+
+// --- scalar -----------------------------------------------------------------------------------
+
+void kernel_scalar(int mr, int ncols, int64_t K, const void* A, int64_t lda, Elem e, const void* B, float* tile) {
+  for (int i = 0; i < mr; ++i) std::fill(tile + i * kPanel, tile + i * kPanel + ncols, 0.0f);
+  if (e == Elem::F32) {
+    const float* a = static_cast<const float*>(A);
+    const float* b = static_cast<const float*>(B);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int i = 0; i < mr; ++i) {
+        const float av = a[i * lda + k];
+        for (int c = 0; c < ncols; ++c) tile[i * kPanel + c] += av * b[k * kPanel + c];
+      }
+    }
+    return;
+  }
+  const uint16_t* a = static_cast<const uint16_t*>(A);
+  const uint16_t* b = static_cast<const uint16_t*>(B);
+  const int64_t K2 = (K + 1) / 2;
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    for (int i = 0; i < mr; ++i) {
+      const float a0 = bf16_to_f32(a[i * lda + 2 * kp]), a1 = bf16_to_f32(a[i * lda + 2 * kp + 1]);
+      for (int c = 0; c < ncols; ++c) {
+        const uint16_t* bp = b + (kp * kPanel + c) * 2;
+        tile[i * kPanel + c] += a0 * bf16_to_f32(bp[0]) + a1 * bf16_to_f32(bp[1]);
+      }
+    }
+  }
+}
+
+inline float gate_value(const Epilogue& e, int64_t m, int64_t n) {
+  if (e.gate_elem == Elem::F32) return static_cast<const float*>(e.gate)[m * e.ldg + n];
+  return bf16_to_f32(static_cast<const uint16_t*>(e.gate)[m * e.ldg + n]);
+}
+
+void epilogue_scalar(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const Epilogue& e) {
+  if (e.adam != nullptr) return adam_tile_body(tile, mr, m0, n0, ncols, *e.adam);
+  for (int i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    for (int c = 0; c < ncols; ++c) {
+      const int64_t n = n0 + c;
+      float v = tile[i * kPanel + c];
+      if (e.bias != nullptr) v += e.bias[n];
+      if (e.act && !(v > 0.0f)) v *= e.slope;
+      if (e.gate != nullptr && !(gate_value(e, m, n) > 0.0f)) v *= e.slope;
+      if (e.out_elem == Elem::F32) {
+        static_cast<float*>(e.out)[m * e.ldc + n] = v;
+      } else {
+        static_cast<uint16_t*>(e.out)[m * e.ldc + n] = f32_to_bf16(v);
+      }
+    }
+  }
+}
+
+// --- AVX-512 ----------------------------------------------------------------------------------
+#if defined(FASTFVAE_MLP_SIMD)
+#define FFV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FFV_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define FFV_AVX2 __attribute__((target("avx2,fma")))
+
+template <int MR, int NR>
+FFV_AVX512 void k512_f32(int64_t K, const void* Av, int64_t lda, const void* Bv, float* tile) {
+  const float* A = static_cast<const float*>(Av);
+  const float* B = static_cast<const float*>(Bv);
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NR];
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) b[j] = _mm512_loadu_ps(B + k * kPanel + 16 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+#pragma GCC unroll 3
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(tile + i * kPanel + 16 * j, acc[i][j]);
+}
+
+template <int MR, int NR>
+FFV_AVX512BF16 void k512_bf16(int64_t K, const void* Av, int64_t lda, const void* Bv, float* tile) {
+  const uint16_t* A = static_cast<const uint16_t*>(Av);
+  const uint16_t* B = static_cast<const uint16_t*>(Bv);
+  const int64_t K2 = (K + 1) / 2;
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    __m512bh b[NR];
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) b[j] = (__m512bh)_mm512_loadu_si512(B + (kp * kPanel + 16 * j) * 2);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(A + i * lda + 2 * kp)));
+#pragma GCC unroll 3
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(tile + i * kPanel + 16 * j, acc[i][j]);
+}
+
+// bfloat16 pairs without vdpbf16ps: the even element of a 32-bit lane is its low half, shifted
+// up it is that bfloat16 as a float32; the odd one is the high half with the low half cleared.
+template <int MR, int NR>
+FFV_AVX512 void k512_bf16_widen(int64_t K, const void* Av, int64_t lda, const void* Bv, float* tile) {
+  const uint16_t* A = static_cast<const uint16_t*>(Av);
+  const uint16_t* B = static_cast<const uint16_t*>(Bv);
+  const int64_t K2 = (K + 1) / 2;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    __m512 b0[NR], b1[NR];
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) {
+      const __m512i raw = _mm512_loadu_si512(B + (kp * kPanel + 16 * j) * 2);
+      b0[j] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+      b1[j] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(load_u32(A + i * lda + 2 * kp)));
+      const __m512 a0 = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+      const __m512 a1 = _mm512_castsi512_ps(_mm512_and_si512(a, high));
+#pragma GCC unroll 3
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(a1, b1[j], _mm512_fmadd_ps(a0, b0[j], acc[i][j]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(tile + i * kPanel + 16 * j, acc[i][j]);
+}
+
+FFV_AVX512 inline __m512 leaky512(__m512 v, __m512 ref, __m512 slope) {
+  const __mmask16 pos = _mm512_cmp_ps_mask(ref, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, slope), v);
+}
+
+// adam_tile_body for a full bfloat16 tile (8 rows x 48 columns) in vector code: the Adam
+// update 16 lanes at a time, the input-gradient copy as row pairs interleaved by widening, the
+// forward copy (8 consecutive columns of one k pair) as 8-lane gathers of the tile's pairs.
+FFV_AVX512 void adam_tile_512(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const AdamUpdate& a) {
+  if (a.e != Elem::BF16 || mr != 8 || ncols != kPanel) return adam_tile_body(tile, mr, m0, n0, ncols, a);
+  const AdamScalars& s = a.s;
+  const __m512 w1 = _mm512_set1_ps(s.one_minus_beta1), rest = _mm512_set1_ps(1.0f - s.one_minus_beta1);
+  const __m512 beta2 = _mm512_set1_ps(s.beta2), b2c = _mm512_set1_ps(s.one_minus_beta2);
+  const __m512 bc2 = _mm512_set1_ps(s.bias_correction2_sqrt), eps = _mm512_set1_ps(s.eps);
+  const __m512 neg_step = _mm512_set1_ps(-s.step_size);
+  const bool small_weight = s.one_minus_beta1 < 0.5f;
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
+  alignas(64) uint16_t bt[8 * kPanel];
+  for (int i = 0; i < 8; ++i) {
+    const int64_t off = (m0 + i) * a.K + n0;
+    for (int j = 0; j < 3; ++j) {
+      float* wp = a.w + off + 16 * j;
+      float* mp = a.m + off + 16 * j;
+      float* vp = a.v + off + 16 * j;
+      const __m512 g = _mm512_loadu_ps(tile + i * kPanel + 16 * j);
+      const __m512 m = _mm512_loadu_ps(mp), v = _mm512_loadu_ps(vp), w = _mm512_loadu_ps(wp);
+      const __m512 d = _mm512_sub_ps(g, m);
+      const __m512 mi = small_weight ? _mm512_add_ps(m, _mm512_mul_ps(w1, d)) : _mm512_sub_ps(g, _mm512_mul_ps(d, rest));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v, beta2), _mm512_mul_ps(_mm512_mul_ps(b2c, g), g));
+      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
+      const __m512 wi = _mm512_add_ps(w, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom));
+      _mm512_storeu_ps(mp, mi);
+      _mm512_storeu_ps(vp, vi);
+      _mm512_storeu_ps(wp, wi);
+      const __m512i u = _mm512_castps_si512(wi);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half)), 16);
+      r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(wi, wi, _CMP_UNORD_Q), r, qnan);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bt + i * kPanel + 16 * j), _mm512_cvtepi32_epi16(r));
+    }
+  }
+  const int64_t p = m0 / kPanel, kb = n0 / kPanel, K2 = (a.K + 1) / 2, N2 = (a.N + 1) / 2;
+  uint16_t* t = static_cast<uint16_t*>(a.packed_t);
+  for (int i = 0; i < 8; i += 2) {
+    uint16_t* tp = t + (kb * N2 + (m0 + i) / 2) * kPanel * 2;
+    for (int j = 0; j < 3; ++j) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(bt + i * kPanel + 16 * j)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(bt + (i + 1) * kPanel + 16 * j)));
+      _mm512_storeu_si512(tp + 32 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+  uint32_t* f = static_cast<uint32_t*>(a.packed) + (p * K2 + n0 / 2) * kPanel + m0 % kPanel;
+  const int* pairs = reinterpret_cast<const int*>(bt);
+  const __m256i rows = _mm256_setr_epi32(0, 24, 48, 72, 96, 120, 144, 168);  // 24 pairs per tile row
+  for (int j = 0; j < kPanel / 2; ++j) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(f + j * kPanel), _mm256_i32gather_epi32(pairs + j, rows, 4));
+  }
+}
+
+FFV_AVX512 void epilogue512(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const Epilogue& e) {
+  if (e.adam != nullptr) return adam_tile_512(tile, mr, m0, n0, ncols, *e.adam);
+  const __m512 slope = _mm512_set1_ps(e.slope);
+  for (int i = 0; i < mr; ++i) {
+    const int64_t m = m0 + i;
+    for (int c = 0; c < ncols; c += 16) {
+      const int left = ncols - c;
+      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      const int64_t n = n0 + c;
+      __m512 v = _mm512_loadu_ps(tile + i * kPanel + c);
+      if (e.bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.bias + n));
+      if (e.act) v = leaky512(v, v, slope);
+      if (e.gate != nullptr) {
+        __m512 g;
+        if (e.gate_elem == Elem::F32) {
+          g = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(e.gate) + m * e.ldg + n);
+        } else {
+          const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(e.gate) + m * e.ldg + n);
+          g = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        }
+        v = leaky512(v, g, slope);
+      }
+      if (e.out_elem == Elem::F32) {
+        _mm512_mask_storeu_ps(static_cast<float*>(e.out) + m * e.ldc + n, mask, v);
+      } else {
+        // round to nearest even in integers (f32_to_bf16), NaN to 0x7FC0
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+        const __m256i h = _mm512_cvtepi32_epi16(r);
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * e.ldc + n, mask, h);
+      }
+    }
+  }
+}
+
+// --- AVX2: 16 columns (two 8-wide vectors) per call, three calls per panel ---------------------
+
+template <int MR>
+FFV_AVX2 void k2_f32(int64_t K, const void* Av, int64_t lda, const void* Bv, float* tile) {
+  const float* A = static_cast<const float*>(Av);
+  const float* B = static_cast<const float*>(Bv);
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B + k * kPanel), b1 = _mm256_loadu_ps(B + k * kPanel + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_set1_ps(A[i * lda + k]);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(tile + i * kPanel, acc[i][0]);
+    _mm256_storeu_ps(tile + i * kPanel + 8, acc[i][1]);
+  }
+}
+
+template <int MR>
+FFV_AVX2 void k2_bf16(int64_t K, const void* Av, int64_t lda, const void* Bv, float* tile) {
+  const uint16_t* A = static_cast<const uint16_t*>(Av);
+  const uint16_t* B = static_cast<const uint16_t*>(Bv);
+  const int64_t K2 = (K + 1) / 2;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    __m256 b0[2], b1[2];
+    for (int j = 0; j < 2; ++j) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + (kp * kPanel + 8 * j) * 2));
+      b0[j] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+      b1[j] = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_set1_epi32(static_cast<int>(load_u32(A + i * lda + 2 * kp)));
+      const __m256 a0 = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+      const __m256 a1 = _mm256_castsi256_ps(_mm256_and_si256(a, high));
+      for (int j = 0; j < 2; ++j) acc[i][j] = _mm256_fmadd_ps(a1, b1[j], _mm256_fmadd_ps(a0, b0[j], acc[i][j]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(tile + i * kPanel, acc[i][0]);
+    _mm256_storeu_ps(tile + i * kPanel + 8, acc[i][1]);
+  }
+}
+
+using Kernel = void (*)(int64_t, const void*, int64_t, const void*, float*);
+
+#define FFV_ROW(fn, mr) {&fn<mr, 1>, &fn<mr, 2>, &fn<mr, 3>}
+const Kernel kF32_512[8][3] = {FFV_ROW(k512_f32, 1), FFV_ROW(k512_f32, 2), FFV_ROW(k512_f32, 3),
+                               FFV_ROW(k512_f32, 4), FFV_ROW(k512_f32, 5), FFV_ROW(k512_f32, 6),
+                               FFV_ROW(k512_f32, 7), FFV_ROW(k512_f32, 8)};
+const Kernel kBf16_512[8][3] = {FFV_ROW(k512_bf16, 1), FFV_ROW(k512_bf16, 2), FFV_ROW(k512_bf16, 3),
+                                FFV_ROW(k512_bf16, 4), FFV_ROW(k512_bf16, 5), FFV_ROW(k512_bf16, 6),
+                                FFV_ROW(k512_bf16, 7), FFV_ROW(k512_bf16, 8)};
+const Kernel kWiden_512[6][3] = {FFV_ROW(k512_bf16_widen, 1), FFV_ROW(k512_bf16_widen, 2),
+                                 FFV_ROW(k512_bf16_widen, 3), FFV_ROW(k512_bf16_widen, 4),
+                                 FFV_ROW(k512_bf16_widen, 5), FFV_ROW(k512_bf16_widen, 6)};
+#undef FFV_ROW
+const Kernel kF32_2[6] = {&k2_f32<1>, &k2_f32<2>, &k2_f32<3>, &k2_f32<4>, &k2_f32<5>, &k2_f32<6>};
+const Kernel kBf16_2[4] = {&k2_bf16<1>, &k2_bf16<2>, &k2_bf16<3>, &k2_bf16<4>};
+#endif  // FASTFVAE_MLP_SIMD
+
+GemmIsa detect_gemm_isa() {
+  GemmIsa best = GemmIsa::Scalar;
+#if defined(FASTFVAE_MLP_SIMD)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq")) {
+    best = GemmIsa::Avx512;
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+    if (__builtin_cpu_supports("avx512bf16")) best = GemmIsa::Avx512Bf16;
+#endif
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = GemmIsa::Avx2;
+  }
+#endif
+  const char* cap = std::getenv("FASTFVAE_NATIVE_ISA");
+  if (cap != nullptr) {
+    GemmIsa limit = best;
+    if (std::strcmp(cap, "scalar") == 0) limit = GemmIsa::Scalar;
+    if (std::strcmp(cap, "avx2") == 0) limit = GemmIsa::Avx2;
+    if (std::strcmp(cap, "avx512") == 0) limit = GemmIsa::Avx512;
+    if (static_cast<int>(limit) < static_cast<int>(best)) best = limit;
+  }
+  return best;
+}
+
+// Rows per microkernel call for each variant and operand type.
+int rows_per_block(GemmIsa isa, Elem e) {
+  switch (isa) {
+    case GemmIsa::Avx512Bf16: return 8;
+    case GemmIsa::Avx512: return e == Elem::F32 ? 8 : 6;
+    case GemmIsa::Avx2: return e == Elem::F32 ? 6 : 4;
+    default: return 4;
+  }
+}
+
+void run_block(GemmIsa isa, int mr, int ncols, int64_t K, const void* A, int64_t lda, Elem e, const void* B,
+               float* tile) {
+#if defined(FASTFVAE_MLP_SIMD)
+  const int nr = (ncols + 15) / 16;
+  const int64_t esize = e == Elem::F32 ? 4 : 2;
+  switch (isa) {
+    case GemmIsa::Avx512Bf16:
+      if (e == Elem::BF16) return kBf16_512[mr - 1][nr - 1](K, A, lda, B, tile);
+      return kF32_512[mr - 1][nr - 1](K, A, lda, B, tile);
+    case GemmIsa::Avx512:
+      if (e == Elem::BF16) return kWiden_512[mr - 1][nr - 1](K, A, lda, B, tile);
+      return kF32_512[mr - 1][nr - 1](K, A, lda, B, tile);
+    case GemmIsa::Avx2:
+      for (int c = 0; c < nr; ++c) {
+        // column chunk c of the panel: B's elements of columns 16c.. (pairs in bf16)
+        const void* Bc = static_cast<const char*>(B) + 16 * c * esize * (e == Elem::BF16 ? 2 : 1);
+        if (e == Elem::BF16) {
+          kBf16_2[mr - 1](K, A, lda, Bc, tile + 16 * c);
+        } else {
+          kF32_2[mr - 1](K, A, lda, Bc, tile + 16 * c);
+        }
+      }
+      return;
+    default: break;
+  }
+#endif
+  kernel_scalar(mr, ncols, K, A, lda, e, B, tile);
+}
+
+void run_epilogue(GemmIsa isa, const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const Epilogue& e) {
+#if defined(FASTFVAE_MLP_SIMD)
+  if (isa == GemmIsa::Avx512Bf16 || isa == GemmIsa::Avx512) return epilogue512(tile, mr, m0, n0, ncols, e);
+#endif
+  epilogue_scalar(tile, mr, m0, n0, ncols, e);
+}
+
+#if defined(FASTFVAE_MLP_SIMD)
+FFV_AVX512 void adam_rows_512(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0,
+                              int64_t r1, const AdamScalars& s, Elem e, void* packed, void* packed_t, uint16_t* b16) {
+  adam_rows_body(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16);
+}
+FFV_AVX2 void adam_rows_2(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0, int64_t r1,
+                          const AdamScalars& s, Elem e, void* packed, void* packed_t, uint16_t* b16) {
+  adam_rows_body(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16);
+}
+#endif
+
+// The weight rows, moments of tile t of an Adam epilogue into the cache while tile t - 1 computes:
+// its 3 x mr short row segments are too scattered for the hardware prefetcher.
+void prefetch_adam(const AdamUpdate& a, bool rows_outer, int64_t t, int64_t blocks, int64_t panels, int MR, int64_t M,
+                   int64_t N) {
+  const int64_t p = rows_outer ? t % panels : t / blocks, b = rows_outer ? t / panels : t % blocks;
+  const int64_t m0 = b * MR, n0 = p * kPanel;
+  const int64_t mr = std::min<int64_t>(MR, M - m0), cols = std::min<int64_t>(kPanel, N - n0);
+  for (int64_t i = 0; i < mr; ++i) {
+    const int64_t off = (m0 + i) * a.K + n0;
+    for (int64_t c = 0; c < cols; c += 16) {
+      __builtin_prefetch(a.w + off + c, 1, 3);
+      __builtin_prefetch(a.m + off + c, 1, 3);
+      __builtin_prefetch(a.v + off + c, 1, 3);
+    }
+  }
+}
+
+}  // namespace
+
+void adam_vector(float* w, float* m, float* v, const float* g, int64_t n, const AdamScalars& s) {
+  adam_span(w, m, v, g, n, s);
+}
+
+void adam_rows(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0, int64_t r1,
+               const AdamScalars& s, Elem e, void* packed, void* packed_t) {
+  std::vector<uint16_t> b16(static_cast<size_t>(4 * ((K + 1) / 2)));
+#if defined(FASTFVAE_MLP_SIMD)
+  switch (gemm_isa()) {
+    case GemmIsa::Avx512Bf16:
+    case GemmIsa::Avx512: return adam_rows_512(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16.data());
+    case GemmIsa::Avx2: return adam_rows_2(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16.data());
+    default: break;
+  }
+#endif
+  adam_rows_body(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16.data());
+}
+
+GemmIsa gemm_isa() {
+  static const GemmIsa isa = detect_gemm_isa();
+  return isa;
+}
+
+const char* gemm_isa_name(GemmIsa isa) {
+  switch (isa) {
+    case GemmIsa::Avx512Bf16: return "avx512_bf16";
+    case GemmIsa::Avx512: return "avx512";
+    case GemmIsa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void pack_b(const void* src, Src src_type, int64_t ld, bool transposed, int64_t K, int64_t N, Elem e, void* out) {
+  const int64_t panels = panel_count(N), rows = reduction_rows(K, e);
+  auto get = [&](int64_t k, int64_t n) -> float {
+    if (k >= K || n >= N) return 0.0f;
+    const int64_t at = transposed ? n * ld + k : k * ld + n;
+    return src_type == Src::F32 ? static_cast<const float*>(src)[at] : bf16_to_f32(static_cast<const uint16_t*>(src)[at]);
+  };
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      if (e == Elem::F32) {
+        float* o = static_cast<float*>(out) + p * rows * kPanel;
+        for (int64_t k = 0; k < rows; ++k)
+          for (int64_t c = 0; c < kPanel; ++c) o[k * kPanel + c] = get(k, p * kPanel + c);
+      } else {
+        uint16_t* o = static_cast<uint16_t*>(out) + p * rows * kPanel * 2;
+        const bool exact = src_type == Src::BF16;
+        for (int64_t kp = 0; kp < rows; ++kp) {
+          for (int64_t c = 0; c < kPanel; ++c) {
+            for (int h = 0; h < 2; ++h) {
+              const int64_t k = 2 * kp + h, n = p * kPanel + c;
+              uint16_t v = 0;
+              if (k < K && n < N) {
+                const int64_t at = transposed ? n * ld + k : k * ld + n;
+                v = exact ? static_cast<const uint16_t*>(src)[at] : f32_to_bf16(static_cast<const float*>(src)[at]);
+              }
+              o[(kp * kPanel + c) * 2 + h] = v;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e, const void* B, const Epilogue& epi) {
+  if (M <= 0 || N <= 0) return;
+  const GemmIsa isa = gemm_isa();
+  const int MR = rows_per_block(isa, e);
+  const int64_t blocks = (M + MR - 1) / MR, panels = panel_count(N);
+  const int64_t esize = e == Elem::F32 ? 4 : 2;
+  const int64_t panel_bytes = reduction_rows(K, e) * kPanel * esize * (e == Elem::BF16 ? 2 : 1);
+  // tiles of about 2^21 multiply-adds per task, so small products stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 21) / std::max<int64_t>(1, MR * kPanel * K));
+  at::parallel_for(0, panels * blocks, grain, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[kMaxRows * kPanel];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = epi.rows_outer ? t % panels : t / blocks, b = epi.rows_outer ? t / panels : t % blocks;
+      const int64_t m0 = b * MR, n0 = p * kPanel;
+      const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      const int ncols = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
+      const void* a = static_cast<const char*>(A) + m0 * lda * esize;
+      const void* bp = static_cast<const char*>(B) + p * panel_bytes;
+      if (epi.adam != nullptr && t + 2 < t1) prefetch_adam(*epi.adam, epi.rows_outer, t + 2, blocks, panels, MR, M, N);
+      run_block(isa, mr, ncols, K, a, lda, e, bp, tile);
+      run_epilogue(isa, tile, mr, m0, n0, ncols, epi);
+    }
+  });
+}
+
+}  // namespace mlp
+}  // namespace fastfvae_native
