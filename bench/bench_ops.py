@@ -9,7 +9,10 @@ One benchmark group per op and size, with one row per implementation of the same
 
 The ``native vs reference`` groups (CPU, skipped without the native library) time the same
 public op twice: ``reference`` with ``FASTFVAE_NO_NATIVE=1`` and ``native``; their rows carry
-``speedup_vs_reference``.
+``speedup_vs_reference``. The ``native vs torch`` groups time one FactorVAE update's
+discriminator work (forward, TC input gradient, parameter gradients, Adam) of
+`fastfvae.ops.native_mlp.NativeDiscriminator` and of the fast path's torch D in alternating
+rounds of one benchmark; ``extra_info`` holds both minima and their ``ratio``.
 
 Each row's ``extra_info`` holds ``speedup_vs_eager`` and ``speedup_vs_compiled`` (min time per
 call of that row / this row: the min, because shared CI machines are noisy); pytest-benchmark's
@@ -215,3 +218,102 @@ def test_native_gaussian_sample_kl(benchmark, monkeypatch, B, impl):
         z, kl = gaussian_sample_kl(mu, logvar, eps)
         return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
     _measure(benchmark, f"native vs reference (CPU): gaussian_sample_kl fwd+bwd B={B} D=10", impl, fn)
+
+
+@pytest.mark.parametrize("impl", NATIVE_IMPLS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_native_linear_leaky_relu(benchmark, monkeypatch, dtype, impl):
+    """One 1000 x 1000 layer of D at 2B = 128 rows, forward + both backward ops (the public op:
+    the weight is packed at every call, as any GEMM library must for a weight it sees once)."""
+    _native_or_skip(monkeypatch, impl)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x = torch.randn(128, 1000).to(dt).requires_grad_()
+    w = (torch.randn(1000, 1000) / 1000**0.5).to(dt).requires_grad_()
+    b = torch.randn(1000).to(dt).requires_grad_()
+    g = torch.randn(128, 1000).to(dt)
+    _measure(benchmark, f"native vs reference (CPU): linear_leaky_relu fwd+bwd 128x1000x1000 {dtype}", impl,
+             lambda: torch.autograd.grad(linear_leaky_relu(x, w, b, 0.2), (x, w, b), g))
+
+
+# --- the whole discriminator update: native vs the fast path's torch D, interleaved -----------
+
+def _torch_d_update(dtype: torch.dtype, batch: int):
+    """The fast CPU step's D (fastfvae.fast: D written out by hand, and in bf16 FlatAdam's one
+    compiled kernel over flat buffers; in fp32 torch's fused Adam): one update's D work."""
+    from fastfvae.fast.disc_by_hand import DiscriminatorByHand
+    from fastfvae.fast.flat_adam import FlatAdam
+
+    torch.manual_seed(0)
+    disc = Discriminator()
+    params = list(disc.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4, betas=(0.5, 0.9), fused=True)
+    d = DiscriminatorByHand(disc, 2 * batch, dtype)
+    flat = None
+    if dtype == torch.bfloat16:
+        flat = FlatAdam(opt, params, dtype)
+        d.use_flat(flat)
+
+    def update(z, g_tc, g_d):
+        d.forward(z)
+        d.input_grad(g_tc)
+        d.param_grads(g_d)
+        if flat is not None:
+            flat.step()
+            d.weights_written()
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            d.parameters_changed()
+    return update
+
+
+def _native_d_update(dtype: torch.dtype, batch: int):
+    from fastfvae.ops.native_mlp import NativeDiscriminator
+
+    torch.manual_seed(0)
+    disc = Discriminator()
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    d = NativeDiscriminator(disc, 2 * batch, dtype, opt)
+
+    def update(z, g_tc, g_d):
+        d.forward(z)
+        d.input_grad(g_tc)
+        d.update(g_d)
+    return update
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype):
+    """D's work in one FactorVAE update at the paper's sizes (Kim & Mnih 2018: 6 x 1000,
+    B = 64): forward of both halves (2B = 128 rows), the TC half's input gradient, the
+    parameter gradients of both halves and Adam -- the native D (`NativeDiscriminator`:
+    forward, input_grad, update) against the fast path's torch D, in alternating rounds of one
+    run (the machine is shared), ``ratio`` = min torch time / min native time."""
+    from fastfvae.fast.allocator import keep_freed_memory
+
+    _native_or_skip(monkeypatch, "native")
+    keep_freed_memory()  # as the fast CPU step does, for both
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    B = 64
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(2 * B, 10, generator=gen)
+    g_tc, g_d = torch.randn(B, 2, generator=gen) * 1e-2, torch.randn(2 * B, 2, generator=gen) * 1e-2
+    impls = {"torch": _torch_d_update(dt, B), "native": _native_d_update(dt, B)}
+    for fn in impls.values():  # warm up (FlatAdam compiles its kernel)
+        fn(z, g_tc, g_d)
+        fn(z, g_tc, g_d)
+    best = {name: float("inf") for name in impls}
+
+    def one_round():
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn(z, g_tc, g_d)
+            best[name] = min(best[name], time.perf_counter() - t0)
+
+    benchmark.group = f"native vs torch (CPU): discriminator update 6x1000 2B=128 {dtype}"
+    benchmark.extra_info.update(impl="torch+native rounds", device="cpu", threads=torch.get_num_threads())
+    benchmark.pedantic(one_round, rounds=15, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(torch_min_s=best["torch"], native_min_s=best["native"],
+                                ratio=best["torch"] / best["native"])
+    print(f"\n{benchmark.group}: torch {best['torch'] * 1e3:.2f} ms, native {best['native'] * 1e3:.2f} ms, "
+          f"ratio {best['torch'] / best['native']:.2f}")

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "mlp_gemm.h"
@@ -74,29 +75,79 @@ at::Tensor pack(const at::Tensor& src, bool transposed, int64_t K, int64_t N, El
   return out;
 }
 
+inline float bits_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// One row of g' = g * act'(y): float32, or bfloat16 (g * slope rounded to bfloat16, as torch's
+// bfloat16 leaky_relu_backward rounds it).
+void gate_row(const float* g, const float* y, float* out, int64_t N, float slope) {
+  for (int64_t n = 0; n < N; ++n) out[n] = y[n] > 0.0f ? g[n] : g[n] * slope;
+}
+
+void gate_row(const uint16_t* g, const uint16_t* y, uint16_t* out, int64_t N, float slope) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float v = bits_to_f32(g[n]) * slope;
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    // round to nearest even, NaN to 0x7FC0 (c10::BFloat16's rounding), branch-free so it vectorises
+    const uint16_t scaled = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    out[n] = (static_cast<int16_t>(y[n]) > 0 && (y[n] & 0x7FFF) <= 0x7F80) ? g[n] : scaled;
+  }
+}
+
 // g' = g * act'(y) (slope 1.0: g), [M, N] in e, row stride padded(N).
 at::Tensor gated(const at::Tensor& grad, const at::Tensor& out, double slope, Elem e) {
   const int64_t M = grad.size(0), N = grad.size(1), Np = padded(N, e);
   const at::ScalarType dtype = e == Elem::F32 ? at::kFloat : at::kBFloat16;
   at::Tensor g = grad.to(dtype).contiguous();
   if (slope == 1.0 && Np == N) return g;
-  at::Tensor y = out.to(dtype).contiguous();
   at::Tensor res = Np == N ? at::empty({M, Np}, g.options()) : at::zeros({M, Np}, g.options());
-  const void* gp = g.const_data_ptr();
-  const void* yp = y.const_data_ptr();
-  void* rp = res.mutable_data_ptr();
+  if (slope == 1.0) {
+    res.narrow(1, 0, N).copy_(g);
+    return res;
+  }
+  at::Tensor y = out.to(dtype).contiguous();
   const float s = static_cast<float>(slope);
-  const bool act = slope != 1.0;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t n = 0; n < N; ++n) {
-        float v = to_f32(gp, e, m * N + n);
-        if (act && !(to_f32(yp, e, m * N + n) > 0.0f)) v *= s;
-        store(rp, e, m * Np + n, v);
+      if (e == Elem::F32) {
+        gate_row(g.const_data_ptr<float>() + m * N, y.const_data_ptr<float>() + m * N,
+                 res.mutable_data_ptr<float>() + m * Np, N, s);
+      } else {
+        gate_row(static_cast<const uint16_t*>(g.const_data_ptr()) + m * N,
+                 static_cast<const uint16_t*>(y.const_data_ptr()) + m * N,
+                 static_cast<uint16_t*>(res.mutable_data_ptr()) + m * Np, N, s);
       }
     }
   });
   return res;
+}
+
+// a [M, N] (row stride lda) transposed into o [N, Mp] for the columns [n0, n1), and their sums.
+template <typename T>
+void transpose_columns(const T* a, int64_t lda, int64_t M, int64_t Mp, int64_t n0, int64_t n1, T* o, float* colsum) {
+  constexpr int64_t kCols = 16;
+  for (int64_t nb = n0; nb < n1; nb += kCols) {
+    const int64_t cols = std::min(n1, nb + kCols) - nb;
+    float sums[kCols] = {};
+    for (int64_t m = 0; m < M; ++m) {
+      const T* row = a + m * lda + nb;
+      for (int64_t c = 0; c < cols; ++c) {
+        o[(nb + c) * Mp + m] = row[c];
+        if constexpr (std::is_same_v<T, float>) {
+          sums[c] += row[c];
+        } else {
+          sums[c] += bits_to_f32(row[c]);
+        }
+      }
+    }
+    if (colsum != nullptr)
+      for (int64_t c = 0; c < cols; ++c) colsum[nb + c] = sums[c];
+  }
 }
 
 // a [M, N] (row stride lda, type e) transposed to [N, padded(M)] (zero pad), and the float32
@@ -107,23 +158,10 @@ at::Tensor transpose_operand(const void* a, int64_t lda, int64_t M, int64_t N, E
   at::Tensor out = Mp == M ? at::empty({N, Mp}, opts) : at::zeros({N, Mp}, opts);
   void* o = out.mutable_data_ptr();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    constexpr int64_t kCols = 16;
-    for (int64_t nb = n0; nb < n1; nb += kCols) {
-      const int64_t ne = std::min(n1, nb + kCols);
-      float sums[kCols] = {};
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t n = nb; n < ne; ++n) {
-          const float v = to_f32(a, e, m * lda + n);
-          sums[n - nb] += v;
-          if (e == Elem::F32) {
-            static_cast<float*>(o)[n * Mp + m] = v;
-          } else {
-            static_cast<uint16_t*>(o)[n * Mp + m] = static_cast<const uint16_t*>(a)[m * lda + n];
-          }
-        }
-      }
-      if (colsum != nullptr)
-        for (int64_t n = nb; n < ne; ++n) colsum[n] = sums[n - nb];
+    if (e == Elem::F32) {
+      transpose_columns(static_cast<const float*>(a), lda, M, Mp, n0, n1, static_cast<float*>(o), colsum);
+    } else {
+      transpose_columns(static_cast<const uint16_t*>(a), lda, M, Mp, n0, n1, static_cast<uint16_t*>(o), colsum);
     }
   });
   return out;

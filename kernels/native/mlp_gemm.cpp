@@ -643,38 +643,75 @@ const char* gemm_isa_name(GemmIsa isa) {
   }
 }
 
-void pack_b(const void* src, Src src_type, int64_t ld, bool transposed, int64_t K, int64_t N, Elem e, void* out) {
-  const int64_t panels = panel_count(N), rows = reduction_rows(K, e);
-  auto get = [&](int64_t k, int64_t n) -> float {
-    if (k >= K || n >= N) return 0.0f;
-    const int64_t at = transposed ? n * ld + k : k * ld + n;
-    return src_type == Src::F32 ? static_cast<const float*>(src)[at] : bf16_to_f32(static_cast<const uint16_t*>(src)[at]);
-  };
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * kPanel));
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      if (e == Elem::F32) {
-        float* o = static_cast<float*>(out) + p * rows * kPanel;
-        for (int64_t k = 0; k < rows; ++k)
-          for (int64_t c = 0; c < kPanel; ++c) o[k * kPanel + c] = get(k, p * kPanel + c);
-      } else {
-        uint16_t* o = static_cast<uint16_t*>(out) + p * rows * kPanel * 2;
-        const bool exact = src_type == Src::BF16;
-        for (int64_t kp = 0; kp < rows; ++kp) {
-          for (int64_t c = 0; c < kPanel; ++c) {
-            for (int h = 0; h < 2; ++h) {
-              const int64_t k = 2 * kp + h, n = p * kPanel + c;
-              uint16_t v = 0;
-              if (k < K && n < N) {
-                const int64_t at = transposed ? n * ld + k : k * ld + n;
-                v = exact ? static_cast<const uint16_t*>(src)[at] : f32_to_bf16(static_cast<const float*>(src)[at]);
-              }
-              o[(kp * kPanel + c) * 2 + h] = v;
-            }
-          }
-        }
+namespace {
+
+inline float src_value(const void* src, Src t, int64_t at) {
+  return t == Src::F32 ? static_cast<const float*>(src)[at] : bf16_to_f32(static_cast<const uint16_t*>(src)[at]);
+}
+
+inline uint16_t src_bf16(const void* src, Src t, int64_t at) {
+  return t == Src::BF16 ? static_cast<const uint16_t*>(src)[at] : f32_to_bf16(static_cast<const float*>(src)[at]);
+}
+
+// Panel p of B packed from src. Every element of the panel is written (zeros past K and N).
+void pack_panel(const void* src, Src st, int64_t ld, bool transposed, int64_t K, int64_t N, Elem e, int64_t p,
+                void* out) {
+  const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
+  if (e == Elem::F32) {
+    float* o = static_cast<float*>(out) + p * K * kPanel;
+    if (transposed) {  // B[k][n] = src[n][k]: the panel's rows of src, each scattered down a column
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t k = 0; k < K; ++k) o[k * kPanel + c] = src_value(src, st, (n0 + c) * ld + k);
+      for (int64_t k = 0; k < K; ++k) std::fill(o + k * kPanel + cols, o + (k + 1) * kPanel, 0.0f);
+    } else {  // B[k][n] = src[k][n]: 48-column runs of src's rows
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < cols; ++c) o[k * kPanel + c] = src_value(src, st, k * ld + n0 + c);
+        std::fill(o + k * kPanel + cols, o + (k + 1) * kPanel, 0.0f);
       }
     }
+    return;
+  }
+  const int64_t K2 = (K + 1) / 2;
+  uint16_t* o = static_cast<uint16_t*>(out) + p * K2 * kPanel * 2;
+  if (transposed) {  // the pair (k, k + 1) of column n is src[n][k], src[n][k + 1]: adjacent in src
+    uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t row = (n0 + c) * ld;
+      for (int64_t kp = 0; kp < K / 2; ++kp) {
+        o32[kp * kPanel + c] = static_cast<uint32_t>(src_bf16(src, st, row + 2 * kp)) |
+                               (static_cast<uint32_t>(src_bf16(src, st, row + 2 * kp + 1)) << 16);
+      }
+      if (K & 1) o32[(K2 - 1) * kPanel + c] = src_bf16(src, st, row + K - 1);
+    }
+    for (int64_t kp = 0; kp < K2; ++kp) std::fill(o32 + kp * kPanel + cols, o32 + (kp + 1) * kPanel, 0u);
+    return;
+  }
+  for (int64_t kp = 0; kp < K2; ++kp) {  // rows 2kp and 2kp + 1 of src interleaved
+    uint16_t* op = o + kp * kPanel * 2;
+    const int64_t r0 = 2 * kp * ld + n0;
+    if (2 * kp + 1 < K) {
+      const int64_t r1 = r0 + ld;
+      for (int64_t c = 0; c < cols; ++c) {
+        op[2 * c] = src_bf16(src, st, r0 + c);
+        op[2 * c + 1] = src_bf16(src, st, r1 + c);
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        op[2 * c] = src_bf16(src, st, r0 + c);
+        op[2 * c + 1] = 0;
+      }
+    }
+    std::fill(op + 2 * cols, op + 2 * kPanel, uint16_t{0});
+  }
+}
+
+}  // namespace
+
+void pack_b(const void* src, Src src_type, int64_t ld, bool transposed, int64_t K, int64_t N, Elem e, void* out) {
+  const int64_t panels = panel_count(N), rows = reduction_rows(K, e);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel(src, src_type, ld, transposed, K, N, e, p, out);
   });
 }
 
