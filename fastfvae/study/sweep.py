@@ -53,12 +53,11 @@ LOCK_FILE = "sweep.lock"
 RUNS_DIR = "runs"
 FORMAT = "fastfvae-sweep"
 VERSION = 1
-#: Runs per pack when ``--pack`` is not given, by the device the pack trains on. CPU: 1 (a pack
-#: of one trains as a single fast run): measured side by side at the paper config
-#: (bench/bench_pack.py, docs/studies.md) a CPU pack gives 0.8-0.95x the per-model steps/s of
-#: single fast runs in fp32 and less in bf16, since D's GEMMs already run compute-bound there.
-#: CUDA: 32, unmeasured (a batch-64 step uses a sliver of a GPU; bench/gpu_check.sh measures it).
-DEFAULT_PACK_SIZE = {"cpu": 1, "cuda": 32}
+#: Runs per pack when ``--pack`` is not given, by the device the pack trains on. CPU: 8 (the
+#: threaded pack: each run's own fast step, one model per core; why 8 and the measurements:
+#: docs/studies.md, "Packs"). CUDA: 32, unmeasured (a batch-64 step uses a sliver of a GPU;
+#: bench/gpu_check.sh measures it).
+DEFAULT_PACK_SIZE = {"cpu": 8, "cuda": 32}
 
 
 # --- the plan ---------------------------------------------------------------------------------
