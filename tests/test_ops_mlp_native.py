@@ -347,3 +347,29 @@ def test_without_the_library_it_says_why(monkeypatch):
                                            "reason": "native library not built: cmake -S . -B build"})
     with pytest.raises(FastFVAEError, match="native library not built"):
         NativeDiscriminator(Discriminator(3, 8, 2), 4)
+
+
+# --- the fast step's opt-in native D ------------------------------------------------------------
+
+@pytest.mark.parametrize("precision, d_steps", [("fp32", 1), ("fp32", 2), ("bf16", 1)])
+def test_fast_step_with_native_d_keeps_parity(native_on, precision, d_steps):
+    """FastOptions(native_d=True): the by-hand CPU step with D on the native library keeps the
+    fast path's parity with the reference step (tests/test_fast_step.py's tolerances), and the
+    optimiser state it leaves is torch's format."""
+    from test_fast_step import STEPS, assert_parity, run_both, small_cfg
+    from train_data import one_thread  # noqa: F401
+
+    from fastfvae.fast import FastOptions
+
+    cfg = small_cfg(d_steps=d_steps)
+    ref_state, fast_state, ref_m, fast_m = run_both(cfg, STEPS, FastOptions(precision=precision, native_d=True))
+    assert_parity(ref_state, fast_state, ref_m, fast_m, precision)
+    assert "mlp_update" in native_on.called and "mlp_forward" in native_on.called
+    ref_state.optims.disc.load_state_dict(fast_state.optims.disc.state_dict())
+
+
+def test_fast_step_native_d_needs_the_cpu_by_hand_step(native_on):
+    from fastfvae.fast import FastOptions
+
+    with pytest.raises(FastFVAEError, match="native_d needs"):
+        FastOptions(native_d=True, by_hand=False).resolved(torch.device("cpu"))

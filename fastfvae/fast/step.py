@@ -63,6 +63,8 @@ class FastOptions:
                                      # device with a CUDA graph, else host
     by_hand: bool | None = None      # split-backward convolutions + D written out (6.);
                                      # None = when nothing is compiled or captured (CPU)
+    native_d: bool = False           # opt-in: the by-hand D on the native library
+                                     # (fastfvae.ops.native_mlp: forward, input grad, fused grads + Adam)
 
     def resolved(self, device: torch.device) -> "FastOptions":
         check_precision(self.precision)
@@ -88,6 +90,8 @@ class FastOptions:
         by_hand = eager if self.by_hand is None else self.by_hand
         if by_hand and not eager:
             raise FastFVAEError("by_hand needs an eager step (compile='none', no CUDA graph)")
+        if self.native_d and not (by_hand and device.type == "cpu"):
+            raise FastFVAEError("native_d needs the by-hand CPU step (a CPU device, compile='none', by_hand)")
         return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise,
                        by_hand=by_hand)
 
@@ -177,7 +181,10 @@ class FastStep:
         #: (docs/fast-path.md)
         self._s2d = opts.by_hand and opts.precision == "bf16" and vae.channels == 1 and not self._render
         self._d_by_hand = self._flat_adam = None
-        if opts.by_hand and disc is not None:
+        if opts.native_d and disc is not None:
+            self._d_by_hand = _native_discriminator(disc, 2 * self.cfg.batch_size, self._dtype,
+                                                    None if own_disc_optim else self.optims.disc)
+        elif opts.by_hand and disc is not None:
             self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
             if opts.precision == "bf16" and self.device.type == "cpu" and not own_disc_optim:
                 # D's update as one compiled kernel over flat buffers (`fastfvae.fast.flat_adam`)
@@ -296,7 +303,11 @@ class FastStep:
             optim.step()
             optim.zero_grad(set_to_none=True)
             return
-        d.param_grads(torch.cat(torch.autograd.grad(loss, [logits_q, logits_p])))
+        grad_logits = torch.cat(torch.autograd.grad(loss, [logits_q, logits_p]))
+        if self.options.native_d:  # gradients straight into Adam, the packed weights rewritten
+            d.update(grad_logits)
+            return
+        d.param_grads(grad_logits)
         if self._flat_adam is not None:
             self._flat_adam.step()
             d.weights_written()
@@ -304,6 +315,16 @@ class FastStep:
             optim.step()
             optim.zero_grad(set_to_none=True)
             d.parameters_changed()
+
+
+def _native_discriminator(disc, rows: int, dtype: torch.dtype, optimizer):
+    """`fastfvae.ops.native_mlp.NativeDiscriminator` for ``native_d`` (its update is the fast
+    Adam's formula on the optimiser's own state, so ``optimizer`` must be that plain Adam)."""
+    from fastfvae.ops.native_mlp import NativeDiscriminator
+
+    if optimizer is None:
+        raise FastFVAEError("native_d runs D's Adam natively: it needs a plain torch Adam adversary optimiser")
+    return NativeDiscriminator(disc, rows, dtype, optimizer)
 
 
 class _BatchSource:

@@ -733,7 +733,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e, c
       const int ncols = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
       const void* a = static_cast<const char*>(A) + m0 * lda * esize;
       const void* bp = static_cast<const char*>(B) + p * panel_bytes;
-      if (epi.adam != nullptr && t + 2 < t1) prefetch_adam(*epi.adam, epi.rows_outer, t + 2, blocks, panels, MR, M, N);
+      if (epi.adam != nullptr && t + 4 < t1) prefetch_adam(*epi.adam, epi.rows_outer, t + 4, blocks, panels, MR, M, N);
       run_block(isa, mr, ncols, K, a, lda, e, bp, tile);
       run_epilogue(isa, tile, mr, m0, n0, ncols, epi);
     }
