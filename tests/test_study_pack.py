@@ -228,3 +228,49 @@ def checkpoint_file(cfg):
     from fastfvae.train.checkpoint import checkpoint_path
 
     return checkpoint_path(cfg.out)
+
+
+@pytest.mark.parametrize("when", ["set-up", "first step"])
+def test_a_pack_stopped_before_its_first_step_leaves_nothing(tmp_path, monkeypatch, when):
+    """Ctrl-C while a fresh pack sets up (or after, before its first step) is a stop before
+    training, as for a single run: no step-0 checkpoints; during set-up the run folders it made
+    are removed again."""
+    import os
+    import signal
+
+    import fastfvae.study.pack as pack_module
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.loop import StoppedBeforeTraining
+
+    data = small_dsprites(256)
+    cfgs = _run_configs(tmp_path)
+
+    def ctrl_c_in_set_up(cfg, data):  # called during set-up, once per run
+        if cfg.seed == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return []
+
+    class CtrlCAsTheLoopStarts(pack_module.TrainProgress):
+        def __enter__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().__enter__()
+
+    if when == "first step":
+        monkeypatch.setattr(pack_module, "TrainProgress", CtrlCAsTheLoopStarts)
+    with pytest.raises(StoppedBeforeTraining, match="before the first step; no checkpoint was written"):
+        train_pack(cfgs, data=data, progress=False, callbacks_for=ctrl_c_in_set_up if when == "set-up" else None)
+    for cfg in cfgs:
+        assert not os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+        if when == "set-up":
+            assert not os.path.exists(cfg.out)
+
+
+def test_a_stacked_pack_refuses_an_optimiser_it_would_replace_by_adam():
+    from fastfvae.errors import FastFVAEError
+
+    data = small_dsprites(256)
+    cfgs = [cfg.replace(out=f"runs/r{i}") for i, cfg in enumerate(_configs("factorvae", 2))]
+    states = [TrainState.create(cfg, len(data)) for cfg in cfgs]
+    states[1].optims = states[1].optims._replace(disc=torch.optim.SGD(states[1].models.disc.parameters(), lr=1e-2))
+    with pytest.raises(FastFVAEError, match="plain torch Adam only, and these runs use SGD"):
+        StackedPackStep(states, data)

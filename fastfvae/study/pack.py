@@ -157,7 +157,17 @@ class _Stacked:
 
 
 def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch.Tensor]) -> torch.optim.Adam:
-    """One fused Adam over the stacked parameters, with the runs' settings and state."""
+    """One fused Adam over the stacked parameters, with the runs' settings and state. Only a plain
+    torch Adam stacks (`plain_adam`): another optimiser (a plug-in adversary's SGD, AdamW...) is
+    refused here, before training, rather than silently replaced by Adam."""
+    from fastfvae.fast.step import plain_adam
+
+    other = next((o for o in optims if not plain_adam(o)), None)
+    if other is not None:
+        what = (f"an Adam with options it does not take (weight decay, amsgrad, maximize, several groups)"
+                if type(other) is torch.optim.Adam else type(other).__name__)
+        raise FastFVAEError(f"a stacked pack (the GPU's) trains plain torch Adam only, and these runs use {what}; "
+                            "train them with --pack 1, or as a CPU pack (each run's own step)")
     group = optims[0].param_groups[0]
     adam = torch.optim.Adam(stacked_params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                             weight_decay=group["weight_decay"], fused=True)
@@ -467,6 +477,8 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
             step = make_pack_step(states, data)
             callbacks = [callbacks_for(cfg, data) if callbacks_for is not None else () for cfg in todo]
             evaluation = pack_evaluation(todo, data) if evaluate else None
+            if stop.requested:  # during set-up: nothing to save yet
+                raise single._stopped_before_training(stop.signum, _kept_before_training(payloads))
         except BaseException:
             if step is not None:
                 step.close()
@@ -482,6 +494,13 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
             for folder in folders:
                 folder.release()
     return [results.get(cfg.out) for cfg in configs]
+
+
+def _kept_before_training(payloads) -> str:
+    """What a pack stopped before its first step leaves: its runs' checkpoints as they were."""
+    if all(p is None for p in payloads):
+        return "no checkpoint was written"
+    return f"each run's checkpoint is unchanged (step {next(p for p in payloads if p is not None)['state']['step']})"
 
 
 def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop, progress, console):
@@ -531,6 +550,8 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
     with TrainProgress(cfg0.steps, step0, progress, console) as bar:
         while states[0].step < cfg0.steps:
             if stop.requested:
+                if states[0].step == step0:  # after set-up, before any step: still nothing to save
+                    raise single._stopped_before_training(stop.signum, _kept_before_training(payloads))
                 status = "interrupted"
                 break
             inputs = [draw_step_inputs(s, st.sampler, st.generator) for s, st in zip(shapes, states)]
