@@ -318,8 +318,8 @@ class FastStep:
 
 
 def _native_discriminator(disc, rows: int, dtype: torch.dtype, optimizer):
-    """`fastfvae.ops.native_mlp.NativeDiscriminator` for ``native_d`` (its update is the fast
-    Adam's formula on the optimiser's own state, so ``optimizer`` must be that plain Adam)."""
+    """`fastfvae.ops.native_mlp.NativeDiscriminator` for ``native_d`` (its update is
+    torch.optim.Adam's formula on the optimiser's own state, so ``optimizer`` must be that plain Adam)."""
     from fastfvae.ops.native_mlp import NativeDiscriminator
 
     if optimizer is None:
