@@ -340,6 +340,11 @@ def test_bad_modules_and_options_raise_fastfvae_error(native_on):
         NativeDiscriminator(disc, 4, F32, torch.optim.Adam(disc.parameters(), weight_decay=0.1))
     with pytest.raises(FastFVAEError, match="optimizer"):
         NativeDiscriminator(disc, 4).step()
+    nd = NativeDiscriminator(disc, 4)
+    with pytest.raises(FastFVAEError, match=r"expected \[n, 3\]"):
+        nd.forward(torch.randn(5, 3))
+    with pytest.raises(FastFVAEError, match=r"expected \[n, 2\]"):
+        nd.backward(torch.randn(2, 2), start=3)
 
 
 def test_without_the_library_it_says_why(monkeypatch):

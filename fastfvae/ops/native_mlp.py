@@ -134,10 +134,16 @@ class NativeDiscriminator:
         """Repack at the next call (for in-place changes that do not bump versions)."""
         self._versions = None
 
+    def _check_rows(self, what: str, t: torch.Tensor, width: int, start: int) -> None:
+        if t.dim() != 2 or t.shape[1] != width or not 0 <= start <= self.rows - t.shape[0]:
+            raise FastFVAEError(f"NativeDiscriminator.{what}: expected [n, {width}] for rows start:start+n within "
+                                f"0:{self.rows}, got {tuple(t.shape)} at start {start}")
+
     # --- forward / backward ----------------------------------------------------------------
     @torch.no_grad()
     def forward(self, z: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Logits (float32) of codes ``z`` [n, z_dim], keeping activations in rows start:start+n."""
+        self._check_rows("forward", z, self.widths[0], start)
         packed, _ = self.packed()
         return native.ops().mlp_forward(z.detach(), packed, [m.bias.detach() for m in self.linears], self.widths,
                                         self.slope, self.acts, int(start))
@@ -150,6 +156,7 @@ class NativeDiscriminator:
         """From d(loss)/d(logits) of rows start:start+n of the last forward: with ``params`` the
         parameter gradients into `grad_w` / `grad_b` (float32, replacing what was there), with
         ``input_grad`` d(loss)/d(codes) [n, z_dim] float32 (returned). One pass for both."""
+        self._check_rows("backward", grad_logits, self.widths[-1], start)
         _, packed_t = self.packed()
         gw, gb = (self.grad_w, self.grad_b) if params else ([], [])
         out = native.ops().mlp_backward(grad_logits.detach().float(), packed_t, self.acts, self.widths, self.slope,
@@ -217,6 +224,7 @@ class NativeDiscriminator:
         """`param_grads` then `step` in one pass: each layer's weight gradient goes from the GEMM
         straight into Adam (in the GEMM's epilogue, after that layer's input gradient was formed
         from its old weights), so no gradient is stored; `grad_w` / `grad_b` are left as they were."""
+        self._check_rows("update", grad_logits, self.widths[-1], 0)
         packed, packed_t = self.packed()
         m_w, v_w, m_b, v_b, *scalars = self._adam_args()
         params = self.params()
