@@ -675,6 +675,15 @@ void pack_panel(const void* src, Src st, int64_t ld, bool transposed, int64_t K,
   uint16_t* o = static_cast<uint16_t*>(out) + p * K2 * kPanel * 2;
   if (transposed) {  // the pair (k, k + 1) of column n is src[n][k], src[n][k + 1]: adjacent in src
     uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+    if (st == Src::BF16) {  // the pairs are 32-bit words of src's rows, as they are
+      for (int64_t c = 0; c < cols; ++c) {
+        const uint16_t* row = static_cast<const uint16_t*>(src) + (n0 + c) * ld;
+        for (int64_t kp = 0; kp < K / 2; ++kp) o32[kp * kPanel + c] = load_u32(row + 2 * kp);
+        if (K & 1) o32[(K2 - 1) * kPanel + c] = row[K - 1];
+      }
+      for (int64_t kp = 0; kp < K2; ++kp) std::fill(o32 + kp * kPanel + cols, o32 + (kp + 1) * kPanel, 0u);
+      return;
+    }
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t row = (n0 + c) * ld;
       for (int64_t kp = 0; kp < K / 2; ++kp) {
@@ -689,7 +698,14 @@ void pack_panel(const void* src, Src st, int64_t ld, bool transposed, int64_t K,
   for (int64_t kp = 0; kp < K2; ++kp) {  // rows 2kp and 2kp + 1 of src interleaved
     uint16_t* op = o + kp * kPanel * 2;
     const int64_t r0 = 2 * kp * ld + n0;
-    if (2 * kp + 1 < K) {
+    if (st == Src::BF16 && 2 * kp + 1 < K) {
+      const uint16_t* a = static_cast<const uint16_t*>(src) + r0;
+      const uint16_t* b = a + ld;
+      for (int64_t c = 0; c < cols; ++c) {
+        op[2 * c] = a[c];
+        op[2 * c + 1] = b[c];
+      }
+    } else if (2 * kp + 1 < K) {
       const int64_t r1 = r0 + ld;
       for (int64_t c = 0; c < cols; ++c) {
         op[2 * c] = src_bf16(src, st, r0 + c);
