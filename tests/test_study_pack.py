@@ -11,6 +11,8 @@ pack's float hyperparameters differ between its models, so a test also fails if 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -131,9 +133,22 @@ def test_make_pack_step_picks_and_checks_the_mechanism():
     states = [TrainState.create(cfg, len(data)) for cfg in _configs("betavae", 2)]
     step = make_pack_step(states, data)  # CPU: threads; one intra-op thread here, so one worker
     assert isinstance(step, ThreadedPackStep) and step.workers == 1 and step.threads_per_model == 1
-    two = make_pack_step(states, data, "threads", workers=4)  # at most one worker per model
-    assert two.workers == 2 and two.threads_per_model == 1
-    two.close()
+    torch.set_num_threads(2)
+    try:
+        two = make_pack_step(states, data, "threads", workers=4)  # at most one worker per model
+        assert two.workers == 2 and two.threads_per_model == 1
+        two([draw_step_inputs(StepShapes.of(s.cfg, data=data), s.sampler, s.generator) for s in states])
+        two.close()
+        seen = []  # a thread started after the pack gets the process's count, not a worker's
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start(), worker.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(1)
+    from fastfvae.study.pack import pack_mechanism
+
+    with pytest.raises(FastFVAEError, match="the threaded pack is the CPU's"):
+        pack_mechanism(torch.device("cuda"), "threads")
     assert isinstance(make_pack_step(states, data, "stacked"), StackedPackStep)
     with pytest.raises(FastFVAEError, match="mechanism must be one of stacked, threads, got 'vmap'"):
         make_pack_step(states, data, "vmap")

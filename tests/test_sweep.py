@@ -436,3 +436,52 @@ def test_another_methods_preset_gives_its_shared_settings_but_none_of_its_hyperp
     assert annealed.gamma == get("annealedvae").Hparams().gamma != preset("dlib").gamma
     assert (annealed.fc_dim, annealed.batch_size, annealed.preset) == (256, 64, "dlib")
     assert (factor.fc_dim, factor.d_steps, factor.perm_batch) == (256, 1, "same")
+
+
+def test_run_pack_marks_a_diverged_run_named_in_another_form_and_never_loops(tmp_path, monkeypatch):
+    """A run folder given as ``d/./run/`` is the folder the loop names ``d/run``: marked once;
+    a divergence naming no run of the pack is raised, not retried."""
+    from fastfvae.study.sweep import DIVERGED_FILE, DivergedRun, run_pack
+    from fastfvae.train.config import TrainConfig
+    from fastfvae.train.loop import TrainingDiverged
+    import fastfvae.study.sweep as sweep_module
+
+    cfg = TrainConfig(model="betavae", z_dim=2, batch_size=8, steps=3, log_every=1, ckpt_every=0, device="cpu",
+                      out=f"{tmp_path}/./run/", debug_nan_at_step=2)
+    (result,) = run_pack([cfg], data=small_dsprites(256), progress=False)
+    assert isinstance(result, DivergedRun) and result.step == 2
+    assert (tmp_path / "run" / DIVERGED_FILE).is_file()
+
+    calls = []
+
+    def elsewhere(todo, **kwargs):
+        calls.append(todo)
+        raise TrainingDiverged("somewhere else", outs=(str(tmp_path / "other"),), step=1)
+
+    monkeypatch.setattr(sweep_module, "train_pack", elsewhere)
+    with pytest.raises(TrainingDiverged, match="somewhere else"):
+        run_pack([cfg.replace(out=str(tmp_path / "fresh"))], progress=False)
+    assert len(calls) == 1
+
+
+def test_a_started_sweep_keeps_the_pack_sizes_it_was_started_with(tmp_path):
+    """A new folder records the per-device default K; a folder whose record predates that
+    keeps the packs it was started with (one run per pack on CPU), whatever the default is now."""
+    from fastfvae.study.sweep import RECORDLESS_PACK_SIZE, RUNS_DIR, owned_sweep
+
+    spec = parse_spec({"block": [{"model": "betavae", "device": "cpu", "steps": 3, "seeds": list(range(3))}]}, "t")
+    plan = plan_sweep(spec, tmp_path / "s")
+    assert plan.pack_defaults == DEFAULT_PACK_SIZE
+    with owned_sweep(plan) as (_, packs):
+        assert (tmp_path / "s" / RUNS_DIR).is_dir()
+    record = json.loads((tmp_path / "s" / SWEEP_FILE).read_text())
+    assert record["pack_defaults"] == DEFAULT_PACK_SIZE and record["pack"] is None
+    del record["pack_defaults"]
+    (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps(record))
+    old = plan_sweep(spec, tmp_path / "s")
+    assert old.pack_defaults == RECORDLESS_PACK_SIZE and [len(p) for p in old.packs()] == [1, 1, 1]
+    assert [len(p) for p in plan_sweep(spec, tmp_path / "s", pack_size=3).packs()] == [3]
+    record["pack_defaults"] = {"cpu": 0}
+    (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps(record))
+    with pytest.raises(FastFVAEError, match="pack_defaults must map cpu, cuda to pack sizes"):
+        plan_sweep(spec, tmp_path / "s")

@@ -208,6 +208,9 @@ def pack_mechanism(device: torch.device, requested: str | None = None) -> str:
         return "threads" if torch.device(device).type == "cpu" else "stacked"
     if requested not in PACK_MECHANISMS:
         raise FastFVAEError(f"a pack's mechanism must be one of {', '.join(PACK_MECHANISMS)}, got {requested!r}")
+    if requested == "threads" and torch.device(device).type != "cpu":
+        raise FastFVAEError(f"the threaded pack is the CPU's (a GPU step draws its own noise and defers its syncs), "
+                            f"and this pack trains on {torch.device(device).type}; use the stacked one")
     return requested
 
 
@@ -260,6 +263,7 @@ class ThreadedPackStep:
         total = torch.get_num_threads()
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise FastFVAEError(f"a threaded pack needs workers >= 1 (an integer), got {workers!r}")
+        self._total_threads = total
         self.workers = min(len(self.states), total if workers is None else workers)
         self.threads_per_model = max(1, total // self.workers)
         self.steps = [builder(state, data) for state in self.states]
@@ -291,6 +295,9 @@ class ThreadedPackStep:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+            # The workers' torch.set_num_threads also set ATen's default for threads started
+            # later; the caller's count is the process's again.
+            torch.set_num_threads(self._total_threads)
 
 
 class StackedPackStep:

@@ -58,6 +58,9 @@ VERSION = 1
 #: docs/studies.md, "Packs"). CUDA: 32, unmeasured (a batch-64 step uses a sliver of a GPU;
 #: bench/gpu_check.sh measures it).
 DEFAULT_PACK_SIZE = {"cpu": 8, "cuda": 32}
+#: The defaults of sweep folders whose record does not hold them (written before it did): the
+#: pack sizes those folders were started with, so their packs, and bit-exact resume, stay.
+RECORDLESS_PACK_SIZE = {"cpu": 1, "cuda": 32}
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -71,16 +74,19 @@ class SweepPlan:
     recorded: dict | None = None
     steps: int | None = None         # the --steps / --device overrides it was made with
     device: str | None = None
-    pack_size: int | None = None     # --pack, else the recorded one; None: DEFAULT_PACK_SIZE
+    pack_size: int | None = None     # --pack, else the recorded one; None: pack_defaults
+    #: K per device kind when ``pack_size`` is None: `DEFAULT_PACK_SIZE` for a new folder, the
+    #: recorded ones for an existing folder (a new default never changes a started sweep's packs)
+    pack_defaults: dict = field(default_factory=lambda: dict(DEFAULT_PACK_SIZE))
 
     def packs(self) -> list[list[SweepRun]]:
-        return plan_packs(self.runs, self.pack_size)
+        return plan_packs(self.runs, self.pack_size, self.pack_defaults)
 
     def record(self) -> dict:
         runs = [{"name": r.name, "block": r.block, "label": r.label, "point": dict(r.point), "seed": r.seed,
                  "config": r.config.to_dict()} for r in self.runs]
         return {"format": FORMAT, "version": VERSION, "source": self.spec.source, "blocks": list(self.spec.raw),
-                "pack": self.pack_size, "runs": runs}
+                "pack": self.pack_size, "pack_defaults": self.pack_defaults, "runs": runs}
 
 
 def read_record(out: Path) -> dict | None:
@@ -118,12 +124,19 @@ def plan_sweep(spec: Spec, out: str | os.PathLike, *, steps: int | None = None, 
     _check_pack_size(pack_size)
     runs = expand(spec, out / RUNS_DIR, steps=steps, device=device)
     recorded = read_record(out)
+    defaults = dict(DEFAULT_PACK_SIZE)
     if recorded is not None:
         runs = match_record(runs, recorded, out)
         if pack_size is None:
             pack_size = recorded.get("pack")
             _check_pack_size(pack_size)
-    return SweepPlan(out, spec, runs, recorded, steps, device, pack_size)
+        defaults = recorded.get("pack_defaults", RECORDLESS_PACK_SIZE)
+        if not isinstance(defaults, dict) or set(defaults) != set(DEFAULT_PACK_SIZE):
+            raise FastFVAEError(f"{out / SWEEP_FILE}: pack_defaults must map {', '.join(DEFAULT_PACK_SIZE)} to pack "
+                                f"sizes, got {defaults!r}")
+        for k in defaults.values():
+            _check_pack_size(k)
+    return SweepPlan(out, spec, runs, recorded, steps, device, pack_size, dict(defaults))
 
 
 def _check_pack_size(pack_size) -> None:
@@ -174,16 +187,19 @@ def device_kind(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def plan_packs(runs: Sequence[SweepRun], pack_size: int | None = None) -> list[list[SweepRun]]:
+def plan_packs(runs: Sequence[SweepRun], pack_size: int | None = None,
+               defaults: dict | None = None) -> list[list[SweepRun]]:
     """The runs grouped by `pack_key` (groups in order of their first run), each group cut into
-    packs of ``pack_size`` (None: `DEFAULT_PACK_SIZE` for the group's device) in run order."""
+    packs of ``pack_size`` (None: ``defaults``, default `DEFAULT_PACK_SIZE`, for the group's
+    device) in run order."""
     _check_pack_size(pack_size)
+    defaults = DEFAULT_PACK_SIZE if defaults is None else defaults
     groups: dict[tuple, list[SweepRun]] = {}
     for run in runs:
         groups.setdefault(pack_key(run.config), []).append(run)
     packs = []
     for members in groups.values():
-        k = pack_size or DEFAULT_PACK_SIZE[device_kind(members[0].config.device)]
+        k = pack_size or defaults[device_kind(members[0].config.device)]
         packs += [members[i:i + k] for i in range(0, len(members), k)]
     return packs
 
@@ -237,6 +253,11 @@ def diverged_record(cfg: TrainConfig) -> dict | None:
         return {"step": None, "message": f"{path} is unreadable"}
 
 
+def _same_folder(path) -> str:
+    """``path`` in one form for comparing run folders (``d/./run/`` is ``d/run``)."""
+    return os.path.realpath(path)
+
+
 def run_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = True, console=None,
              callbacks_for=None) -> list:
     """Train one pack (its runs' configs) in this process: `train_pack`. The unit a scheduler
@@ -256,13 +277,15 @@ def run_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = True
         try:
             trained = train_pack(todo, data=data, progress=progress, console=console, callbacks_for=callbacks_for)
         except TrainingDiverged as exc:
-            bad = set(exc.outs) or {cfg.out for cfg in todo}
+            bad = {_same_folder(out) for out in exc.outs}
+            if not bad & {_same_folder(cfg.out) for cfg in todo}:
+                raise  # not one of these runs (or unnamed): nothing to mark, retrying would loop
             for cfg in todo:
-                if cfg.out in bad:
+                if _same_folder(cfg.out) in bad:
                     atomic_write_text(Path(cfg.out) / DIVERGED_FILE,
                                       json.dumps({"step": exc.step, "message": str(exc)}) + "\n")
                     results[cfg.out] = DivergedRun(cfg.out, exc.step, str(exc))
-            todo = [cfg for cfg in todo if cfg.out not in bad]
+            todo = [cfg for cfg in todo if _same_folder(cfg.out) not in bad]
             continue
         results.update((cfg.out, result) for cfg, result in zip(todo, trained))
         break
@@ -358,6 +381,8 @@ def owned_sweep(plan: SweepPlan):
         record = json.loads(json.dumps(plan.record()))  # as it reads back (tuples as lists)
         if record != plan.recorded:
             atomic_write_text(out / SWEEP_FILE, json.dumps(record, indent=1) + "\n")
+        # runs/ is the sweep's: made here, once, so no task's clean-up removes it under another
+        (out / RUNS_DIR).mkdir(exist_ok=True)
         yield plan, plan.packs()
     finally:
         lock.release()
