@@ -423,19 +423,17 @@ def test_a_diverged_run_is_marked_and_the_others_train_on(tmp_path, small_data, 
     assert "diverged at step" in capsys.readouterr().out
 
 
-def test_another_methods_preset_gives_its_shared_settings_but_none_of_its_hyperparameters(tmp_path):
-    """``preset = "dlib"`` is FactorVAE's config plus dlib's shared settings: an AnnealedVAE block
-    on it gets the shared ones (FC width 256) and AnnealedVAE's own defaults, not FactorVAE's
-    gamma under AnnealedVAE's name."""
-    from fastfvae.methods import get
-    from fastfvae.train.config import preset
-
-    spec = parse_spec({"block": [{"model": "annealedvae", "preset": "dlib"},
-                                 {"model": "factorvae", "preset": "dlib"}]}, "test")
-    annealed, factor = (r.config for r in expand(spec, tmp_path / "runs"))
-    assert annealed.gamma == get("annealedvae").Hparams().gamma != preset("dlib").gamma
-    assert (annealed.fc_dim, annealed.batch_size, annealed.preset) == (256, 64, "dlib")
-    assert (factor.fc_dim, factor.d_steps, factor.perm_batch) == (256, 1, "same")
+def test_a_block_on_another_methods_preset_is_refused_as_train_refuses_it(tmp_path):
+    """A preset is its model's config (`fastfvae train --preset dlib --model annealedvae` is
+    refused): its hyperparameters would be dropped or, under a shared name, change meaning
+    (FactorVAE's gamma is no AnnealedVAE gamma). The line names them and the settings to give."""
+    with pytest.raises(FastFVAEError, match=r"^test, block 1: preset dlib is a factorvae preset and "
+                       r"its factorvae settings \(d_steps 1, perm_batch same\) do not apply to model annealedvae; "
+                       r"use model = \"factorvae\", or drop preset and set its other settings \(fc_dim = 256\)$"):
+        parse_spec({"block": [{"model": "annealedvae", "preset": "dlib"}]}, "test")
+    factor = parse_spec({"block": [{"model": "factorvae", "preset": "dlib"}]}, "test")
+    (run,) = expand(factor, tmp_path / "runs")
+    assert (run.config.fc_dim, run.config.d_steps, run.config.preset) == (256, 1, "dlib")
 
 
 def test_run_pack_marks_a_diverged_run_named_in_another_form_and_never_loops(tmp_path, monkeypatch):

@@ -211,6 +211,17 @@ def _parse_block(index: int, table: dict, source: str) -> Block:
 
     if not isinstance(model, str) or model not in methods.names():
         raise FastFVAEError(f"{where}: model must be one of {', '.join(methods.names())}, got {model!r}")
+    if base_name is not None and model != base.model:
+        # As `fastfvae train --preset X --model Y`: a preset is its model's config, and its
+        # hyperparameters would be dropped or, under a shared name, change meaning.
+        fields, hparams = preset_settings(base_name)
+        shown = ", ".join(f"{k} {v}" for k, v in hparams.items())
+        rest = {k: v for k, v in fields.items()
+                if k not in ("model", "preset", "fast") and v != getattr(TrainConfig(), k)}
+        other = (f"drop preset and set its other settings ({', '.join(f'{k} = {v!r}' for k, v in rest.items())})"
+                 if rest else "drop preset (its other settings are the defaults)")
+        raise FastFVAEError(f"{where}: preset {base_name} is a {base.model} preset and its {base.model} settings "
+                            f"({shown}) do not apply to model {model}; use model = \"{base.model}\", or {other}")
     label = name or model
     where = f"{source}, block {index} ({label})"
     hkinds = _hparam_kinds(model)
@@ -319,14 +330,7 @@ def block_base(block: Block) -> TrainConfig:
     """The config every run of ``block`` starts from: its preset (or the defaults), its model and
     settings; the fast path unless the block says ``fast = false`` (then the fast-only settings
     it does not give take their defaults, as ``fastfvae train --reference`` does)."""
-    base = TrainConfig()
-    if block.preset is not None:
-        fields, _ = preset_settings(block.preset)
-        # Another method's preset gives its shared settings (dlib's shared.gin: batch, z, FC width)
-        # but never its hyperparameters, not even one of the same name (FactorVAE's gamma is no
-        # AnnealedVAE gamma).
-        base = (config_preset(block.preset) if fields["model"] == block.model else
-                TrainConfig(model=block.model, **{k: v for k, v in fields.items() if k != "model"}))
+    base = config_preset(block.preset) if block.preset is not None else TrainConfig()
     changes = {"model": block.model, **block.settings}
     changes.setdefault("fast", True)
     if changes["fast"] is False:
@@ -483,11 +487,15 @@ def _dlib_dsprites() -> list[dict]:
     """disentanglement_lib's ``unsupervised_study_v1`` on dSprites (``config/unsupervised_study_v1/
     sweep.py``): 6 models x 6 values x 50 seeds, dlib's shared settings (``shared.gin``, the
     ``dlib`` preset: batch 64, z 10, 300k steps, FC width 256, 1 D update, same-batch permutation)."""
-    common = {"preset": "dlib", "dataset": "dsprites", "steps": 300_000, "seeds": list(range(50)), "eval": _EVAL_DLIB}
+    # The FactorVAE block starts from the `dlib` preset; the other methods take its shared
+    # settings (a preset is its model's config) as plain fields.
+    fields, _ = preset_settings("dlib")
+    shared = {k: v for k, v in fields.items() if k not in ("model", "preset", "steps")}
+    common = {"dataset": "dsprites", "steps": 300_000, "seeds": list(range(50)), "eval": _EVAL_DLIB, **shared}
     lambda_od = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
     return [  # dlib's order: beta_vae, factor_vae, dip_vae_i, dip_vae_ii, beta_tc_vae, annealed_vae
         {"model": "betavae", **common, "grid": {"beta": [1.0, 2.0, 4.0, 6.0, 8.0, 16.0]}},
-        {"model": "factorvae", **common, "grid": {"gamma": [10.0, 20.0, 30.0, 40.0, 50.0, 100.0]}},
+        {"model": "factorvae", "preset": "dlib", **common, "grid": {"gamma": [10.0, 20.0, 30.0, 40.0, 50.0, 100.0]}},
         {"model": "dipvae", "name": "dipvae_i", **common, "dip_type": "i", "lambda_d_factor": 10.0,
          "grid": {"lambda_od": lambda_od}},
         {"model": "dipvae", "name": "dipvae_ii", **common, "dip_type": "ii", "lambda_d_factor": 1.0,
