@@ -35,6 +35,26 @@ def _err(actual, expected) -> float:
     return (actual.double() - expected.double()).abs().max().item() / max(expected.abs().max().item(), 1.0)
 
 
+@pytest.fixture(autouse=True)
+def bf16_through_the_native_kernel(monkeypatch):
+    """The public op runs bf16 on the torch reference (it is faster there, `NATIVE_MLP_DTYPES`);
+    these tests check the native kernel in both dtypes through the public op."""
+    import fastfvae.ops.mlp as mlp_module
+
+    monkeypatch.setattr(mlp_module, "NATIVE_MLP_DTYPES", mlp_module.NATIVE_KERNEL_DTYPES)
+
+
+def test_the_public_op_runs_bf16_on_the_reference_and_fp32_natively(native_on, monkeypatch):
+    import fastfvae.ops.mlp as mlp_module
+
+    monkeypatch.setattr(mlp_module, "NATIVE_MLP_DTYPES", (torch.float32,))
+    x, w, b, _ = _tensors(8, 16, 32, BF16, 4)
+    assert torch.equal(linear_leaky_relu(x, w, b, 0.2), F.leaky_relu(F.linear(x, w, b), 0.2))
+    assert native_on.called == []
+    linear_leaky_relu(*_tensors(8, 16, 32, F32, 4)[:3], 0.2)
+    assert native_on.called == ["linear_leaky_relu"]
+
+
 def _tensors(M, K, N, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g)

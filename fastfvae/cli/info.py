@@ -43,6 +43,11 @@ def cpu_choice(op: str) -> tuple[str, str]:
     if op not in native.NATIVE_OPS:
         return "reference", "no native implementation of this op yet"
     runs_native, why = native.status()
+    if runs_native and op.startswith("linear_leaky_relu"):
+        from fastfvae.ops.mlp import NATIVE_MLP_DTYPES
+
+        names = ", ".join(str(d).removeprefix("torch.") for d in NATIVE_MLP_DTYPES)
+        why += f"; for {names} (other dtypes run the reference: in bfloat16 it is faster for this op)"
     return ("native" if runs_native else "reference"), why
 
 

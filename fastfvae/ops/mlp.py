@@ -31,8 +31,13 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.ops import native
 from fastfvae.ops.dispatch import KERNEL_FLOAT_DTYPES, kernels, use_native, use_triton
 
-# The dtypes the native CPU GEMM takes (float32 accumulation); others run the torch reference.
-NATIVE_MLP_DTYPES = (torch.float32, torch.bfloat16)
+#: The dtypes the native CPU GEMM takes (float32 accumulation).
+NATIVE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+#: The dtypes the public op runs natively on CPU: where it beats the torch reference. In bf16 the
+#: op packs its weight at every call and oneDNN's GEMM is as fast as the native one, so the op is
+#: 0.9x torch there (docs/ops.md); bf16 runs natively inside `NativeDiscriminator`, which packs
+#: its weights once per update. Other dtypes run the torch reference.
+NATIVE_MLP_DTYPES = (torch.float32,)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slope: float) -> None:
