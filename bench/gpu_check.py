@@ -592,7 +592,7 @@ def summarise_pack(result: PhaseResult, report_dir: Path, pack_json: str) -> tup
     for method, rows in data.get("methods", {}).items():
         for r in rows:
             if "error" in r:
-                lines.append(f"| {method} | {r['k']} | | | | **ERROR** {r['error']} |")
+                lines.append(f"| {method} | {r['k']} | **ERROR** {r['error']} | | |")
             else:
                 lines.append(f"| {method} | {r['k']} | {r['steps_per_s']:.1f} | {r['run_steps_per_s']:.0f} | "
                              f"{r['build_s']:.1f} |")

@@ -89,9 +89,13 @@ def measure(runs: list[TrainConfig], k: int, data, steps: int) -> dict:
     _sync(device)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
+    try:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    finally:
+        if k > 1:
+            pack.close()
     seconds = time.perf_counter() - t0
     rate = steps / seconds
     return {"k": k, "steps_per_s": rate, "run_steps_per_s": k * rate, "build_s": build_s, "seconds": seconds}

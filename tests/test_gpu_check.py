@@ -291,3 +291,14 @@ def test_pack_phase_script_measures_packs_and_projects_the_preset(tmp_path):
     assert proj["complete"] and proj["hours"] == pytest.approx(sum(60 * 300_000 / b for b in best.values()) / 3600)
     body, _ = gpu_check.summarise_pack(PhaseResult("pack", "pack", "ok"), tmp_path, "pack.json")
     assert "| factorvae | 2 |" in body and "seed-fig3 (120 runs x 300,000 steps)" in body
+
+
+def test_pack_summary_keeps_its_table_whole_for_a_failed_k(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({
+        "steps": 2, "batch_size": 8, "projection": {"complete": False},
+        "methods": {"betavae": [{"k": 1, "steps_per_s": 10.0, "run_steps_per_s": 10.0, "build_s": 1.0},
+                                {"k": 60, "error": "out of memory: CUDA"}]}}))
+    body, _ = gpu_check.summarise_pack(PhaseResult("pack", "pack", "ok"), tmp_path, "p.json")
+    rows = [line for line in body.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in rows}) == 1, rows  # every row has the header's cells
+    assert "**ERROR** out of memory" in rows[-1] and "seed-fig3 (" not in body

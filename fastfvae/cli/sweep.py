@@ -17,11 +17,13 @@ from fastfvae.errors import FastFVAEError
 
 DESCRIPTION = """\
 Train the runs of a sweep spec (TOML [[block]] tables: run-config fields, hyperparameters,
-seeds = [...], grid = { key = [values] }, eval = { every = N, metrics = [...] }) or of a preset,
-as packs of runs that share their method, architecture and dataset. Each run is a folder
-DIR/runs/<name> with the layout of a `fastfvae train` run; DIR/sweep.json records them all.
-The same command again skips finished runs and resumes the others; a spec may add runs to DIR,
-not change or remove them. Ctrl-C or SIGTERM stops after the current step with checkpoints saved.
+seeds = [...], grid = { key = [values] }, eval = { every = N, metrics = [...], budget = "dlib" |
+"training" }) or of a preset, as packs of runs that share their method, architecture and
+dataset. Each run is a folder DIR/runs/<name> with the layout of a `fastfvae train` run;
+DIR/sweep.json records them all. The same command again skips finished runs and resumes the
+others; a spec may add runs to DIR, not change or remove them. Ctrl-C or SIGTERM stops after
+the current step with checkpoints saved. A run that diverges (NaN/inf) is marked
+(runs/<name>/diverged.json) and skipped while the others train on; the sweep then exits 1.
 """
 
 
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if result.diverged:
         names = ", ".join(result.diverged)
         print(f"fastfvae: error: {len(result.diverged)} run(s) diverged (NaN/inf): {names}; each keeps its last good "
-              f"checkpoint and says where in runs/<name>/{DIVERGED_FILE} (delete that file to train it again)",
+              f"checkpoint, if it saved one, and says where in runs/<name>/{DIVERGED_FILE} (delete that file to "
+              "train it again)",
               file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""A pack: K runs of one method, architecture and dataset trained as one vectorised step.
+"""A pack: K runs of one method, architecture and dataset trained together, one step for all K.
 
 `train_pack(configs)` trains every config to its ``steps``, each in its own run folder
 (``cfg.out``) with exactly the layout of a single `fastfvae train` run (``config.json``,
@@ -428,7 +428,7 @@ def pack_evaluation(configs: Sequence[TrainConfig], data):
 
 def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = True, console=None,
                callbacks_for=None, evaluate: bool = True) -> list[single.RunResult | None]:
-    """Train the runs of a pack as one vectorised step (see the module docstring); returns one
+    """Train the runs of a pack together (`make_pack_step`: see the module docstring); returns one
     `RunResult` per config (None for a run that was already finished). ``callbacks_for(cfg,
     data)``: more per-step callbacks of each run, called with that run's state (synced from the
     pack first at its evaluation steps). ``evaluate``: score the runs through training as their
