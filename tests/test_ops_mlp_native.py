@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ops_backends import graph_breaks_of
+from test_fast_disc_by_hand import make_disc
 from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
 from torch import nn
 
@@ -198,16 +199,6 @@ def test_each_gemm_variant_matches_reference(native_lib, isa):
 
 # --- NativeDiscriminator ----------------------------------------------------------------------
 
-def _disc(size, seed=0):
-    torch.manual_seed(seed)
-    disc = Discriminator(*size)
-    with torch.no_grad():  # larger biases: mixed signs before every leaky ReLU
-        for p in disc.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.3)
-    return disc
-
-
 def _rel(got, want) -> float:
     got, want = got.detach().double(), want.detach().double()
     return (got - want).norm().item() / max(want.norm().item(), 1e-30)
@@ -237,7 +228,7 @@ def _check_discriminator_steps(size, B, dtype, steps=3, lr=1e-3):
     """Per step: logits, input and parameter gradients against float64 autograd on the current
     weights (derivatives from the native signs); the Adam update against torch.optim.Adam (float64)
     fed the same gradients; the weights, moments and step count stay in torch's format."""
-    disc = _disc(size)
+    disc = make_disc(size)
     opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     shadow = copy.deepcopy(disc).double()
     shadow_opt = torch.optim.Adam(shadow.parameters(), lr=lr, betas=(0.5, 0.9))
@@ -283,7 +274,7 @@ def test_fp32_trajectory_equals_torch_autograd_and_adam(native_on, dtype):
     """Three full steps (forward, backward, Adam) of the native D against autograd +
     torch.optim.Adam on a float32 copy (fp32: close to its round-off; bf16: to bf16's)."""
     size, B = (10, 64, 3), 8
-    disc = _disc(size, seed=2)
+    disc = make_disc(size, seed=2)
     ref = copy.deepcopy(disc)
     opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, betas=(0.5, 0.9))
@@ -309,7 +300,7 @@ def test_fused_update_equals_grads_then_step(native_on, dtype):
     """`update` (weight gradients straight into Adam) is `param_grads` + `step` bit for bit,
     and the packed copies Adam writes equal a fresh packing of the updated weights."""
     size, B = (9, 100, 3), 7
-    d1, d2 = _disc(size), _disc(size)
+    d1, d2 = make_disc(size), make_disc(size)
     o1 = torch.optim.Adam(d1.parameters(), lr=1e-3, betas=(0.5, 0.9))
     o2 = torch.optim.Adam(d2.parameters(), lr=1e-3, betas=(0.5, 0.9))
     n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
@@ -332,7 +323,7 @@ def test_halves_start_offsets_and_repack_after_load(native_on):
     """Rows B:2B by `start`, the TC half's input gradient alone, and a load_state_dict (weights
     changed outside `step`) picked up by the next call."""
     size, B = (6, 40, 3), 4
-    disc = _disc(size)
+    disc = make_disc(size)
     nd = NativeDiscriminator(disc, 2 * B, F32)
     gen = torch.Generator().manual_seed(5)
     zq, zp = torch.randn(B, 6, generator=gen), torch.randn(B, 6, generator=gen)
@@ -343,7 +334,7 @@ def test_halves_start_offsets_and_repack_after_load(native_on):
     g = torch.randn(B, 2, generator=gen)
     _, want, _ = _reference_grads(disc, zp, g, [a[B:] for a in nd.acts])
     assert _rel(nd.input_grad(g, start=B), want) <= 2e-5
-    other = _disc(size, seed=9)
+    other = make_disc(size, seed=9)
     disc.load_state_dict(other.state_dict())
     torch.testing.assert_close(nd.forward(zq), other(zq), rtol=2e-5, atol=1e-6)
 
