@@ -368,3 +368,18 @@ def test_an_out_that_is_a_file_is_one_line_and_keeps_the_file(tmp_path):
     with pytest.raises(FastFVAEError, match="report exists and is not a folder"):
         report.write_report(tmp_path)
     assert (tmp_path / "report").read_text() == "mine"
+
+
+def test_figure3_draws_a_wide_interval_within_the_metrics_range(tmp_path):
+    """Two seeds far apart: the t-interval (t = 12.7) leaves [0, 1]; the curve keeps it whole and
+    the drawn band stops at 0 and 1 (the reconstruction error's at 0)."""
+    for seed, (fv, recon) in enumerate(((0.2, 10.0), (0.9, 90.0))):
+        write_run(tmp_path / "runs" / f"betavae_beta4_seed{seed}", "betavae", {"beta": 4.0}, seed,
+                  [{"step": step, "factor_vae": fv, "beta_vae": fv, "recon": recon} for step in STEPS])
+    result = report.write_report(tmp_path)
+    curve = result.plotted["figure3"][("betavae", "factor_vae")]["beta-VAE"]
+    assert curve["low"][0] < 0 and curve["high"][0] > 1
+    axes = result.figures["figure3"].axes
+    for ax, (low, high) in zip(axes, [(0.0, None), (0.0, 1.0), (0.0, 1.0)]):
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        assert band.min() == low and (high is None or band.max() == high)

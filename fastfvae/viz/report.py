@@ -68,6 +68,9 @@ METHOD_TITLES = {
 PAPER_ORDER = ("betavae", "factorvae")
 #: Figure 3's rows.
 FIGURE3_ROWS = ("recon", "beta_vae", "factor_vae")
+#: The values each metric can take (a shaded interval is drawn within them).
+METRIC_RANGE = {"factor_vae": (0.0, 1.0), "beta_vae": (0.0, 1.0), "mig": (0.0, 1.0), "sap": (0.0, 1.0),
+                "dci": (0.0, 1.0), "recon": (0.0, np.inf)}
 #: The scatter's panels: a disentanglement metric against the reconstruction error.
 SCATTER_METRICS = ("factor_vae", "beta_vae")
 #: One sequential colour map per method (shade = setting) and one marker per method, in column order.
@@ -431,7 +434,11 @@ def figure3(runs: list[Run]) -> tuple[Figure, dict]:
                 ax.plot(curve["steps"], curve["mean"], color=setting.color, marker=".", label=setting.label)
                 shaded = curve["n"] >= 2
                 if shaded.any():
-                    ax.fill_between(curve["steps"][shaded], curve["low"][shaded], curve["high"][shaded],
+                    # drawn within the metric's range: with 2 seeds t(0.975, 1) = 12.7 puts a
+                    # score's interval far outside [0, 1] (the curve's numbers keep it whole)
+                    low, high = METRIC_RANGE.get(metric, (-np.inf, np.inf))
+                    ax.fill_between(curve["steps"][shaded], np.clip(curve["low"][shaded], low, high),
+                                    np.clip(curve["high"][shaded], low, high),
                                     color=setting.color, alpha=0.25, linewidth=0)
             plotted[(method, metric)] = curves
             title = f"{METHOD_TITLES.get(method, method)}: {METRIC_LABELS[metric].split(' (')[0]}"
