@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -164,7 +165,7 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
 
     other = next((o for o in optims if not plain_adam(o)), None)
     if other is not None:
-        what = (f"an Adam with options it does not take (weight decay, amsgrad, maximize, several groups)"
+        what = ("an Adam with options it does not take (weight decay, amsgrad, maximize, several groups)"
                 if type(other) is torch.optim.Adam else type(other).__name__)
         raise FastFVAEError(f"a stacked pack (the GPU's) trains plain torch Adam only, and these runs use {what}; "
                             "train them with --pack 1, or as a CPU pack (each run's own step)")
@@ -438,15 +439,14 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
     todo = _unfinished(configs)
     if not todo:
         return [None] * len(configs)
-    if evaluate:
-        pack_evaluation(todo, data if data is not None else (lambda: None))  # bad settings: before anything
+    # The dataset loads on first use, once, shared by the training and its evaluation (so a bad
+    # run folder fails before the slow load).
+    data = single.lazy_training_data(todo[0]) if data is None else functools.cache(data) if callable(data) else data
+    evaluation = pack_evaluation(todo, data) if evaluate else None  # bad settings: before anything
     if len(todo) == 1:  # a pack of one is a single run: the single fast step is the faster mechanism
         cfg = todo[0]
         resume = cfg.out if checkpoint_path(cfg.out).exists() else None
-        if data is None:
-            data = single.lazy_training_data(cfg)
         callbacks = list(callbacks_for(cfg, data)) if callbacks_for is not None else []
-        evaluation = pack_evaluation(todo, data) if evaluate else None
         if evaluation is not None:
             callbacks.append(lambda state, metrics: evaluation(state.step, [state.models.vae]))
         result = single.run_training(cfg, data=data, resume=resume, progress=progress, console=console,
@@ -462,9 +462,7 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
                 single.check_out(Path(cfg.out), resuming)
                 folders.append(single._OwnedFolder(Path(cfg.out)))
                 remove_stale_temp_files(Path(cfg.out), single.RUN_FILES)
-            if data is None:
-                data = single.load_training_data(todo[0].data, todo[0].dataset)
-            elif callable(data):
+            if callable(data):
                 data = data()
             states, payloads = [], []
             for cfg in todo:
@@ -483,7 +481,6 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
                 raise FastFVAEError("the runs of a pack must be at the same step; train them as separate packs")
             step = make_pack_step(states, data)
             callbacks = [callbacks_for(cfg, data) if callbacks_for is not None else () for cfg in todo]
-            evaluation = pack_evaluation(todo, data) if evaluate else None
             if stop.requested:  # during set-up: nothing to save yet
                 raise single._stopped_before_training(stop.signum, _kept_before_training(payloads))
         except BaseException:

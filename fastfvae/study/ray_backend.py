@@ -28,7 +28,6 @@ once, each on that many intra-op threads).
 
 from __future__ import annotations
 
-import functools
 import signal
 import socket
 import time
@@ -104,8 +103,7 @@ def _train_pack_task(configs: list[dict], data, callbacks_for) -> list[dict]:
 
     configs = [TrainConfig.from_dict(c) for c in configs]
     if data is None:
-        cfg0 = configs[0]
-        data = functools.cache(lambda: loop.load_training_data(cfg0.data, cfg0.dataset))  # once, on first use
+        data = loop.lazy_training_data(configs[0])  # once, on first use
     parts: dict[int, list] = {}
     for cfg in configs:
         step = saved_step(cfg) or 0

@@ -29,7 +29,6 @@ train on (`run_pack`); `SweepResult.diverged` names those runs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -46,6 +45,7 @@ from fastfvae.study.pack import pack_key, train_pack
 from fastfvae.study.spec import Spec, SweepRun, dedupe, expand, identity
 from fastfvae.train.checkpoint import atomic_write_text, checkpoint_path
 from fastfvae.train.config import TrainConfig
+from fastfvae.train.loop import lazy_training_data
 from fastfvae.train.lock import ExclusiveFileLock
 
 SWEEP_FILE = "sweep.json"
@@ -339,12 +339,6 @@ def sweep_lock(out: Path) -> ExclusiveFileLock:
     return ExclusiveFileLock(Path(out) / LOCK_FILE, _in_use(Path(out)))
 
 
-def _cached_loader(cfg: TrainConfig):
-    from fastfvae.train import loop
-
-    return functools.cache(lambda: loop.load_training_data(cfg.data, cfg.dataset))
-
-
 def run_sweep(plan: SweepPlan, *, progress: bool = True, console=None,
               callbacks_for: Callable | None = None, data=None, status=None) -> SweepResult:
     """Train ``plan``'s runs, pack by pack (see the module docstring).
@@ -413,7 +407,7 @@ def _run_packs(plan: SweepPlan, packs, progress, console, callbacks_for, data, s
                     return result("interrupted", stop.signum, index)
                 configs = [r.config for r in part]
                 pack_data = data if data is not None else loaders.setdefault(
-                    (configs[0].data, configs[0].dataset), _cached_loader(configs[0]))
+                    (configs[0].data, configs[0].dataset), lazy_training_data(configs[0]))
                 results = run_pack(configs, data=pack_data, progress=progress, console=console,
                                    callbacks_for=callbacks_for)
                 diverged += [run.name for run, r in zip(part, results) if isinstance(r, DivergedRun)]
