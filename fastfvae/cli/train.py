@@ -33,7 +33,7 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import checkpoint_path
 from fastfvae.train.config import (
     COMPILE_MODES, EVAL_BUDGETS, FAST_ONLY, LOADERS, NOISE_SOURCES, PRECISIONS, PRESETS, TrainConfig, check_settings_apply,
-    methods_declaring, model_known, preset, preset_settings,
+    methods_declaring, preset, preset_not_applying, preset_settings,
 )
 from fastfvae.train.loop import (
     ResumePoint, RunResult, StoppedBeforeTraining, TrainingDiverged, lazy_training_data, read_resume_point,
@@ -286,16 +286,16 @@ def check_preset_applies(name: str, model: str) -> None:
     gamma a KL-capacity weight), so they would be dropped or, for a name both declare, carried
     into a different meaning. The line names them and the flags that give the preset's other
     settings, so the run asked for is one command away and nothing changes silently."""
-    fields, hparams = preset_settings(name)
-    if model == fields["model"] or not model_known(model):
-        return  # an unknown model is refused by the config's validation, naming the known ones
+    mismatch = preset_not_applying(name, model)
+    if mismatch is None:
+        return
+    hparams, rest = mismatch
+    owner = preset_settings(name)[0]["model"]
     shown = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in hparams.items())
-    rest = {k: v for k, v in fields.items() if k not in ("model", "preset") and v != getattr(DEFAULTS, k)
-            and not (k == "fast" and v is True)}  # a new run is fast anyway
     other = f"drop --preset and give its other settings as flags ({_as_flags(rest)})" if rest else \
         "drop --preset (its other settings are the defaults)"
-    raise FastFVAEError(f"--preset {name} is a {fields['model']} preset and its {fields['model']} settings ({shown}) "
-                        f"do not apply to --model {model}; pass --model {fields['model']}, or {other}")
+    raise FastFVAEError(f"--preset {name} is a {owner} preset and its {owner} settings ({shown}) "
+                        f"do not apply to --model {model}; pass --model {owner}, or {other}")
 
 
 def check_hparams_apply(model: str, overrides: dict) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.config import (
     FAST_ONLY, RESUMABLE_CHANGES, TrainConfig, check_settings_apply, methods_declaring, preset as config_preset,
-    preset_settings,
+    preset_not_applying, preset_settings,
 )
 
 #: Keys of a block that are not run-config fields.
@@ -211,13 +211,10 @@ def _parse_block(index: int, table: dict, source: str) -> Block:
 
     if not isinstance(model, str) or model not in methods.names():
         raise FastFVAEError(f"{where}: model must be one of {', '.join(methods.names())}, got {model!r}")
-    if base_name is not None and model != base.model:
-        # As `fastfvae train --preset X --model Y`: a preset is its model's config, and its
-        # hyperparameters would be dropped or, under a shared name, change meaning.
-        fields, hparams = preset_settings(base_name)
+    mismatch = preset_not_applying(base_name, model) if base_name is not None else None
+    if mismatch is not None:  # as `fastfvae train --preset X --model Y`
+        hparams, rest = mismatch
         shown = ", ".join(f"{k} {v}" for k, v in hparams.items())
-        rest = {k: v for k, v in fields.items()
-                if k not in ("model", "preset", "fast") and v != getattr(TrainConfig(), k)}
         other = (f"drop preset and set its other settings ({', '.join(f'{k} = {v!r}' for k, v in rest.items())})"
                  if rest else "drop preset (its other settings are the defaults)")
         raise FastFVAEError(f"{where}: preset {base_name} is a {base.model} preset and its {base.model} settings "

@@ -406,6 +406,21 @@ def preset_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return fields, {k: v for k, v in settings.items() if k not in _FIELD_NAMES}
 
 
+def preset_not_applying(name: str, model: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """What preset ``name`` sets that a run of another ``model`` cannot take from it: (its
+    hyperparameters, its other fields that differ from the defaults); None when ``model`` is the
+    preset's own (or unknown: the config's validation names the known ones). A preset is its
+    model's config: another model's hyperparameters would be dropped or, under a shared name
+    (FactorVAE's gamma is a TC weight, AnnealedVAE's a KL-capacity weight), change meaning, so
+    `fastfvae train` and sweep blocks refuse the pair, naming these."""
+    fields, hparams = preset_settings(name)
+    if model == fields["model"] or not model_known(model):
+        return None
+    defaults = TrainConfig()
+    rest = {k: v for k, v in fields.items() if k not in ("model", "preset", "fast") and v != getattr(defaults, k)}
+    return hparams, rest  # `fast` left out: a new run is fast anyway
+
+
 def preset(name: str) -> TrainConfig:
     """The named preset's config (FastFVAEError for an unknown name)."""
     if name not in PRESETS:
