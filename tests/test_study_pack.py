@@ -150,7 +150,7 @@ def test_make_pack_step_picks_and_checks_the_mechanism():
     with pytest.raises(FastFVAEError, match="the threaded pack is the CPU's"):
         pack_mechanism(torch.device("cuda"), "threads")
     assert isinstance(make_pack_step(states, data, "stacked"), StackedPackStep)
-    with pytest.raises(FastFVAEError, match="mechanism must be one of stacked, threads, got 'vmap'"):
+    with pytest.raises(FastFVAEError, match="mechanism must be one of graph, stacked, threads, got 'vmap'"):
         make_pack_step(states, data, "vmap")
     with pytest.raises(FastFVAEError, match="workers >= 1"):
         make_pack_step(states, data, "threads", workers=0)

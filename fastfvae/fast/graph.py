@@ -17,6 +17,10 @@ no host noise for it.
 Noise: ``noise="host"`` copies the reference's host-drawn eps/keys into the graph (parity
 with the reference stream); ``noise="device"`` draws them inside the graph from the CUDA
 default generator (graph-safe Philox; seeded from the run seed), which is the fast default.
+
+Shared with the graphed stacked pack (`fastfvae.study.pack.GraphedPackStep`): `StagedInputs`,
+`draw_noise` (the noise's order, from a given generator: a pack draws each run's from its own)
+and `warm_up_and_capture` (warm-up, capture, the warm-up undone, extra generators registered).
 """
 
 from __future__ import annotations
@@ -141,6 +145,62 @@ def restore(saved, optimizers, params) -> None:
                         v.zero_()
 
 
+def draw_noise(normal, uniform, generator: torch.Generator | None = None) -> None:
+    """A step's device noise in its documented order: the Gaussian buffers (eps, eps2), then the
+    uniform ones (permutation keys, observation noise); None entries are skipped. ``generator``
+    None: the device's default generator (the single graphed run's); a pack passes each run's own."""
+    for buf in normal:
+        if buf is not None:
+            buf.normal_(generator=generator)
+    for buf in uniform:
+        if buf is not None:
+            buf.uniform_(generator=generator)
+
+
+def warm_up_and_capture(run: Callable[[], torch.Tensor], params, optimizers, device, warmup: int,
+                        generators: Sequence[torch.Generator] = ()):
+    """(graph, its output) of ``run`` captured after ``warmup`` calls, the warm-up undone.
+
+    The warm-up lets Inductor compile, Adam create its state and the allocator settle; then the
+    parameters and optimiser state are put back in place (`snapshot` / `restore`: the captured
+    addresses stay valid) and so are the generators: the device's default one and each of
+    ``generators`` (a pack's per-run noise generators, registered with the graph so that each
+    replay advances them as an eager step would). The warm-up thus leaves no trace. On a CPU
+    ``device`` (the tests) the warm-up runs and is undone the same way, and nothing is
+    captured: (None, None).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    saved = snapshot(params, optimizers)
+    rng = [g.get_state() for g in generators]
+    default = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+    graph = out = None
+    if cuda:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device):
+            for g in generators:
+                graph.register_generator_state(g)
+        with torch.cuda.graph(graph):
+            out = run()
+    else:
+        for _ in range(warmup):
+            run()
+    restore(saved, optimizers, params)
+    for g, state in zip(generators, rng):
+        g.set_state(state)
+    if cuda:
+        torch.cuda.set_rng_state(default, device)
+    else:
+        torch.set_rng_state(default)
+    return graph, out
+
+
 class GraphedStep:
     def __init__(self, step, noise: str = "device", warmup: int = WARMUP_STEPS) -> None:
         self._bind(step, noise)
@@ -175,32 +235,20 @@ class GraphedStep:
 
     def _capture(self, warmup: int) -> None:
         """Warm up on a side stream, capture one iteration, undo the warm-up's updates."""
-        step, dev = self.step, self.step.device
+        step = self.step
         optims = [o for o in step.optims if o is not None]
-        params = step.vae_params + step.disc_params
-        saved, rng = snapshot(params, optims), torch.cuda.get_rng_state(dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._run()
-        restore(saved, optims, params)
-        torch.cuda.set_rng_state(rng, dev)
+        self.graph, self.out = warm_up_and_capture(self._run, step.vae_params + step.disc_params, optims,
+                                                   step.device, warmup)
+
+    def _draw_noise(self) -> None:
+        """The step's noise into its static inputs, from the device's default generator."""
+        draw_noise((self.eps, self.eps2), (self.keys, self.obs, self.obs2))
 
     def _run(self) -> torch.Tensor:
         """The captured iteration: static inputs -> stacked metrics [len(metric_keys)]."""
         step = self.step
         if self.noise == "device":
-            for buf in (self.eps, self.eps2):
-                if buf is not None:
-                    buf.normal_()
-            for buf in (self.keys, self.obs, self.obs2):
-                if buf is not None:
-                    buf.uniform_()
+            self._draw_noise()
         if self.images is None:
             x = step._batches.gather(self.rows)
             x2 = None if self.rows2 is None else step._batches.gather(self.rows2)

@@ -157,21 +157,22 @@ class _Stacked:
                 module.get_parameter(name).copy_(stacked[k])
 
 
-def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch.Tensor]) -> torch.optim.Adam:
+def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch.Tensor],
+                  capturable: bool = False) -> torch.optim.Adam:
     """One fused Adam over the stacked parameters, with the runs' settings and state. Only a plain
     torch Adam stacks (`plain_adam`): another optimiser (a plug-in adversary's SGD, AdamW...) is
-    refused here, before training, rather than silently replaced by Adam."""
+    refused here, before training, rather than silently replaced by Adam (a sweep already plans
+    such runs as packs of one on a GPU: `adversary_stacks`). ``capturable``: the CUDA graph's
+    Adam (its step count on the device)."""
     from fastfvae.fast.step import plain_adam
 
     other = next((o for o in optims if not plain_adam(o)), None)
     if other is not None:
-        what = ("an Adam with options it does not take (weight decay, amsgrad, maximize, several groups)"
-                if type(other) is torch.optim.Adam else type(other).__name__)
-        raise FastFVAEError(f"a stacked pack (the GPU's) trains plain torch Adam only, and these runs use {what}; "
-                            "train them with --pack 1, or as a CPU pack (each run's own step)")
+        raise FastFVAEError(f"a stacked pack (the GPU's) trains plain torch Adam only, and these runs use "
+                            f"{_optimizer_name(other)}; train them with --pack 1, or as a CPU pack (each run's own step)")
     group = optims[0].param_groups[0]
     adam = torch.optim.Adam(stacked_params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                            weight_decay=group["weight_decay"], fused=True)
+                            weight_decay=group["weight_decay"], fused=True, capturable=capturable)
     per_run = [[o.state.get(p) for g in o.param_groups for p in g["params"]] for o in optims]
     if any(s for states in per_run for s in states):
         for i, p in enumerate(stacked_params):
@@ -179,10 +180,31 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
             steps = {float(s["step"]) for s in states}
             if None in states or len(steps) != 1:
                 raise FastFVAEError("the runs of a pack must resume from the same step")
-            adam.state[p] = {"step": torch.tensor(steps.pop(), dtype=torch.float32),
+            adam.state[p] = {"step": torch.tensor(steps.pop(), dtype=torch.float32,
+                                                  device=p.device if capturable else None),
                              "exp_avg": torch.stack([s["exp_avg"] for s in states]),
                              "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in states])}
     return adam
+
+
+def _optimizer_name(optimizer) -> str:
+    if type(optimizer) is torch.optim.Adam:
+        return "an Adam with options it does not take (weight decay, amsgrad, maximize, several groups)"
+    return type(optimizer).__name__
+
+
+def adversary_stacks(cfg: TrainConfig) -> str | None:
+    """None when ``cfg``'s method can train in a stacked pack (no adversary, or one whose
+    optimiser is a plain torch Adam, `fastfvae.fast.step.plain_adam`); else what its adversary's
+    optimiser is. Asked of the method's own optimiser builder on a stand-in parameter, so a
+    sweep's plan knows it before any model is built."""
+    from fastfvae.fast.step import plain_adam
+
+    method = cfg.method()
+    if not method.adversarial:
+        return None
+    optimizer = method.adversary_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.adam_eps)
+    return None if plain_adam(optimizer) else _optimizer_name(optimizer)
 
 
 def _write_adam_back(adam: torch.optim.Adam, optims: Sequence[torch.optim.Adam]) -> None:
@@ -200,29 +222,51 @@ def _write_adam_back(adam: torch.optim.Adam, optims: Sequence[torch.optim.Adam])
 
 
 #: The ways a pack's step can run (`make_pack_step`).
-PACK_MECHANISMS = ("stacked", "threads")
+PACK_MECHANISMS = ("graph", "stacked", "threads")
 
 
-def pack_mechanism(device: torch.device, requested: str | None = None) -> str:
-    """``requested`` checked, or the device's default: ``threads`` on CPU, ``stacked`` elsewhere."""
+def graph_applies(cfg: TrainConfig, device) -> bool:
+    """True when ``cfg``'s single run on ``device`` would capture its step as one CUDA graph
+    (`fastfvae.fast.step.FastOptions`: a fast run on CUDA with fused Adam, ``cuda_graph`` not
+    turned off), so its pack does too (`GraphedPackStep`)."""
+    return (torch.device(device).type == "cuda" and bool(cfg.fast) and cfg.cuda_graph is not False
+            and bool(cfg.fused_adam))
+
+
+def pack_mechanism(device: torch.device, requested: str | None = None, cfg: TrainConfig | None = None) -> str:
+    """``requested`` checked, or the device's default: ``threads`` on CPU; on a GPU ``graph``
+    when the runs' single run would be one CUDA graph (`graph_applies` for ``cfg``; off with
+    ``cuda_graph=False``, ``--no-cuda-graph``), else ``stacked``."""
+    kind = torch.device(device).type
     if requested is None:
-        return "threads" if torch.device(device).type == "cpu" else "stacked"
+        if kind == "cpu":
+            return "threads"
+        return "graph" if cfg is not None and graph_applies(cfg, device) else "stacked"
     if requested not in PACK_MECHANISMS:
         raise FastFVAEError(f"a pack's mechanism must be one of {', '.join(PACK_MECHANISMS)}, got {requested!r}")
-    if requested == "threads" and torch.device(device).type != "cpu":
+    if requested == "threads" and kind != "cpu":
         raise FastFVAEError(f"the threaded pack is the CPU's (a GPU step draws its own noise and defers its syncs), "
-                            f"and this pack trains on {torch.device(device).type}; use the stacked one")
+                            f"and this pack trains on {kind}; use the stacked one")
+    if requested == "graph" and kind != "cuda":
+        raise FastFVAEError(f"the graphed pack is one CUDA graph and needs a CUDA device, and this pack trains on "
+                            f"{kind}; use {'threads' if kind == 'cpu' else 'stacked'}")
     return requested
 
 
-def make_pack_step(states: Sequence[TrainState], data, mechanism: str | None = None, workers: int | None = None):
+def make_pack_step(states: Sequence[TrainState], data, mechanism: str | None = None, workers: int | None = None,
+                   cuda_rng_states: Sequence | None = None):
     """The step of a pack of ``states`` (all at the same step): `ThreadedPackStep` on CPU,
-    `StackedPackStep` on a GPU, unless ``mechanism`` names one (`PACK_MECHANISMS`);
-    ``workers``: the threaded mechanism's worker threads (default: `ThreadedPackStep`'s)."""
-    kind = pack_mechanism(states[0].device, mechanism)
+    `GraphedPackStep` on CUDA where the single run is graphed, `StackedPackStep` otherwise,
+    unless ``mechanism`` names one (`PACK_MECHANISMS`); ``workers``: the threaded mechanism's
+    worker threads (default: `ThreadedPackStep`'s); ``cuda_rng_states``: per run, the
+    ``rng["torch_cuda"]`` of the checkpoint it resumes from (None for a fresh run), for the
+    graphed pack's per-run noise generators. The step says which it is (``mechanism``)."""
+    kind = pack_mechanism(states[0].device, mechanism, states[0].cfg)
+    if workers is not None and kind != "threads":
+        raise FastFVAEError(f"workers is a setting of the threaded pack mechanism, not of the {kind} one")
+    if kind == "graph":
+        return GraphedPackStep(states, data, cuda_rng_states=cuda_rng_states)
     if kind == "stacked":
-        if workers is not None:
-            raise FastFVAEError("workers is a setting of the threaded pack mechanism, not of the stacked one")
         return StackedPackStep(states, data)
     return ThreadedPackStep(states, data, workers=workers)
 
@@ -249,6 +293,9 @@ class ThreadedPackStep:
     ``__call__(inputs)`` (one `StepInputs` per run) returns the metrics as [K] tensors;
     `sync_state` writes each step's own state into its run's `TrainState`; `close` stops the workers.
     """
+
+    mechanism = "threads"
+    defers_sync = draws_own_noise = False
 
     def __init__(self, states: Sequence[TrainState], data, workers: int | None = None) -> None:
         from fastfvae.train.reference import make_reference_step
@@ -309,7 +356,11 @@ class StackedPackStep:
     and optimiser state back into each run's `TrainState` (before a checkpoint or an evaluation).
     """
 
-    def __init__(self, states: Sequence[TrainState], data) -> None:
+    mechanism = "stacked"
+    #: the loop reads the metrics every step and draws each run's host noise
+    defers_sync = draws_own_noise = False
+
+    def __init__(self, states: Sequence[TrainState], data, capturable: bool = False) -> None:
         self.states, self.data = list(states), data
         cfgs = [s.cfg for s in self.states]
         self.device = self.states[0].device
@@ -320,13 +371,13 @@ class StackedPackStep:
         self.encoder = _Stacked([v.encoder for v in vaes], loop=loop)
         self.decoder = _Stacked([v.decoder for v in vaes], loop=loop)
         self.vae_params = self.encoder.params + self.decoder.params
-        self.vae_opt = _stacked_adam([s.optims.vae for s in self.states], self.vae_params)
+        self.vae_opt = _stacked_adam([s.optims.vae for s in self.states], self.vae_params, capturable)
         self.disc = self.disc_opt = None
         self.disc_params: list[torch.Tensor] = []
         if self.method.adversarial:
             self.disc = _Stacked([s.models.disc for s in self.states])
             self.disc_params = self.disc.params
-            self.disc_opt = _stacked_adam([s.optims.disc for s in self.states], self.disc_params)
+            self.disc_opt = _stacked_adam([s.optims.disc for s in self.states], self.disc_params, capturable)
             self.method.attach(self.adversary)
         self._render = self.shapes.obs is not None
         self.precision = cfgs[0].precision if cfgs[0].fast else "fp32"
@@ -408,6 +459,220 @@ class StackedPackStep:
         self.disc_opt.zero_grad(set_to_none=True)
 
 
+def pack_noise_generator(cfg: TrainConfig, device, saved_cuda_states=None) -> torch.Generator:
+    """Run ``cfg``'s own noise generator on ``device`` for a graphed pack, as its single graphed
+    run has it in the device's default generator: seeded ``noise_seed(cfg.seed)`` for a fresh
+    run (the single run's ``torch.cuda.manual_seed``), or the state the run's checkpoint saved
+    for this device (``rng["torch_cuda"]``, one state per device, as `capture_rng_states` writes
+    it: a single run's checkpoint and a pack's read the same). A checkpoint without one (a CPU
+    run's) starts from the seed."""
+    from fastfvae.train.state import noise_seed
+
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    index = _device_index(device)
+    if saved_cuda_states is not None and len(saved_cuda_states) > index:
+        generator.set_state(saved_cuda_states[index])
+    else:
+        generator.manual_seed(noise_seed(cfg.seed))
+    return generator
+
+
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+class GraphedPackStep(StackedPackStep):
+    """`StackedPackStep` captured as one CUDA graph, replayed once per step (on CUDA where the
+    runs' single run is graphed: `graph_applies`).
+
+    The same ideas as the single run's `fastfvae.fast.graph.GraphedStep`, with its pieces:
+    static inputs (every run's rows and the step count as one int64 `StagedInputs` copy of
+    [K, B] rows), a capturable fused Adam over the stacked tensors, `warm_up_and_capture`
+    (warm-up on a side stream, then weights, Adam state and generators put back in place, so the
+    captured addresses stay valid and the warm-up leaves no trace), the metrics as one stacked
+    [metrics, K] matrix cloned per step (no host synchronisation: ``defers_sync``, the loop checks
+    NaN/inf when it logs or saves).
+
+    Noise (``noise="device"``, the default, as the single graph's): drawn inside the graph, run
+    k's from its own device generator (`pack_noise_generator`: seeded and checkpointed as the
+    single run seeds and saves the device's default generator), registered with the graph, in the
+    single run's order (`draw_noise`): so model k of the pack draws exactly the noise of the single
+    graphed run with its seed, and each run's checkpoint carries its own generator state
+    (`cuda_rng_state`). ``noise="host"``: the runs' host-drawn noise is copied in (one float32
+    `StagedInputs` copy), the reference's stream.
+
+    On CPU (the tests) the step binds the same static inputs and generators, runs the warm-up and
+    undoes it, and then runs the iteration eagerly each step instead of replaying a graph.
+    """
+
+    mechanism = "graph"
+    defers_sync = True
+
+    def __init__(self, states: Sequence[TrainState], data, noise: str | None = None, warmup: int | None = None,
+                 cuda_rng_states: Sequence | None = None) -> None:
+        from fastfvae.fast.graph import WARMUP_STEPS
+
+        states = list(states)
+        device = states[0].device
+        super().__init__(states, data, capturable=device.type == "cuda")
+        cfg = states[0].cfg
+        noise = (cfg.noise if cfg.noise != "auto" else "device") if noise is None else noise
+        if noise not in ("host", "device"):
+            raise FastFVAEError(f"a graphed pack's noise must be host or device, got {noise!r}")
+        self.noise = noise
+        self.draws_own_noise = noise == "device"
+        saved = list(cuda_rng_states) if cuda_rng_states is not None else [None] * len(states)
+        if len(saved) != len(states):
+            raise FastFVAEError(f"{len(saved)} saved generator states for a pack of {len(states)} runs")
+        self.generators = [pack_noise_generator(s.cfg, device, None if s.step == 0 else r)
+                           for s, r in zip(states, saved)]
+        self._bind()
+        optims = [o for o in (self.vae_opt, self.disc_opt) if o is not None]
+        self.graph, self.out = None, None
+        graph, out = _graph_api().warm_up_and_capture(
+            self._run, self.vae_params + self.disc_params, optims, device,
+            WARMUP_STEPS if warmup is None else warmup, self.generators if self.draws_own_noise else ())
+        self.graph, self.out = graph, out
+
+    def _bind(self) -> None:
+        """The static inputs on the pack's device (no CUDA needed: the tests bind on CPU)."""
+        from fastfvae.data.loaders.device import resident_images
+        from fastfvae.train.progress import METRIC_KEYS
+
+        graph = _graph_api()
+        k, shapes, dev = len(self.states), self.shapes, self.device
+        b, z, second = shapes.batch_size, shapes.z_dim, shapes.second_batch
+        self.metric_keys = tuple(METRIC_KEYS[:3]) + tuple(self.method.metric_names)
+        # every run's rows (and the step count the regulariser sees) reach the graph as one int64 copy
+        self.row_inputs = graph.StagedInputs([(k, b)] * (2 if second else 1) + [()], torch.int64, dev)
+        views = iter(self.row_inputs.views)
+        self.rows = next(views)
+        self.rows2 = next(views) if second else None
+        self.step_count = next(views)
+        noise_shapes = [(k, b, z)] * (2 if second else 1)
+        noise_shapes += [(k, *shapes.keys)] if shapes.keys is not None else []
+        noise_shapes += [(k, *shapes.obs)] * (2 if second else 1) if shapes.obs is not None else []
+        self.noise_inputs = graph.StagedInputs(noise_shapes, torch.float32, dev)
+        views = iter(self.noise_inputs.views)
+        self.eps = next(views)
+        self.eps2 = next(views) if second else None
+        self.keys = next(views) if shapes.keys is not None else None
+        self.obs = next(views) if shapes.obs is not None else None
+        self.obs2 = next(views) if shapes.obs is not None and second else None
+        #: the dataset resident on the device, as stored (the single graph's device loader's)
+        self.packed = resident_images(self.data, dev)
+
+    def _images(self, rows, obs):
+        from fastfvae.data.loaders.unpack import gather_batch
+
+        if rows is None:
+            return None
+        k, b = rows.shape
+        x = gather_batch(self.packed, rows.reshape(k * b))
+        if obs is not None:
+            x = self.data.render(x, obs.reshape(k * b, *obs.shape[2:]))
+        return x.view(k, b, *x.shape[1:])
+
+    def _run(self) -> torch.Tensor:
+        """The captured iteration: static inputs -> metrics [len(metric_keys), K]."""
+        if self.draws_own_noise:
+            self._draw_noise()
+        metrics = train_step(self, self.method, self._images(self.rows, self.obs), self._images(self.rows2, self.obs2),
+                             self.eps, self.eps2, self.keys, self.step_count)
+        return torch.stack([metrics[name].float() for name in self.metric_keys])
+
+    def _draw_noise(self) -> None:
+        """Run k's noise into row k of the static noise inputs, from run k's generator."""
+        draw = _graph_api().draw_noise
+        for i, generator in enumerate(self.generators):
+            draw([None if t is None else t[i] for t in (self.eps, self.eps2)],
+                 [None if t is None else t[i] for t in (self.keys, self.obs, self.obs2)], generator)
+
+    def __call__(self, inputs: Sequence) -> dict:
+        if len(inputs) != len(self.states):
+            raise ValueError(f"{len(inputs)} step inputs for a pack of {len(self.states)} runs")
+        rows = [np.stack([i.rows for i in inputs])]
+        if self.rows2 is not None:
+            rows.append(np.stack([i.rows2 for i in inputs]))
+        self.row_inputs.load(rows + [np.int64(self.states[0].step)])
+        if not self.draws_own_noise:
+            names = ["eps"] + (["eps2"] if self.eps2 is not None else []) + (["keys"] if self.keys is not None else [])
+            names += (["obs"] if self.obs is not None else []) + (["obs2"] if self.obs2 is not None else [])
+            self.noise_inputs.load([torch.stack([getattr(i, n) for i in inputs]) for n in names])
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.out.clone()
+        else:
+            out = self._run()
+        return PackMetrics(out, self.metric_keys)
+
+    def cuda_rng_state(self, i: int, states: list) -> list:
+        """``states`` (a checkpoint's ``rng["torch_cuda"]``: one state per device) with this
+        device's entry run ``i``'s own generator state: what the single run's checkpoint holds
+        there (its default generator), so either resumes the other."""
+        if not self.draws_own_noise:
+            return states
+        index = _device_index(self.device)
+        states = list(states)
+        states += [self.generators[i].get_state()] * (index + 1 - len(states))
+        states[index] = self.generators[i].get_state()
+        return states
+
+
+def _graph_api():
+    from fastfvae.fast import graph
+
+    return graph
+
+
+class PackMetrics(dict):
+    """A pack step's metrics: name -> [K] tensor, each a row of one [metrics, K] matrix
+    (``matrix``), which the pack's loop sums in one operation a step (`_PackMeter`)."""
+
+    def __init__(self, matrix: torch.Tensor, names) -> None:
+        names = tuple(names)
+        if matrix.dim() != 2 or matrix.shape[0] != len(names):
+            raise ValueError(f"pack metrics: {len(names)} names for a matrix of shape {tuple(matrix.shape)}")
+        super().__init__((name, matrix[i]) for i, name in enumerate(names))
+        self.matrix, self.names = matrix, names
+
+
+class _PackMeter:
+    """Interval sums of a pack's metric matrices (one device addition a step, no sync) and each
+    run's means in `IntervalMeter`'s format (the loop's names first, None where never seen)."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.names: tuple[str, ...] = ()
+        self.count = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: PackMetrics) -> None:
+        matrix = metrics.matrix.detach().float()
+        self.sums = matrix if self.sums is None else self.sums + matrix
+        self.names = metrics.names
+        self.count += 1
+
+    def finite(self) -> list[bool]:
+        """Per run: every summed metric finite (one device-to-host read)."""
+        return torch.isfinite(self.sums).all(dim=0).tolist()
+
+    def flush(self) -> tuple[list[dict], float]:
+        from fastfvae.train.progress import METRIC_KEYS
+
+        now = time.perf_counter()
+        n = max(self.count, 1)
+        totals = self.sums.T.tolist()  # [K][metrics]
+        names = list(METRIC_KEYS) + [k for k in self.names if k not in METRIC_KEYS]
+        means = [{k: (row[self.names.index(k)] / n if k in self.names else None) for k in names} for row in totals]
+        rate = self.count / max(now - self.t0, 1e-9)
+        self.sums, self.count, self.t0 = None, 0, now
+        return means, rate
+
+
 # --- the pack's loop --------------------------------------------------------------------------
 def _unfinished(configs: Sequence[TrainConfig]) -> list[TrainConfig]:
     return [cfg for cfg in configs if not finished(cfg)]
@@ -479,7 +744,8 @@ def train_pack(configs: Sequence[TrainConfig], *, data=None, progress: bool = Tr
                 payloads.append(payload)
             if len({s.step for s in states}) != 1:
                 raise FastFVAEError("the runs of a pack must be at the same step; train them as separate packs")
-            step = make_pack_step(states, data)
+            step = make_pack_step(states, data, cuda_rng_states=[
+                None if p is None else p.get("rng", {}).get("torch_cuda") for p in payloads])
             callbacks = [callbacks_for(cfg, data) if callbacks_for is not None else () for cfg in todo]
             if stop.requested:  # during set-up: nothing to save yet
                 raise single._stopped_before_training(stop.signum, _kept_before_training(payloads))
@@ -522,7 +788,13 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
         atomic_write_text(out / "config.json", cfg.to_json() + "\n")
     elapsed0 = [float(p.get("elapsed_s", 0.0)) if p is not None else 0.0 for p in payloads]
     last = [dict(p.get("metrics", {})) if p is not None else {} for p in payloads]
+    # A step that defers host syncs (the graphed pack) gives its metrics as one matrix: one meter
+    # sums it, and NaN/inf is checked when the loop reads back anyway (log, checkpoint, the end).
+    deferred = bool(getattr(step, "defers_sync", False))
+    own_rng = getattr(step, "cuda_rng_state", None)
+    host_noise = not getattr(step, "draws_own_noise", False)
     meters = [IntervalMeter() for _ in range(k)]
+    pack_meter = _PackMeter() if deferred else None
     shapes = [StepShapes.of(c, data=data) for c in cfgs]
     t_start, step0 = time.perf_counter(), states[0].step
 
@@ -535,16 +807,25 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
                                               f"stopped, each run's last good checkpoint is kept",
                                               outs=(cfg.out,), step=state.step)
         for i, (cfg, state) in enumerate(zip(cfgs, states)):
-            save_checkpoint(Path(cfg.out), {"config": cfg.to_dict(), "state": state.state_dict(),
-                                            "rng": capture_rng_states(),
+            rng = capture_rng_states()
+            if own_rng is not None:  # each run's own device generator, where its single run keeps it
+                rng["torch_cuda"] = own_rng(i, rng["torch_cuda"])
+            save_checkpoint(Path(cfg.out), {"config": cfg.to_dict(), "state": state.state_dict(), "rng": rng,
                                             "elapsed_s": elapsed0[i] + time.perf_counter() - t_start,
                                             "metrics": last[i]})
 
     def flush(bar):
+        if pack_meter is not None:
+            if not pack_meter.count:
+                return
+            per_run, rate = pack_meter.flush()
         for i, (cfg, state, meter, log) in enumerate(zip(cfgs, states, meters, logs)):
-            if not meter.count:
+            if pack_meter is not None:
+                means = per_run[i]
+            elif not meter.count:
                 continue
-            means, rate = meter.flush()
+            else:
+                means, rate = meter.flush()
             last[i] = means
             log.write({"step": state.step, **means, "steps_per_s": rate,
                        "elapsed_s": elapsed0[i] + time.perf_counter() - t_start})
@@ -558,17 +839,26 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
                     raise single._stopped_before_training(stop.signum, _kept_before_training(payloads))
                 status = "interrupted"
                 break
-            inputs = [draw_step_inputs(s, st.sampler, st.generator) for s, st in zip(shapes, states)]
+            inputs = [draw_step_inputs(s, st.sampler, st.generator, noise=host_noise) for s, st in zip(shapes, states)]
             metrics = step(inputs)
             for state in states:
                 state.step += 1
-            per_run = [{name: value[i] for name, value in metrics.items()} for i in range(k)]
-            for meter, m in zip(meters, per_run):
-                meter.add(m)
             n = states[0].step
-            if not bool(torch.isfinite(metrics["loss"]).all()):
-                bad = [c.out for c, m in zip(cfgs, per_run) if not bool(torch.isfinite(m["loss"]))]
-                raise single.TrainingDiverged(f"loss became NaN/inf at step {n} in {', '.join(bad)}; the pack stopped, "
+            per_run = None
+            if pack_meter is not None:
+                pack_meter.add(metrics)
+                due = (n % cfg0.log_every == 0 or n == cfg0.steps or stop.requested
+                       or (cfg0.ckpt_every and n % cfg0.ckpt_every == 0))
+                finite = pack_meter.finite() if due else [True] * k
+            else:
+                per_run = [{name: value[i] for name, value in metrics.items()} for i in range(k)]
+                for meter, m in zip(meters, per_run):
+                    meter.add(m)
+                finite = torch.isfinite(metrics["loss"]).tolist()
+            if not all(finite):
+                bad = [c.out for c, ok in zip(cfgs, finite) if not ok]
+                when = f"at step {n}" if pack_meter is None else f"by step {n}"
+                raise single.TrainingDiverged(f"loss became NaN/inf {when} in {', '.join(bad)}; the pack stopped, "
                                               f"each run's last good checkpoint is kept", outs=bad, step=n)
             if n % cfg0.log_every == 0 or n == cfg0.steps:
                 flush(bar)
@@ -579,6 +869,8 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
                 if evaluation is not None:
                     evaluation(n, [state.models.vae for state in states])
             if any(callbacks):
+                if per_run is None:
+                    per_run = [{name: value[i] for name, value in metrics.items()} for i in range(k)]
                 for cbs, state, m in zip(callbacks, states, per_run):
                     for callback in cbs:
                         callback(state, m)

@@ -1,0 +1,289 @@
+"""The graphed stacked pack (`GraphedPackStep`: a pack's whole iteration as one CUDA graph).
+
+On CPU the step binds its static inputs and per-run generators as on CUDA, runs its warm-up and
+undoes it, then runs the iteration eagerly: what is device-independent is tested here (the
+static inputs' layout, warm-up then restore leaving no trace, each run's noise generator seeded
+and drawn as its single graphed run's default generator, each run's checkpoint carrying its own
+generator state, bit-exact resume, the mechanism choice). The CUDA cases (bench/gpu_check.sh
+runs them) are parity tests: model k of a graphed pack against the single graphed run with its
+seed (fp32, TF32 off), for K = 1, 3, FactorVAE and beta-VAE, and resume bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastfvae.errors import FastFVAEError
+from fastfvae.study import pack as pack_module
+from fastfvae.study.pack import (
+    GraphedPackStep, PackMetrics, StackedPackStep, graph_applies, make_pack_step, pack_mechanism,
+    pack_noise_generator,
+)
+from fastfvae.train.reference import StepShapes, draw_step_inputs
+from fastfvae.train.state import TrainState, noise_seed
+from test_fast_step import assert_parity, params_of
+from test_study_pack import _configs
+from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
+
+
+def _steps(step, states, data, n, noise=True):
+    shapes = [StepShapes.of(s.cfg, data=data) for s in states]
+    metrics = []
+    for _ in range(n):
+        metrics.append(step([draw_step_inputs(sh, st.sampler, st.generator, noise=noise)
+                             for sh, st in zip(shapes, states)]))
+        for st in states:
+            st.step += 1
+    step.sync_state()
+    return metrics
+
+
+def _adam_states(states):
+    out = []
+    for s in states:
+        for opt in (s.optims.vae, s.optims.disc):
+            if opt is not None:
+                for entry in opt.state_dict()["state"].values():
+                    out += [entry["step"], entry["exp_avg"], entry["exp_avg_sq"]]
+    return out
+
+
+def test_static_inputs_hold_every_runs_rows_in_one_int64_copy():
+    data = small_dsprites(256)
+    cfgs = _configs("factorvae", 3)  # FactorVAE's permuted codes come from a second batch
+    states = [TrainState.create(c, len(data)) for c in cfgs]
+    step = GraphedPackStep(states, data, warmup=0)
+    k, b, z = 3, cfgs[0].batch_size, cfgs[0].z_dim
+    assert step.draws_own_noise and step.defers_sync and step.mechanism == "graph"
+    assert step.rows.shape == (k, b) and step.rows2.shape == (k, b) and step.step_count.shape == ()
+    assert all(v.dtype == torch.int64 and v.untyped_storage().data_ptr() == step.row_inputs.flat.untyped_storage().data_ptr()
+               for v in (step.rows, step.rows2, step.step_count))
+    assert step.eps.shape == (k, b, z) and step.eps2.shape == (k, b, z) and step.keys.shape[0] == k
+    states[0].step = states[1].step = states[2].step = 5
+    shapes = [StepShapes.of(c, data=data) for c in cfgs]
+    inputs = [draw_step_inputs(sh, st.sampler, st.generator, noise=False) for sh, st in zip(shapes, states)]
+    metrics = step(inputs)
+    for i, one in enumerate(inputs):
+        assert step.rows[i].tolist() == one.rows.tolist() and step.rows2[i].tolist() == one.rows2.tolist()
+    assert int(step.step_count) == 5
+    assert isinstance(metrics, PackMetrics) and metrics.matrix.shape == (len(step.metric_keys), k)
+    assert list(metrics) == ["loss", "recon", "kl", "tc", "d_loss", "d_acc"]
+
+
+@pytest.mark.parametrize("name", ["factorvae", "betavae"])
+def test_with_host_noise_it_is_the_stacked_pack(name):
+    """Same host noise copied into the static inputs: the eager iteration on CPU is the stacked
+    pack's, bit for bit (losses every step, weights and Adam state at the end)."""
+    data = small_dsprites(512)
+    cfgs = _configs(name, 3)
+    runs = []
+    for make in (lambda st: StackedPackStep(st, data), lambda st: GraphedPackStep(st, data, noise="host")):
+        states = [TrainState.create(c, len(data)) for c in cfgs]
+        runs.append((states, _steps(make(states), states, data, 4)))
+    (a, ma), (b, mb) = runs
+    for x, y in zip(ma, mb):
+        assert all(torch.equal(x[key], y[key]) for key in x)
+    for sa, sb in zip(a, b):
+        assert all(torch.equal(p, q) for p, q in zip(params_of(sa).values(), params_of(sb).values()))
+    assert all(torch.equal(p, q) for p, q in zip(_adam_states(a), _adam_states(b)))
+
+
+@pytest.mark.parametrize("prior_steps", [0, 2])
+def test_warmup_then_restore_is_invisible(prior_steps):
+    """Weights, Adam state and each run's generator after the warm-up are as before it, in the
+    same tensors (the captured addresses), and training then goes on as if it never ran."""
+    data = small_dsprites(256)
+    cfgs = _configs("factorvae", 2)
+    runs = []
+    for warmup in (0, 3):
+        states = [TrainState.create(c, len(data)) for c in cfgs]
+        step = GraphedPackStep(states, data, warmup=0)
+        _steps(step, states, data, prior_steps, noise=False)
+        if warmup:
+            optims = [step.vae_opt, step.disc_opt]
+            params = step.vae_params + step.disc_params
+            ids = [id(p) for p in params]
+            before = [g.get_state() for g in step.generators]
+            from fastfvae.fast.graph import warm_up_and_capture
+
+            assert warm_up_and_capture(step._run, params, optims, "cpu", warmup, step.generators) == (None, None)
+            assert [id(p) for p in step.vae_params + step.disc_params] == ids
+            assert all(torch.equal(g.get_state(), s) for g, s in zip(step.generators, before))
+        metrics = _steps(step, states, data, 3, noise=False)
+        runs.append((states, metrics, [g.get_state() for g in step.generators]))
+    (a, ma, ga), (b, mb, gb) = runs
+    for x, y in zip(ma, mb):
+        assert all(torch.equal(x[key], y[key]) for key in x)
+    for sa, sb in zip(a, b):
+        assert all(torch.equal(p, q) for p, q in zip(params_of(sa).values(), params_of(sb).values()))
+    assert all(torch.equal(p, q) for p, q in zip(_adam_states(a), _adam_states(b)))
+    assert all(torch.equal(p, q) for p, q in zip(ga, gb))
+
+
+def test_each_run_draws_its_single_graphed_runs_noise():
+    """Run k's generator is seeded as its single graphed run seeds the device's default generator
+    (``noise_seed(seed)``), and the pack's draw into row k is the single step's own draw
+    (`GraphedStep._draw_noise`, here with the CPU's default generator so seeded)."""
+    from fastfvae.fast import FastOptions, FastStep
+    from fastfvae.fast.graph import GraphedStep
+
+    data = small_dsprites(256)
+    cfgs = _configs("factorvae", 3)
+    states = [TrainState.create(c, len(data)) for c in cfgs]
+    step = GraphedPackStep(states, data, warmup=0)
+    step._draw_noise()
+    for i, cfg in enumerate(cfgs):
+        single = GraphedStep.__new__(GraphedStep)
+        single._bind(FastStep(TrainState.create(cfg, len(data)), data, FastOptions()), "device")
+        torch.manual_seed(noise_seed(cfg.seed))
+        single._draw_noise()
+        for mine, theirs in ((step.eps, single.eps), (step.eps2, single.eps2), (step.keys, single.keys)):
+            assert torch.equal(mine[i], theirs)
+    assert not torch.equal(step.eps[0], step.eps[1])  # each run its own stream
+
+
+def test_a_runs_generator_resumes_from_its_checkpoint_entry():
+    cfg = _configs("betavae", 1)[0]
+    fresh = pack_noise_generator(cfg, "cpu")
+    assert torch.equal(fresh.get_state(), torch.Generator().manual_seed(noise_seed(cfg.seed)).get_state())
+    torch.randn(5, generator=fresh)
+    saved = [fresh.get_state()]  # rng["torch_cuda"]: one state per device, this device's first
+    again = pack_noise_generator(cfg, "cpu", saved)
+    assert torch.equal(torch.randn(5, generator=again), torch.randn(5, generator=fresh))
+    assert torch.equal(pack_noise_generator(cfg, "cpu", []).get_state(),
+                       torch.Generator().manual_seed(noise_seed(cfg.seed)).get_state())  # a CPU run's checkpoint
+
+
+def test_checkpoints_carry_each_runs_generator_and_resume_bit_exactly(tmp_path, monkeypatch):
+    """train_pack with the graphed pack (its CPU form): each run's checkpoint holds its own
+    generator's state where a single run holds the device's (``rng["torch_cuda"]``), and a pack
+    stopped after 3 steps and resumed ends where the uninterrupted one does, bit for bit."""
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.checkpoint import load_checkpoint
+    from test_study_pack import _run_configs
+
+    built = []
+
+    def graphed(states, data, mechanism=None, workers=None, cuda_rng_states=None):
+        built.append(GraphedPackStep(states, data, warmup=2, cuda_rng_states=cuda_rng_states))
+        return built[-1]
+
+    monkeypatch.setattr(pack_module, "make_pack_step", graphed)
+    data = small_dsprites(256)
+    whole = _run_configs(tmp_path / "whole")
+    train_pack(whole, data=data, progress=False, evaluate=False)
+    halves = _run_configs(tmp_path / "halves")
+    train_pack([c.replace(steps=3) for c in halves], data=data, progress=False, evaluate=False)
+    mid = [load_checkpoint(c.out)["rng"]["torch_cuda"][0] for c in halves]
+    train_pack(halves, data=data, progress=False, evaluate=False)
+    assert len(built) == 3 and all(b.mechanism == "graph" for b in built)
+    for i, cfg in enumerate(halves):  # the resumed pack's generators started from each run's own entry
+        assert torch.equal(built[2].generators[i].get_state(), load_checkpoint(cfg.out)["rng"]["torch_cuda"][0])
+    assert not torch.equal(mid[0], mid[1])
+    for a, b in zip(whole, halves):
+        pa, pb = load_checkpoint(a.out), load_checkpoint(b.out)
+        assert pa["state"]["step"] == pb["state"]["step"] == 6
+        for part in ("vae", "disc"):
+            assert all(torch.equal(pa["state"][part][n], pb["state"][part][n]) for n in pa["state"][part])
+        assert torch.equal(pa["rng"]["torch_cuda"][0], pb["rng"]["torch_cuda"][0])
+        assert torch.equal(pa["rng"]["torch_cuda"][0], built[0].generators[whole.index(a)].get_state())
+        with open(f"{a.out}/train_log.jsonl") as log:
+            assert len(log.readlines()) == 3  # log_every 2: steps 2, 4 and 6, from the pack's one meter
+
+
+def test_the_graph_is_the_cuda_default_where_the_single_run_is_graphed():
+    cfg = _configs("factorvae", 1)[0].replace(fast=True)
+    cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
+    assert graph_applies(cfg, cuda_dev) and not graph_applies(cfg, cpu)
+    assert pack_mechanism(cuda_dev, None, cfg) == "graph"
+    assert pack_mechanism(cpu, None, cfg) == "threads"
+    assert pack_mechanism(cuda_dev, None, cfg.replace(cuda_graph=False)) == "stacked"  # --no-cuda-graph
+    assert pack_mechanism(cuda_dev, None, cfg.replace(fast=False)) == "stacked"  # the reference: no graph
+    assert pack_mechanism(cuda_dev, "stacked", cfg) == "stacked"
+    with pytest.raises(FastFVAEError, match="graphed pack is one CUDA graph and needs a CUDA device"):
+        pack_mechanism(cpu, "graph", cfg)
+    data = small_dsprites(256)
+    states = [TrainState.create(c, len(data)) for c in _configs("betavae", 2)]
+    with pytest.raises(FastFVAEError, match="needs a CUDA device"):
+        make_pack_step(states, data, "graph")
+
+
+# --- CUDA: parity with the single graphed run -------------------------------------------------
+def _cuda_cfgs(name, k):
+    return [c.replace(device="cuda", fast=True) for c in _configs(name, k)]
+
+
+def _single_graphed(cfg, data, steps):
+    """The single graphed run of ``cfg`` (device noise from the default CUDA generator, seeded
+    by the step; networks eager, as the pack's)."""
+    from fastfvae.fast import FastOptions, FastStep
+
+    state = TrainState.create(cfg, len(data), "cuda")
+    step = FastStep(state, data, FastOptions(compile="none"))
+    assert step._graph is not None and step.draws_own_noise
+    shapes = StepShapes.of(cfg, data=data)
+    metrics = []
+    for _ in range(steps):
+        metrics.append({k: v.clone() for k, v in step(draw_step_inputs(shapes, state.sampler, state.generator,
+                                                                         noise=False)).items()})
+        state.step += 1
+    step.sync_state()
+    return state, metrics
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@cuda
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name", ["factorvae", "betavae"])
+def test_cuda_model_k_of_a_graphed_pack_is_its_single_graphed_run(name, k, no_tf32):
+    data = small_dsprites(512)
+    cfgs = _cuda_cfgs(name, k)
+    states = [TrainState.create(c, len(data), "cuda") for c in cfgs]
+    step = make_pack_step(states, data)
+    assert isinstance(step, GraphedPackStep) and step.graph is not None
+    metrics = _steps(step, states, data, 10, noise=False)
+    for i, cfg in enumerate(cfgs):
+        single_state, single_metrics = _single_graphed(cfg, data, 10)
+        assert_parity(single_state, states[i], single_metrics, [{n: v[i] for n, v in m.items()} for m in metrics],
+                      "fp32")
+
+
+@cuda
+def test_cuda_graphed_pack_resumes_bit_exactly_and_as_single_runs(tmp_path, no_tf32):
+    """Stopped after 3 steps and resumed, a graphed pack ends bit for bit where the
+    uninterrupted one does; a pack run's checkpoint resumes as a single graphed run (its own
+    generator state in the device's entry) to the pack's own result within fp32 parity."""
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.checkpoint import load_checkpoint
+    from fastfvae.train.loop import run_training
+    from test_study_pack import _run_configs
+
+    data = small_dsprites(256)
+
+    def cfgs(where, steps=6):
+        return [c.replace(device="cuda", fast=True, steps=steps) for c in _run_configs(tmp_path / where)]
+
+    whole, halves, single = cfgs("whole"), cfgs("halves"), cfgs("single")
+    train_pack(whole, data=data, progress=False, evaluate=False)
+    train_pack([c.replace(steps=3) for c in halves], data=data, progress=False, evaluate=False)
+    train_pack(halves, data=data, progress=False, evaluate=False)
+    for a, b in zip(whole, halves):
+        pa, pb = load_checkpoint(a.out), load_checkpoint(b.out)
+        for part in ("vae", "disc"):
+            assert all(torch.equal(pa["state"][part][n], pb["state"][part][n]) for n in pa["state"][part])
+        idx = torch.cuda.current_device()
+        assert torch.equal(pa["rng"]["torch_cuda"][idx], pb["rng"]["torch_cuda"][idx])
+    train_pack([c.replace(steps=3) for c in single], data=data, progress=False, evaluate=False)
+    for a, c in zip(whole[:1], single[:1]):  # one run: the single step compiles its networks
+        run_training(c, data=data, resume=c.out, progress=False)
+        pa, pc = load_checkpoint(a.out), load_checkpoint(c.out)
+        for n in pa["state"]["vae"]:
+            torch.testing.assert_close(pc["state"]["vae"][n], pa["state"]["vae"][n], rtol=0, atol=1e-4)
