@@ -15,7 +15,8 @@
    the moment it ends -- so a run killed at any point keeps every finished phase:
    smoke (``fastfvae train --fast``, fp32 and bf16), parity on the GPU (fast vs reference,
    fp32 / TF32 / bf16), the op tests on CUDA only, packs (run-steps/s for K = 1..60 and the
-   hours the ``seed-fig3`` preset would train for), the train-step and op benchmarks, the
+   hours the ``seed-fig3`` preset would train for), the graphed pack's CUDA parity tests
+   (model k vs its single graphed run, resume bit for bit), the train-step and op benchmarks, the
    loaders, and the compiled op-benchmark rows if time is left. Nothing CPU-bound (metrics,
    DCI) runs. The report ends with where the seconds went.
 
@@ -66,6 +67,8 @@ PACKAGES = [
 ]
 OPTIONAL = {"nvidia.dali"}
 
+#: the graphed pack's test file, whose CUDA cases (parity with the single graphed run) its phase runs
+PACK_GRAPH_TEST_FILES = ["tests/test_pack_graph.py"]
 #: the op-test files whose CUDA cases the op-test phase runs
 OP_TEST_FILES = ["tests/test_ops_permute.py", "tests/test_ops_gaussian.py", "tests/test_ops_mlp.py",
                  "tests/test_fast_graph.py"]
@@ -588,14 +591,15 @@ def summarise_pack(result: PhaseResult, report_dir: Path, pack_json: str) -> tup
     data = json.loads(path.read_text())
     lines = [f"{data.get('steps')} timed steps per pack, batch {data.get('batch_size')}, the seed-fig3 preset's "
              "runs (beta-VAE defaults; FactorVAE paper settings: 5 D updates, second batch); run-steps/s = K x "
-             "the pack's steps/s.", "", "| method | K | pack steps/s | run-steps/s | build s |", "|---|---:|---:|---:|---:|"]
+             "the pack's steps/s.", "", "| method | K | mechanism | pack steps/s | run-steps/s | build s |",
+             "|---|---:|---|---:|---:|---:|"]
     for method, rows in data.get("methods", {}).items():
         for r in rows:
             if "error" in r:
-                lines.append(f"| {method} | {r['k']} | **ERROR** {r['error']} | | |")
+                lines.append(f"| {method} | {r['k']} | {r.get('mechanism', '')} | **ERROR** {r['error']} | | |")
             else:
-                lines.append(f"| {method} | {r['k']} | {r['steps_per_s']:.1f} | {r['run_steps_per_s']:.0f} | "
-                             f"{r['build_s']:.1f} |")
+                lines.append(f"| {method} | {r['k']} | {r.get('mechanism', '')} | {r['steps_per_s']:.1f} | "
+                             f"{r['run_steps_per_s']:.0f} | {r['build_s']:.1f} |")
     proj = data.get("projection", {})
     if proj.get("complete"):
         best = ", ".join(f"{m} at K = {r['k']}" for m, r in proj["best"].items())
@@ -654,6 +658,9 @@ def cuda_phases(python: str, report_dir: Path, smoke_steps: int = 300) -> list[P
         Phase("pack", "(c2) packs: run-steps/s of K runs as one step, K = 1, 8, 32, 60, and the seed-fig3 "
               "projection", [python, "-m", "bench.gpu_check_pack", "--json", str(report_dir / PACK_JSON)], 120,
               summarise=lambda r, d: summarise_pack(r, d, PACK_JSON), min_s=30),
+        pytest_phase(python, report_dir, "pack-graph", "(c3) graphed pack parity, CUDA cases: model k vs its "
+                     "single graphed run (K = 1, 3; FactorVAE, beta-VAE), resume bit for bit",
+                     PACK_GRAPH_TEST_FILES, 120, k="cuda", min_s=30),
     ]
     for config in TRAIN_STEP_CONFIGS:
         phases.append(pytest_phase(

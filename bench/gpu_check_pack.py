@@ -6,10 +6,11 @@ of the ``seed-fig3`` preset (Kim & Mnih 2018, Figure 3: 120 runs x 300k steps).
 For each of the preset's two methods at its settings (beta-VAE with the defaults; FactorVAE with
 the ``paper`` preset: 5 D updates, permuted codes from a second batch), for each K: the first K
 of that method's runs in the preset's order as one pack step (`fastfvae.study.pack.make_pack_step`,
-the device's mechanism; a pack of one is the single fast step, `FastStep`, as a sweep trains
-it), a few warm-up steps, then ``steps`` timed steps. Recorded per K: the pack's steps/s and its
-run-steps/s (K x steps/s: what a sweep advances), or the error (out of memory ends that
-method's larger Ks).
+the device's mechanism: on CUDA the graphed pack, one CUDA graph a step; ``--mechanism
+stacked`` for the eager stacked pack; a pack of one is the single fast step, `FastStep`, as a
+sweep trains it), a few warm-up steps, then ``steps`` timed steps. Recorded per K: the mechanism
+that ran, the pack's steps/s and its run-steps/s (K x steps/s: what a sweep advances), or the
+error (out of memory ends that method's larger Ks).
 
 The projection: each method's 60 runs x 300k steps at its best run-steps/s (a method's packs
 cannot hold the other method's runs), summed: the hours ``fastfvae sweep --preset seed-fig3``
@@ -62,8 +63,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(runs: list[TrainConfig], k: int, data, steps: int) -> dict:
-    """One pack of the first ``k`` of ``runs``: its steps/s and run-steps/s over ``steps`` timed steps."""
+def measure(runs: list[TrainConfig], k: int, data, steps: int, mechanism: str | None = None) -> dict:
+    """One pack of the first ``k`` of ``runs``: its steps/s and run-steps/s over ``steps`` timed
+    steps, and which mechanism ran (``mechanism``: the pack's, None = the device's default: on
+    CUDA the graphed pack)."""
     from fastfvae.fast import FastOptions, FastStep
     from fastfvae.study.pack import make_pack_step
     from fastfvae.train.state import TrainState, resolve_device
@@ -76,14 +79,18 @@ def measure(runs: list[TrainConfig], k: int, data, steps: int) -> dict:
     t0 = time.perf_counter()
     if k == 1:
         single = FastStep(states[0], data, FastOptions(precision=cfgs[0].precision))
+        ran = "single-graph" if single._graph is not None else "single"
+        noise = not single.draws_own_noise
 
         def step():
-            single(draw_step_inputs(shapes[0], states[0].sampler, states[0].generator))
+            single(draw_step_inputs(shapes[0], states[0].sampler, states[0].generator, noise=noise))
     else:
-        pack = make_pack_step(states, data)
+        pack = make_pack_step(states, data, mechanism)
+        ran = pack.mechanism
+        noise = not pack.draws_own_noise  # the graphed pack draws each run's noise in the graph
 
         def step():
-            pack([draw_step_inputs(sh, st.sampler, st.generator) for sh, st in zip(shapes, states)])
+            pack([draw_step_inputs(sh, st.sampler, st.generator, noise=noise) for sh, st in zip(shapes, states)])
     for _ in range(WARMUP_STEPS):
         step()
     _sync(device)
@@ -98,7 +105,8 @@ def measure(runs: list[TrainConfig], k: int, data, steps: int) -> dict:
             pack.close()
     seconds = time.perf_counter() - t0
     rate = steps / seconds
-    return {"k": k, "steps_per_s": rate, "run_steps_per_s": k * rate, "build_s": build_s, "seconds": seconds}
+    return {"k": k, "mechanism": ran, "steps_per_s": rate, "run_steps_per_s": k * rate, "build_s": build_s,
+            "seconds": seconds}
 
 
 def projection(methods: dict) -> dict:
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=16384, help="dataset rows (random bits; default 16384)")
     p.add_argument("--d-hidden", type=int, default=None, help="FactorVAE's D width (default: the preset's)")
     p.add_argument("--methods", default="betavae,factorvae", help="which of the preset's methods")
+    p.add_argument("--mechanism", default=None, choices=["graph", "stacked", "threads"],
+                   help="the packs' mechanism (default: the device's: graph on CUDA, threads on CPU)")
     args = p.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     if not ks or any(k < 1 for k in ks) or args.steps < 1:
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["methods"][name].append({"k": k, "error": f"the preset has {len(configs[name])} {name} runs"})
                 continue
             try:
-                row = measure(configs[name], k, data, args.steps)
+                row = measure(configs[name], k, data, args.steps, args.mechanism)
             except torch.OutOfMemoryError as exc:
                 row = {"k": k, "error": f"out of memory: {str(exc).splitlines()[0]}"}
             except Exception as exc:  # a failing K is reported, the others still measured

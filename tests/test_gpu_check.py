@@ -195,14 +195,16 @@ def test_pytest_phases_report_failures_from_junit_and_cut_runs_from_the_log(tmp_
 def test_the_cuda_phases_come_in_order_of_value_and_run_nothing_cpu_bound(tmp_path):
     phases = gpu_check.cuda_phases(PY, tmp_path)
     names = [p.name for p in phases]
-    assert names == ["smoke-fp32", "smoke-bf16", "parity", "op-tests", "pack", "bench-step-paper-d1", "bench-step-b256",
-                     "bench-step-b1024", "bench-ops", "bench-loaders", "bench-ops-compiled"]
+    assert names == ["smoke-fp32", "smoke-bf16", "parity", "op-tests", "pack", "pack-graph", "bench-step-paper-d1",
+                     "bench-step-b256", "bench-step-b1024", "bench-ops", "bench-loaders", "bench-ops-compiled"]
     for phase in phases:
         command = " ".join(map(str, phase.argv))
         assert "bench_metrics" not in command and "dci" not in command.lower()
         assert "bench_dsprites" not in command
     op_tests = phases[names.index("op-tests")]
     assert op_tests.argv[op_tests.argv.index("-k") + 1] == "cuda" and op_tests.env == {"FASTFVAE_AUTOTUNE": "0"}
+    pack_graph = phases[names.index("pack-graph")]  # the graphed pack's CUDA parity tests
+    assert "tests/test_pack_graph.py" in pack_graph.argv and pack_graph.argv[pack_graph.argv.index("-k") + 1] == "cuda"
     assert sum(p.timeout_s for p in phases) > gpu_check.DEFAULT_BUDGET_S  # the budget, not the sum, bounds a run
 
 
@@ -286,11 +288,12 @@ def test_pack_phase_script_measures_packs_and_projects_the_preset(tmp_path):
         assert all("error" not in r for r in rows), rows
         for r in rows:
             assert r["run_steps_per_s"] == pytest.approx(r["k"] * r["steps_per_s"])
+        assert [r["mechanism"] for r in rows] == ["single", "threads"]  # CPU: no graph
     proj = data["projection"]
     best = {m: max(r["run_steps_per_s"] for r in rows) for m, rows in data["methods"].items()}
     assert proj["complete"] and proj["hours"] == pytest.approx(sum(60 * 300_000 / b for b in best.values()) / 3600)
     body, _ = gpu_check.summarise_pack(PhaseResult("pack", "pack", "ok"), tmp_path, "pack.json")
-    assert "| factorvae | 2 |" in body and "seed-fig3 (120 runs x 300,000 steps)" in body
+    assert "| factorvae | 2 | threads |" in body and "seed-fig3 (120 runs x 300,000 steps)" in body
 
 
 def test_pack_summary_keeps_its_table_whole_for_a_failed_k(tmp_path):
