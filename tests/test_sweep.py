@@ -483,3 +483,30 @@ def test_a_started_sweep_keeps_the_pack_sizes_it_was_started_with(tmp_path):
     (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps(record))
     with pytest.raises(FastFVAEError, match="pack_defaults must map cpu, cuda to pack sizes"):
         plan_sweep(spec, tmp_path / "s")
+
+
+def test_a_gpu_sweep_plans_runs_it_cannot_stack_as_single_runs_and_says_so(tmp_path, monkeypatch):
+    """A plug-in method whose adversary optimiser is not a plain Adam (here SGD) cannot share a
+    stacked GPU pack (one Adam for all its runs): planned for CUDA, without CUDA and before any
+    training, its runs are packs of one (as ``--pack 1`` would make them, even with ``--pack 8``)
+    and the plan says why; the other blocks pack as before, and on CPU (each run's own step) it packs."""
+    from fastfvae import methods
+    from fastfvae.cli.sweep import dry_run_lines
+    from test_methods_registry import _factorvae_with
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    methods.names()
+    methods.register(_factorvae_with("sgd"))
+    spec = parse_spec({"block": [{"model": "fvae_sgd", "seeds": [0, 1, 2]},
+                                 {"model": "betavae", "seeds": [0, 1]}]}, "test")
+    for pack_size in (None, 8):
+        plan = plan_sweep(spec, tmp_path / "gpu", device="cuda", pack_size=pack_size)
+        sizes = [(p[0].config.model, len(p)) for p in plan.packs()]
+        assert sizes == [("fvae_sgd", 1)] * 3 + [("betavae", 2)]
+    lines = dry_run_lines(plan, plan.packs())
+    assert "3 runs" not in lines[1] and "(1 run, cuda; single runs on cuda: its adversary optimiser, SGD, does not " \
+        "stack" in lines[1]
+    assert "does not stack" not in [line for line in lines if line.startswith("pack 4/4")][0]
+    cpu = plan_sweep(spec, tmp_path / "cpu", device="cpu")
+    assert [len(p) for p in cpu.packs()] == [3, 2]
+    assert not (tmp_path / "gpu").exists()

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.study.pack import pack_key, train_pack
+from fastfvae.study.pack import adversary_stacks, pack_key, train_pack
 from fastfvae.study.spec import Spec, SweepRun, dedupe, expand, identity
 from fastfvae.train.checkpoint import atomic_write_text, checkpoint_path
 from fastfvae.train.config import TrainConfig
@@ -187,11 +187,25 @@ def device_kind(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
+def unstackable(cfg) -> str | None:
+    """Why ``cfg``'s runs train one by one (None when they can share a pack): on a GPU a pack is
+    stacked, one Adam over the K runs' stacked tensors, and a method whose adversary optimiser
+    is not a plain torch Adam (a plug-in's SGD, AdamW...) cannot be stacked; its runs train as
+    single runs there, each with its own optimiser, as `fastfvae train` trains them. On CPU each
+    run of a pack keeps its own step, so any optimiser packs."""
+    if device_kind(cfg.device) == "cpu":
+        return None
+    optimizer = adversary_stacks(cfg)
+    return None if optimizer is None else f"single runs on {device_kind(cfg.device)}: its adversary optimiser, " \
+        f"{optimizer}, does not stack (a GPU pack steps one plain torch Adam for all its runs)"
+
+
 def plan_packs(runs: Sequence[SweepRun], pack_size: int | None = None,
                defaults: dict | None = None) -> list[list[SweepRun]]:
     """The runs grouped by `pack_key` (groups in order of their first run), each group cut into
     packs of ``pack_size`` (None: ``defaults``, default `DEFAULT_PACK_SIZE`, for the group's
-    device) in run order."""
+    device) in run order; a group that cannot be stacked (`unstackable`: on a GPU, an adversary
+    optimiser other than a plain Adam) into packs of one, whatever ``pack_size`` says."""
     _check_pack_size(pack_size)
     defaults = DEFAULT_PACK_SIZE if defaults is None else defaults
     groups: dict[tuple, list[SweepRun]] = {}
@@ -200,6 +214,8 @@ def plan_packs(runs: Sequence[SweepRun], pack_size: int | None = None,
     packs = []
     for members in groups.values():
         k = pack_size or defaults[device_kind(members[0].config.device)]
+        if unstackable(members[0].config) is not None:
+            k = 1
         packs += [members[i:i + k] for i in range(0, len(members), k)]
     return packs
 
@@ -424,7 +440,8 @@ def _run_packs(plan: SweepPlan, packs, progress, console, callbacks_for, data, s
 
 
 def describe_pack(pack: Sequence[SweepRun]) -> str:
-    """``factorvae: gamma 10, 20; seeds 0-3 (8 runs, cpu)``."""
+    """``factorvae: gamma 10, 20; seeds 0-3 (8 runs, cpu)``, and why a GPU pack holds one run
+    where it must (`unstackable`)."""
     first = pack[0]
     values: dict[str, list] = {}
     for run in pack:
@@ -439,7 +456,8 @@ def describe_pack(pack: Sequence[SweepRun]) -> str:
     contiguous = seeds == list(range(seeds[0], seeds[-1] + 1))
     parts.append("seed " + (f"{seeds[0]}-{seeds[-1]}" if contiguous and len(seeds) > 2 else ", ".join(map(str, seeds))))
     runs = f"{len(pack)} run{'s' if len(pack) > 1 else ''}"
-    return f"{first.label}: {'; '.join(parts)} ({runs}, {device_kind(first.config.device)})"
+    why = unstackable(first.config)
+    return f"{first.label}: {'; '.join(parts)} ({runs}, {device_kind(first.config.device)}{'; ' + why if why else ''})"
 
 
 def pack_line(index: int, total: int, pack, done: int, runs: int, rate: float | None, remaining: int,
