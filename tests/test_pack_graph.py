@@ -194,6 +194,33 @@ def test_checkpoints_carry_each_runs_generator_and_resume_bit_exactly(tmp_path, 
             assert len(log.readlines()) == 3  # log_every 2: steps 2, 4 and 6, from the pack's one meter
 
 
+def test_a_graphed_pack_finds_nan_when_it_logs_and_names_the_run(tmp_path, monkeypatch):
+    """No host read per step (``defers_sync``): a NaN in run 1's loss at step 3 is found at the
+    next log step (4, log_every 2) from the interval's sums, naming run 1 only, nothing logged
+    for that interval."""
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.loop import TrainingDiverged
+    from test_study_pack import _run_configs
+
+    real_call = GraphedPackStep.__call__
+
+    def poisoned(self, inputs):
+        metrics = real_call(self, inputs)
+        if self.states[0].step == 2:  # the third step
+            metrics.matrix[0, 1] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(GraphedPackStep, "__call__", poisoned)
+    monkeypatch.setattr(pack_module, "make_pack_step",
+                        lambda states, data, *a, cuda_rng_states=None, **kw: GraphedPackStep(states, data, warmup=0))
+    cfgs = _run_configs(tmp_path)
+    with pytest.raises(TrainingDiverged, match="by step 4 in") as info:
+        train_pack(cfgs, data=small_dsprites(256), progress=False, evaluate=False)
+    assert info.value.outs == (cfgs[1].out,) and info.value.step == 4
+    with open(f"{cfgs[0].out}/train_log.jsonl") as log:
+        assert [line.count('"step": 2') for line in log] == [1]  # step 2's line only
+
+
 def test_the_graph_is_the_cuda_default_where_the_single_run_is_graphed():
     cfg = _configs("factorvae", 1)[0].replace(fast=True)
     cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
