@@ -22,7 +22,10 @@ differs from a single run is only the summation order inside the batched kernels
 of a pack equals the single run within the fast path's fp32 parity tolerance.
 
 That is the *stacked* mechanism (`StackedPackStep`), the one for a GPU, where one batch-64
-step leaves the chip idle. On CPU the pack's step is the *threaded* mechanism
+step leaves the chip idle. On CUDA, where the runs' single run would be one CUDA graph, the
+stacked step is captured as one CUDA graph too (`GraphedPackStep`, the *graph* mechanism: each
+run's noise drawn in the graph from its own device generator, seeded and checkpointed as its
+single graphed run's; ``cuda_graph=False`` turns it off). On CPU the pack's step is the *threaded* mechanism
 (`ThreadedPackStep`): each run keeps its own single step (the fast step with all its CPU
 mechanisms, or the reference step for ``fast=False``), and the K steps run concurrently on
 worker threads, one model per thread with its own intra-op threads (the process's threads split
