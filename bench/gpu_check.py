@@ -14,9 +14,9 @@
    appending its section to ``REPORT_DIR/report.md`` and writing ``REPORT_DIR/<phase>.json``
    the moment it ends -- so a run killed at any point keeps every finished phase:
    smoke (``fastfvae train --fast``, fp32 and bf16), parity on the GPU (fast vs reference,
-   fp32 / TF32 / bf16), the op tests on CUDA only, packs (run-steps/s for K = 1..60 and the
-   hours the ``seed-fig3`` preset would train for), the graphed pack's CUDA parity tests
-   (model k vs its single graphed run, resume bit for bit), the train-step and op benchmarks, the
+   fp32 / TF32 / bf16), the op tests on CUDA only, the graphed pack's CUDA parity tests
+   (model k vs its single graphed run, resume bit for bit), packs (run-steps/s for K = 1..60 and
+   the hours the ``seed-fig3`` preset would train for), the train-step and op benchmarks, the
    loaders, and the compiled op-benchmark rows if time is left. Nothing CPU-bound (metrics,
    DCI) runs. The report ends with where the seconds went.
 
@@ -655,12 +655,13 @@ def cuda_phases(python: str, report_dir: Path, smoke_steps: int = 300) -> list[P
               120, summarise=lambda r, d: summarise_parity(r, d, PARITY_MODES_JSON), min_s=30),
         pytest_phase(python, report_dir, "op-tests", "(c) op tests, CUDA cases only (one GEMM config: "
                      "FASTFVAE_AUTOTUNE=0)", OP_TEST_FILES, 150, k="cuda", env={"FASTFVAE_AUTOTUNE": "0"}),
-        Phase("pack", "(c2) packs: run-steps/s of K runs as one step, K = 1, 8, 32, 60, and the seed-fig3 "
-              "projection", [python, "-m", "bench.gpu_check_pack", "--json", str(report_dir / PACK_JSON)], 120,
-              summarise=lambda r, d: summarise_pack(r, d, PACK_JSON), min_s=30),
-        pytest_phase(python, report_dir, "pack-graph", "(c3) graphed pack parity, CUDA cases: model k vs its "
+        # the graphed pack's correctness before its speed: the pack phase measures that mechanism
+        pytest_phase(python, report_dir, "pack-graph", "(c2) graphed pack parity, CUDA cases: model k vs its "
                      "single graphed run (K = 1, 3; FactorVAE, beta-VAE), resume bit for bit",
                      PACK_GRAPH_TEST_FILES, 120, k="cuda", min_s=30),
+        Phase("pack", "(c3) packs: run-steps/s of K runs as one step, K = 1, 8, 32, 60, and the seed-fig3 "
+              "projection", [python, "-m", "bench.gpu_check_pack", "--json", str(report_dir / PACK_JSON)], 120,
+              summarise=lambda r, d: summarise_pack(r, d, PACK_JSON), min_s=30),
     ]
     for config in TRAIN_STEP_CONFIGS:
         phases.append(pytest_phase(

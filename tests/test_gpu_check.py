@@ -195,7 +195,7 @@ def test_pytest_phases_report_failures_from_junit_and_cut_runs_from_the_log(tmp_
 def test_the_cuda_phases_come_in_order_of_value_and_run_nothing_cpu_bound(tmp_path):
     phases = gpu_check.cuda_phases(PY, tmp_path)
     names = [p.name for p in phases]
-    assert names == ["smoke-fp32", "smoke-bf16", "parity", "op-tests", "pack", "pack-graph", "bench-step-paper-d1",
+    assert names == ["smoke-fp32", "smoke-bf16", "parity", "op-tests", "pack-graph", "pack", "bench-step-paper-d1",
                      "bench-step-b256", "bench-step-b1024", "bench-ops", "bench-loaders", "bench-ops-compiled"]
     for phase in phases:
         command = " ".join(map(str, phase.argv))

@@ -145,6 +145,24 @@ def test_each_run_draws_its_single_graphed_runs_noise():
     assert not torch.equal(step.eps[0], step.eps[1])  # each run its own stream
 
 
+@pytest.mark.parametrize("name", ["factorvae", "betavae"])
+def test_with_its_own_noise_model_k_is_its_single_run(name):
+    """The whole step with each run's noise drawn by the step from its own generator (the
+    graph's way; on CPU a CPU generator, whose draws equal the host stream's of the same seed):
+    model k equals its single reference run within fp32 parity, losses every step and weights
+    at the end. A generator shared by the runs, or noise drawn out of order, fails it."""
+    from test_study_pack import _single
+
+    data = small_dsprites(512)
+    cfgs = _configs(name, 3)
+    states = [TrainState.create(c, len(data)) for c in cfgs]
+    metrics = _steps(GraphedPackStep(states, data), states, data, 12, noise=False)
+    for i, cfg in enumerate(cfgs):
+        single_state, single_metrics = _single(cfg, data, 12)
+        assert_parity(single_state, states[i], single_metrics, [{n: v[i] for n, v in m.items()} for m in metrics],
+                      "fp32")
+
+
 def test_a_runs_generator_resumes_from_its_checkpoint_entry():
     cfg = _configs("betavae", 1)[0]
     fresh = pack_noise_generator(cfg, "cpu")
