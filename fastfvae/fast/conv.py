@@ -12,6 +12,10 @@ CPU (oneDNN); their per-layer timings are in docs/fast-path.md:
   cast inside the graph (gradients reach the fp32 parameters).
 - ``s2d``: the one-channel image-side layers in space-to-depth form (`first_conv_s2d`,
   `last_deconv_s2d`), where oneDNN's one-channel kernels are slow.
+- native image-side layers: with the native library loaded (`fastfvae.ops.native_conv.enabled`)
+  the first and last layers run on its kernels instead, in the space-to-depth form (bf16 step)
+  or on the plain image (`NATIVE_PLAIN`, the float32 step), several times faster than oneDNN
+  there (docs/ops.md, "Native convolutions"); without it, the oneDNN path below.
 
 A ReLU after a convolution is part of it: on CPU one oneDNN primitive with a ReLU post-op
 (``mkldnn._convolution_pointwise``) for the forward convolutions, the mask applied in the
@@ -25,6 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastfvae.models.vae import FEATURE_SHAPE, Decoder, Encoder
+from fastfvae.ops import native_conv
+
+#: the float32 step's image-side layers (no space-to-depth) on the native kernels too
+NATIVE_PLAIN = True
 
 _aten = torch.ops.aten
 
@@ -147,6 +155,8 @@ def depth_to_space(y: torch.Tensor) -> torch.Tensor:
 def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, relu: bool = False) -> torch.Tensor:
     """``layer(depth_to_space(x_s2d))`` (then a ReLU) as a 3x3 convolution of the space-to-depth input."""
     _check_s2d_layer(layer, transposed=False)
+    if native_conv.enabled() and native_conv.fits(layer, x_s2d, transposed=False):
+        return native_conv.first_conv(x_s2d, layer, dtype, relu, s2d=True)
     c = layer.out_channels
     # kernel tap (a, c') of block offset a - 1, sub-pixel rh: original tap kh = 2a + rh - 1
     taps = F.pad(layer.weight[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)      # [C, a, rh, c', rw]
@@ -158,6 +168,8 @@ def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, re
 def last_deconv_s2d(h: torch.Tensor, layer: nn.ConvTranspose2d, dtype: torch.dtype) -> torch.Tensor:
     """``space_to_depth(layer(h))`` as a 3x3 convolution with 4 output channels."""
     _check_s2d_layer(layer, transposed=True)
+    if native_conv.enabled() and native_conv.fits(layer, h, transposed=True):
+        return native_conv.last_deconv(h, layer, dtype, s2d=True)
     c = layer.in_channels
     # output sub-pixel rh of block i takes input i + a - 1 through original tap kh = 3 + rh - 2a
     taps = F.pad(layer.weight[:, 0], (1, 1, 1, 1)).flip(1, 2).view(c, 3, 2, 3, 2).flip(2, 4)  # [C, a, rh, c', rw]
@@ -193,9 +205,11 @@ def encode(encoder: Encoder, x: torch.Tensor, dtype: torch.dtype = torch.float32
     """`Encoder.forward` by layers: (mu, logvar), float32. ``s2d``: x is `space_to_depth` of the
     images and the first layer runs as `first_conv_s2d`."""
     layers = list(encoder.net)
+    relu = len(layers) > 1 and isinstance(layers[1], nn.ReLU)
     if s2d:
-        relu = isinstance(layers[1], nn.ReLU)
         x, layers = first_conv_s2d(x, layers[0], dtype, relu), layers[1 + relu:]
+    elif _native_plain(layers[0], x, transposed=False):
+        x, layers = native_conv.first_conv(x, layers[0], dtype, relu), layers[1 + relu:]
     stats = run_layers(layers, x, dtype).float()
     return stats[:, :encoder.z_dim], stats[:, encoder.z_dim:]
 
@@ -205,6 +219,12 @@ def decode(decoder: Decoder, z: torch.Tensor, dtype: torch.dtype = torch.float32
     `space_to_depth` [B, 4, 32, 32], the last layer running as `last_deconv_s2d`."""
     features = run_layers(decoder.fc, z, dtype).view(-1, *FEATURE_SHAPE)
     layers = list(decoder.deconv)
-    if not s2d:
-        return run_layers(layers, features, dtype)
-    return last_deconv_s2d(run_layers(layers[:-1], features, dtype), layers[-1], dtype)
+    if s2d:
+        return last_deconv_s2d(run_layers(layers[:-1], features, dtype), layers[-1], dtype)
+    if layers and _native_plain(layers[-1], features, transposed=True):
+        return native_conv.last_deconv(run_layers(layers[:-1], features, dtype), layers[-1], dtype)
+    return run_layers(layers, features, dtype)
+
+
+def _native_plain(layer, x: torch.Tensor, transposed: bool) -> bool:
+    return NATIVE_PLAIN and native_conv.enabled() and native_conv.fits(layer, x, transposed)

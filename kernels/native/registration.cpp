@@ -3,6 +3,7 @@
 // autograd and fake-tensor registrations.
 #include <torch/library.h>
 
+#include "conv_image.h"
 #include "cpu_isa.h"
 #include "gaussian.h"
 #include "mlp.h"
@@ -38,6 +39,11 @@ TORCH_LIBRARY(fastfvae_native, m) {
         "Tensor(e!)[] exp_avg_b, Tensor(f!)[] exp_avg_sq_b, Tensor[] grad_w, Tensor[] grad_b, Tensor(g!)[] packed, "
         "Tensor(h!)[] packed_t, float step_size, float bias_correction2_sqrt, float one_minus_beta1, float beta2, "
         "float one_minus_beta2, float eps) -> ()");
+  // The VAE's one-channel image-side convolutions (kernels/native/conv_image.h).
+  m.def("image_conv(Tensor img, Tensor weight, Tensor? bias, bool relu, bool s2d) -> Tensor");
+  m.def("image_conv_transpose(Tensor h, Tensor weight, Tensor? bias, bool s2d) -> Tensor");
+  m.def("image_conv_weight_grad(Tensor img, Tensor h, bool s2d) -> Tensor");
+  m.def("conv_isa() -> str", &fastfvae_native::conv_isa);
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
@@ -59,4 +65,7 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("mlp_backward", &fastfvae_native::mlp_backward);
   m.impl("mlp_update", &fastfvae_native::mlp_update);
   m.impl("mlp_adam", &fastfvae_native::mlp_adam);
+  m.impl("image_conv", &fastfvae_native::image_conv);
+  m.impl("image_conv_transpose", &fastfvae_native::image_conv_transpose);
+  m.impl("image_conv_weight_grad", &fastfvae_native::image_conv_weight_grad);
 }

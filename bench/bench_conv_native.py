@@ -1,0 +1,184 @@
+"""The native one-channel image-side convolutions (kernels/native/conv_image.cpp) against the
+oneDNN calls the fast step makes without them, at the step's sizes (batch 64, 64x64 images,
+32 channels next to the image), in interleaved rounds on the threads given.
+
+    OMP_NUM_THREADS=1 python bench/bench_conv_native.py [--threads 1] [--rounds 15] [--batch 64]
+    OMP_NUM_THREADS=1 python bench/bench_conv_native.py --step [--threads 1] [--rounds 15]
+
+Each row: ms per call (median over rounds) of oneDNN and native, and their ratio (oneDNN / native:
+above 1 the native kernel is faster). bf16 rows use the space-to-depth layout of the bf16 step,
+fp32 rows the plain [B, 1, 64, 64] image of the fp32 step.
+
+``--step``: the whole fast training step (FactorVAE, batch 64, bf16 and fp32) with the native
+convolutions and without them (``FASTFVAE_NATIVE_CONV=0``, the oneDNN path; everything else
+the same), the two alternating within each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastfvae.fast import conv as by_hand  # noqa: E402
+from fastfvae.ops import native  # noqa: E402
+
+_aten = torch.ops.aten
+CL = torch.channels_last
+
+
+def _cases(batch: int, c: int = 32):
+    """(name, oneDNN call, native call) per pass, bf16 (s2d) then fp32 (plain image)."""
+    ops = native.ops()
+    g = torch.Generator().manual_seed(0)
+    first = torch.nn.Conv2d(1, c, 4, 2, 1)
+    last = torch.nn.ConvTranspose2d(c, 1, 4, 2, 1)
+    img = torch.rand(batch, 1, 64, 64, generator=g)
+    return [row for dt in (torch.bfloat16, torch.float32) for row in _dtype_cases(dt, ops, g, first, last, img, batch, c)]
+
+
+def _dtype_cases(dt, ops, g, first, last, img, batch, c):
+    if True:
+        h = torch.randn(batch, c, 32, 32, generator=g).to(dt).contiguous(memory_format=CL)
+        w1, b1 = first.weight.detach().to(dt), first.bias.detach().to(dt)
+        w2, b2 = last.weight.detach().to(dt), last.bias.detach().to(dt)
+        if dt == torch.bfloat16:  # the bf16 step: space-to-depth forms (fastfvae/fast/conv.py)
+            x = by_hand.space_to_depth(img).to(dt)
+            gi = by_hand.space_to_depth(torch.randn(batch, 1, 64, 64, generator=g)).to(dt)
+            k1 = _s2d_first_kernel(first).to(dt).contiguous(memory_format=CL)
+            k2 = _s2d_last_kernel(last).to(dt).contiguous(memory_format=CL)
+            flipped = k2.flip(2, 3).transpose(0, 1).contiguous(memory_format=CL)
+            b2x4 = b2.expand(4).contiguous()
+            s2d = True
+            onednn = {
+                "first fwd+relu": lambda: torch.ops.mkldnn._convolution_pointwise(x, k1, b1, [1, 1], [1, 1], [1, 1], 1,
+                                                                                   "relu", [], ""),
+                "first wgrad": lambda: _aten.convolution_backward(h, x, k1, None, [1, 1], [1, 1], [1, 1], False,
+                                                                  [0, 0], 1, [False, True, False])[1],
+                "last fwd": lambda: _aten.convolution(h, k2, b2x4, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+                "last dgrad": lambda: _aten.convolution(gi, flipped, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+                "last wgrad": lambda: _aten.convolution_backward(h, gi, flipped, None, [1, 1], [1, 1], [1, 1], False,
+                                                                 [0, 0], 1, [False, True, False])[1],
+            }
+        else:  # the fp32 step: the layers as they are, on [B, 1, 64, 64]
+            x = img.to(dt)
+            gi = torch.randn(batch, 1, 64, 64, generator=g).to(dt)
+            s2d = False
+            onednn = {
+                "first fwd+relu": lambda: torch.ops.mkldnn._convolution_pointwise(x, w1, b1, [1, 1], [2, 2], [1, 1], 1,
+                                                                                   "relu", [], ""),
+                "first wgrad": lambda: _aten.convolution_backward(h, x, w1, None, [2, 2], [1, 1], [1, 1], False,
+                                                                  [0, 0], 1, [False, True, False])[1],
+                "last fwd": lambda: _aten.convolution(h, w2, b2, [2, 2], [1, 1], [1, 1], True, [0, 0], 1),
+                "last dgrad": lambda: _aten.convolution_backward(gi, h, w2, None, [2, 2], [1, 1], [1, 1], True,
+                                                                 [0, 0], 1, [True, False, False])[0],
+                "last wgrad": lambda: _aten.convolution_backward(gi, h, w2, None, [2, 2], [1, 1], [1, 1], True,
+                                                                 [0, 0], 1, [False, True, False])[1],
+            }
+        mine = {
+            "first fwd+relu": lambda: ops.image_conv(x, w1, b1, True, s2d),
+            "first wgrad": lambda: ops.image_conv_weight_grad(x, h, s2d),
+            "last fwd": lambda: ops.image_conv_transpose(h, w2, b2, s2d),
+            "last dgrad": lambda: ops.image_conv(gi, w2, None, False, s2d),
+            "last wgrad": lambda: ops.image_conv_weight_grad(gi, h, s2d),
+        }
+        name = "bf16 s2d" if dt == torch.bfloat16 else "fp32"
+        return [(f"{name:8s} {k}", onednn[k], mine[k]) for k in onednn]
+
+
+def _s2d_first_kernel(layer):
+    c = layer.out_channels
+    taps = F.pad(layer.weight.detach()[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)
+    return taps.permute(0, 2, 4, 1, 3).reshape(c, 4, 3, 3)
+
+
+def _s2d_last_kernel(layer):
+    c = layer.in_channels
+    taps = F.pad(layer.weight.detach()[:, 0], (1, 1, 1, 1)).flip(1, 2).view(c, 3, 2, 3, 2).flip(2, 4)
+    return taps.permute(2, 4, 0, 1, 3).reshape(4, c, 3, 3)
+
+
+def _time(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _steps(precision: str, steps: int, rounds: int) -> tuple[float, float]:
+    """Median ms per step of the fast step with and without the native convolutions."""
+    import os
+
+    from bench.conftest import random_bits_dsprites
+    from fastfvae.fast import FastOptions, FastStep
+    from fastfvae.ops.native_conv import CONV_ENV
+    from fastfvae.train.config import TrainConfig
+    from fastfvae.train.reference import draw_step_inputs
+    from fastfvae.train.state import TrainState
+
+    data = random_bits_dsprites(4096)
+    cfg = TrainConfig(batch_size=64, d_steps=1)
+    state = TrainState.create(cfg, len(data), torch.device("cpu"))
+    step = FastStep(state, data, FastOptions(precision=precision))
+    inputs = [draw_step_inputs(cfg, state.sampler, state.generator) for _ in range(steps)]
+    times: dict[str, list[float]] = {"1": [], "0": []}
+    try:
+        for r in range(rounds + 1):
+            for flag in ("1", "0") if r % 2 == 0 else ("0", "1"):
+                os.environ[CONV_ENV] = flag
+                t0 = time.perf_counter()
+                for inp in inputs:
+                    step(inp)
+                if r:  # round 0 warms both up
+                    times[flag].append((time.perf_counter() - t0) / steps * 1e3)
+    finally:
+        os.environ.pop(CONV_ENV, None)
+    return statistics.median(times["1"]), statistics.median(times["0"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--step", action="store_true", help="time the whole fast step, native convolutions on vs off")
+    args = p.parse_args(argv)
+    if not native.loaded():
+        print(f"native library not loaded: {native.status()[1]}")
+        return 1
+    torch.set_num_threads(args.threads)
+    if args.step:
+        print(f"fast step, batch 64, {args.threads} thread(s), median of {args.rounds} interleaved rounds of 20 steps")
+        print(f"{'precision':10s} {'oneDNN ms':>10s} {'native ms':>10s} {'ratio':>7s}")
+        for precision in ("bf16", "fp32"):
+            on, off = _steps(precision, 20, args.rounds)
+            print(f"{precision:10s} {off:10.2f} {on:10.2f} {off / on:7.3f}")
+        return 0
+    cases = _cases(args.batch)
+    times = {name: ([], []) for name, _, _ in cases}
+    with torch.no_grad():
+        for _, a, b in cases:  # warm-up (oneDNN primitive creation)
+            a(), b(), a(), b()
+        for _ in range(args.rounds):
+            for name, a, b in cases:
+                times[name][0].append(_time(a, args.reps))
+                times[name][1].append(_time(b, args.reps))
+    print(f"batch {args.batch}, {args.threads} thread(s), median of {args.rounds} interleaved rounds, "
+          f"native {torch.ops.fastfvae_native.conv_isa()}")
+    print(f"{'pass':28s} {'oneDNN ms':>10s} {'native ms':>10s} {'ratio':>7s}")
+    for name, _, _ in cases:
+        a, b = (statistics.median(t) for t in times[name])
+        print(f"{name:28s} {a:10.3f} {b:10.3f} {a / b:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The VAE's one-channel image-side layers on the native library (kernels/native/conv_image.cpp).
+
+The encoder's first layer (``Conv2d(1, C, 4, 2, 1)``, + ReLU) and the decoder's last layer
+(``ConvTranspose2d(C, 1, 4, 2, 1)``) are where oneDNN is slowest at this model's sizes: one
+image channel (or the 4 channels of the space-to-depth form) leaves most of each vector of its
+kernels empty. Three native kernels cover every pass of both layers:
+
+* ``image_conv`` — the first layer's forward (bias, ReLU fused) and the last layer's input gradient;
+* ``image_conv_transpose`` — the last layer's forward and the first layer's input gradient;
+* ``image_conv_weight_grad`` — both layers' weight gradients (float32).
+
+The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
+(`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
+activations' dtype (float32 or bfloat16) with the weights rounded to it, float32 sums, as the
+oneDNN path; the parameter gradients are float32. Measured ratios: docs/ops.md, "Native
+convolutions"; `bench/bench_conv_native.py` measures them again.
+
+`enabled` says whether `fastfvae.fast.conv` takes this path: the library loaded, not
+``FASTFVAE_NO_NATIVE=1``, and not ``FASTFVAE_NATIVE_CONV=0`` (this path alone off, to compare).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from fastfvae.ops import native
+
+CONV_ENV = "FASTFVAE_NATIVE_CONV"
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def enabled() -> bool:
+    """Whether the native image-side convolutions run (module doc)."""
+    if os.environ.get(CONV_ENV, "1") in ("0", ""):
+        return False
+    return native.status()[0] and hasattr(torch.ops.fastfvae_native, "image_conv")
+
+
+def isa() -> str:
+    """The variant the kernels run: avx512 or scalar."""
+    return torch.ops.fastfvae_native.conv_isa() if enabled() else "not loaded"
+
+
+def fits(layer: nn.Module, x: torch.Tensor, transposed: bool) -> bool:
+    """``layer`` is the one-channel 4x4 stride-2 padding-1 layer these kernels compute and ``x``
+    a CPU float32/bfloat16 input they take."""
+    kind = nn.ConvTranspose2d if transposed else nn.Conv2d
+    if type(layer) is not kind or x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 4:
+        return False
+    one = layer.out_channels if transposed else layer.in_channels
+    return (one == 1 and layer.kernel_size == (4, 4) and layer.stride == (2, 2) and layer.padding == (1, 1)
+            and layer.groups == 1 and layer.dilation == (1, 1) and layer.padding_mode == "zeros"
+            and (not transposed or layer.output_padding == (0, 0)) and layer.weight.device.type == "cpu")
+
+
+def _rounded(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(dtype)
+
+
+class _ImageConv(torch.autograd.Function):
+    """The first layer: img -> relu?(conv(img, w) + b), [B, C, H, W] channels_last."""
+
+    @staticmethod
+    def forward(ctx, img, weight, bias, relu: bool, s2d: bool):
+        ops = native.ops()
+        w = _rounded(weight, img.dtype)
+        out = ops.image_conv(img, w, _rounded(bias, img.dtype), relu, s2d)
+        ctx.save_for_backward(img, w, out if relu else None)
+        ctx.conf = (relu, s2d, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        img, w, out = ctx.saved_tensors
+        relu, s2d, has_bias = ctx.conf
+        ops = native.ops()
+        grad = grad.to(img.dtype)
+        if relu:
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        need_img, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_img = ops.image_conv_transpose(grad, w, None, s2d) if need_img else None
+        grad_w = ops.image_conv_weight_grad(img, grad, s2d) if need_w else None
+        grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if has_bias and need_b else None
+        return grad_img, grad_w, grad_b, None, None
+
+
+class _ImageConvTranspose(torch.autograd.Function):
+    """The last layer: h [B, C, H, W] -> the image [B, 1, 2H, 2W] (or its space-to-depth form)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, s2d: bool):
+        ops = native.ops()
+        w = _rounded(weight, h.dtype)
+        h = h.contiguous(memory_format=torch.channels_last)
+        out = ops.image_conv_transpose(h, w, _rounded(bias, h.dtype), s2d)
+        ctx.save_for_backward(h, w)
+        ctx.conf = (s2d, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        s2d, has_bias = ctx.conf
+        ops = native.ops()
+        grad = grad.to(h.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = ops.image_conv(grad, w, None, False, s2d) if need_h else None
+        grad_w = ops.image_conv_weight_grad(grad, h, s2d) if need_w else None
+        grad_b = grad.sum(dtype=torch.float32).reshape(1) if has_bias and need_b else None
+        return grad_h, grad_w, grad_b, None
+
+
+def first_conv(img: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, relu: bool = False,
+               s2d: bool = False) -> torch.Tensor:
+    """``layer(img)`` (then a ReLU) in ``dtype``; ``s2d``: img is the space-to-depth form [B, 4, H, W]."""
+    return _ImageConv.apply(img.to(dtype), layer.weight, layer.bias, relu, s2d)
+
+
+def last_deconv(h: torch.Tensor, layer: nn.ConvTranspose2d, dtype: torch.dtype, s2d: bool = False) -> torch.Tensor:
+    """``layer(h)`` in ``dtype``; ``s2d``: its space-to-depth form [B, 4, H, W] (channels_last)."""
+    return _ImageConvTranspose.apply(h.to(dtype), layer.weight, layer.bias, s2d)

@@ -1,0 +1,259 @@
+"""The native one-channel image-side convolutions (kernels/native/conv_image.cpp,
+fastfvae.ops.native_conv) against torch's conv2d / conv_transpose2d in float64.
+
+Values and all gradients (input, weight, bias) of the encoder's first layer (Conv2d(1, C, 4, 2,
+1), ReLU fused or not) and the decoder's last layer (ConvTranspose2d(C, 1, 4, 2, 1)), float32
+and bfloat16, plain image and space-to-depth form, batch 1 / 3 / 64 / odd, grids down to 1 x 1
+and widths that are not multiples of the kernels' 8 / 16 blocks (edge pixels, padding), channels
+not multiples of 16, bias or not, non-contiguous inputs; each variant (AVX-512 with and without
+vdpbf16ps, scalar); and the wiring in fastfvae.fast.conv. The library comes from
+tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
+from torch import nn
+
+from fastfvae.fast import conv as by_hand
+from fastfvae.ops import native_conv
+
+F32, BF16 = torch.float32, torch.bfloat16
+# max |error| / max(|reference|, 1): outputs and input gradients are rounded once to the dtype;
+# weight / bias gradients are float32 sums (of up to 64 * 32 * 32 products) in both dtypes
+TOL = {F32: 2e-6, BF16: 8e-3}
+TOL_PARAM = 2e-5
+
+SHAPES = [  # B, C, H, W (blocks: the image is 2H x 2W)
+    (1, 32, 32, 32),  # the VAE's layers, one image
+    (3, 32, 32, 32),
+    (64, 32, 4, 4),
+    (5, 17, 3, 7),    # odd everything
+    (2, 33, 5, 18),   # C past a 16-lane block, W past 16
+    (1, 1, 1, 1),
+    (3, 8, 9, 1),
+]
+
+
+def _err(got, want) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
+
+
+def _layers(c, bias, seed):
+    torch.manual_seed(seed)
+    first, last = nn.Conv2d(1, c, 4, 2, 1, bias=bias), nn.ConvTranspose2d(c, 1, 4, 2, 1, bias=bias)
+    with torch.no_grad():  # biases of the outputs' size, so that ReLU masks are mixed
+        for m in (first, last):
+            if bias:
+                m.bias.normal_()
+    return first, last
+
+
+def _ref_grads(fn, inp, layer, dtype, grad, relu=False):
+    """fn in float64 on the inputs and parameters rounded to ``dtype``: (out, d inp, d w, d b)."""
+    x = inp.detach().to(dtype).double().requires_grad_()
+    w = layer.weight.detach().to(dtype).double().requires_grad_()
+    b = None if layer.bias is None else layer.bias.detach().to(dtype).double().requires_grad_()
+    out = fn(x, w, b, stride=2, padding=1)
+    if relu:
+        out = out.relu()
+    out.backward(grad.double())
+    return out, x.grad, w.grad, None if b is None else b.grad
+
+
+def _check_first(B, C, H, W, dtype, s2d, relu, bias, seed=0, layout=None):
+    first, _ = _layers(C, bias, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    img = torch.rand(B, 1, 2 * H, 2 * W, generator=g).to(dtype)
+    grad = torch.randn(B, C, H, W, generator=g).to(dtype)
+    ref, ref_x, ref_w, ref_b = _ref_grads(F.conv2d, img, first, dtype, grad, relu)
+    x = by_hand.space_to_depth(img) if s2d else img
+    if layout is not None:
+        x = layout(x)
+    x = x.detach().requires_grad_()
+    out = native_conv.first_conv(x, first, dtype, relu, s2d=s2d)
+    assert out.dtype == dtype and out.shape == (B, C, H, W)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    gx, gw, *gb = torch.autograd.grad(out, [x, first.weight] + ([first.bias] if bias else []), grad)
+    if s2d:
+        gx = by_hand.depth_to_space(gx)
+    assert gw.dtype == F32 and gx.dtype == dtype
+    assert _err(out, ref) <= TOL[dtype], ("forward", _err(out, ref))
+    assert _err(gx, ref_x) <= TOL[dtype], ("grad image", _err(gx, ref_x))
+    assert _err(gw, ref_w) <= TOL_PARAM, ("grad weight", _err(gw, ref_w))
+    if bias:
+        assert _err(gb[0], ref_b) <= TOL_PARAM, ("grad bias", _err(gb[0], ref_b))
+
+
+def _check_last(B, C, H, W, dtype, s2d, bias, seed=0, layout=None):
+    _, last = _layers(C, bias, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    h = torch.randn(B, C, H, W, generator=g).to(dtype)
+    grad = torch.randn(B, 1, 2 * H, 2 * W, generator=g).to(dtype)
+    ref, ref_h, ref_w, ref_b = _ref_grads(F.conv_transpose2d, h, last, dtype, grad)
+    h = (layout(h) if layout is not None else h.contiguous(memory_format=torch.channels_last)).requires_grad_()
+    out = native_conv.last_deconv(h, last, dtype, s2d=s2d)
+    assert out.dtype == dtype and out.shape == ((B, 4, H, W) if s2d else (B, 1, 2 * H, 2 * W))
+    gout = by_hand.space_to_depth(grad) if s2d else grad
+    gh, gw, *gb = torch.autograd.grad(out, [h, last.weight] + ([last.bias] if bias else []), gout)
+    if s2d:
+        out = by_hand.depth_to_space(out)
+    assert _err(out, ref) <= TOL[dtype], ("forward", _err(out, ref))
+    assert _err(gh, ref_h) <= TOL[dtype], ("grad h", _err(gh, ref_h))
+    assert _err(gw, ref_w) <= TOL_PARAM, ("grad weight", _err(gw, ref_w))
+    if bias:
+        assert _err(gb[0], ref_b) <= TOL_PARAM, ("grad bias", _err(gb[0], ref_b))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("s2d", [True, False], ids=["s2d", "plain"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_first_layer_values_and_gradients(native_on, shape, dtype, s2d):
+    _check_first(*shape, dtype, s2d, relu=True, bias=True)
+    assert {"image_conv", "image_conv_weight_grad", "image_conv_transpose"} <= set(native_on.called)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("s2d", [True, False], ids=["s2d", "plain"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_last_layer_values_and_gradients(native_on, shape, dtype, s2d):
+    _check_last(*shape, dtype, s2d, bias=True)
+    assert {"image_conv", "image_conv_weight_grad", "image_conv_transpose"} <= set(native_on.called)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_no_bias_no_relu(native_on, dtype):
+    _check_first(3, 32, 6, 5, dtype, True, relu=False, bias=False)
+    _check_last(3, 32, 6, 5, dtype, True, bias=False)
+
+
+def _transposed_storage(x):
+    """Same values, strides of neither contiguous nor channels_last."""
+    return x.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", [_transposed_storage, lambda x: x.contiguous(),
+                                    lambda x: torch.stack([x, x], 1)[:, 1]], ids=["transposed", "nchw", "strided"])
+def test_other_layouts(native_on, dtype, layout):
+    for s2d in (True, False):
+        _check_first(3, 32, 5, 7, dtype, s2d, relu=True, bias=True, layout=layout)
+        _check_last(3, 32, 5, 7, dtype, s2d, bias=True, layout=layout)
+
+
+def test_batch_64_of_the_model(native_on):
+    _check_first(64, 32, 32, 32, BF16, True, relu=True, bias=True)
+    _check_last(64, 32, 32, 32, BF16, True, bias=True)
+
+
+def test_threads_split_the_batch(native_on):
+    """Two threads: each takes part of the batch; the weight gradient adds the parts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_first(7, 32, 8, 8, F32, True, relu=True, bias=True)
+        _check_last(7, 32, 8, 8, BF16, False, bias=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_shapes_are_refused(native_on):
+    ops = torch.ops.fastfvae_native
+    w = torch.randn(8, 1, 4, 4)
+    with pytest.raises(RuntimeError, match=r"img must be \[B, 4, H, W\]"):
+        ops.image_conv(torch.randn(2, 1, 8, 8), w, None, False, True)
+    with pytest.raises(RuntimeError, match=r"img must be \[B, 1, 2H, 2W\]"):
+        ops.image_conv(torch.randn(2, 1, 7, 8), w, None, False, False)
+    with pytest.raises(RuntimeError, match=r"weight must be a floating \[8, 1, 4, 4\]"):
+        ops.image_conv_transpose(torch.randn(2, 8, 4, 4), torch.randn(8, 1, 3, 3), None, True)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.image_conv(torch.randn(2, 4, 4, 4, dtype=torch.float64), w, None, False, True)
+    with pytest.raises(RuntimeError, match="h must be"):
+        ops.image_conv_weight_grad(torch.randn(2, 4, 4, 4), torch.randn(2, 8, 4, 5), True)
+
+
+# --- the wiring in fastfvae.fast.conv ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_the_fast_step_layers_take_the_native_path_and_match_onednn(native_on, monkeypatch, dtype):
+    """encode / decode (both forms) with the native kernels against the same with
+    FASTFVAE_NATIVE_CONV=0 (the oneDNN path): values and every parameter gradient."""
+    from fastfvae.models.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(z_dim=10)
+    x = torch.rand(6, 1, 64, 64)
+    z = torch.randn(6, 10)
+
+    def run(s2d):
+        vae.zero_grad()
+        xin = by_hand.space_to_depth(x) if s2d else x
+        mu, logvar = by_hand.encode(vae.encoder, xin, dtype, s2d)
+        logits = by_hand.decode(vae.decoder, z, dtype, s2d).float()
+        (mu.sum() + logvar.square().sum() + logits.square().sum()).backward()
+        return [mu, logvar, logits] + [p.grad.clone() for p in vae.parameters()]
+
+    for s2d in (True, False):
+        native_on.called.clear()
+        got = run(s2d)
+        assert {"image_conv", "image_conv_transpose", "image_conv_weight_grad"} <= set(native_on.called)
+        monkeypatch.setenv(native_conv.CONV_ENV, "0")
+        want = run(s2d)
+        monkeypatch.delenv(native_conv.CONV_ENV)
+        tol = 2e-5 if dtype == F32 else 5e-2
+        for i, (a, b) in enumerate(zip(got, want)):
+            rel = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-12)
+            assert rel <= tol, (s2d, i, rel)
+
+
+def test_off_switch_and_other_layers(native_on, monkeypatch):
+    monkeypatch.setenv(native_conv.CONV_ENV, "0")
+    assert not native_conv.enabled()
+    monkeypatch.delenv(native_conv.CONV_ENV)
+    assert native_conv.enabled() and native_conv.isa() in ("avx512_bf16", "avx512", "scalar")
+    x = torch.rand(2, 1, 8, 8)
+    assert native_conv.fits(nn.Conv2d(1, 4, 4, 2, 1), x, transposed=False)
+    assert not native_conv.fits(nn.Conv2d(2, 4, 4, 2, 1), x, transposed=False)
+    assert not native_conv.fits(nn.Conv2d(1, 4, 3, 2, 1), x, transposed=False)
+    assert not native_conv.fits(nn.ConvTranspose2d(4, 1, 4, 2, 1, output_padding=1), x, transposed=True)
+    assert not native_conv.fits(nn.Conv2d(1, 4, 4, 2, 1), x.double(), transposed=False)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+import test_ops_conv_native as t
+from fastfvae.ops import native
+native._STATE.update(tried=True, path=sys.argv[1], reason=None)
+torch.ops.load_library(sys.argv[1])
+print(torch.ops.fastfvae_native.conv_isa())
+for dtype in (t.F32, t.BF16):
+    for shape in t.SHAPES[1:]:
+        for s2d in (True, False):
+            t._check_first(*shape, dtype, s2d, relu=True, bias=True)
+            t._check_last(*shape, dtype, s2d, bias=True)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+def test_each_variant_matches_reference(native_lib, isa):
+    """FASTFVAE_NATIVE_ISA caps the variant (avx512 = AVX-512 without vdpbf16ps)."""
+    env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa, OMP_NUM_THREADS="1")
+    env.pop(native_conv.CONV_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(native_lib), str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen, status = proc.stdout.split()[-2:]
+    assert status == "ok"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    supported = {"avx512_bf16": " avx512_bf16" in flags, "avx512": " avx512bw" in flags, "scalar": True}
+    assert (chosen == isa) == supported[isa], (chosen, isa)
