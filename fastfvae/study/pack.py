@@ -172,7 +172,8 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
     other = next((o for o in optims if not plain_adam(o)), None)
     if other is not None:
         raise FastFVAEError(f"a stacked pack (the GPU's) trains plain torch Adam only, and these runs use "
-                            f"{_optimizer_name(other)}; train them with --pack 1, or as a CPU pack (each run's own step)")
+                            f"{_optimizer_name(other)}; train them with --pack 1, or as a CPU pack "
+                            "(each run's own step)")
     group = optims[0].param_groups[0]
     adam = torch.optim.Adam(stacked_params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                             weight_decay=group["weight_decay"], fused=True, capturable=capturable)
