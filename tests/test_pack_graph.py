@@ -149,16 +149,19 @@ def test_each_run_draws_its_single_graphed_runs_noise():
     assert not torch.equal(step.eps[0], step.eps[1])  # each run its own stream
 
 
-@pytest.mark.parametrize("name", ["factorvae", "betavae"])
-def test_with_its_own_noise_model_k_is_its_single_run(name):
+@pytest.mark.parametrize("name,dataset", [("factorvae", "dsprites"), ("betavae", "dsprites"),
+                                          ("factorvae", "color_dsprites")])
+def test_with_its_own_noise_model_k_is_its_single_run(name, dataset):
     """The whole step with each run's noise drawn by the step from its own generator (the
     graph's way; on CPU a CPU generator, whose draws equal the host stream's of the same seed):
     model k equals its single reference run within fp32 parity, losses every step and weights
-    at the end. A generator shared by the runs, or noise drawn out of order, fails it."""
+    at the end; colour dSprites: with observation noise drawn and rendered in the step. A
+    generator shared by the runs, or noise drawn out of order, fails it."""
+    from fastfvae.data.variants import ColorDSprites
     from test_study_pack import _single
 
-    data = small_dsprites(512)
-    cfgs = _configs(name, 3)
+    data = small_dsprites(512) if dataset == "dsprites" else ColorDSprites(small_dsprites(512))
+    cfgs = [c.replace(dataset=dataset) for c in _configs(name, 3)]
     states = [TrainState.create(c, len(data)) for c in cfgs]
     metrics = _steps(GraphedPackStep(states, data), states, data, 12, noise=False)
     for i, cfg in enumerate(cfgs):
