@@ -25,8 +25,8 @@ That is the *stacked* mechanism (`StackedPackStep`), the one for a GPU, where on
 step leaves the chip idle. On CUDA, where the runs' single run would be one CUDA graph, the
 stacked step is captured as one CUDA graph too (`GraphedPackStep`, the *graph* mechanism: each
 run's noise drawn in the graph from its own device generator, seeded and checkpointed as its
-single graphed run's; ``cuda_graph=False`` turns it off). On CPU the pack's step is the *threaded* mechanism
-(`ThreadedPackStep`): each run keeps its own single step (the fast step with all its CPU
+single graphed run's; ``cuda_graph=False`` turns it off). On CPU the pack's step is the
+*threaded* mechanism (`ThreadedPackStep`): each run keeps its own single step (the fast step with all its CPU
 mechanisms, or the reference step for ``fast=False``), and the K steps run concurrently on
 worker threads, one model per thread with its own intra-op threads (the process's threads split
 between the workers). Each model's step is then exactly its single run's at that thread count,
@@ -165,7 +165,7 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
     """One fused Adam over the stacked parameters, with the runs' settings and state. Only a plain
     torch Adam stacks (`plain_adam`): another optimiser (a plug-in adversary's SGD, AdamW...) is
     refused here, before training, rather than silently replaced by Adam (a sweep already plans
-    such runs as packs of one on a GPU: `adversary_stacks`). ``capturable``: the CUDA graph's
+    such runs as packs of one on a GPU: `unstackable_adversary`). ``capturable``: the CUDA graph's
     Adam (its step count on the device)."""
     from fastfvae.fast.step import plain_adam
 
@@ -197,10 +197,9 @@ def _optimizer_name(optimizer) -> str:
     return type(optimizer).__name__
 
 
-def adversary_stacks(cfg: TrainConfig) -> str | None:
-    """None when ``cfg``'s method can train in a stacked pack (no adversary, or one whose
-    optimiser is a plain torch Adam, `fastfvae.fast.step.plain_adam`); else what its adversary's
-    optimiser is. Asked of the method's own optimiser builder on a stand-in parameter, so a
+def unstackable_adversary(cfg: TrainConfig) -> str | None:
+    """What ``cfg``'s adversary optimiser is when a stacked pack cannot train it (it is not a plain
+    torch Adam, `fastfvae.fast.step.plain_adam`); None when it can (or there is no adversary). Asked of the method's own optimiser builder on a stand-in parameter, so a
     sweep's plan knows it before any model is built."""
     from fastfvae.fast.step import plain_adam
 

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.study.pack import adversary_stacks, pack_key, train_pack
+from fastfvae.study.pack import pack_key, train_pack, unstackable_adversary
 from fastfvae.study.spec import Spec, SweepRun, dedupe, expand, identity
 from fastfvae.train.checkpoint import atomic_write_text, checkpoint_path
 from fastfvae.train.config import TrainConfig
@@ -195,7 +195,7 @@ def unstackable(cfg) -> str | None:
     run of a pack keeps its own step, so any optimiser packs."""
     if device_kind(cfg.device) == "cpu":
         return None
-    optimizer = adversary_stacks(cfg)
+    optimizer = unstackable_adversary(cfg)
     return None if optimizer is None else f"single runs on {device_kind(cfg.device)}: its adversary optimiser, " \
         f"{optimizer}, does not stack (a GPU pack steps one plain torch Adam for all its runs)"
 
