@@ -504,8 +504,10 @@ class GraphedPackStep(StackedPackStep):
     single run seeds and saves the device's default generator), registered with the graph, in the
     single run's order (`draw_noise`): so model k of the pack draws exactly the noise of the single
     graphed run with its seed, and each run's checkpoint carries its own generator state
-    (`cuda_rng_state`). ``noise="host"``: the runs' host-drawn noise is copied in (one float32
-    `StagedInputs` copy), the reference's stream.
+    (`cuda_rng_state`). What it costs: before each replay torch writes every registered
+    generator's seed and offset into the graph's device copies of them (a few tiny copies per run
+    per step, host-launched), the price of K independent streams. ``noise="host"``: the runs'
+    host-drawn noise is copied in (one float32 `StagedInputs` copy), the reference's stream.
 
     On CPU (the tests) the step binds the same static inputs and generators, runs the warm-up and
     undoes it, and then runs the iteration eagerly each step instead of replaying a graph.
