@@ -180,6 +180,79 @@ def test_bad_shapes_are_refused(native_on):
         ops.image_conv_weight_grad(torch.randn(2, 4, 4, 4), torch.randn(2, 8, 4, 5), True)
 
 
+# --- conv_transpose_4s2: the 4x4 stride-2 transposed convolution -----------------------------
+
+S2_SHAPES = [  # B, Cin, Cout, H, W (input grid)
+    (64, 32, 32, 16, 16),  # the decoder's layers
+    (3, 64, 32, 8, 8),
+    (2, 64, 64, 4, 4),
+    (1, 64, 64, 1, 1),
+    (5, 6, 17, 3, 7),      # Cout not a multiple of 16, pixels not a multiple of the tile
+    (2, 32, 70, 5, 4),     # Cout past 64
+    (1, 3, 5, 2, 3),       # odd Cin (scalar path)
+]
+
+
+def _check_s2(B, ci, co, H, W, dtype, relu, bias, seed=0, layout=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, ci, H, W, generator=g).to(dtype)
+    w = (torch.randn(ci, co, 4, 4, generator=g) / (4 * ci) ** 0.5).to(dtype)
+    b = torch.randn(co, generator=g).to(dtype) if bias else None
+    ref = F.conv_transpose2d(x.double(), w.double(), None if b is None else b.double(), stride=2, padding=1)
+    ref = ref.relu() if relu else ref
+    x = layout(x) if layout is not None else x.contiguous(memory_format=torch.channels_last)
+    out = torch.ops.fastfvae_native.conv_transpose_4s2(x, w, b, relu)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert _err(out, ref) <= TOL[dtype], ("conv_transpose_4s2", (B, ci, co, H, W), _err(out, ref))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", S2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_transpose_4s2_values(native_lib, native_on, shape, dtype):
+    _check_s2(*shape, dtype, relu=True, bias=True)
+    _check_s2(*shape, dtype, relu=False, bias=False, layout=lambda x: x.contiguous())
+
+
+def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on):
+    """conv2d(4, 2, 1)'s input gradient is conv_transpose_4s2 of grad with the conv's weight."""
+    x = torch.randn(3, 32, 16, 16).bfloat16().requires_grad_()
+    w = (torch.randn(64, 32, 4, 4) / 20).bfloat16()
+    grad = torch.randn(3, 64, 8, 8).bfloat16()
+    (want,) = torch.autograd.grad(F.conv2d(x.double(), w.double(), stride=2, padding=1), x, grad.double())
+    got = torch.ops.fastfvae_native.conv_transpose_4s2(grad.contiguous(memory_format=torch.channels_last), w, None,
+                                                       False)
+    assert _err(got, want) <= TOL[BF16]
+
+
+def test_conv_transpose_4s2_in_conv_split_when_switched_on(native_on, monkeypatch):
+    """With S2_IN_STEP the decoder's transposed convolutions and the small strided input
+    gradients run on it, with the oneDNN path's values and gradients."""
+    if native_conv.isa() != "avx512_bf16":
+        pytest.skip("conv_transpose_4s2 joins the step only with vdpbf16ps")
+    torch.manual_seed(0)
+    deconv, conv_layer = nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.Conv2d(32, 64, 4, 2, 1)
+    x = torch.randn(4, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    x2 = torch.randn(4, 32, 16, 16).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        for m in (deconv, conv_layer):
+            m.zero_grad()
+        a, b = x.clone().requires_grad_(), x2.clone().requires_grad_()
+        y = by_hand.layer_split(a, deconv, BF16, relu=True)
+        z = by_hand.layer_split(b, conv_layer, BF16, relu=True)
+        (y.float().square().sum() + z.float().square().sum()).backward()
+        return [y, z, a.grad, b.grad] + [p.grad.clone() for m in (deconv, conv_layer) for p in m.parameters()]
+
+    want = run()
+    native_on.called.clear()
+    monkeypatch.setattr(native_conv, "S2_IN_STEP", True)
+    got = run()
+    assert native_on.called.count("conv_transpose_4s2") == 2  # the deconv's forward, the conv's input grad
+    for i, (a, b) in enumerate(zip(got, want)):
+        rel = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-12)
+        assert rel <= 2e-2, (i, rel)
+
+
 # --- the wiring in fastfvae.fast.conv ---------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -240,11 +313,13 @@ for dtype in (t.F32, t.BF16):
         for s2d in (True, False):
             t._check_first(*shape, dtype, s2d, relu=True, bias=True)
             t._check_last(*shape, dtype, s2d, bias=True)
+    for shape in t.S2_SHAPES:
+        t._check_s2(*shape, dtype, relu=True, bias=True)
 print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
 def test_each_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant (avx512 = AVX-512 without vdpbf16ps)."""
     env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa, OMP_NUM_THREADS="1")

@@ -49,7 +49,10 @@ class _ConvSplitBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, transposed, relu):
-        if relu and not transposed and _mkldnn_fusable(x):
+        if transposed and native_conv.s2_fits(x, weight, stride, padding):
+            # the 4-phase native kernel, the ReLU fused (docs/ops.md, "Native convolutions")
+            out = native_conv.conv_transpose_4s2(x, weight, bias, relu)
+        elif relu and not transposed and _mkldnn_fusable(x):
             # one oneDNN primitive with a ReLU post-op: no second pass over the output
             out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, [1, 1], 1, "relu", [], "")
         else:
@@ -68,12 +71,18 @@ class _ConvSplitBackward(torch.autograd.Function):
             grad = _aten.threshold_backward(grad, out, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
+        if (need_x and not transposed and x.shape[-1] <= native_conv.DGRAD_MAX_WIDTH
+                and list(x.shape[-2:]) == [2 * n for n in grad.shape[-2:]]
+                and native_conv.s2_fits(grad, weight, stride, padding)):
+            # a 4x4 stride-2 convolution's input gradient is the transposed convolution of grad
+            grad_x, need_x = native_conv.conv_transpose_4s2(grad, weight, None, False), False
         if (need_x or need_w) and _narrowing(weight, stride, padding, transposed):
             grad_x, grad_w = _narrowing_backward(grad, x, weight, padding, need_x, need_w)
         elif need_x or need_w:
-            grad_x, grad_w, _ = _aten.convolution_backward(
+            gx, grad_w, _ = _aten.convolution_backward(
                 grad, x, weight, None, stride, padding, [1, 1], transposed, [0, 0], 1,
                 [need_x, need_w, False])
+            grad_x = gx if need_x else grad_x
         if has_bias and need_b:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None

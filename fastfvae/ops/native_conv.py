@@ -9,6 +9,11 @@ kernels empty. Three native kernels cover every pass of both layers:
 * ``image_conv_transpose`` — the last layer's forward and the first layer's input gradient;
 * ``image_conv_weight_grad`` — both layers' weight gradients (float32).
 
+and one for the decoder's inner transposed convolutions (4x4, stride 2): ``conv_transpose_4s2``,
+their forward (ReLU fused) and the encoder's strided convolutions' input gradient (the same
+sum), bf16 with vdpbf16ps; measured faster than oneDNN alone but not in the step, so the step
+leaves it off (`S2_IN_STEP`).
+
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
 (`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
 activations' dtype (float32 or bfloat16) with the weights rounded to it, float32 sums, as the
@@ -54,6 +59,29 @@ def fits(layer: nn.Module, x: torch.Tensor, transposed: bool) -> bool:
     return (one == 1 and layer.kernel_size == (4, 4) and layer.stride == (2, 2) and layer.padding == (1, 1)
             and layer.groups == 1 and layer.dilation == (1, 1) and layer.padding_mode == "zeros"
             and (not transposed or layer.output_padding == (0, 0)) and layer.weight.device.type == "cpu")
+
+
+#: `conv_transpose_4s2` in the fast step: off. Alone it beats oneDNN at the decoder's transposed
+#: convolutions (1.1-1.4x, ReLU fused) and the two smaller strided input gradients (1.1x), but the
+#: whole step ran slower with it (57.5 / 59.0 vs 55.7 ms, bf16, 1 thread; docs/ops.md)
+S2_IN_STEP = False
+#: with S2_IN_STEP, the strided convolutions' input gradients go native only up to this input
+#: width: at the encoder's second layer (32 x 32 input) oneDNN's backward-data kernel is as fast
+DGRAD_MAX_WIDTH = 16
+
+
+def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
+    """``conv_transpose_4s2`` computes this 4x4 stride-2 padding-1 transposed convolution of
+    ``x`` (bfloat16 with vdpbf16ps only: elsewhere oneDNN is the faster path)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 2 == 0
+            and tuple(weight.shape[2:]) == (4, 4) and list(stride) == [2, 2] and list(padding) == [1, 1]
+            and S2_IN_STEP and enabled() and isa() == "avx512_bf16")
+
+
+def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       relu: bool) -> torch.Tensor:
+    """The 4x4 stride-2 padding-1 transposed convolution (+ bias, ReLU), [B, Cout, 2H, 2W] channels_last."""
+    return native.ops().conv_transpose_4s2(x, weight, bias, relu)
 
 
 def _rounded(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

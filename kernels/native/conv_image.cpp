@@ -368,6 +368,169 @@ FFV_CONV512 void convt_512(const void* h, bool bf16, const float* w, float bias,
     }
   }
 }
+
+// --- AVX-512-BF16 (vdpbf16ps: two bfloat16 products per float32 lane) -------------------------
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FFV_CONV_BF16 1
+#define FFV_CONV512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+FFV_CONV512BF16 inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+FFV_CONV512BF16 inline __m512i bcast32(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm512_set1_epi32(static_cast<int>(v));
+}
+
+// The bfloat16 plane: P16[(y + 1) * pw + x + 1] = img(b, y, x) (pw even, so the tap pairs
+// (kw 0, 1) and (kw 2, 3) of a patch are aligned 32-bit words).
+void pad_image_bf16(const Image& im, int64_t b, int64_t H, int64_t W, uint16_t* P, int64_t pw) {
+  std::fill(P, P + (2 * H + 2) * pw, uint16_t{0});
+  const uint16_t* src = static_cast<const uint16_t*>(im.data);
+  const bool s2d_cl = im.s2d && im.sc == 1 && im.sx == 4 && im.sy == 4 * W;
+  for (int64_t y = 0; y < 2 * H; ++y) {
+    uint16_t* row = P + (y + 1) * pw + 1;
+    if (s2d_cl) {
+      const uint16_t* s = src + b * im.sb + (y >> 1) * im.sy + (y & 1) * 2;
+      for (int64_t j = 0; j < W; ++j) {
+        row[2 * j] = s[4 * j];
+        row[2 * j + 1] = s[4 * j + 1];
+      }
+    } else {
+      for (int64_t x = 0; x < 2 * W; ++x) row[x] = src[im.offset(b, y, x)];
+    }
+  }
+}
+
+// image_conv on bfloat16: wp [8 tap pairs (kh, kw / 2)][cp][2] bfloat16 words.
+FFV_CONV512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t cp, const float* bias, bool relu,
+                                  void* out, Shape s, int64_t b0, int64_t b1) {
+  constexpr int U = 8;
+  const int64_t pw = 2 * round_up(s.W, U) + 4;
+  std::vector<uint16_t> P((2 * s.H + 2) * pw);
+  for (int64_t b = b0; b < b1; ++b) {
+    pad_image_bf16(im, b, s.H, s.W, P.data(), pw);
+    for (int64_t c0 = 0; c0 < s.C; c0 += 16) {
+      const __mmask16 m = lanes(s.C - c0);
+      __m512i w[8];
+      for (int k = 0; k < 8; ++k) w[k] = _mm512_loadu_si512(wp + (k * cp + c0) * 2);
+      const __m512 bv = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+      const __m512 zero = _mm512_setzero_ps();
+      for (int64_t i = 0; i < s.H; ++i) {
+        const uint16_t* rows = P.data() + 2 * i * pw;
+        for (int64_t j0 = 0; j0 < s.W; j0 += U) {
+          __m512 acc[U];
+          for (int u = 0; u < U; ++u) acc[u] = bv;
+          for (int kh = 0; kh < 4; ++kh) {
+            const uint16_t* r = rows + kh * pw + 2 * j0;
+            for (int t = 0; t < 2; ++t)
+              for (int u = 0; u < U; ++u) acc[u] = dot2(acc[u], bcast32(r + 2 * u + 2 * t), w[kh * 2 + t]);
+          }
+          const int64_t n = std::min<int64_t>(U, s.W - j0);
+          for (int u = 0; u < n; ++u)
+            store16(out, true, ((b * s.H + i) * s.W + j0 + u) * s.C + c0, relu ? _mm512_max_ps(acc[u], zero) : acc[u],
+                    m);
+        }
+      }
+    }
+  }
+}
+
+// image_conv_transpose on bfloat16: T holds channel pairs, T[(row + 1) * C2 + c / 2][col + 1]
+// = the words (h[row, col, c], h[row, col, c + 1]); wp [C2][16 taps] words (w[c, k], w[c + 1, k]).
+FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias, void* out, bool s2d, Shape s,
+                                   int64_t b0, int64_t b1) {
+  constexpr int R = 4;
+  const int64_t c2 = (s.C + 1) / 2;
+  const int64_t tw = round_up(s.W, 16) + 2, th = round_up(s.H, R) + 2;
+  std::vector<uint32_t> T(th * c2 * tw, 0u);
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i lo64 = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i hi64 = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+  const uint16_t* hp = static_cast<const uint16_t*>(h);
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t i = 0; i < s.H; ++i) {
+      for (int64_t j0 = 0; j0 < s.W; j0 += 16) {
+        const int64_t n = std::min<int64_t>(16, s.W - j0);
+        for (int64_t c0 = 0; c0 < s.C; c0 += 32) {  // 16 channel pairs
+          const __mmask32 m = s.C - c0 >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
+                                             : static_cast<__mmask32>((1u << (s.C - c0)) - 1u);
+          __m512 v[16];
+          for (int u = 0; u < 16; ++u)
+            v[u] = u < n ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, hp + ((b * s.H + i) * s.W + j0 + u) * s.C + c0))
+                         : _mm512_setzero_ps();
+          transpose16(v);
+          const int64_t np = std::min<int64_t>(16, c2 - c0 / 2);
+          for (int r = 0; r < np; ++r)
+            _mm512_storeu_ps(reinterpret_cast<float*>(T.data() + ((i + 1) * c2 + c0 / 2 + r) * tw + j0 + 1), v[r]);
+        }
+      }
+    }
+    for (int64_t i0 = 0; i0 < s.H; i0 += R) {
+      for (int64_t j0 = 0; j0 < s.W; j0 += 16) {
+        __m512 acc[R][4];
+        for (int rr = 0; rr < R; ++rr)
+          for (int p = 0; p < 4; ++p) acc[rr][p] = _mm512_set1_ps(bias);
+        for (int64_t c = 0; c < c2; ++c) {
+          const uint32_t* wc = wp + c * 16;
+#pragma GCC unroll 6
+          for (int t = 0; t < R + 2; ++t) {
+            const uint32_t* row = T.data() + ((i0 + t) * c2 + c) * tw + j0;
+#pragma GCC unroll 3
+            for (int dj = 0; dj < 3; ++dj) {
+              const __m512i x = _mm512_loadu_si512(row + dj);
+#pragma GCC unroll 4
+              for (int rr = 0; rr < R; ++rr) {
+                const int d = t - rr;
+                if (d < 0 || d > 2) continue;
+#pragma GCC unroll 2
+                for (int rh = 0; rh < 2; ++rh) {
+                  const int kh = kTap[rh][d];
+                  if (kh < 0) continue;
+#pragma GCC unroll 2
+                  for (int rw = 0; rw < 2; ++rw) {
+                    const int kw = kTap[rw][dj];
+                    if (kw < 0) continue;
+                    acc[rr][rh * 2 + rw] =
+                        dot2(acc[rr][rh * 2 + rw], x, _mm512_set1_epi32(static_cast<int>(wc[kh * 4 + kw])));
+                  }
+                }
+              }
+            }
+          }
+        }
+        const int64_t n = std::min<int64_t>(16, s.W - j0);
+        for (int rr = 0; rr < R && i0 + rr < s.H; ++rr) {
+          const int64_t i = i0 + rr;
+          if (s2d) {
+            const __m512 e0l = _mm512_permutex2var_ps(acc[rr][0], lo, acc[rr][1]);
+            const __m512 e0h = _mm512_permutex2var_ps(acc[rr][0], hi, acc[rr][1]);
+            const __m512 e1l = _mm512_permutex2var_ps(acc[rr][2], lo, acc[rr][3]);
+            const __m512 e1h = _mm512_permutex2var_ps(acc[rr][2], hi, acc[rr][3]);
+            const __m512 f[4] = {
+                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), lo64, _mm512_castps_pd(e1l))),
+                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), hi64, _mm512_castps_pd(e1l))),
+                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), lo64, _mm512_castps_pd(e1h))),
+                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), hi64, _mm512_castps_pd(e1h)))};
+            const int64_t o = ((b * s.H + i) * s.W + j0) * 4;
+            for (int q = 0; q < 4; ++q) store16(out, true, o + 16 * q, f[q], lanes(4 * n - 16 * q > 0 ? 4 * n - 16 * q : 0));
+          } else {
+            for (int rh = 0; rh < 2; ++rh) {
+              const int64_t o = (b * 2 * s.H + 2 * i + rh) * 2 * s.W + 2 * j0;
+              const __m512 a = acc[rr][rh * 2], c = acc[rr][rh * 2 + 1];
+              store16(out, true, o, _mm512_permutex2var_ps(a, lo, c), lanes(2 * n));
+              if (2 * n > 16) store16(out, true, o + 16, _mm512_permutex2var_ps(a, hi, c), lanes(2 * n - 16));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+#endif
 #endif
 
 bool use_avx512() {
@@ -376,6 +539,20 @@ bool use_avx512() {
 #else
   return false;
 #endif
+}
+
+// vdpbf16ps for bfloat16 operands (capped as the GEMM: FASTFVAE_NATIVE_ISA=avx512 turns it off).
+bool use_bf16_dot() {
+#if defined(FASTFVAE_MLP_SIMD) && defined(FFV_CONV_BF16)
+  return mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16;
+#else
+  return false;
+#endif
+}
+
+uint16_t bf16_bits(float v) {
+  const at::BFloat16 b(v);
+  return b.x;
 }
 
 void check_dtype(const at::Tensor& t, const char* op, const char* name) {
@@ -439,12 +616,18 @@ at::Tensor image_conv(const at::Tensor& img, const at::Tensor& weight, const c10
     for (int k = 0; k < 16; ++k) wk[k * cp + c] = wp[c * 16 + k];
   const Shape s{B, C, H, W};
   void* o = out.data_ptr();
-  const bool simd = use_avx512();
+  const bool simd = use_avx512(), dot = bf16 && use_bf16_dot();
+  std::vector<uint16_t> wpairs(dot ? 16 * cp : 0, 0);  // [kh * 2 + kw / 2][c][kw % 2]
+  for (int64_t c = 0; dot && c < C; ++c)
+    for (int k = 0; k < 16; ++k) wpairs[((k / 2) * cp + c) * 2 + k % 2] = bf16_bits(wp[c * 16 + k]);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+#if defined(FFV_CONV_BF16)
+    if (dot) return conv_512bf16(im, wpairs.data(), cp, has_bias ? bv.data() : nullptr, relu, o, s, b0, b1);
+#endif
 #if defined(FASTFVAE_MLP_SIMD)
     if (simd) return conv_512(im, wk.data(), cp, has_bias ? bv.data() : nullptr, relu, o, bf16, s, b0, b1);
 #endif
-    (void)simd;
+    (void)simd, (void)dot;
     conv_scalar(im, wp, has_bias ? bv.data() : nullptr, relu, o, bf16, s, b0, b1);
   });
   return out;
@@ -467,12 +650,19 @@ at::Tensor image_conv_transpose(const at::Tensor& h, const at::Tensor& weight, c
   const void* hp = hc.data_ptr();
   const float* wp = w.data_ptr<float>();
   void* o = out.data_ptr();
-  const bool simd = use_avx512();
+  const bool simd = use_avx512(), dot = bf16 && use_bf16_dot();
+  const int64_t c2 = (s.C + 1) / 2;
+  std::vector<uint32_t> wpairs(dot ? 16 * c2 : 0, 0u);  // [c / 2][k]: (w[c, k], w[c + 1, k])
+  for (int64_t c = 0; dot && c < s.C; ++c)
+    for (int k = 0; k < 16; ++k) wpairs[(c / 2) * 16 + k] |= static_cast<uint32_t>(bf16_bits(wp[c * 16 + k])) << (16 * (c % 2));
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+#if defined(FFV_CONV_BF16)
+    if (dot) return convt_512bf16(hp, wpairs.data(), b, o, s2d, s, b0, b1);
+#endif
 #if defined(FASTFVAE_MLP_SIMD)
     if (simd) return convt_512(hp, bf16, wp, b, o, s2d, s, b0, b1);
 #endif
-    (void)simd;
+    (void)simd, (void)dot;
     convt_scalar(hp, bf16, wp, b, o, s2d, s, b0, b1);
   });
   return out;
@@ -514,6 +704,6 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
   return out;
 }
 
-std::string conv_isa() { return use_avx512() ? "avx512" : "scalar"; }
+std::string conv_isa() { return use_bf16_dot() ? "avx512_bf16" : use_avx512() ? "avx512" : "scalar"; }
 
 }  // namespace fastfvae_native

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "conv_image.h"
+#include "conv_s2.h"
 #include "cpu_isa.h"
 #include "gaussian.h"
 #include "mlp.h"
@@ -44,6 +45,8 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("image_conv_transpose(Tensor h, Tensor weight, Tensor? bias, bool s2d) -> Tensor");
   m.def("image_conv_weight_grad(Tensor img, Tensor h, bool s2d) -> Tensor");
   m.def("conv_isa() -> str", &fastfvae_native::conv_isa);
+  // The 4x4 stride-2 transposed convolution (kernels/native/conv_s2.h).
+  m.def("conv_transpose_4s2(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
@@ -68,4 +71,5 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("image_conv", &fastfvae_native::image_conv);
   m.impl("image_conv_transpose", &fastfvae_native::image_conv_transpose);
   m.impl("image_conv_weight_grad", &fastfvae_native::image_conv_weight_grad);
+  m.impl("conv_transpose_4s2", &fastfvae_native::conv_transpose_4s2);
 }

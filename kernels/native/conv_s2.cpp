@@ -1,0 +1,231 @@
+// conv_transpose_4s2 (conv_s2.h): a scalar variant and an AVX-512-BF16 one (chosen at run time
+// with the GEMM's variant, mlp_gemm.h; float32, or a CPU without vdpbf16ps, runs the scalar one,
+// which the Python side does not choose where oneDNN is faster).
+//
+// AVX-512-BF16 tile: MR output pixels of one phase x NR vectors of 16 output channels, MR x NR
+// float32 accumulators; per (tap, input-channel pair) NR weight vectors (packed per phase as
+// [tap][Cin / 2][Cout][2]) and MR broadcasts of the input pair, read in place (pixels outside
+// the input read a zero row instead).
+#include "conv_s2.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "mlp_gemm.h"
+
+#if defined(FASTFVAE_MLP_SIMD)
+#include <immintrin.h>
+#endif
+
+namespace fastfvae_native {
+namespace {
+
+// Output phase r (0 / 1) along one axis: its two taps read the input at offset kD[r][a]
+// through kernel index kK[r][a].
+constexpr int kD[2][2] = {{0, -1}, {1, 0}};
+constexpr int kK[2][2] = {{1, 3}, {0, 2}};
+
+inline float bf16f(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+struct Dims {
+  int64_t B, Ci, Co, H, W;  // input grid H x W, output 2H x 2W
+};
+
+template <typename T>
+float ld(const T* p, int64_t i) {
+  if constexpr (std::is_same<T, float>::value) return p[i];
+  return bf16f(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+// w: float32 [Ci, Co, 4, 4]; bias float32 [Co] or null.
+template <typename T>
+void deconv_scalar(const T* x, const float* w, const float* bias, bool relu, T* out, Dims d, int64_t b0, int64_t b1) {
+  std::vector<float> acc(d.Co);
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t oh = 0; oh < 2 * d.H; ++oh) {
+      for (int64_t ow = 0; ow < 2 * d.W; ++ow) {
+        const int rh = oh & 1, rw = ow & 1;
+        for (int64_t co = 0; co < d.Co; ++co) acc[co] = bias ? bias[co] : 0.0f;
+        for (int a = 0; a < 2; ++a) {
+          const int64_t i = (oh >> 1) + kD[rh][a];
+          if (i < 0 || i >= d.H) continue;
+          for (int c = 0; c < 2; ++c) {
+            const int64_t j = (ow >> 1) + kD[rw][c];
+            if (j < 0 || j >= d.W) continue;
+            const int k = kK[rh][a] * 4 + kK[rw][c];
+            const int64_t base = ((b * d.H + i) * d.W + j) * d.Ci;
+            for (int64_t ci = 0; ci < d.Ci; ++ci) {
+              const float v = ld(x, base + ci);
+              const float* wr = w + ci * d.Co * 16 + k;
+              for (int64_t co = 0; co < d.Co; ++co) acc[co] += v * wr[co * 16];
+            }
+          }
+        }
+        T* o = out + ((b * 2 * d.H + oh) * 2 * d.W + ow) * d.Co;
+        for (int64_t co = 0; co < d.Co; ++co) o[co] = static_cast<T>(relu ? std::max(acc[co], 0.0f) : acc[co]);
+      }
+    }
+  }
+}
+
+#if defined(FASTFVAE_MLP_SIMD) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FFV_S2_BF16 1
+#define FFV_S2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+FFV_S2 inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+FFV_S2 inline __m512i bcast32(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm512_set1_epi32(static_cast<int>(v));
+}
+
+struct Tile {
+  const uint16_t* x;       // this item's input [H][W][Ci]
+  const uint16_t* zero;    // Ci zeros
+  const uint16_t* wp;      // this phase's packed weight [4][Ci / 2][cop][2]
+  const float* bias;       // [cop]
+  uint16_t* out;           // this item's output [2H][2W][Co]
+  int64_t c2, cop, co0;
+  bool relu;
+};
+
+template <int MR, int NR>
+FFV_S2 void tile(const Tile& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
+  const uint16_t* src[4][MR];
+  int64_t pi[MR], pj[MR];  // the tile's pixels (i, j), stepped without divisions
+  for (int64_t u = 0, i = m0 / d.W, j = m0 % d.W; u < MR; ++u) {
+    pi[u] = i, pj[u] = j;
+    if (++j == d.W) j = 0, ++i;
+  }
+  for (int u = 0; u < MR; ++u) {
+    for (int k = 0; k < 4; ++k) {
+      const int64_t ii = pi[u] + kD[rh][k >> 1], jj = pj[u] + kD[rw][k & 1];
+      src[k][u] = (u < n && ii >= 0 && ii < d.H && jj >= 0 && jj < d.W) ? t.x + (ii * d.W + jj) * d.Ci : t.zero;
+    }
+  }
+  __m512 acc[MR][NR];
+  for (int u = 0; u < MR; ++u)
+    for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_loadu_ps(t.bias + t.co0 + 16 * v);
+  for (int k = 0; k < 4; ++k) {
+    const uint16_t* w = t.wp + (k * t.c2 * t.cop + t.co0) * 2;
+    for (int64_t cp = 0; cp < t.c2; ++cp, w += t.cop * 2) {
+      __m512i wv[NR];
+      for (int v = 0; v < NR; ++v) wv[v] = _mm512_loadu_si512(w + 32 * v);
+      for (int u = 0; u < MR; ++u) {
+        const __m512i xv = bcast32(src[k][u] + 2 * cp);
+        for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_dpbf16_ps(acc[u][v], (__m512bh)xv, (__m512bh)wv[v]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int u = 0; u < n; ++u) {
+    const int64_t i = pi[u], j = pj[u];
+    uint16_t* o = t.out + ((2 * i + rh) * 2 * d.W + 2 * j + rw) * d.Co + t.co0;
+    for (int v = 0; v < NR; ++v) {
+      const int64_t left = d.Co - t.co0 - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      _mm256_mask_storeu_epi16(o + 16 * v, mk, to_bf16(t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v]));
+    }
+  }
+}
+
+template <int MR, int NR>
+FFV_S2 void phase_block(const Tile& t, const Dims& d, int rh, int rw) {
+  const int64_t M = d.H * d.W;
+  for (int64_t m0 = 0; m0 < M; m0 += MR) tile<MR, NR>(t, d, rh, rw, m0, std::min<int64_t>(MR, M - m0));
+}
+
+FFV_S2 void deconv_512bf16(const uint16_t* x, const uint16_t* wp, const float* bias, bool relu, uint16_t* out, Dims d,
+                           int64_t b0, int64_t b1) {
+  const int64_t c2 = d.Ci / 2, cop = (d.Co + 15) / 16 * 16;
+  std::vector<uint16_t> zero(d.Ci + 2, 0);
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      const int rh = p >> 1, rw = p & 1;
+      for (int64_t co0 = 0; co0 < d.Co; co0 += 64) {
+        const Tile t{x + b * d.H * d.W * d.Ci, zero.data(), wp + p * 4 * c2 * cop * 2, bias,
+                     out + b * 4 * d.H * d.W * d.Co, c2, cop, co0, relu};
+        switch (std::min<int64_t>(4, (d.Co - co0 + 15) / 16)) {
+          case 1: phase_block<12, 1>(t, d, rh, rw); break;
+          case 2: phase_block<12, 2>(t, d, rh, rw); break;
+          case 3: phase_block<8, 3>(t, d, rh, rw); break;
+          default: phase_block<6, 4>(t, d, rh, rw); break;
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              bool relu) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "fastfvae_native conv_transpose_4s2: x must be a float32 or bfloat16 [B, Cin, H, W] CPU tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(2) == 4 && weight.size(3) == 4,
+              "fastfvae_native conv_transpose_4s2: weight must be [", x.size(1), ", Cout, 4, 4], got ", weight.sizes());
+  const Dims d{x.size(0), x.size(1), weight.size(1), x.size(2), x.size(3)};
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const float* wf = w.data_ptr<float>();
+  const int64_t cop = (d.Co + 15) / 16 * 16;
+  std::vector<float> bv(cop, 0.0f);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->numel() == d.Co, "fastfvae_native conv_transpose_4s2: bias must have ", d.Co, " elements");
+    const at::Tensor bc = bias->to(at::kFloat).contiguous();
+    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + d.Co, bv.begin());
+  }
+  at::Tensor out = at::empty({d.B, d.Co, 2 * d.H, 2 * d.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+#if defined(FFV_S2_BF16)
+  if (bf16 && d.Ci % 2 == 0 && mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16) {
+    const int64_t c2 = d.Ci / 2;
+    std::vector<uint16_t> wp(4 * 4 * c2 * cop * 2, 0);  // [phase][tap][ci / 2][co][ci % 2]
+    for (int p = 0; p < 4; ++p)
+      for (int k = 0; k < 4; ++k) {
+        const int kk = kK[p >> 1][k >> 1] * 4 + kK[p & 1][k & 1];
+        for (int64_t ci = 0; ci < d.Ci; ++ci)
+          for (int64_t co = 0; co < d.Co; ++co)
+            wp[(((p * 4 + k) * c2 + ci / 2) * cop + co) * 2 + ci % 2] = at::BFloat16(wf[(ci * d.Co + co) * 16 + kk]).x;
+      }
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+    uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+      deconv_512bf16(xp, wp.data(), bv.data(), relu, op, d, b0, b1);
+    });
+    return out;
+  }
+#endif
+  const float* bp = has_bias ? bv.data() : nullptr;
+  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    if (bf16) {
+      deconv_scalar(xc.data_ptr<at::BFloat16>(), wf, bp, relu, out.data_ptr<at::BFloat16>(), d, b0, b1);
+    } else {
+      deconv_scalar(xc.data_ptr<float>(), wf, bp, relu, out.data_ptr<float>(), d, b0, b1);
+    }
+  });
+  return out;
+}
+
+}  // namespace fastfvae_native

@@ -1,0 +1,21 @@
+// The VAE's 4x4 stride-2 padding-1 transposed convolution (the decoder's inner layers' forward,
+// and the encoder's strided convolutions' input gradient, which is the same sum) on CPU tensors.
+//
+//   out[b, 2i + rh, 2j + rw, co] = bias[co] + sum_{ci, (di, dj)} x[b, i + di, j + dj, ci] w[ci, co, kh, kw]
+//
+// split into its four output phases (rh, rw), each a 2x2-tap convolution: per phase a GEMM of
+// the phase's pixels (M) by the output channels (N, in the vector lanes) over 4 taps x the input
+// channels (K, two at a time with vdpbf16ps, read in place from the channels_last input). x is
+// [B, Cin, H, W] (read channels_last), w [Cin, Cout, 4, 4] (a ConvTranspose2d weight, or a
+// Conv2d weight [Cout', Cin', 4, 4] for that convolution's input gradient); the result is
+// [B, Cout, 2H, 2W] channels_last in x's dtype, ReLU after the bias when asked.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastfvae_native {
+
+at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              bool relu);
+
+}  // namespace fastfvae_native
