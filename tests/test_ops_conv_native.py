@@ -224,9 +224,9 @@ def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on
     assert _err(got, want) <= TOL[BF16]
 
 
-def test_conv_transpose_4s2_in_conv_split_when_switched_on(native_on, monkeypatch):
-    """With S2_IN_STEP the decoder's transposed convolutions and the small strided input
-    gradients run on it, with the oneDNN path's values and gradients."""
+def test_conv_transpose_4s2_in_conv_split(native_on, monkeypatch):
+    """The decoder's transposed convolutions and the small strided input gradients run on it
+    (S2_IN_STEP), with the oneDNN path's values and gradients (S2_IN_STEP off)."""
     if native_conv.isa() != "avx512_bf16":
         pytest.skip("conv_transpose_4s2 joins the step only with vdpbf16ps")
     torch.manual_seed(0)
@@ -243,8 +243,9 @@ def test_conv_transpose_4s2_in_conv_split_when_switched_on(native_on, monkeypatc
         (y.float().square().sum() + z.float().square().sum()).backward()
         return [y, z, a.grad, b.grad] + [p.grad.clone() for m in (deconv, conv_layer) for p in m.parameters()]
 
+    monkeypatch.setattr(native_conv, "S2_IN_STEP", False)
     want = run()
-    native_on.called.clear()
+    assert "conv_transpose_4s2" not in native_on.called
     monkeypatch.setattr(native_conv, "S2_IN_STEP", True)
     got = run()
     assert native_on.called.count("conv_transpose_4s2") == 2  # the deconv's forward, the conv's input grad

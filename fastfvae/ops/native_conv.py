@@ -11,8 +11,7 @@ kernels empty. Three native kernels cover every pass of both layers:
 
 and one for the decoder's inner transposed convolutions (4x4, stride 2): ``conv_transpose_4s2``,
 their forward (ReLU fused) and the encoder's strided convolutions' input gradient (the same
-sum), bf16 with vdpbf16ps; measured faster than oneDNN alone but not in the step, so the step
-leaves it off (`S2_IN_STEP`).
+sum), bf16 with vdpbf16ps only, where it measured faster than oneDNN (`s2_fits`).
 
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
 (`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
@@ -61,12 +60,12 @@ def fits(layer: nn.Module, x: torch.Tensor, transposed: bool) -> bool:
             and (not transposed or layer.output_padding == (0, 0)) and layer.weight.device.type == "cpu")
 
 
-#: `conv_transpose_4s2` in the fast step: off. Alone it beats oneDNN at the decoder's transposed
-#: convolutions (1.1-1.4x, ReLU fused) and the two smaller strided input gradients (1.1x), but the
-#: whole step ran slower with it (57.5 / 59.0 vs 55.7 ms, bf16, 1 thread; docs/ops.md)
-S2_IN_STEP = False
-#: with S2_IN_STEP, the strided convolutions' input gradients go native only up to this input
-#: width: at the encoder's second layer (32 x 32 input) oneDNN's backward-data kernel is as fast
+#: `conv_transpose_4s2` in the fast step (bf16 with vdpbf16ps): the decoder's transposed
+#: convolutions (1.3-1.5x oneDNN + its separate ReLU) and the two smaller strided input gradients
+#: (1.1-1.2x); the whole step 53.7 vs 54.6 ms without it (1 thread, docs/ops.md)
+S2_IN_STEP = True
+#: the strided convolutions' input gradients go native only up to this input width: at the
+#: encoder's second layer (32 x 32 input) oneDNN's backward-data kernel is as fast (0.96x)
 DGRAD_MAX_WIDTH = 16
 
 
