@@ -166,7 +166,8 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
     torch Adam stacks (`plain_adam`): another optimiser (a plug-in adversary's SGD, AdamW...) is
     refused here, before training, rather than silently replaced by Adam (a sweep already plans
     such runs as packs of one on a GPU: `unstackable_adversary`). ``capturable``: the CUDA graph's
-    Adam (its step count on the device)."""
+    Adam. A resumed state's step count is put on its parameter's device, where fused Adam keeps
+    it whether capturable or not (the fused CUDA kernel reads it from device memory)."""
     from fastfvae.fast.step import plain_adam
 
     other = next((o for o in optims if not plain_adam(o)), None)
@@ -184,8 +185,7 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
             steps = {float(s["step"]) for s in states}
             if None in states or len(steps) != 1:
                 raise FastFVAEError("the runs of a pack must resume from the same step")
-            adam.state[p] = {"step": torch.tensor(steps.pop(), dtype=torch.float32,
-                                                  device=p.device if capturable else None),
+            adam.state[p] = {"step": torch.tensor(steps.pop(), dtype=torch.float32, device=p.device),
                              "exp_avg": torch.stack([s["exp_avg"] for s in states]),
                              "exp_avg_sq": torch.stack([s["exp_avg_sq"] for s in states])}
     return adam
