@@ -227,3 +227,110 @@ def test_meter_never_writes_into_a_steps_metrics():
 def test_stacked_metrics_check_their_length():
     with pytest.raises(ValueError, match="3 names"):
         StackedMetrics(torch.zeros(6), METRIC_KEYS[:3])
+
+
+class FakeCuda:
+    """The torch.cuda pieces `warm_up_and_capture` calls on a CUDA device, on CPU tensors: each
+    call recorded in order (streams, generator registration, capture begin/end, RNG states)."""
+
+    def __init__(self, monkeypatch, fail_in_capture: BaseException | None = None) -> None:
+        import contextlib
+
+        self.calls: list[str] = []
+        self.capturing = False
+        calls, fake = self.calls, self
+
+        class Stream:
+            def __init__(self, name="side"):
+                self.name = name
+
+            def wait_stream(self, other):
+                calls.append(f"{self.name} waits for {other.name}")
+
+        current = Stream("current")
+
+        class Graph:
+            def register_generator_state(self, generator):
+                assert not fake.capturing, "a generator is registered before the capture begins"
+                calls.append("register generator")
+
+        @contextlib.contextmanager
+        def stream(s):
+            calls.append(f"enter {s.name} stream")
+            yield
+            calls.append(f"leave {s.name} stream")
+
+        @contextlib.contextmanager
+        def graph(g):
+            calls.append("capture begins")
+            fake.capturing = True
+            try:
+                yield
+            finally:
+                fake.capturing = False
+                if fail_in_capture is not None:  # leaving an invalidated capture fails too
+                    calls.append("capture invalidated")
+                    raise RuntimeError("operation failed due to a previous error during capture")
+                calls.append("capture ends")
+
+        for name, value in [("Stream", lambda device=None: Stream()), ("current_stream", lambda device=None: current),
+                            ("stream", stream), ("graph", graph), ("CUDAGraph", Graph),
+                            ("device", lambda device: contextlib.nullcontext()),
+                            ("get_rng_state", lambda device=None: calls.append("save default rng") or torch.zeros(1)),
+                            ("set_rng_state", lambda state, device=None: calls.append("restore default rng"))]:
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_cuda_warm_up_runs_on_a_side_stream_then_capture_then_undoes_the_warm_up_in_place(monkeypatch):
+    """The CUDA branch (torch.cuda faked, CPU tensors): the warm-up on a side stream that waits
+    for the current one (and the current one for it after), the generators registered before the
+    capture begins, one call captured, then the parameters, Adam state and every generator put
+    back in the same tensors, after the capture."""
+    from fastfvae.fast.graph import warm_up_and_capture
+
+    fake = FakeCuda(monkeypatch)
+    w = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([w], lr=0.1)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    before = [g.get_state() for g in gens]
+    where = []
+
+    def run():
+        where.append("capture" if fake.capturing else "warm-up")
+        fake.calls.append("run")
+        adam.zero_grad(set_to_none=True)
+        (w * torch.randn(3, generator=gens[0])).sum().backward()
+        adam.step()
+        return w.detach().sum()
+
+    graph, out = warm_up_and_capture(run, [w], [adam], "cuda", 2, gens)
+    assert graph is not None and out is not None and where == ["warm-up", "warm-up", "capture"]
+    assert fake.calls == ["save default rng", "side waits for current", "enter side stream", "run", "run",
+                          "leave side stream", "current waits for side", "register generator", "register generator",
+                          "capture begins", "run", "capture ends", "restore default rng"]
+    assert torch.equal(w.detach(), torch.ones(3)) and adam.state[w]["step"] == 0  # restored, same tensors
+    assert not adam.state[w]["exp_avg"].any() and all(torch.equal(g.get_state(), s) for g, s in zip(gens, before))
+
+
+@pytest.mark.parametrize("first", [RuntimeError("operation not permitted when stream is capturing"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_a_failed_capture_names_the_op_that_failed_not_the_invalidated_capture(monkeypatch, first):
+    """An op that cannot be captured fails, and then so does leaving the capture; the error is
+    the op's own (the GPU check's report shows one line of it); out of memory stays itself."""
+    from fastfvae.fast.graph import warm_up_and_capture
+
+    fake = FakeCuda(monkeypatch, fail_in_capture=first)
+
+    def run():
+        if fake.capturing:
+            raise first
+        return torch.zeros(())
+
+    expected = type(first) if isinstance(first, torch.OutOfMemoryError) else RuntimeError
+    with pytest.raises(expected) as info:
+        warm_up_and_capture(run, [], [], "cuda", 1)
+    assert "capture invalidated" in fake.calls
+    message = str(info.value)
+    assert str(first) in message and "previous error during capture" not in message
+    if expected is RuntimeError:
+        assert message.startswith("CUDA graph capture of the step failed: RuntimeError: operation not permitted")

@@ -186,8 +186,7 @@ def warm_up_and_capture(run: Callable[[], torch.Tensor], params, optimizers, dev
         with torch.cuda.device(device):
             for g in generators:
                 graph.register_generator_state(g)
-        with torch.cuda.graph(graph):
-            out = run()
+        out = _capture(graph, run)
     else:
         for _ in range(warmup):
             run()
@@ -199,6 +198,27 @@ def warm_up_and_capture(run: Callable[[], torch.Tensor], params, optimizers, dev
     else:
         torch.set_rng_state(default)
     return graph, out
+
+
+def _capture(graph, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``run()`` captured into ``graph``. When an op inside fails (one that synchronises with the
+    host or is otherwise not capturable), leaving the capture fails too (the capture was
+    invalidated), and that second error is the one Python raises; so the error raised here names
+    the op's own, first error (an out-of-memory error stays itself: callers stop at it)."""
+    first: list[BaseException] = []
+    try:
+        with torch.cuda.graph(graph):
+            try:
+                return run()
+            except BaseException as exc:
+                first.append(exc)
+                raise
+    except Exception as exc:
+        cause = first[0] if first else exc
+        if isinstance(cause, torch.OutOfMemoryError) or not isinstance(cause, Exception):
+            raise cause
+        line = (str(cause).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"CUDA graph capture of the step failed: {type(cause).__name__}: {line}") from cause
 
 
 class GraphedStep:
