@@ -334,3 +334,15 @@ def test_a_failed_capture_names_the_op_that_failed_not_the_invalidated_capture(m
     assert str(first) in message and "previous error during capture" not in message
     if expected is RuntimeError:
         assert message.startswith("CUDA graph capture of the step failed: RuntimeError: operation not permitted")
+
+
+def test_a_cuda_capture_needs_a_warm_up_call(monkeypatch):
+    """Without one, Adam would create its state (a zero fill) inside the capture, and every replay
+    would zero the moments and the step count again."""
+    from fastfvae.fast.graph import warm_up_and_capture
+
+    fake = FakeCuda(monkeypatch)
+    with pytest.raises(ValueError, match="at least one warm-up call"):
+        warm_up_and_capture(lambda: torch.zeros(()), [], [], "cuda", 0)
+    assert "capture begins" not in fake.calls
+    assert warm_up_and_capture(lambda: torch.zeros(()), [], [], "cpu", 0) == (None, None)  # the CPU form: no capture

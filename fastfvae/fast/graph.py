@@ -171,6 +171,10 @@ def warm_up_and_capture(run: Callable[[], torch.Tensor], params, optimizers, dev
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
+    if cuda and warmup < 1:
+        # what the first call creates (Adam's state, zero-filled) would be created in the capture,
+        # and its zero fill replayed every step: the moments and step count reset each step
+        raise ValueError(f"a CUDA graph capture needs at least one warm-up call before it, got warmup={warmup}")
     saved = snapshot(params, optimizers)
     rng = [g.get_state() for g in generators]
     default = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
