@@ -7,7 +7,8 @@ oneDNN calls the fast step makes without them, at the step's sizes (batch 64, 64
 
 Each row: ms per call (median over rounds) of oneDNN and native, and their ratio (oneDNN / native:
 above 1 the native kernel is faster). bf16 rows use the space-to-depth layout of the bf16 step,
-fp32 rows the plain [B, 1, 64, 64] image of the fp32 step.
+fp32 rows the plain [B, 1, 64, 64] image of the fp32 step; the deconv / dgrad rows are
+conv_transpose_4s2 at the 4x4 stride-2 layers.
 
 ``--step``: the whole fast training step (FactorVAE, batch 64, bf16 and fp32) with the native
 convolutions and without them (``FASTFVAE_NATIVE_CONV=0``, the oneDNN path; everything else
@@ -93,6 +94,29 @@ def _dtype_cases(dt, ops, g, first, last, img, batch, c):
         return [(f"{name:8s} {k}", onednn[k], mine[k]) for k in onednn]
 
 
+def _s2_cases(batch: int):
+    """conv_transpose_4s2 against oneDNN at the decoder's transposed convolutions (+ ReLU, as the
+    step runs them) and the encoder's strided convolutions' input gradients, bf16."""
+    ops, dt, g = native.ops(), torch.bfloat16, torch.Generator().manual_seed(1)
+    rows = []
+    for ci, co, h in ((64, 64, 4), (64, 32, 8), (32, 32, 16)):
+        x = torch.randn(batch, ci, h, h, generator=g).to(dt).contiguous(memory_format=CL)
+        w = (torch.randn(ci, co, 4, 4, generator=g) / 16).to(dt)
+        b = torch.randn(co, generator=g).to(dt)
+        rows.append((f"bf16     deconv {ci}->{co} {h}->{2 * h} +relu",
+                     lambda x=x, w=w, b=b: _aten.convolution(x, w, b, [2, 2], [1, 1], [1, 1], True, [0, 0], 1).relu_(),
+                     lambda x=x, w=w, b=b: ops.conv_transpose_4s2(x, w, b, True)))
+    for ci, co, h in ((32, 32, 32), (32, 64, 16), (64, 64, 8)):
+        x = torch.randn(batch, ci, h, h, generator=g).to(dt).contiguous(memory_format=CL)
+        gr = torch.randn(batch, co, h // 2, h // 2, generator=g).to(dt).contiguous(memory_format=CL)
+        w = (torch.randn(co, ci, 4, 4, generator=g) / 16).to(dt).contiguous(memory_format=CL)
+        rows.append((f"bf16     conv {ci}->{co} {h}->{h // 2} dgrad",
+                     lambda x=x, gr=gr, w=w: _aten.convolution_backward(gr, x, w, None, [2, 2], [1, 1], [1, 1], False,
+                                                                        [0, 0], 1, [True, False, False])[0],
+                     lambda gr=gr, w=w: ops.conv_transpose_4s2(gr, w, None, False)))
+    return rows
+
+
 def _s2d_first_kernel(layer):
     c = layer.out_channels
     taps = F.pad(layer.weight.detach()[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)
@@ -162,7 +186,7 @@ def main(argv=None) -> int:
             on, off = _steps(precision, 20, args.rounds)
             print(f"{precision:10s} {off:10.2f} {on:10.2f} {off / on:7.3f}")
         return 0
-    cases = _cases(args.batch)
+    cases = _cases(args.batch) + _s2_cases(args.batch)
     times = {name: ([], []) for name, _, _ in cases}
     with torch.no_grad():
         for _, a, b in cases:  # warm-up (oneDNN primitive creation)
@@ -173,10 +197,10 @@ def main(argv=None) -> int:
                 times[name][1].append(_time(b, args.reps))
     print(f"batch {args.batch}, {args.threads} thread(s), median of {args.rounds} interleaved rounds, "
           f"native {torch.ops.fastfvae_native.conv_isa()}")
-    print(f"{'pass':28s} {'oneDNN ms':>10s} {'native ms':>10s} {'ratio':>7s}")
+    print(f"{'pass':34s} {'oneDNN ms':>10s} {'native ms':>10s} {'ratio':>7s}")
     for name, _, _ in cases:
         a, b = (statistics.median(t) for t in times[name])
-        print(f"{name:28s} {a:10.3f} {b:10.3f} {a / b:7.2f}")
+        print(f"{name:34s} {a:10.3f} {b:10.3f} {a / b:7.2f}")
     return 0
 
 
