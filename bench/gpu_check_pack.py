@@ -10,7 +10,9 @@ the device's mechanism: on CUDA the graphed pack, one CUDA graph a step; ``--mec
 stacked`` for the eager stacked pack; a pack of one is the single fast step, `FastStep`, as a
 sweep trains it), a few warm-up steps, then ``steps`` timed steps. Recorded per K: the mechanism
 that ran, the pack's steps/s and its run-steps/s (K x steps/s: what a sweep advances), or the
-error (out of memory ends that method's larger Ks).
+error (out of memory ends that method's larger Ks). Where the device's own mechanism fails at a
+K (on CUDA the graphed pack: a capture that fails), its error row is kept and the eager stacked
+pack is measured at that K as well.
 
 The projection: each method's 60 runs x 300k steps at its best run-steps/s (a method's packs
 cannot hold the other method's runs), summed: the hours ``fastfvae sweep --preset seed-fig3``
@@ -109,6 +111,27 @@ def measure(runs: list[TrainConfig], k: int, data, steps: int, mechanism: str | 
             "seconds": seconds}
 
 
+def measured(runs: list[TrainConfig], k: int, data, steps: int, mechanism: str | None) -> dict:
+    """`measure`'s row, or the error instead (a failing K is reported, the others still measured)."""
+    try:
+        return measure(runs, k, data, steps, mechanism)
+    except torch.OutOfMemoryError as exc:
+        row = {"k": k, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:
+        row = {"k": k, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    if mechanism is not None:
+        row["mechanism"] = mechanism
+    return row
+
+
+def default_mechanism(cfg: TrainConfig) -> str:
+    """The mechanism a pack of ``cfg``'s runs gets on its device (`fastfvae.study.pack.pack_mechanism`)."""
+    from fastfvae.study.pack import pack_mechanism
+    from fastfvae.train.state import resolve_device
+
+    return pack_mechanism(resolve_device(cfg.device), None, cfg)
+
+
 def projection(methods: dict) -> dict:
     """The seed-fig3 training hours at each method's best measured run-steps/s."""
     best = {}
@@ -155,17 +178,19 @@ def main(argv: list[str] | None = None) -> int:
             if k > len(configs[name]):
                 result["methods"][name].append({"k": k, "error": f"the preset has {len(configs[name])} {name} runs"})
                 continue
-            try:
-                row = measure(configs[name], k, data, args.steps, args.mechanism)
-            except torch.OutOfMemoryError as exc:
-                row = {"k": k, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-            except Exception as exc:  # a failing K is reported, the others still measured
-                row = {"k": k, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-            result["methods"][name].append(row)
-            result["projection"] = projection(result["methods"])
-            out.write_text(json.dumps(result, indent=1) + "\n")
-            print(json.dumps({name: row}), flush=True)
-            if "error" in row and "out of memory" in row["error"]:
+            rows = [measured(configs[name], k, data, args.steps, args.mechanism)]
+            if "error" in rows[0] and "out of memory" not in rows[0]["error"] and args.mechanism is None and k > 1:
+                # the device's own mechanism failed (on CUDA the graphed pack: its error is kept);
+                # the eager stacked pack is measured at this K too, so the phase still tells what a
+                # pack trains at
+                rows[0]["mechanism"] = default_mechanism(configs[name][0])
+                rows.append(measured(configs[name], k, data, args.steps, "stacked"))
+            for row in rows:
+                result["methods"][name].append(row)
+                result["projection"] = projection(result["methods"])
+                out.write_text(json.dumps(result, indent=1) + "\n")
+                print(json.dumps({name: row}), flush=True)
+            if "error" in rows[-1] and "out of memory" in rows[-1]["error"]:
                 break
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -296,6 +296,43 @@ def test_pack_phase_script_measures_packs_and_projects_the_preset(tmp_path):
     assert "| factorvae | 2 | threads |" in body and "seed-fig3 (120 runs x 300,000 steps)" in body
 
 
+def test_pack_phase_measures_the_stacked_pack_where_the_devices_mechanism_fails(tmp_path, monkeypatch):
+    """A K where the device's own pack mechanism fails (on CUDA a graph that does not capture)
+    keeps its error row, named by mechanism, and the eager stacked pack is measured there too:
+    the phase still says what a pack trains at. A requested mechanism, K = 1 and out of memory
+    get no second try."""
+    from bench import gpu_check_pack
+
+    calls = []
+
+    def measure(runs, k, data, steps, mechanism=None):
+        calls.append((runs[0].model, k, mechanism))
+        if k > 1 and mechanism in (None, "graph"):  # the graph (the device's default here) fails
+            raise RuntimeError("CUDA graph capture of the step failed: RuntimeError: operation not permitted")
+        if k == 3 and mechanism == "stacked":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return {"k": k, "mechanism": mechanism or "single", "steps_per_s": 1.0, "run_steps_per_s": float(k),
+                "build_s": 0.0, "seconds": 1.0}
+
+    monkeypatch.setattr(gpu_check_pack, "measure", measure)
+    monkeypatch.setattr(gpu_check_pack, "default_mechanism", lambda cfg: "graph")
+    out = tmp_path / "pack.json"
+    argv = ["--json", str(out), "--device", "cpu", "--ks", "1,2,3,4", "--rows", "64", "--methods", "betavae"]
+    assert gpu_check_pack.main(argv) == 0
+    rows = json.loads(out.read_text())["methods"]["betavae"]
+    assert [(r["k"], r.get("mechanism"), "error" in r) for r in rows] == [
+        (1, "single", False), (2, "graph", True), (2, "stacked", False), (3, "graph", True), (3, "stacked", True)]
+    assert "operation not permitted" in rows[1]["error"] and "out of memory" in rows[4]["error"]  # K = 4: not tried
+    assert calls == [("betavae", 1, None), ("betavae", 2, None), ("betavae", 2, "stacked"), ("betavae", 3, None),
+                     ("betavae", 3, "stacked")]
+    body, _ = gpu_check.summarise_pack(PhaseResult("pack", "pack", "ok"), tmp_path, "pack.json")
+    assert "| betavae | 2 | graph | **ERROR** RuntimeError: CUDA graph capture" in body
+    assert "| betavae | 2 | stacked | 1.0 |" in body
+    calls.clear()
+    assert gpu_check_pack.main(argv[:4] + ["--ks", "2", "--mechanism", "graph", "--methods", "betavae"]) == 0
+    assert calls == [("betavae", 2, "graph")]
+
+
 def test_pack_summary_keeps_its_table_whole_for_a_failed_k(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({
         "steps": 2, "batch_size": 8, "projection": {"complete": False},
