@@ -190,7 +190,7 @@ def warm_up_and_capture(run: Callable[[], torch.Tensor], params, optimizers, dev
         with torch.cuda.device(device):
             for g in generators:
                 graph.register_generator_state(g)
-        out = _capture(graph, run)
+        out = _capture_graph(graph, run)
     else:
         for _ in range(warmup):
             run()
@@ -204,7 +204,7 @@ def warm_up_and_capture(run: Callable[[], torch.Tensor], params, optimizers, dev
     return graph, out
 
 
-def _capture(graph, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _capture_graph(graph, run: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``run()`` captured into ``graph``. When an op inside fails (one that synchronises with the
     host or is otherwise not capturable), leaving the capture fails too (the capture was
     invalidated), and that second error is the one Python raises; so the error raised here names
