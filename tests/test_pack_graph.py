@@ -351,14 +351,14 @@ def test_cuda_model_k_of_a_graphed_pack_is_its_single_graphed_run(name, k, no_tf
     data = small_dsprites(512)
     cfgs = _cuda_cfgs(name, k)
     states = [TrainState.create(c, len(data), "cuda") for c in cfgs]
-    with _stage("capture (graphed pack: warm-up on a side stream, capture, warm-up undone)"):
+    with _stage("capture (graphed pack)"):
         step = make_pack_step(states, data)
     assert isinstance(step, GraphedPackStep) and step.graph is not None
     with _stage("replay (graphed pack)"):
         metrics = _steps(step, states, data, 10, noise=False)
         torch.cuda.synchronize()
     for i, cfg in enumerate(cfgs):
-        with _stage("the single graphed run (capture or replay)"):
+        with _stage("single graphed run"):
             single_state, single_metrics = _single_graphed(cfg, data, 10)
         lr = max(cfg.vae_lr, float(getattr(cfg.method().hparams, "d_lr", 0.0)))
         with _stage(f"parity of model {i} with its single graphed run"):
@@ -391,9 +391,9 @@ def test_cuda_graphed_pack_resumes_bit_exactly_and_as_single_runs(tmp_path, no_t
 
     whole, halves, single = cfgs("whole"), cfgs("halves"), cfgs("single")
     idx = torch.cuda.current_device()
-    with _stage("pack training (capture, replay, checkpoint)"):
+    with _stage("pack training"):
         train_pack(whole, data=data, progress=False, evaluate=False)
-    with _stage("pack resume (a pack rebuilt from its runs' checkpoints)"):
+    with _stage("pack resume"):
         train_pack([c.replace(steps=3) for c in halves], data=data, progress=False, evaluate=False)
         train_pack(halves, data=data, progress=False, evaluate=False)
         for a, b in zip(whole, halves):
@@ -402,7 +402,7 @@ def test_cuda_graphed_pack_resumes_bit_exactly_and_as_single_runs(tmp_path, no_t
                 different = [n for n, v in pa["state"][part].items() if not torch.equal(v, pb["state"][part][n])]
                 assert not different, f"{b.out}: {part} weights {different[:3]} differ from the uninterrupted pack's"
             assert torch.equal(pa["rng"]["torch_cuda"][idx], pb["rng"]["torch_cuda"][idx]), "generator states differ"
-    with _stage("resume as a single graphed run (a pack run's checkpoint)"):
+    with _stage("resume as a single graphed run"):
         train_pack([c.replace(steps=3) for c in single], data=data, progress=False, evaluate=False)
         a, c = whole[0], single[0]
         run_training(c, data=data, resume=c.out, progress=False)
