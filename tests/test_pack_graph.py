@@ -286,6 +286,16 @@ def test_a_resumed_stacked_adam_keeps_its_step_on_the_parameters_device():
         assert step.dtype == torch.float32 and adam.state[stacked[0]]["exp_avg"].shape == (2, 3, 2)
 
 
+def test_a_stacked_adam_refuses_runs_of_which_one_has_no_optimiser_state():
+    from fastfvae.study.pack import _stacked_adam
+
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    optims = [torch.optim.Adam([p], lr=1e-3) for p in params]
+    optims[0].state[params[0]] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    with pytest.raises(FastFVAEError, match="must resume from the same step"):
+        _stacked_adam(optims, [torch.nn.Parameter(torch.zeros(2, 2))])
+
+
 # --- CUDA: parity with the single graphed run -------------------------------------------------
 def _cuda_cfgs(name, k):
     return [c.replace(device="cuda", fast=True) for c in _configs(name, k)]

@@ -182,8 +182,8 @@ def _stacked_adam(optims: Sequence[torch.optim.Adam], stacked_params: list[torch
     if any(s for states in per_run for s in states):
         for i, p in enumerate(stacked_params):
             states = [states[i] for states in per_run]
-            steps = {float(s["step"]) for s in states}
-            if None in states or len(steps) != 1:
+            steps = {None if s is None else float(s["step"]) for s in states}
+            if None in steps or len(steps) != 1:
                 raise FastFVAEError("the runs of a pack must resume from the same step")
             adam.state[p] = {"step": torch.tensor(steps.pop(), dtype=torch.float32, device=p.device),
                              "exp_avg": torch.stack([s["exp_avg"] for s in states]),
