@@ -224,6 +224,21 @@ def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on
     assert _err(got, want) <= TOL[BF16]
 
 
+def test_conv_transpose_4s2_choice(native_on, monkeypatch):
+    """bf16 with vdpbf16ps; float32 only when S2_FP32 and not for an input gradient."""
+    x, w = torch.randn(2, 32, 4, 4), torch.randn(32, 16, 4, 4)
+    bf16_ok = native_conv.isa() == "avx512_bf16"
+    assert native_conv.s2_fits(x.bfloat16(), w, [2, 2], [1, 1]) == bf16_ok
+    assert not native_conv.s2_fits(x.bfloat16(), w, [1, 1], [1, 1])
+    assert not native_conv.s2_fits(x.bfloat16(), w[..., :3, :3], [2, 2], [1, 1])
+    assert not native_conv.s2_fits(x, w, [2, 2], [1, 1])
+    monkeypatch.setattr(native_conv, "S2_FP32", True)
+    assert native_conv.s2_fits(x, w, [2, 2], [1, 1]) == (native_conv.isa() != "scalar")
+    assert not native_conv.s2_fits(x, w, [2, 2], [1, 1], dgrad=True)
+    monkeypatch.setenv(native_conv.CONV_ENV, "0")
+    assert not native_conv.s2_fits(x.bfloat16(), w, [2, 2], [1, 1])
+
+
 def test_conv_transpose_4s2_in_conv_split(native_on, monkeypatch):
     """The decoder's transposed convolutions and the small strided input gradients run on it
     (S2_IN_STEP), with the oneDNN path's values and gradients (S2_IN_STEP off)."""

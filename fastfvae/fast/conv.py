@@ -73,7 +73,7 @@ class _ConvSplitBackward(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if (need_x and not transposed and x.shape[-1] <= native_conv.DGRAD_MAX_WIDTH
                 and list(x.shape[-2:]) == [2 * n for n in grad.shape[-2:]]
-                and native_conv.s2_fits(grad, weight, stride, padding)):
+                and native_conv.s2_fits(grad, weight, stride, padding, dgrad=True)):
             # a 4x4 stride-2 convolution's input gradient is the transposed convolution of grad
             grad_x, need_x = native_conv.conv_transpose_4s2(grad, weight, None, False), False
         if (need_x or need_w) and _narrowing(weight, stride, padding, transposed):

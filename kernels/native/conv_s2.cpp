@@ -173,6 +173,83 @@ FFV_S2 void deconv_512bf16(const uint16_t* x, const uint16_t* wp, const float* b
     }
   }
 }
+
+// float32: the same tiles with FMA on one input channel at a time (weights [phase][tap][Ci][cop]).
+struct TileF {
+  const float* x;
+  const float* zero;
+  const float* wp;
+  const float* bias;
+  float* out;
+  int64_t ci, cop, co0;
+  bool relu;
+};
+
+template <int MR, int NR>
+FFV_S2 void tile_f32(const TileF& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
+  const float* src[4][MR];
+  int64_t pi[MR], pj[MR];
+  for (int64_t u = 0, i = m0 / d.W, j = m0 % d.W; u < MR; ++u) {
+    pi[u] = i, pj[u] = j;
+    if (++j == d.W) j = 0, ++i;
+  }
+  for (int u = 0; u < MR; ++u) {
+    for (int k = 0; k < 4; ++k) {
+      const int64_t ii = pi[u] + kD[rh][k >> 1], jj = pj[u] + kD[rw][k & 1];
+      src[k][u] = (u < n && ii >= 0 && ii < d.H && jj >= 0 && jj < d.W) ? t.x + (ii * d.W + jj) * d.Ci : t.zero;
+    }
+  }
+  __m512 acc[MR][NR];
+  for (int u = 0; u < MR; ++u)
+    for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_loadu_ps(t.bias + t.co0 + 16 * v);
+  for (int k = 0; k < 4; ++k) {
+    const float* w = t.wp + k * t.ci * t.cop + t.co0;
+    for (int64_t c = 0; c < t.ci; ++c, w += t.cop) {
+      __m512 wv[NR];
+      for (int v = 0; v < NR; ++v) wv[v] = _mm512_loadu_ps(w + 16 * v);
+      for (int u = 0; u < MR; ++u) {
+        const __m512 xv = _mm512_set1_ps(src[k][u][c]);
+        for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_fmadd_ps(xv, wv[v], acc[u][v]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int u = 0; u < n; ++u) {
+    float* o = t.out + ((2 * pi[u] + rh) * 2 * d.W + 2 * pj[u] + rw) * d.Co + t.co0;
+    for (int v = 0; v < NR; ++v) {
+      const int64_t left = d.Co - t.co0 - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      _mm512_mask_storeu_ps(o + 16 * v, mk, t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v]);
+    }
+  }
+}
+
+template <int MR, int NR>
+FFV_S2 void phase_block_f32(const TileF& t, const Dims& d, int rh, int rw) {
+  const int64_t M = d.H * d.W;
+  for (int64_t m0 = 0; m0 < M; m0 += MR) tile_f32<MR, NR>(t, d, rh, rw, m0, std::min<int64_t>(MR, M - m0));
+}
+
+FFV_S2 void deconv_512f32(const float* x, const float* wp, const float* bias, bool relu, float* out, Dims d,
+                          int64_t b0, int64_t b1) {
+  const int64_t cop = (d.Co + 15) / 16 * 16;
+  std::vector<float> zero(d.Ci, 0.0f);
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      for (int64_t co0 = 0; co0 < d.Co; co0 += 64) {
+        const TileF t{x + b * d.H * d.W * d.Ci, zero.data(), wp + p * 4 * d.Ci * cop, bias,
+                      out + b * 4 * d.H * d.W * d.Co, d.Ci, cop, co0, relu};
+        switch (std::min<int64_t>(4, (d.Co - co0 + 15) / 16)) {
+          case 1: phase_block_f32<12, 1>(t, d, p >> 1, p & 1); break;
+          case 2: phase_block_f32<12, 2>(t, d, p >> 1, p & 1); break;
+          case 3: phase_block_f32<8, 3>(t, d, p >> 1, p & 1); break;
+          default: phase_block_f32<6, 4>(t, d, p >> 1, p & 1); break;
+        }
+      }
+    }
+  }
+}
 #endif
 
 }  // namespace
@@ -213,6 +290,23 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
     uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
     at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
       deconv_512bf16(xp, wp.data(), bv.data(), relu, op, d, b0, b1);
+    });
+    return out;
+  }
+#endif
+#if defined(FFV_S2_BF16)
+  if (!bf16 && static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512)) {
+    std::vector<float> wp(4 * 4 * d.Ci * cop, 0.0f);  // [phase][tap][ci][co]
+    for (int p = 0; p < 4; ++p)
+      for (int k = 0; k < 4; ++k) {
+        const int kk = kK[p >> 1][k >> 1] * 4 + kK[p & 1][k & 1];
+        for (int64_t ci = 0; ci < d.Ci; ++ci)
+          for (int64_t co = 0; co < d.Co; ++co) wp[((p * 4 + k) * d.Ci + ci) * cop + co] = wf[(ci * d.Co + co) * 16 + kk];
+      }
+    const float* xp = xc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+      deconv_512f32(xp, wp.data(), bv.data(), relu, op, d, b0, b1);
     });
     return out;
   }
