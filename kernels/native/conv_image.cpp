@@ -438,6 +438,41 @@ FFV_CONV512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t c
   }
 }
 
+// image_conv_weight_grad on bfloat16: pixel pairs (j, j + 1) of a row per vdpbf16ps; Q[y][x] =
+// the words (P16[y][x], P16[y][x + 2]) (the tap's value at both pixels), h's pair interleaved
+// per channel. dw: [16 taps][cp] float32, accumulated into.
+FFV_CONV512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, int64_t b0, int64_t b1, float* dw,
+                                   int64_t cp) {
+  const int64_t pw = 2 * s.W + 6, rows = 2 * s.H + 2;
+  std::vector<uint16_t> P(rows * pw);
+  std::vector<uint32_t> Q(rows * pw, 0u);
+  for (int64_t b = b0; b < b1; ++b) {
+    pad_image_bf16(im, b, s.H, s.W, P.data(), pw);
+    for (int64_t y = 0; y < rows; ++y)
+      for (int64_t x = 0; x + 2 < pw; ++x)
+        Q[y * pw + x] = static_cast<uint32_t>(P[y * pw + x]) | (static_cast<uint32_t>(P[y * pw + x + 2]) << 16);
+    for (int64_t c0 = 0; c0 < s.C; c0 += 16) {
+      const __mmask16 m = lanes(s.C - c0);
+      __m512 acc[16];
+      for (int k = 0; k < 16; ++k) acc[k] = _mm512_loadu_ps(dw + k * cp + c0);
+      for (int64_t i = 0; i < s.H; ++i) {
+        for (int64_t j = 0; j < s.W; j += 2) {
+          const uint16_t* hp = h + ((b * s.H + i) * s.W + j) * s.C + c0;
+          const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hp));
+          const __m512i c = j + 1 < s.W ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hp + s.C))
+                                        : _mm512_setzero_si512();
+          const __m512i g = _mm512_or_si512(a, _mm512_slli_epi32(c, 16));
+          const uint32_t* r = Q.data() + 2 * i * pw + 2 * j;
+          for (int kh = 0; kh < 4; ++kh)
+            for (int kw = 0; kw < 4; ++kw)
+              acc[kh * 4 + kw] = dot2(acc[kh * 4 + kw], _mm512_set1_epi32(static_cast<int>(r[kh * pw + kw])), g);
+        }
+      }
+      for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dw + k * cp + c0, acc[k]);
+    }
+  }
+}
+
 // image_conv_transpose on bfloat16: T holds channel pairs, T[(row + 1) * C2 + c / 2][col + 1]
 // = the words (h[row, col, c], h[row, col, c + 1]); wp [C2][16 taps] words (w[c, k], w[c + 1, k]).
 FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias, void* out, bool s2d, Shape s,
@@ -677,7 +712,8 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
               "fastfvae_native image_conv_weight_grad: h must be [", B, ", C, ", H, ", ", W, "] of img's dtype, got ",
               h.sizes(), " ", h.scalar_type());
   const int64_t C = s.C, cp = round_up(C, 16), parts = ranges_for(B);
-  const bool simd = use_avx512(), bf16 = im.bf16;
+  const bool simd = use_avx512(), bf16 = im.bf16, dot = bf16 && use_bf16_dot();
+  (void)dot;
   // part p: [16][cp] (AVX-512) or [C][16] (scalar)
   std::vector<float> partial(parts * 16 * cp, 0.0f);
   const void* hp = hc.data_ptr();
@@ -685,6 +721,12 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
       float* dw = partial.data() + p * 16 * cp;
+#if defined(FFV_CONV_BF16)
+      if (dot) {
+        wgrad_512bf16(im, static_cast<const uint16_t*>(hp), s, b0, b1, dw, cp);
+        continue;
+      }
+#endif
 #if defined(FASTFVAE_MLP_SIMD)
       if (simd) {
         wgrad_512(im, hp, bf16, s, b0, b1, dw, cp);
