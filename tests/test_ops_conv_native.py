@@ -303,6 +303,21 @@ def test_the_fast_step_layers_take_the_native_path_and_match_onednn(native_on, m
             assert rel <= tol, (s2d, i, rel)
 
 
+def test_an_odd_sized_image_takes_the_onednn_path(native_on):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.ReLU(), nn.Flatten())
+    x = torch.rand(2, 1, 9, 9)
+    mu, _ = by_hand.encode(SimpleNamespace(net=net, z_dim=4 * 4 * 4), x)
+    assert "image_conv" not in native_on.called
+    torch.testing.assert_close(mu, net(x))
+    x = torch.rand(2, 1, 8, 8)
+    mu, _ = by_hand.encode(SimpleNamespace(net=net, z_dim=4 * 4 * 4), x)
+    assert "image_conv" in native_on.called
+    torch.testing.assert_close(mu, net(x))
+
+
 def test_off_switch_and_other_layers(native_on, monkeypatch):
     monkeypatch.setenv(native_conv.CONV_ENV, "0")
     assert not native_conv.enabled()

@@ -236,4 +236,7 @@ def decode(decoder: Decoder, z: torch.Tensor, dtype: torch.dtype = torch.float32
 
 
 def _native_plain(layer, x: torch.Tensor, transposed: bool) -> bool:
-    return NATIVE_PLAIN and native_conv.enabled() and native_conv.fits(layer, x, transposed)
+    """The native kernels take this layer on the plain image (the first layer: a one-channel
+    input of even height and width)."""
+    image_ok = transposed or (x.dim() == 4 and x.shape[1] == 1 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
+    return NATIVE_PLAIN and image_ok and native_conv.enabled() and native_conv.fits(layer, x, transposed)
