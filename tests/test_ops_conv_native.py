@@ -331,6 +331,19 @@ def test_off_switch_and_other_layers(native_on, monkeypatch):
     assert not native_conv.fits(nn.Conv2d(1, 4, 4, 2, 1), x.double(), transposed=False)
 
 
+def test_info_lists_the_native_convolutions(native_lib):
+    from test_ops_native import _info, _row
+
+    from fastfvae.ops import native
+
+    out = _info({native.LIB_ENV: str(native_lib)})
+    assert _row(out, "conv_image_layers")[1:3] == ["native", "cuDNN"], out
+    assert _row(out, "conv_transpose_4s2")[1] in ("native", "oneDNN")
+    off = _info({native.LIB_ENV: str(native_lib), native_conv.CONV_ENV: "0"})
+    assert _row(off, "conv_image_layers")[1] == "oneDNN" and f"{native_conv.CONV_ENV}=0" in off
+    assert _row(off, "conv_transpose_4s2")[1] == "oneDNN"
+
+
 _ISA_SCRIPT = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])

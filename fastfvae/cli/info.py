@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 
 import torch
 
@@ -17,7 +18,8 @@ run (native: the C++ library that `pip install` builds, or CMake by hand; triton
 kernels; reference: plain torch) and why: for native, which library file was loaded and where
 it came from ($FASTFVAE_NATIVE_LIB, the source checkout's build/, or the one pip install put in
 the package), or why none was (an install that skipped the build says what it lacked). Float
-dtypes the kernels do not take (float64) always run the reference.
+dtypes the kernels do not take (float64) always run the reference. With the library loaded, two
+more lines say which of the fast step's convolutions run on it rather than on oneDNN.
 """
 
 #: The public ops, in the order they are listed.
@@ -61,13 +63,36 @@ def cuda_choice(op: str) -> tuple[str, str]:
     return "triton", f"the Triton kernels{here}"
 
 
+def conv_rows() -> list[tuple[str, str, str, str]]:
+    """The fast step's convolutions that the native library can take (`fastfvae.ops.native_conv`),
+    listed when the library is loaded: (name, cpu, cuda, why)."""
+    from fastfvae.ops import native, native_conv
+
+    if not native.loaded():
+        return []
+    on = native_conv.enabled()
+    off_why = (f"{native_conv.CONV_ENV}=0" if os.environ.get(native_conv.CONV_ENV, "1") in ("0", "")
+               else native.status()[1])
+    image = ("native" if on else "oneDNN",
+             f"cpu: the encoder's first and the decoder's last layer, fp32 and bf16 ({native_conv.isa()})" if on
+             else f"cpu: {off_why}")
+    s2_on = on and native_conv.S2_IN_STEP and native_conv.isa() == "avx512_bf16"
+    s2_why = (f"cpu: bf16 step: the decoder's transposed convolutions, strided input gradients up to width "
+              f"{native_conv.DGRAD_MAX_WIDTH} (fp32: oneDNN)" if s2_on
+              else "cpu: " + (off_why if not on else "needs vdpbf16ps (avx512_bf16)"))
+    return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
+            ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch")]
+
+
 def lines() -> list[str]:
-    """The table `fastfvae info` prints: a header, then one line per op."""
+    """The table `fastfvae info` prints: a header, then one line per op (and, with the native
+    library loaded, per native fast-step convolution)."""
     rows = [("op", "cpu", "cuda", "why")]
     for op in OPS:
         cpu, cpu_why = cpu_choice(op)
         cuda, cuda_why = cuda_choice(op)
         rows.append((op, cpu, cuda, f"cpu: {cpu_why}; cuda: {cuda_why}"))
+    rows += conv_rows()
     width = max(len(r[0]) for r in rows)
     return [f"{op:<{width}}  {cpu:<9}  {cuda:<9}  {why}" for op, cpu, cuda, why in rows]
 
