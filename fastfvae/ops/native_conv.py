@@ -1,4 +1,4 @@
-"""The VAE's one-channel image-side layers on the native library (kernels/native/conv_image.cpp).
+"""The VAE's convolutions on the native library where it beats oneDNN (kernels/native/conv_*.cpp).
 
 The encoder's first layer (``Conv2d(1, C, 4, 2, 1)``, + ReLU) and the decoder's last layer
 (``ConvTranspose2d(C, 1, 4, 2, 1)``) are where oneDNN is slowest at this model's sizes: one
@@ -11,7 +11,7 @@ kernels empty. Three native kernels cover every pass of both layers:
 
 and one for the decoder's inner transposed convolutions (4x4, stride 2): ``conv_transpose_4s2``,
 their forward (ReLU fused) and the encoder's strided convolutions' input gradient (the same
-sum), bf16 with vdpbf16ps only, where it measured faster than oneDNN (`s2_fits`).
+sum), in the bf16 step with vdpbf16ps, where it measured faster than oneDNN (`s2_fits`).
 
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
 (`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
