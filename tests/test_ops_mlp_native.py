@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from ops_backends import graph_breaks_of
 from test_fast_disc_by_hand import make_disc
-from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
+from test_ops_native import assert_same_bits, native_lib, native_on, on_each_thread_count  # noqa: F401
 from torch import nn
 
 from fastfvae.errors import FastFVAEError
@@ -363,6 +363,59 @@ def test_without_the_library_it_says_why(monkeypatch):
                                            "reason": "native library not built: cmake -S . -B build"})
     with pytest.raises(FastFVAEError, match="native library not built"):
         NativeDiscriminator(Discriminator(3, 8, 2), 4)
+
+
+# --- threads ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M, K, N", [(256, 1000, 1000), (300, 97, 1100), (1, 33, 2000)], ids=str)
+def test_layer_bits_independent_of_thread_count(native_on, M, K, N, dtype):
+    """linear_leaky_relu's forward, input and weight gradients on 1-4 threads, bit for bit: each
+    output tile is one task summing its whole reduction (K, or the M rows for the weight and
+    bias gradients) in a fixed order, so the threads only share out whole tiles and columns."""
+    x, w, b, grad = _tensors(M, K, N, dtype, seed=M + K)
+    n = torch.ops.fastfvae_native
+
+    def run():
+        out = n.linear_leaky_relu(x, w, b, 0.2)
+        return [out, n.linear_leaky_relu_grad_input(grad, w, out, 0.2),
+                *n.linear_leaky_relu_grad_weight(grad, x, out, 0.2), *n.linear_leaky_relu_grad_weight(grad, x, out, 1.0)]
+
+    results = on_each_thread_count(run, ["mlp", "mlp_gemm"])
+    assert_same_bits(results, ["forward", "grad_input", "grad_weight", "grad_bias", "grad_weight(1.0)",
+                               "grad_bias(1.0)"])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_discriminator_bits_independent_of_thread_count(native_on, dtype):
+    """NativeDiscriminator at the paper's size (6 x 1000, 2B = 128 rows) on 1-4 threads, bit for
+    bit: forward, backward (parameter and input gradients), `step`, then a forward and the fused
+    `update`: the logits, gradients, weights and Adam moments after each."""
+    size, B = (10, 1000, 6), 64
+    gen = torch.Generator().manual_seed(8)
+    z1, z2 = torch.randn(2 * B, size[0], generator=gen), torch.randn(2 * B, size[0], generator=gen)
+    g1, g2 = torch.randn(2 * B, 2, generator=gen) * 1e-2, torch.randn(2 * B, 2, generator=gen) * 1e-2
+
+    def run():
+        disc = make_disc(size, seed=3)
+        opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
+        nd = NativeDiscriminator(disc, 2 * B, dtype, opt)
+        logits = nd.forward(z1)
+        gz = nd.backward(g1, params=True, input_grad=True)
+        grads = [g.clone() for g in nd.grads()]
+        nd.step()
+        after_step = [p.detach().clone() for p in disc.parameters()]
+        logits2 = nd.forward(z2)
+        nd.update(g2)
+        moments = [opt.state[p][k] for p in disc.parameters() for k in ("exp_avg", "exp_avg_sq")]
+        return [logits, gz, *grads, *after_step, logits2, *disc.parameters(), *moments]
+
+    results = on_each_thread_count(run, ["mlp", "mlp_gemm"])
+    L = len(list(make_disc(size).parameters())) // 2  # Linear layers
+    names = (["logits", "input_grad"] + [f"grad {i}" for i in range(2 * L)] + [f"param after step {i}" for i in range(2 * L)]
+             + ["logits after step"] + [f"param after update {i}" for i in range(2 * L)]
+             + [f"moment {i}" for i in range(4 * L)])
+    assert_same_bits(results, names)
 
 
 # --- the fast step's opt-in native D ------------------------------------------------------------

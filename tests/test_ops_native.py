@@ -155,6 +155,67 @@ def test_permute_large_and_thread_count_independent(native_on):
     assert torch.equal(many, _reference_permute(z, keys)) and torch.equal(one, many)
 
 
+# --- threads --------------------------------------------------------------------------------
+
+THREADS = (1, 2, 3, 4)
+# The sources of the library whose ops thread with at::parallel_for (parallel_probe.h).
+THREADED_SOURCES = ("gaussian", "permute", "mlp", "mlp_gemm")
+
+
+def on_each_thread_count(fn, sources):
+    """{t: fn()} for each torch.set_num_threads(t) of THREADS, after checking that an
+    at::parallel_for compiled in each of ``sources`` does run on t threads (a source compiled
+    without OpenMP runs it on one, whatever the setting)."""
+    saved = torch.get_num_threads()
+    results = {}
+    try:
+        for t in THREADS:
+            torch.set_num_threads(t)
+            for source in sources:
+                seen = torch.ops.fastfvae_native.parallel_threads(source, 64)
+                assert seen == t, f"{source}: at::parallel_for ran on {seen} thread(s) with set_num_threads({t})"
+            results[t] = [r.detach().clone() if isinstance(r, torch.Tensor) else r for r in fn()]
+    finally:
+        torch.set_num_threads(saved)
+    return results
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_bits(results, names):
+    """Every result of every thread count bit for bit that of one thread (NaNs included)."""
+    one = results[THREADS[0]]
+    assert len(one) == len(names)
+    for t, got in results.items():
+        for name, a, b in zip(names, got, one):
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, t)
+            assert torch.equal(_bits(a), _bits(b)), f"{name}: {t} threads differ from 1 thread"
+
+
+def test_every_threaded_source_runs_on_the_set_thread_count(native_lib):
+    """torch.set_num_threads(t) reaches every source's at::parallel_for: the library is compiled
+    with OpenMP throughout (without -fopenmp a source's parallel_for is a serial loop)."""
+    if not hasattr(torch.ops.fastfvae_native, "permute_dims"):
+        torch.ops.load_library(str(native_lib))
+    on_each_thread_count(lambda: [], THREADED_SOURCES)
+    with pytest.raises(RuntimeError, match="unknown source"):
+        torch.ops.fastfvae_native.parallel_threads("nope", 4)
+
+
+@pytest.mark.parametrize("shape", [(200_000, 10), (4099, 37), (700, 64)], ids=str)  # radix / comparison sorts
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_permute_bits_independent_of_thread_count(native_on, shape, key_dtype):
+    g = torch.Generator().manual_seed(shape[0])
+    z = torch.randn(shape, generator=g)
+    keys = torch.randint(0, 50, shape, generator=g).to(key_dtype)  # ties: the row order decides
+    n = torch.ops.fastfvae_native
+    results = on_each_thread_count(lambda: [n.permute_dims(z, keys), n.permute_dims_backward(z, keys)], ["permute"])
+    assert_same_bits(results, ["permute_dims", "permute_dims_backward"])
+    assert torch.equal(results[2][0], _reference_permute(z, keys))
+
+
 # --- Gaussian ops ------------------------------------------------------------------------------
 
 # (atol, rtol) of native vs the torch reference: the two differ only in exp's last bit (libm,
@@ -289,6 +350,32 @@ def test_gaussian_thread_count_independent(native_on):
     z_ref, kl_ref = _reference_forward(mu, logvar, eps, True, True)
     _close(many[0], z_ref, torch.float32)
     _close(many[1], kl_ref, torch.float32, scale=10)
+
+
+GAUSSIAN_OUTPUTS = ["sample_kl.z", "sample_kl.kl", "reparameterize", "gaussian_kl",
+                    "backward(eps, gz, gkl).mu", "backward(eps, gz, gkl).logvar",
+                    "backward(eps, gz).mu", "backward(eps, gz).logvar", "backward(gkl).mu", "backward(gkl).logvar"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(100_000, 10), (4099, 37), (3, 20_011)], ids=str)
+def test_gaussian_bits_independent_of_thread_count(native_on, shape, dtype):
+    """Every Gaussian op on 1-4 threads, bit for bit: the rows go in fixed blocks whatever the
+    thread count (a block's vector loop and scalar tail see the same elements), each KL row is
+    summed in one block, in order. Extreme values in the data reach the scalar path too."""
+    mu, logvar, eps = _inputs(shape, dtype, seed=shape[0])
+    logvar.view(-1)[::997] = 170.0  # exp(lv / 2) overflows float32: the lane goes scalar
+    g = torch.Generator().manual_seed(2)
+    gz = torch.randn(shape, generator=g).to(dtype)
+    gkl = torch.randn(shape[:-1], generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    n = torch.ops.fastfvae_native
+
+    def run():
+        return [*n.gaussian_sample_kl(mu, logvar, eps), n.reparameterize(mu, logvar, eps), n.gaussian_kl(mu, logvar),
+                *n.gaussian_backward(mu, logvar, eps, gz, gkl), *n.gaussian_backward(mu, logvar, eps, gz, None),
+                *n.gaussian_backward(mu, logvar, None, None, gkl)]
+
+    assert_same_bits(on_each_thread_count(run, ["gaussian"]), GAUSSIAN_OUTPUTS)
 
 
 _ISA_SCRIPT = """

@@ -11,11 +11,12 @@
 #include <vector>
 
 #include "gaussian_math.h"
+#include "parallel_probe.h"
 
 namespace fastfvae_native {
 namespace {
 
-// Rows per task so a task holds at least this many elements (small batches stay on one thread).
+// Blocks per task so a task holds at least this many elements (small batches stay on one thread).
 constexpr int64_t kElementsPerTask = 32768;
 // Elements per block converted to float32 at once (float16/bfloat16) or summed into KL rows.
 constexpr int64_t kBlockElements = 4096;
@@ -43,13 +44,18 @@ std::vector<int64_t> row_shape(const at::Tensor& mu) {
   return std::vector<int64_t>(mu.sizes().begin(), mu.sizes().end() - 1);
 }
 
-// Rows [r0, r1) of D columns, in blocks of whole rows of about kBlockElements elements.
+// Rows [r0, r1) of D columns, in blocks of whole rows of about kBlockElements elements. The
+// blocks are fixed (block b is rows b * block_rows ..), whatever the thread count: the SIMD
+// loops run a block's last n % 16 (or n % 8) elements through the scalar formulas, whose exp
+// may differ from libmvec's in the last bit, so the block boundaries must not move with the
+// threads' share of the rows. Threads take whole blocks.
 template <typename F>
 void for_row_blocks(int64_t rows, int64_t D, F&& block) {
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(D, 1));
   const int64_t block_rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(D, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; r += block_rows) block(r, std::min(end, r + block_rows));
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / (block_rows * std::max<int64_t>(D, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) block(b * block_rows, std::min(rows, (b + 1) * block_rows));
   });
 }
 
@@ -209,5 +215,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_backward(const at::Tensor& mu_in, co
   });
   return {gmu, glv};
 }
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_gaussian)
 
 }  // namespace fastfvae_native

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "mlp_gemm.h"
+#include "parallel_probe.h"
 
 namespace fastfvae_native {
 namespace {
@@ -488,5 +489,7 @@ void mlp_adam(at::TensorList weight, at::TensorList bias, at::TensorList exp_avg
 }
 
 std::string mlp_isa() { return mlp::gemm_isa_name(mlp::gemm_isa()); }
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_mlp)
 
 }  // namespace fastfvae_native

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel_probe.h"
+
 #if defined(FASTFVAE_MLP_SIMD)
 // GCC 12's AVX-512 headers warn about their own _mm512_undefined_* placeholders.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -757,4 +759,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e, c
 }
 
 }  // namespace mlp
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_mlp_gemm)
+
 }  // namespace fastfvae_native

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel_probe.h"
+
 namespace fastfvae_native {
 namespace {
 
@@ -170,5 +172,7 @@ at::Tensor run(const at::Tensor& src, const at::Tensor& keys, bool inverse) {
 at::Tensor permute_dims(const at::Tensor& z, const at::Tensor& keys) { return run(z, keys, false); }
 
 at::Tensor permute_dims_backward(const at::Tensor& grad, const at::Tensor& keys) { return run(grad, keys, true); }
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_permute)
 
 }  // namespace fastfvae_native

@@ -8,11 +8,28 @@
 #include "cpu_isa.h"
 #include "gaussian.h"
 #include "mlp.h"
+#include "parallel_probe.h"
 #include "permute.h"
 
 namespace {
 
 std::string active_isa_name() { return fastfvae_native::isa_name(fastfvae_native::active_isa()); }
+
+// The threads an at::parallel_for(0, n) compiled in `source` runs on (parallel_probe.h).
+int64_t parallel_threads(c10::string_view source, int64_t n) {
+  using Probe = int64_t (*)(int64_t);
+  static const std::pair<const char*, Probe> probes[] = {
+      {"gaussian", &fastfvae_native::parallel_probe_gaussian},
+      {"permute", &fastfvae_native::parallel_probe_permute},
+      {"mlp", &fastfvae_native::parallel_probe_mlp},
+      {"mlp_gemm", &fastfvae_native::parallel_probe_mlp_gemm},
+  };
+  for (const auto& [name, probe] : probes) {
+    if (source == name) return probe(n);
+  }
+  TORCH_CHECK(false, "fastfvae_native parallel_threads: unknown source '", source,
+              "'; expected gaussian, permute, mlp or mlp_gemm");
+}
 
 }  // namespace
 
@@ -51,6 +68,8 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
   m.def("mlp_isa() -> str", &fastfvae_native::mlp_isa);
+  // How many threads each source's at::parallel_for runs on (1: compiled without OpenMP).
+  m.def("parallel_threads(str source, int n) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
