@@ -12,7 +12,10 @@ public op twice: ``reference`` with ``FASTFVAE_NO_NATIVE=1`` and ``native``; the
 ``speedup_vs_reference``. The ``native vs torch`` groups time one FactorVAE update's
 discriminator work (forward, TC input gradient, parameter gradients, Adam) of
 `fastfvae.ops.native_mlp.NativeDiscriminator` and of the fast path's torch D in alternating
-rounds of one benchmark; ``extra_info`` holds both minima and their ``ratio``.
+rounds of one benchmark; ``extra_info`` holds both minima and their ``ratio``. The ``native vs
+torch, interleaved`` groups time each native op (B = 64, 128 and one large size) and the fast
+step with and without ``FastOptions(native_d=True)`` the same way, at the thread count torch
+runs (``OMP_NUM_THREADS``), with each side's CPU time / wall time (> 1: it ran threaded).
 
 Each row's ``extra_info`` holds ``speedup_vs_eager`` and ``speedup_vs_compiled`` (min time per
 call of that row / this row: the min, because shared CI machines are noisy); pytest-benchmark's
@@ -282,8 +285,9 @@ def _native_d_update(dtype: torch.dtype, batch: int):
     return update
 
 
+@pytest.mark.parametrize("B", [64, 128])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype):
+def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype, B):
     """D's work in one FactorVAE update at the paper's sizes (Kim & Mnih 2018: 6 x 1000,
     B = 64): forward of both halves (2B = 128 rows), the TC half's input gradient, the
     parameter gradients of both halves and Adam -- the native D (`NativeDiscriminator`:
@@ -294,7 +298,6 @@ def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype):
     _native_or_skip(monkeypatch, "native")
     keep_freed_memory()  # as the fast CPU step does, for both
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    B = 64
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(2 * B, 10, generator=gen)
     g_tc, g_d = torch.randn(B, 2, generator=gen) * 1e-2, torch.randn(2 * B, 2, generator=gen) * 1e-2
@@ -303,17 +306,153 @@ def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype):
         fn(z, g_tc, g_d)
         fn(z, g_tc, g_d)
     best = {name: float("inf") for name in impls}
+    cpu = {name: 0.0 for name in impls}
+    wall = {name: 0.0 for name in impls}
 
     def one_round():
         for name, fn in impls.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn(z, g_tc, g_d)
-            best[name] = min(best[name], time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            best[name] = min(best[name], dt)
+            cpu[name] += time.process_time() - c0
+            wall[name] += dt
 
-    benchmark.group = f"native vs torch (CPU): discriminator update 6x1000 2B=128 {dtype}"
+    benchmark.group = f"native vs torch (CPU): discriminator update 6x1000 2B={2 * B} {dtype}"
     benchmark.extra_info.update(impl="torch+native rounds", device="cpu", threads=torch.get_num_threads())
     benchmark.pedantic(one_round, rounds=15, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(torch_min_s=best["torch"], native_min_s=best["native"],
-                                ratio=best["torch"] / best["native"])
-    print(f"\n{benchmark.group}: torch {best['torch'] * 1e3:.2f} ms, native {best['native'] * 1e3:.2f} ms, "
-          f"ratio {best['torch'] / best['native']:.2f}")
+                                ratio=best["torch"] / best["native"],
+                                **{f"{n}_cpu_per_wall": cpu[n] / wall[n] for n in impls})
+    print(f"\n{benchmark.group} [{torch.get_num_threads()} threads]: torch {best['torch'] * 1e3:.2f} ms "
+          f"(cpu/wall {cpu['torch'] / wall['torch']:.2f}), native {best['native'] * 1e3:.2f} ms "
+          f"(cpu/wall {cpu['native'] / wall['native']:.2f}), ratio {best['torch'] / best['native']:.2f}")
+
+
+# --- each native op and the fast step's native_d, interleaved, at the set thread count --------
+
+def _interleaved(benchmark, group: str, impls: dict, rounds: int = 15, calls: int | None = None) -> None:
+    """Alternating rounds of ``impls`` (name -> (set_up, fn)); per name the min time per call
+    and the CPU time / wall time over all rounds; ``ratio`` = reference (first) min / native
+    (second) min. ``set_up`` switches the implementation in (outside the timed calls)."""
+    names = list(impls)
+    for set_up, fn in impls.values():  # warm up
+        set_up()
+        fn()
+        fn()
+    if calls is None:
+        set_up, fn = impls[names[0]]
+        set_up()
+        t0 = time.perf_counter()
+        fn()
+        calls = max(1, min(200, int(5e-3 / max(time.perf_counter() - t0, 1e-7))))
+    best = {n: float("inf") for n in names}
+    wall = {n: 0.0 for n in names}
+    cpu = {n: 0.0 for n in names}
+    count = [0]
+
+    def one_round():
+        order = names if count[0] % 2 == 0 else names[::-1]
+        count[0] += 1
+        for n in order:
+            set_up, fn = impls[n]
+            set_up()
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(calls):
+                fn()
+            dt = time.perf_counter() - t0
+            cpu[n] += time.process_time() - c0
+            wall[n] += dt
+            best[n] = min(best[n], dt / calls)
+
+    benchmark.group = group
+    benchmark.extra_info.update(impl=" + ".join(names), device="cpu", threads=torch.get_num_threads())
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    ref, nat = names
+    benchmark.extra_info.update({f"{n}_min_s": best[n] for n in names})
+    benchmark.extra_info.update({f"{n}_cpu_per_wall": cpu[n] / wall[n] for n in names})
+    benchmark.extra_info["ratio"] = best[ref] / best[nat]
+    print(f"\n{group} [{torch.get_num_threads()} threads]: " + ", ".join(
+        f"{n} {best[n] * 1e3:.3f} ms (cpu/wall {cpu[n] / wall[n]:.2f})" for n in names)
+        + f", ratio {best[ref] / best[nat]:.2f}")
+
+
+def _switch(monkeypatch, reference: bool):
+    return lambda: (monkeypatch.setenv(native.DISABLE_ENV, "1") if reference
+                    else monkeypatch.delenv(native.DISABLE_ENV, raising=False))
+
+
+def _op_case(op: str, B: int):
+    """The timed call of one public op at batch B (its native dispatch decided per call)."""
+    gen = torch.Generator().manual_seed(B)
+    if op == "permute_dims":
+        z, keys = torch.randn(B, 10, generator=gen), torch.rand(B, 10, generator=gen)
+        leaf = z.requires_grad_()
+        g = torch.randn(B, 10, generator=gen)
+        return lambda: torch.autograd.grad(permute_dims(leaf, keys), leaf, g)
+    if op == "gaussian":
+        mu, logvar, eps = (torch.randn(B, 10, generator=gen).requires_grad_() for _ in range(3))
+        gz, gkl = torch.randn(B, 10, generator=gen), torch.randn(B, generator=gen)
+
+        def fn():
+            z, kl = gaussian_sample_kl(mu, logvar, eps)
+            return torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+        return fn
+    dt = torch.bfloat16 if op.endswith("bf16") else torch.float32
+    x = torch.randn(B, 1000, generator=gen).to(dt).requires_grad_()
+    w = (torch.randn(1000, 1000, generator=gen) / 1000**0.5).to(dt).requires_grad_()
+    b = torch.randn(1000, generator=gen).to(dt).requires_grad_()
+    g = torch.randn(B, 1000, generator=gen).to(dt)
+    return lambda: torch.autograd.grad(linear_leaky_relu(x, w, b, 0.2), (x, w, b), g)
+
+
+LARGE = {"permute_dims": 131072, "gaussian": 131072, "linear_leaky_relu fp32": 1024, "linear_leaky_relu bf16": 1024}
+
+
+@pytest.mark.parametrize("B", [64, 128, "large"])
+@pytest.mark.parametrize("op", list(LARGE))
+def test_native_op_interleaved(benchmark, monkeypatch, op, B):
+    """The public op with the native library against the torch reference (FASTFVAE_NO_NATIVE=1)
+    in alternating rounds: permute_dims fwd+bwd [B, 10] (keys given), gaussian_sample_kl fwd+bwd
+    [B, 10], linear_leaky_relu fwd+bwd B x 1000 x 1000 (bf16 on the native kernel, which the
+    public op leaves to the reference by default)."""
+    import fastfvae.ops.mlp as mlp_module
+
+    _native_or_skip(monkeypatch, "native")
+    monkeypatch.setattr(mlp_module, "NATIVE_MLP_DTYPES", mlp_module.NATIVE_KERNEL_DTYPES)
+    rows = LARGE[op] if B == "large" else B
+    fn = _op_case(op, rows)
+    _interleaved(benchmark, f"native vs torch, interleaved (CPU): {op} fwd+bwd B={rows}",
+                 {"reference": (_switch(monkeypatch, True), fn), "native": (_switch(monkeypatch, False), fn)})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fast_step_native_d_interleaved(benchmark, monkeypatch, precision):
+    """The fast CPU step (dSprites-sized random bits, batch 64, the paper's D) with
+    FastOptions(native_d=True) against the default torch D, two steppers on identical states,
+    the same step inputs, alternating rounds of 4 steps (the times printed are per 4 steps)."""
+    from bench.conftest import random_bits_dsprites
+    from fastfvae.fast import FastOptions, FastStep
+    from fastfvae.train.config import TrainConfig
+    from fastfvae.train.reference import draw_step_inputs
+    from fastfvae.train.state import TrainState
+
+    _native_or_skip(monkeypatch, "native")
+    data = random_bits_dsprites(4096)
+    cfg = TrainConfig(batch_size=64, d_steps=1)
+    steppers = {}
+    for name, native_d in (("torch_d", False), ("native_d", True)):
+        torch.manual_seed(0)
+        state = TrainState.create(cfg, len(data), torch.device("cpu"))
+        steppers[name] = FastStep(state, data, FastOptions(precision=precision, native_d=native_d))
+    state = TrainState.create(cfg, len(data), torch.device("cpu"))
+    inputs = [draw_step_inputs(cfg, state.sampler, state.generator) for _ in range(4)]
+
+    def steps(stepper):
+        def fn():
+            for inp in inputs:
+                stepper(inp)
+        return fn
+
+    _interleaved(benchmark, f"native vs torch, interleaved (CPU): fast step B=64 {precision}, native_d",
+                 {name: (lambda: None, steps(st)) for name, st in steppers.items()}, rounds=8, calls=1)

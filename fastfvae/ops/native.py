@@ -16,6 +16,10 @@ The library is looked for on first use, in this order, and its absence never fai
   builds, in site-packages or, for an editable install, in the source tree. An install that
   could not build it leaves ``fastfvae/native_build_skipped.txt`` saying why.
 
+Every op threads with ATen's ``at::parallel_for`` (OpenMP, on the thread pool of the libgomp
+torch has loaded), so ``torch.set_num_threads`` sets how many threads it uses, and its results
+are the same bits on any thread count (docs/ops.md, "Native CPU build": "Threads").
+
 `status` and ``fastfvae info`` say which one was loaded. A library that does not load (built
 against another torch, for example) is reported there too, and the torch reference runs.
 """

@@ -21,6 +21,9 @@ for its microkernel at every call; here the weights are laid out once per update
   weights -- the parameters themselves -- and the optimiser's own moment tensors, and it
   rewrites both packed copies in the same pass, so the next forward packs nothing.
 
+Each call threads over the GEMMs' output tiles (``torch.set_num_threads``), each tile's whole
+reduction in one task, so the results are the same bits on any thread count.
+
 The optimiser's state stays in torch's format (its ``state_dict`` is a torch.optim.Adam one)
 and the parameters hold the current weights at every moment. A change of the parameters made
 elsewhere (``load_state_dict``, ``copy_``) bumps their version, and the next call repacks.
