@@ -376,3 +376,36 @@ def test_each_variant_matches_reference(native_lib, isa):
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     supported = {"avx512_bf16": " avx512_bf16" in flags, "avx512": " avx512bw" in flags, "scalar": True}
     assert (chosen == isa) == supported[isa], (chosen, isa)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_bits_independent_of_thread_count(native_on, dtype):
+    """Every convolution op gives the same bits on 1-4 threads, on the set thread count: the
+    weight gradient's partial sums cover a fixed number of images whatever the thread count."""
+    from test_ops_native import assert_same_bits, on_each_thread_count
+
+    g = torch.Generator().manual_seed(3)
+    B, C, H, W = 21, 32, 16, 16  # B: several partials of the weight gradient and a short last one
+    ops = torch.ops.fastfvae_native
+    cl = torch.channels_last
+    img = torch.randn(B, 1, 2 * H, 2 * W, generator=g).to(dtype)
+    img_s2d = torch.randn(B, 4, H, W, generator=g).to(dtype)
+    w = (torch.randn(C, 1, 4, 4, generator=g) / 4).to(dtype)
+    b, b_last = torch.randn(C, generator=g).to(dtype), torch.randn(1, generator=g).to(dtype)
+    h = torch.randn(B, C, H, W, generator=g).to(dtype).contiguous(memory_format=cl)
+    x = torch.randn(B, 64, 8, 8, generator=g).to(dtype).contiguous(memory_format=cl)
+    w2 = (torch.randn(64, 32, 4, 4, generator=g) / 32).to(dtype)
+    b2 = torch.randn(32, generator=g).to(dtype)
+
+    def run():
+        out = [ops.image_conv(img, w, b, True, False), ops.image_conv(img_s2d, w, b, True, True),
+               ops.image_conv_transpose(h, w, b_last, False), ops.image_conv_transpose(h, w, b_last, True),
+               ops.image_conv_weight_grad(img, h, False), ops.image_conv_weight_grad(img_s2d, h, True)]
+        if native_conv.s2_fits(x, w2, (2, 2), (1, 1)):
+            out.append(ops.conv_transpose_4s2(x, w2, b2, True))
+        return out
+
+    names = ["image_conv", "image_conv s2d", "image_conv_transpose", "image_conv_transpose s2d",
+             "image_conv_weight_grad", "image_conv_weight_grad s2d", "conv_transpose_4s2"]
+    results = on_each_thread_count(run, ["conv_image", "conv_s2"])
+    assert_same_bits(results, names[:len(results[1])])

@@ -12,6 +12,7 @@
 //                 (zero-bordered), so each (channel, row offset, column offset) is one vector
 //                 load, and each output sub-pixel sums 2 x 2 taps of it.
 #include "conv_image.h"
+#include "parallel_probe.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -625,8 +626,10 @@ at::Tensor channels_last(const at::Tensor& h, const char* op, Shape* s) {
   return h.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Batch items split into one range per thread (the weight gradient sums the ranges in order).
-int64_t ranges_for(int64_t B) { return std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads())); }
+// The weight gradient's partial sums: a fixed number of images each, whatever the thread count,
+// summed in order, so the result has the same bits on any number of threads.
+constexpr int64_t kImagesPerPartial = 8;
+int64_t partials_for(int64_t B) { return std::max<int64_t>(1, (B + kImagesPerPartial - 1) / kImagesPerPartial); }
 
 }  // namespace
 
@@ -711,7 +714,7 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
   TORCH_CHECK(s.B == B && s.H == H && s.W == W && h.scalar_type() == img.scalar_type(),
               "fastfvae_native image_conv_weight_grad: h must be [", B, ", C, ", H, ", ", W, "] of img's dtype, got ",
               h.sizes(), " ", h.scalar_type());
-  const int64_t C = s.C, cp = round_up(C, 16), parts = ranges_for(B);
+  const int64_t C = s.C, cp = round_up(C, 16), parts = partials_for(B);
   const bool simd = use_avx512(), bf16 = im.bf16, dot = bf16 && use_bf16_dot();
   (void)dot;
   // part p: [16][cp] (AVX-512) or [C][16] (scalar)
@@ -719,7 +722,7 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
   const void* hp = hc.data_ptr();
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+      const int64_t b0 = p * kImagesPerPartial, b1 = std::min(B, b0 + kImagesPerPartial);
       float* dw = partial.data() + p * 16 * cp;
 #if defined(FFV_CONV_BF16)
       if (dot) {
@@ -747,5 +750,7 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
 }
 
 std::string conv_isa() { return use_bf16_dot() ? "avx512_bf16" : use_avx512() ? "avx512" : "scalar"; }
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_conv_image)
 
 }  // namespace fastfvae_native

@@ -7,6 +7,7 @@
 // [tap][Cin / 2][Cout][2]) and MR broadcasts of the input pair, read in place (pixels outside
 // the input read a zero row instead).
 #include "conv_s2.h"
+#include "parallel_probe.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -321,5 +322,7 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
   });
   return out;
 }
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_conv_s2)
 
 }  // namespace fastfvae_native

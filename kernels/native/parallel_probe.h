@@ -27,5 +27,7 @@ int64_t parallel_probe_gaussian(int64_t n);
 int64_t parallel_probe_permute(int64_t n);
 int64_t parallel_probe_mlp(int64_t n);
 int64_t parallel_probe_mlp_gemm(int64_t n);
+int64_t parallel_probe_conv_image(int64_t n);
+int64_t parallel_probe_conv_s2(int64_t n);
 
 }  // namespace fastfvae_native

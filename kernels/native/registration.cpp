@@ -23,12 +23,14 @@ int64_t parallel_threads(c10::string_view source, int64_t n) {
       {"permute", &fastfvae_native::parallel_probe_permute},
       {"mlp", &fastfvae_native::parallel_probe_mlp},
       {"mlp_gemm", &fastfvae_native::parallel_probe_mlp_gemm},
+      {"conv_image", &fastfvae_native::parallel_probe_conv_image},
+      {"conv_s2", &fastfvae_native::parallel_probe_conv_s2},
   };
   for (const auto& [name, probe] : probes) {
     if (source == name) return probe(n);
   }
   TORCH_CHECK(false, "fastfvae_native parallel_threads: unknown source '", source,
-              "'; expected gaussian, permute, mlp or mlp_gemm");
+              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image or conv_s2");
 }
 
 }  // namespace
