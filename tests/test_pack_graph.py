@@ -177,10 +177,32 @@ def test_a_runs_generator_resumes_from_its_checkpoint_entry():
     assert torch.equal(fresh.get_state(), torch.Generator().manual_seed(noise_seed(cfg.seed)).get_state())
     torch.randn(5, generator=fresh)
     saved = [fresh.get_state()]  # rng["torch_cuda"]: one state per device, this device's first
-    again = pack_noise_generator(cfg, "cpu", saved)
+    again = pack_noise_generator(cfg, "cpu", saved, step=3)
     assert torch.equal(torch.randn(5, generator=again), torch.randn(5, generator=fresh))
-    assert torch.equal(pack_noise_generator(cfg, "cpu", []).get_state(),
-                       torch.Generator().manual_seed(noise_seed(cfg.seed)).get_state())  # a CPU run's checkpoint
+
+
+def test_resumed_without_a_device_generator_state_it_continues_as_the_single_run():
+    """A checkpoint without the device's generator state (a CPU run's, resumed on CUDA) at step
+    > 0: the single fast step seeds the device generator at step 0 only, so it draws from where
+    `build_models`' ``torch.manual_seed(seed)`` left it; the pack's run seeds its own generator
+    with ``seed`` too (not ``noise_seed(seed)``, a fresh run's)."""
+    from fastfvae.study.pack import pack_noise_seed
+
+    data = small_dsprites(256)
+    cfg = _configs("betavae", 1)[0]
+    assert pack_noise_seed(cfg, "cpu", [], step=4) == cfg.seed != noise_seed(cfg.seed)
+    assert pack_noise_seed(cfg, "cpu", None, step=4) == cfg.seed
+    assert pack_noise_seed(cfg, "cpu", [], step=0) == noise_seed(cfg.seed)
+    assert pack_noise_seed(cfg, "cpu", [torch.Generator().get_state()], step=4) is None  # the saved state
+    # torch.manual_seed(seed) seeds each CUDA device's default generator with seed, offset 0
+    assert torch.equal(pack_noise_generator(cfg, "cpu", [], step=4).get_state(),
+                       torch.Generator().manual_seed(cfg.seed).get_state())
+    states = [TrainState.create(c, len(data)) for c in _configs("betavae", 2)]
+    for s in states:
+        s.step = 4
+    step = GraphedPackStep(states, data, warmup=0, cuda_rng_states=[[], []])
+    for s, generator in zip(states, step.generators):
+        assert generator.initial_seed() == s.cfg.seed
 
 
 def test_checkpoints_carry_each_runs_generator_and_resume_bit_exactly(tmp_path, monkeypatch):
@@ -330,22 +352,66 @@ def _single_graphed(cfg, data, steps):
     return state, metrics
 
 
-def _assert_gpu_parity(single_state, pack_state, single_metrics, pack_metrics, lr: float) -> None:
+#: How far model k's displacement from the initial weights may be from its single run's, as a
+#: share of the single run's (per tensor, in norm). A model that never updated is off by all of
+#: it (1); round-off that decides some Adam directions (near-zero gradients: on CPU at most 2 %
+#: of a tensor's elements, each by a few steps of lr) stays below a tenth.
+DISPLACEMENT_RTOL = 0.1
+
+
+def _assert_moved_alike(initial: dict, ref: dict, mine: dict, atol: float) -> None:
+    """``mine`` moved from ``initial`` as ``ref`` did: each element's displacement within
+    ``atol`` of ``ref``'s (a bound that weights left at ``initial`` also meet, since Adam moves
+    each by at most about lr a step), and each tensor's displacement within `DISPLACEMENT_RTOL`
+    of ``ref``'s in norm (which they fail); ``ref`` must have moved."""
+    assert ref.keys() == mine.keys() == initial.keys()
+    moved = 0.0
+    for k in ref:
+        d_ref, d_mine = (ref[k] - initial[k]).double(), (mine[k] - initial[k]).double()
+        torch.testing.assert_close(d_mine, d_ref, rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+        off, size = float((d_mine - d_ref).norm()), float(d_ref.norm())
+        assert off <= DISPLACEMENT_RTOL * size, (
+            f"{k}: displacement from the initial weights off by {off:.3g}, "
+            f"{off / size if size else float('inf'):.3g} of the single run's ({size:.3g})")
+        moved += size
+    assert moved > 0, "the single run's weights did not move"
+
+
+def _assert_gpu_parity(initial, single_state, pack_state, single_metrics, pack_metrics, lr: float) -> None:
     """Model k against its single graphed run on one GPU, with the GPU's fp32 tolerances (docs/gpu.md,
     the parity phase's table: cuDNN/cuBLAS pick other algorithms for a grouped convolution and a
-    batched GEMM than for one model's): losses within 1e-3, parameters within steps x lr (Adam
-    moves one by at most about lr a step). Other noise, another generator or a wrong step count
-    moves the losses by far more. ``d_acc`` (a fraction of 2B decisions) is not compared."""
+    batched GEMM than for one model's): losses within 1e-3; parameters: each one's displacement
+    from ``initial`` (both start there) within steps x lr of the single run's, and each tensor's
+    within a tenth of it in norm (`_assert_moved_alike`: a pack that never updated fails it).
+    Other noise, another generator or a wrong step count moves the losses by far more.
+    ``d_acc`` (a fraction of 2B decisions) is not compared."""
     for step, (a, b) in enumerate(zip(single_metrics, pack_metrics)):
         assert a.keys() == b.keys()
         for k in a:
             if k != "d_acc":
                 torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-3,
                                            msg=lambda m: f"step {step + 1} {k}: {m}")
-    ref, mine = params_of(single_state), params_of(pack_state)
-    assert ref.keys() == mine.keys()
-    for k in ref:
-        torch.testing.assert_close(mine[k], ref[k], rtol=0, atol=len(single_metrics) * lr, msg=lambda m: f"{k}: {m}")
+    _assert_moved_alike(initial, params_of(single_state), params_of(pack_state), len(single_metrics) * lr)
+
+
+def test_the_gpu_parity_check_fails_a_pack_that_never_updated():
+    """The CUDA cases' parameter check on CPU: a single reference run passes it against itself
+    and fails it with the initial weights, by the displacement's norm alone (an element bound
+    of about steps x lr is one that the initial weights meet, or nearly: Adam's early steps can
+    move an element slightly past lr)."""
+    from test_study_pack import _single
+
+    data = small_dsprites(256)
+    cfg = _configs("factorvae", 1)[0]
+    initial = {k: v.clone() for k, v in params_of(TrainState.create(cfg, len(data))).items()}
+    state, metrics = _single(cfg, data, 4)
+    lr = max(cfg.vae_lr, float(cfg.method().hparams.d_lr))
+    _assert_gpu_parity(initial, state, state, metrics, metrics, lr)
+    never_updated = TrainState.create(cfg, len(data))
+    with pytest.raises(AssertionError):
+        _assert_gpu_parity(initial, state, never_updated, metrics, metrics, lr)
+    with pytest.raises(AssertionError, match="displacement from the initial weights off by .*, 1 of the single"):
+        _assert_moved_alike(initial, params_of(state), params_of(never_updated), atol=float("inf"))
 
 
 @pytest.fixture
@@ -361,6 +427,7 @@ def test_cuda_model_k_of_a_graphed_pack_is_its_single_graphed_run(name, k, no_tf
     data = small_dsprites(512)
     cfgs = _cuda_cfgs(name, k)
     states = [TrainState.create(c, len(data), "cuda") for c in cfgs]
+    initial = [{n: v.clone() for n, v in params_of(s).items()} for s in states]
     with _stage("capture (graphed pack)"):
         step = make_pack_step(states, data)
     assert isinstance(step, GraphedPackStep) and step.graph is not None
@@ -372,7 +439,7 @@ def test_cuda_model_k_of_a_graphed_pack_is_its_single_graphed_run(name, k, no_tf
             single_state, single_metrics = _single_graphed(cfg, data, 10)
         lr = max(cfg.vae_lr, float(getattr(cfg.method().hparams, "d_lr", 0.0)))
         with _stage(f"parity of model {i} with its single graphed run"):
-            _assert_gpu_parity(single_state, states[i], single_metrics,
+            _assert_gpu_parity(initial[i], single_state, states[i], single_metrics,
                                [{n: v[i] for n, v in m.items()} for m in metrics], lr)
 
 
@@ -415,6 +482,7 @@ def test_cuda_graphed_pack_resumes_bit_exactly_and_as_single_runs(tmp_path, no_t
     with _stage("resume as a single graphed run"):
         train_pack([c.replace(steps=3) for c in single], data=data, progress=False, evaluate=False)
         a, c = whole[0], single[0]
+        mid = load_checkpoint(c.out)["state"]["vae"]  # step 3, where both continue from
         run_training(c, data=data, resume=c.out, progress=False)
         pa, pc = load_checkpoint(a.out), load_checkpoint(c.out)
         # the single run drew its noise from the pack run's own generator state, advanced as the pack does
@@ -425,5 +493,72 @@ def test_cuda_graphed_pack_resumes_bit_exactly_and_as_single_runs(tmp_path, no_t
         assert list(logs[0]) == [2, 4, 6] and list(logs[1]) == [2, 3, 4, 6], logs
         # step 6's line: the mean of steps 5 and 6 in both
         torch.testing.assert_close(torch.tensor(logs[1][6]), torch.tensor(logs[0][6]), rtol=1e-3, atol=1e-3)
-        for n in pa["state"]["vae"]:  # Adam moves an element by at most about lr a step: 3 steps of round-off
-            torch.testing.assert_close(pc["state"]["vae"][n], pa["state"]["vae"][n], rtol=0, atol=3 * c.vae_lr)
+        # steps 4 to 6 moved the single run's VAE from the step-3 weights as they moved the pack's
+        _assert_moved_alike(mid, pa["state"]["vae"], pc["state"]["vae"], atol=3 * c.vae_lr)
+
+
+def _graphed_pack(monkeypatch, poison):
+    """train_pack with the graphed pack's CPU form; ``poison(step, metrics)`` edits the metric
+    matrix of the step from pack step ``step`` (0 the first)."""
+    real_call = GraphedPackStep.__call__
+
+    def poisoned(self, inputs):
+        metrics = real_call(self, inputs)
+        poison(self.states[0].step, metrics)
+        return metrics
+
+    monkeypatch.setattr(GraphedPackStep, "__call__", poisoned)
+    monkeypatch.setattr(pack_module, "make_pack_step",
+                        lambda states, data, *a, cuda_rng_states=None, **kw: GraphedPackStep(states, data, warmup=0))
+
+
+def test_a_graphed_pack_checks_the_metrics_a_single_run_checks_only(tmp_path, monkeypatch):
+    """A metric other than the loss and D's loss (a plug-in's, say) NaN/inf does not stop the
+    graphed pack, as it does not stop a single run (`CHECKED_METRICS`); D's loss NaN does."""
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.loop import CHECKED_METRICS, TrainingDiverged
+    from test_study_pack import _run_configs
+
+    names = []
+
+    def other_metrics(step, metrics):
+        names[:] = metrics.names
+        for i, name in enumerate(metrics.names):
+            if name not in CHECKED_METRICS:
+                metrics.matrix[i, 1] = float("inf") if i % 2 else float("nan")
+
+    _graphed_pack(monkeypatch, other_metrics)
+    cfgs = _run_configs(tmp_path / "other")
+    results = train_pack(cfgs, data=small_dsprites(256), progress=False, evaluate=False)
+    assert [r.status for r in results] == ["completed"] * 3 and len(names) > len(CHECKED_METRICS)
+
+    def d_loss(step, metrics):
+        if step == 2:
+            metrics.matrix[metrics.names.index("d_loss"), 2] = float("nan")
+
+    _graphed_pack(monkeypatch, d_loss)
+    cfgs = _run_configs(tmp_path / "d_loss")
+    with pytest.raises(TrainingDiverged, match="by step 4 in") as info:
+        train_pack(cfgs, data=small_dsprites(256), progress=False, evaluate=False)
+    assert info.value.outs == (cfgs[2].out,)
+
+
+def test_a_graphed_pack_checks_before_it_evaluates(tmp_path, monkeypatch):
+    """A NaN between log steps is found at the next evaluation step (``eval_every``), before the
+    evaluation and the callbacks see the diverged weights, as a single run checks them."""
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.loop import TrainingDiverged
+    from test_study_pack import _run_configs
+
+    def loss(step, metrics):
+        if step == 2:  # the third step
+            metrics.matrix[metrics.names.index("loss"), 0] = float("nan")
+
+    _graphed_pack(monkeypatch, loss)
+    cfgs = [c.replace(log_every=6, eval_every=4) for c in _run_configs(tmp_path)]
+    seen = []
+    with pytest.raises(TrainingDiverged, match="by step 4 in") as info:
+        train_pack(cfgs, data=small_dsprites(256), progress=False, evaluate=False,
+                   callbacks_for=lambda cfg, data: [lambda state, metrics: seen.append((cfg.out, state.step))])
+    assert info.value.outs == (cfgs[0].out,) and info.value.step == 4
+    assert sorted({step for _, step in seen}) == [1, 2, 3]  # none at step 4, the evaluation step

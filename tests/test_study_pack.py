@@ -289,3 +289,51 @@ def test_a_stacked_pack_refuses_an_optimiser_it_would_replace_by_adam():
     states[1].optims = states[1].optims._replace(disc=torch.optim.SGD(states[1].models.disc.parameters(), lr=1e-2))
     with pytest.raises(FastFVAEError, match="plain torch Adam only, and these runs use SGD"):
         StackedPackStep(states, data)
+
+
+@pytest.mark.parametrize("make", [ThreadedPackStep, StackedPackStep])
+def test_a_pack_stops_when_d_loss_becomes_nan_as_a_single_run_does(tmp_path, monkeypatch, make):
+    """Every step's check covers the metrics a single run's covers (`CHECKED_METRICS`: the loss
+    and D's loss), naming the run; another metric's NaN/inf does not stop it."""
+    from fastfvae.study import pack as pack_module
+    from fastfvae.study.pack import train_pack
+    from fastfvae.train.loop import TrainingDiverged
+
+    def poisoned_step(name, step_index):
+        def build(states, data, *a, cuda_rng_states=None, **kw):
+            step = make(states, data)
+            real_call = step.__call__
+
+            def call(inputs):
+                metrics = dict(real_call(inputs))
+                if states[0].step == step_index:
+                    metrics[name] = metrics[name].clone()
+                    metrics[name][1] = float("nan")
+                return metrics
+
+            step.__call__ = call
+            return _Calling(step)
+        return build
+
+    monkeypatch.setattr(pack_module, "make_pack_step", poisoned_step("d_loss", 2))
+    cfgs = _run_configs(tmp_path / "d_loss")
+    with pytest.raises(TrainingDiverged, match="at step 3 in") as info:
+        train_pack(cfgs, data=small_dsprites(256), progress=False, evaluate=False)
+    assert info.value.outs == (cfgs[1].out,)
+    monkeypatch.setattr(pack_module, "make_pack_step", poisoned_step("d_acc", 2))
+    results = train_pack(_run_configs(tmp_path / "d_acc"), data=small_dsprites(256), progress=False, evaluate=False)
+    assert [r.status for r in results] == ["completed"] * 3
+
+
+class _Calling:
+    """A step whose instance ``__call__`` is the one called (Python looks ``__call__`` up on the
+    type); every other attribute is the wrapped step's."""
+
+    def __init__(self, step) -> None:
+        self._step = step
+
+    def __call__(self, inputs):
+        return self._step.__call__(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self._step, name)

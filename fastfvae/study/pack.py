@@ -462,23 +462,47 @@ class StackedPackStep:
         self.disc_opt.zero_grad(set_to_none=True)
 
 
-def pack_noise_generator(cfg: TrainConfig, device, saved_cuda_states=None) -> torch.Generator:
-    """Run ``cfg``'s own noise generator on ``device`` for a graphed pack, as its single graphed
-    run has it in the device's default generator: seeded ``noise_seed(cfg.seed)`` for a fresh
-    run (the single run's ``torch.cuda.manual_seed``), or the state the run's checkpoint saved
-    for this device (``rng["torch_cuda"]``, one state per device, as `capture_rng_states` writes
-    it: a single run's checkpoint and a pack's read the same). A checkpoint without one (a CPU
-    run's) starts from the seed."""
-    from fastfvae.train.state import noise_seed
+def pack_noise_generator(cfg: TrainConfig, device, saved_cuda_states=None, step: int = 0) -> torch.Generator:
+    """Run ``cfg``'s own noise generator on ``device`` for a graphed pack at ``step``, as its
+    single graphed run has it in the device's default generator, so that a pack's run and the
+    single run continue identically:
 
+    - a fresh run (``step`` 0): seeded ``noise_seed(cfg.seed)`` (the single fast step's
+      ``torch.cuda.manual_seed``);
+    - a resumed run whose checkpoint saved a state for this device (``rng["torch_cuda"]``, one
+      state per device, as `capture_rng_states` writes it: a single run's checkpoint and a
+      pack's read the same): that state;
+    - a resumed run whose checkpoint has none (a CPU run's): the single run neither restores
+      nor re-seeds the device generator then (the fast step seeds it at step 0 only), so it
+      draws from where `build_models`' ``torch.manual_seed(cfg.seed)`` left it: seeded
+      ``cfg.seed``, and so is this one.
+    """
     device = torch.device(device)
     generator = torch.Generator(device=device)
-    index = _device_index(device)
-    if saved_cuda_states is not None and len(saved_cuda_states) > index:
-        generator.set_state(saved_cuda_states[index])
+    saved = _saved_device_state(device, saved_cuda_states, step)
+    if saved is not None:
+        generator.set_state(saved)
     else:
-        generator.manual_seed(noise_seed(cfg.seed))
+        generator.manual_seed(pack_noise_seed(cfg, device, saved_cuda_states, step))
     return generator
+
+
+def _saved_device_state(device: torch.device, saved_cuda_states, step: int):
+    index = _device_index(device)
+    if step > 0 and saved_cuda_states is not None and len(saved_cuda_states) > index:
+        return saved_cuda_states[index]
+    return None
+
+
+def pack_noise_seed(cfg: TrainConfig, device, saved_cuda_states=None, step: int = 0) -> int | None:
+    """The seed `pack_noise_generator` gives run ``cfg``'s generator at ``step`` (None: it takes
+    the checkpoint's saved state instead): ``noise_seed(cfg.seed)`` for a fresh run, ``cfg.seed``
+    for one resumed from a checkpoint without this device's generator state."""
+    from fastfvae.train.state import noise_seed
+
+    if _saved_device_state(torch.device(device), saved_cuda_states, step) is not None:
+        return None
+    return noise_seed(cfg.seed) if step == 0 else cfg.seed
 
 
 def _device_index(device: torch.device) -> int:
@@ -497,7 +521,7 @@ class GraphedPackStep(StackedPackStep):
     (warm-up on a side stream, then weights, Adam state and generators put back in place, so the
     captured addresses stay valid and the warm-up leaves no trace), the metrics as one stacked
     [metrics, K] matrix cloned per step (no host synchronisation: ``defers_sync``, the loop checks
-    NaN/inf when it logs or saves).
+    NaN/inf before it next reads or uses the weights: `_check_due`).
 
     Noise (``noise="device"``, the default, as the single graph's): drawn inside the graph, run
     k's from its own device generator (`pack_noise_generator`: seeded and checkpointed as the
@@ -532,8 +556,7 @@ class GraphedPackStep(StackedPackStep):
         saved = list(cuda_rng_states) if cuda_rng_states is not None else [None] * len(states)
         if len(saved) != len(states):
             raise FastFVAEError(f"{len(saved)} saved generator states for a pack of {len(states)} runs")
-        self.generators = [pack_noise_generator(s.cfg, device, None if s.step == 0 else r)
-                           for s, r in zip(states, saved)]
+        self.generators = [pack_noise_generator(s.cfg, device, r, s.step) for s, r in zip(states, saved)]
         self._bind()
         optims = [o for o in (self.vae_opt, self.disc_opt) if o is not None]
         self.graph, self.out = None, None
@@ -662,8 +685,10 @@ class _PackMeter:
         self.count += 1
 
     def finite(self) -> list[bool]:
-        """Per run: every summed metric finite (one device-to-host read)."""
-        return torch.isfinite(self.sums).all(dim=0).tolist()
+        """Per run: the summed metrics the single run checks (`CHECKED_METRICS`) finite (one
+        device-to-host read); another metric (a plug-in's) may be NaN/inf without stopping it."""
+        rows = [self.names.index(k) for k in single.CHECKED_METRICS if k in self.names]
+        return torch.isfinite(self.sums[rows]).all(dim=0).tolist()
 
     def flush(self) -> tuple[list[dict], float]:
         from fastfvae.train.progress import METRIC_KEYS
@@ -778,6 +803,17 @@ def _kept_before_training(payloads) -> str:
     return f"each run's checkpoint is unchanged (step {next(p for p in payloads if p is not None)['state']['step']})"
 
 
+def _check_due(cfg: TrainConfig, n: int, stop_requested: bool, evaluates: bool) -> bool:
+    """Whether a pack that defers host syncs checks its runs' metrics for NaN/inf after step
+    ``n``: wherever the loop next reads or uses the weights, so that nothing is logged, saved,
+    evaluated or stopped on from an interval that diverged: a log step, the last step, a stop,
+    a checkpoint step and (``evaluates``: the runs are evaluated or have callbacks) an
+    evaluation step (``eval_every``), where the state is synced for the evaluation."""
+    return bool(n % cfg.log_every == 0 or n == cfg.steps or stop_requested
+                or (cfg.ckpt_every and n % cfg.ckpt_every == 0)
+                or (evaluates and n % cfg.eval_every == 0))
+
+
 def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop, progress, console):
     """The steps of `train_pack` in the folders it owns; one `RunResult` per run."""
     cfg0, k = cfgs[0], len(cfgs)
@@ -794,7 +830,7 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
     elapsed0 = [float(p.get("elapsed_s", 0.0)) if p is not None else 0.0 for p in payloads]
     last = [dict(p.get("metrics", {})) if p is not None else {} for p in payloads]
     # A step that defers host syncs (the graphed pack) gives its metrics as one matrix: one meter
-    # sums it, and NaN/inf is checked when the loop reads back anyway (log, checkpoint, the end).
+    # sums it, and NaN/inf is checked before the loop next reads or uses the weights (`_check_due`).
     deferred = bool(getattr(step, "defers_sync", False))
     own_rng = getattr(step, "cuda_rng_state", None)
     host_noise = not getattr(step, "draws_own_noise", False)
@@ -802,6 +838,7 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
     pack_meter = _PackMeter() if deferred else None
     shapes = [StepShapes.of(c, data=data) for c in cfgs]
     t_start, step0 = time.perf_counter(), states[0].step
+    evaluates = bool(cfg0.eval_every) and (evaluation is not None or any(callbacks))
 
     def check_and_save():
         step.sync_state()
@@ -852,14 +889,13 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
             per_run = None
             if pack_meter is not None:
                 pack_meter.add(metrics)
-                due = (n % cfg0.log_every == 0 or n == cfg0.steps or stop.requested
-                       or (cfg0.ckpt_every and n % cfg0.ckpt_every == 0))
-                finite = pack_meter.finite() if due else [True] * k
+                finite = pack_meter.finite() if _check_due(cfg0, n, stop.requested, evaluates) else [True] * k
             else:
                 per_run = [{name: value[i] for name, value in metrics.items()} for i in range(k)]
                 for meter, m in zip(meters, per_run):
                     meter.add(m)
-                finite = torch.isfinite(metrics["loss"]).tolist()
+                checked = [metrics[key] for key in single.CHECKED_METRICS if key in metrics]
+                finite = torch.isfinite(torch.stack([v.float() for v in checked])).all(dim=0).tolist()
             if not all(finite):
                 bad = [c.out for c, ok in zip(cfgs, finite) if not ok]
                 when = f"at step {n}" if pack_meter is None else f"by step {n}"
@@ -869,7 +905,7 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
                 flush(bar)
             else:
                 bar.update(n)
-            if cfg0.eval_every and n % cfg0.eval_every == 0 and (evaluation is not None or any(callbacks)):
+            if evaluates and n % cfg0.eval_every == 0:
                 step.sync_state()
                 if evaluation is not None:
                     evaluation(n, [state.models.vae for state in states])

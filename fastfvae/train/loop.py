@@ -211,8 +211,13 @@ def nonfinite_state(state: TrainState) -> str | None:
     return None
 
 
+#: The metrics whose NaN/inf stops training (a plug-in metric may be NaN/inf legitimately);
+#: the pack's loop checks the same ones.
+CHECKED_METRICS = ("loss", "d_loss")
+
+
 def _finite(metrics: dict) -> bool:
-    values = [metrics[k] for k in ("loss", "d_loss") if k in metrics]
+    values = [metrics[k] for k in CHECKED_METRICS if k in metrics]
     return bool(torch.isfinite(torch.stack([v.float() for v in values])).all())
 
 
