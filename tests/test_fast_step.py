@@ -193,7 +193,7 @@ def test_bf16_checkpoint_state_owns_its_tensors():
     cfg = small_cfg()
     data = small_dsprites(512)
     state = TrainState.create(cfg, len(data))
-    step = FastStep(state, data, FastOptions(precision="bf16"))
+    step = FastStep(state, data, FastOptions(precision="bf16", native_d=False))  # the torch D's flat Adam
     assert step._flat_adam is not None
     before = [p.detach().clone() for p in state.models.disc.parameters()]
     step(draw_step_inputs(cfg, state.sampler, state.generator))

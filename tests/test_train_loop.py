@@ -206,6 +206,20 @@ def test_deferred_stacked_metrics_still_stop_on_nan(tmp_path):
                      step_builder=_recording(make_reference_step, [], stacked=True, defers_sync=True))
 
 
+def test_a_deferred_nan_stops_before_an_evaluation_step_sees_the_weights(tmp_path):
+    """With deferred syncs the check also runs at evaluation steps: the evaluation callbacks of
+    step 4 (eval_every 4, log_every 8) never see weights that went NaN at step 3."""
+    from fastfvae.train.reference import make_reference_step
+
+    seen = []
+    cfg = TrainConfig(steps=8, out=str(tmp_path / "nan"), debug_nan_at_step=3, eval_every=4,
+                      **{**SMALL, "log_every": 8})
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        run_training(cfg, data=small_dsprites(), progress=False, callbacks=[lambda state, m: seen.append(state.step)],
+                     step_builder=_recording(make_reference_step, [], stacked=True, defers_sync=True))
+    assert seen == [1, 2, 3]
+
+
 def test_the_api_runs_cfg_fast_on_the_fast_step_without_a_step_builder(tmp_path, monkeypatch):
     import fastfvae.fast
 

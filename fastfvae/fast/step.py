@@ -63,8 +63,10 @@ class FastOptions:
                                      # device with a CUDA graph, else host
     by_hand: bool | None = None      # split-backward convolutions + D written out (6.);
                                      # None = when nothing is compiled or captured (CPU)
-    native_d: bool = False           # opt-in: the by-hand D on the native library
-                                     # (fastfvae.ops.native_mlp: forward, input grad, fused grads + Adam)
+    native_d: bool | None = None     # the by-hand D on the native library (fastfvae.ops.native_mlp:
+                                     # forward, input grad, fused grads + Adam); None = on the CPU
+                                     # by-hand step where the library is loaded and D and its
+                                     # optimiser fit it (a plain Adam, Linear/LeakyReLU layers)
 
     def resolved(self, device: torch.device) -> "FastOptions":
         check_precision(self.precision)
@@ -92,8 +94,14 @@ class FastOptions:
             raise FastFVAEError("by_hand needs an eager step (compile='none', no CUDA graph)")
         if self.native_d and not (by_hand and device.type == "cpu"):
             raise FastFVAEError("native_d needs the by-hand CPU step (a CPU device, compile='none', by_hand)")
+        native_d = self.native_d
+        if native_d is None:
+            from fastfvae.ops import native_mlp
+
+            # None stays None where it would apply: the step then tries it and falls back quietly
+            native_d = None if by_hand and device.type == "cpu" and native_mlp.available() else False
         return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise,
-                       by_hand=by_hand)
+                       by_hand=by_hand, native_d=native_d)
 
     @property
     def draws_own_noise(self) -> bool:
@@ -181,10 +189,12 @@ class FastStep:
         #: (docs/fast-path.md)
         self._s2d = opts.by_hand and opts.precision == "bf16" and vae.channels == 1 and not self._render
         self._d_by_hand = self._flat_adam = None
-        if opts.native_d and disc is not None:
+        if opts.native_d is not False and disc is not None:
             self._d_by_hand = _native_discriminator(disc, 2 * self.cfg.batch_size, self._dtype,
-                                                    None if own_disc_optim else self.optims.disc)
-        elif opts.by_hand and disc is not None:
+                                                    None if own_disc_optim else self.optims.disc,
+                                                    required=bool(opts.native_d))
+        self.options = opts = replace(opts, native_d=self._d_by_hand is not None)
+        if self._d_by_hand is None and opts.by_hand and disc is not None:
             self._d_by_hand = DiscriminatorByHand(disc, 2 * self.cfg.batch_size, self._dtype)
             if opts.precision == "bf16" and self.device.type == "cpu" and not own_disc_optim:
                 # D's update as one compiled kernel over flat buffers (`fastfvae.fast.flat_adam`)
@@ -317,14 +327,21 @@ class FastStep:
             d.parameters_changed()
 
 
-def _native_discriminator(disc, rows: int, dtype: torch.dtype, optimizer):
+def _native_discriminator(disc, rows: int, dtype: torch.dtype, optimizer, required: bool):
     """`fastfvae.ops.native_mlp.NativeDiscriminator` for ``native_d`` (its update is
-    torch.optim.Adam's formula on the optimiser's own state, so ``optimizer`` must be that plain Adam)."""
+    torch.optim.Adam's formula on the optimiser's own state, so ``optimizer`` must be that plain Adam).
+    Not ``required`` (the default ``native_d=None``): None where D or its optimiser does not fit
+    the native one, and the step keeps its torch D."""
     from fastfvae.ops.native_mlp import NativeDiscriminator
 
-    if optimizer is None:
-        raise FastFVAEError("native_d runs D's Adam natively: it needs a plain torch Adam adversary optimiser")
-    return NativeDiscriminator(disc, rows, dtype, optimizer)
+    try:
+        if optimizer is None:
+            raise FastFVAEError("native_d runs D's Adam natively: it needs a plain torch Adam adversary optimiser")
+        return NativeDiscriminator(disc, rows, dtype, optimizer)
+    except FastFVAEError:
+        if required:
+            raise
+        return None
 
 
 class _BatchSource:

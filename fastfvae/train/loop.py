@@ -438,10 +438,12 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                     metrics["loss"] = metrics["loss"] * float("nan")
                 meter.add(metrics)
                 # A step that defers host syncs (the fast path's CUDA graph) is checked when the
-                # loop reads back anyway: NaN/inf propagates into the interval sums.
+                # loop reads back anyway (NaN/inf propagates into the interval sums), and before
+                # an evaluation step's callbacks see the weights.
                 deferred = getattr(step_fn, "defers_sync", False)
+                evaluating = bool(callbacks and cfg.eval_every and state.step % cfg.eval_every == 0)
                 due = (state.step % cfg.log_every == 0 or state.step == cfg.steps or stop.requested
-                       or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0))
+                       or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or evaluating)
                 if (due or not deferred) and not _finite(meter.sums if deferred else metrics):
                     raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept()}",
                                            outs=(out,), step=state.step)
@@ -449,7 +451,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                     flush_log()
                 else:
                     bar.update(state.step)
-                if callbacks and cfg.eval_every and state.step % cfg.eval_every == 0:
+                if evaluating:
                     sync_state()  # an evaluation step: the callbacks see the whole state as it is
                 for callback in callbacks:
                     callback(state, metrics)

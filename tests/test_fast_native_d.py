@@ -1,0 +1,68 @@
+"""The fast step's default discriminator on CPU: the native one (`fastfvae.ops.native_mlp`)
+where the library is loaded and D and its optimiser fit it, else the torch by-hand D, quietly;
+``native_d=True`` asks for it and says why it cannot, ``native_d=False`` keeps the torch D.
+The library comes from tests/test_ops_native.py's fixtures (these tests skip without a compiler)."""
+
+import pytest
+import torch
+from test_fast_step import small_cfg
+from test_methods_registry import _factorvae_with, registry  # noqa: F401  (fixture)
+from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
+from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+
+from fastfvae import methods
+from fastfvae.errors import FastFVAEError
+from fastfvae.fast import FastOptions, FastStep
+from fastfvae.fast.disc_by_hand import DiscriminatorByHand
+from fastfvae.ops import native
+from fastfvae.ops.native_mlp import NativeDiscriminator
+from fastfvae.train.reference import draw_step_inputs
+from fastfvae.train.state import TrainState
+
+
+def _step(cfg, **options) -> FastStep:
+    return FastStep(TrainState.create(cfg, 512), small_dsprites(512), FastOptions(**options))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_native_discriminator_is_the_cpu_default_where_the_library_is_loaded(native_on, precision):
+    step = _step(small_cfg(), precision=precision)
+    assert step.options.native_d is True
+    assert isinstance(step._d_by_hand, NativeDiscriminator)
+    step(draw_step_inputs(step.cfg, step.state.sampler, step.state.generator))
+    assert "mlp_update" in native_on.called  # D's update ran natively
+
+
+def test_native_d_false_keeps_the_torch_discriminator(native_on):
+    step = _step(small_cfg(), native_d=False)
+    assert step.options.native_d is False and isinstance(step._d_by_hand, DiscriminatorByHand)
+
+
+def test_without_the_library_the_default_is_the_torch_discriminator(native_on, monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
+    step = _step(small_cfg())
+    assert step.options.native_d is False and isinstance(step._d_by_hand, DiscriminatorByHand)
+
+
+def test_an_optimiser_the_native_adam_cannot_run_falls_back_unless_asked_for(native_on, registry):  # noqa: F811
+    """A plug-in adversary optimiser (SGD) runs as the method built it: by default the step keeps
+    the torch D for it; asking for the native D is one line naming what it needs."""
+    methods.register(_factorvae_with("sgd"))
+    cfg = small_cfg(model="fvae_sgd")
+    step = _step(cfg)
+    assert step.options.native_d is False and isinstance(step._d_by_hand, DiscriminatorByHand)
+    with pytest.raises(FastFVAEError, match="plain torch Adam"):
+        _step(cfg, native_d=True)
+
+
+def test_a_method_without_an_adversary_has_no_native_discriminator(native_on):
+    step = _step(small_cfg(model="betavae"))
+    assert step.options.native_d is False and step._d_by_hand is None
+
+
+def test_the_gpu_and_compiled_steps_resolve_native_d_off():
+    """The native D is the by-hand CPU step's: elsewhere the default resolves to off, and asking is refused."""
+    opts = FastOptions(compile="model").resolved(torch.device("cpu"))
+    assert opts.native_d is False
+    with pytest.raises(FastFVAEError, match="native_d needs the by-hand CPU step"):
+        FastOptions(native_d=True, compile="model").resolved(torch.device("cpu"))
