@@ -46,52 +46,51 @@ def _cases(batch: int, c: int = 32):
 
 
 def _dtype_cases(dt, ops, g, first, last, img, batch, c):
-    if True:
-        h = torch.randn(batch, c, 32, 32, generator=g).to(dt).contiguous(memory_format=CL)
-        w1, b1 = first.weight.detach().to(dt), first.bias.detach().to(dt)
-        w2, b2 = last.weight.detach().to(dt), last.bias.detach().to(dt)
-        if dt == torch.bfloat16:  # the bf16 step: space-to-depth forms (fastfvae/fast/conv.py)
-            x = by_hand.space_to_depth(img).to(dt)
-            gi = by_hand.space_to_depth(torch.randn(batch, 1, 64, 64, generator=g)).to(dt)
-            k1 = _s2d_first_kernel(first).to(dt).contiguous(memory_format=CL)
-            k2 = _s2d_last_kernel(last).to(dt).contiguous(memory_format=CL)
-            flipped = k2.flip(2, 3).transpose(0, 1).contiguous(memory_format=CL)
-            b2x4 = b2.expand(4).contiguous()
-            s2d = True
-            onednn = {
-                "first fwd+relu": lambda: torch.ops.mkldnn._convolution_pointwise(x, k1, b1, [1, 1], [1, 1], [1, 1], 1,
-                                                                                   "relu", [], ""),
-                "first wgrad": lambda: _aten.convolution_backward(h, x, k1, None, [1, 1], [1, 1], [1, 1], False,
-                                                                  [0, 0], 1, [False, True, False])[1],
-                "last fwd": lambda: _aten.convolution(h, k2, b2x4, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
-                "last dgrad": lambda: _aten.convolution(gi, flipped, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
-                "last wgrad": lambda: _aten.convolution_backward(h, gi, flipped, None, [1, 1], [1, 1], [1, 1], False,
-                                                                 [0, 0], 1, [False, True, False])[1],
-            }
-        else:  # the fp32 step: the layers as they are, on [B, 1, 64, 64]
-            x = img.to(dt)
-            gi = torch.randn(batch, 1, 64, 64, generator=g).to(dt)
-            s2d = False
-            onednn = {
-                "first fwd+relu": lambda: torch.ops.mkldnn._convolution_pointwise(x, w1, b1, [1, 1], [2, 2], [1, 1], 1,
-                                                                                   "relu", [], ""),
-                "first wgrad": lambda: _aten.convolution_backward(h, x, w1, None, [2, 2], [1, 1], [1, 1], False,
-                                                                  [0, 0], 1, [False, True, False])[1],
-                "last fwd": lambda: _aten.convolution(h, w2, b2, [2, 2], [1, 1], [1, 1], True, [0, 0], 1),
-                "last dgrad": lambda: _aten.convolution_backward(gi, h, w2, None, [2, 2], [1, 1], [1, 1], True,
-                                                                 [0, 0], 1, [True, False, False])[0],
-                "last wgrad": lambda: _aten.convolution_backward(gi, h, w2, None, [2, 2], [1, 1], [1, 1], True,
-                                                                 [0, 0], 1, [False, True, False])[1],
-            }
-        mine = {
-            "first fwd+relu": lambda: ops.image_conv(x, w1, b1, True, s2d),
-            "first wgrad": lambda: ops.image_conv_weight_grad(x, h, s2d),
-            "last fwd": lambda: ops.image_conv_transpose(h, w2, b2, s2d),
-            "last dgrad": lambda: ops.image_conv(gi, w2, None, False, s2d),
-            "last wgrad": lambda: ops.image_conv_weight_grad(gi, h, s2d),
+    h = torch.randn(batch, c, 32, 32, generator=g).to(dt).contiguous(memory_format=CL)
+    w1, b1 = first.weight.detach().to(dt), first.bias.detach().to(dt)
+    w2, b2 = last.weight.detach().to(dt), last.bias.detach().to(dt)
+    if dt == torch.bfloat16:  # the bf16 step: space-to-depth forms (fastfvae/fast/conv.py)
+        x = by_hand.space_to_depth(img).to(dt)
+        gi = by_hand.space_to_depth(torch.randn(batch, 1, 64, 64, generator=g)).to(dt)
+        k1 = _s2d_first_kernel(first).to(dt).contiguous(memory_format=CL)
+        k2 = _s2d_last_kernel(last).to(dt).contiguous(memory_format=CL)
+        flipped = k2.flip(2, 3).transpose(0, 1).contiguous(memory_format=CL)
+        b2x4 = b2.expand(4).contiguous()
+        s2d = True
+        onednn = {
+            "first fwd+relu": lambda: torch.ops.mkldnn._convolution_pointwise(x, k1, b1, [1, 1], [1, 1], [1, 1], 1,
+                                                                               "relu", [], ""),
+            "first wgrad": lambda: _aten.convolution_backward(h, x, k1, None, [1, 1], [1, 1], [1, 1], False,
+                                                              [0, 0], 1, [False, True, False])[1],
+            "last fwd": lambda: _aten.convolution(h, k2, b2x4, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+            "last dgrad": lambda: _aten.convolution(gi, flipped, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+            "last wgrad": lambda: _aten.convolution_backward(h, gi, flipped, None, [1, 1], [1, 1], [1, 1], False,
+                                                             [0, 0], 1, [False, True, False])[1],
         }
-        name = "bf16 s2d" if dt == torch.bfloat16 else "fp32"
-        return [(f"{name:8s} {k}", onednn[k], mine[k]) for k in onednn]
+    else:  # the fp32 step: the layers as they are, on [B, 1, 64, 64]
+        x = img.to(dt)
+        gi = torch.randn(batch, 1, 64, 64, generator=g).to(dt)
+        s2d = False
+        onednn = {
+            "first fwd+relu": lambda: torch.ops.mkldnn._convolution_pointwise(x, w1, b1, [1, 1], [2, 2], [1, 1], 1,
+                                                                               "relu", [], ""),
+            "first wgrad": lambda: _aten.convolution_backward(h, x, w1, None, [2, 2], [1, 1], [1, 1], False,
+                                                              [0, 0], 1, [False, True, False])[1],
+            "last fwd": lambda: _aten.convolution(h, w2, b2, [2, 2], [1, 1], [1, 1], True, [0, 0], 1),
+            "last dgrad": lambda: _aten.convolution_backward(gi, h, w2, None, [2, 2], [1, 1], [1, 1], True,
+                                                             [0, 0], 1, [True, False, False])[0],
+            "last wgrad": lambda: _aten.convolution_backward(gi, h, w2, None, [2, 2], [1, 1], [1, 1], True,
+                                                             [0, 0], 1, [False, True, False])[1],
+        }
+    mine = {
+        "first fwd+relu": lambda: ops.image_conv(x, w1, b1, True, s2d),
+        "first wgrad": lambda: ops.image_conv_weight_grad(x, h, s2d),
+        "last fwd": lambda: ops.image_conv_transpose(h, w2, b2, s2d),
+        "last dgrad": lambda: ops.image_conv(gi, w2, None, False, s2d),
+        "last wgrad": lambda: ops.image_conv_weight_grad(gi, h, s2d),
+    }
+    name = "bf16 s2d" if dt == torch.bfloat16 else "fp32"
+    return [(f"{name:8s} {k}", onednn[k], mine[k]) for k in onednn]
 
 
 def _s2_cases(batch: int):

@@ -10,15 +10,10 @@ vdpbf16ps, scalar); and the wiring in fastfvae.fast.conv. The library comes from
 tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
+from test_ops_native import isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
 from torch import nn
 
 from fastfvae.fast import conv as by_hand
@@ -366,16 +361,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
 def test_each_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant (avx512 = AVX-512 without vdpbf16ps)."""
-    env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa, OMP_NUM_THREADS="1")
-    env.pop(native_conv.CONV_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(native_lib), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    chosen, status = proc.stdout.split()[-2:]
-    assert status == "ok"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    supported = {"avx512_bf16": " avx512_bf16" in flags, "avx512": " avx512bw" in flags, "scalar": True}
-    assert (chosen == isa) == supported[isa], (chosen, isa)
+    chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa, drop_env=(native_conv.CONV_ENV,))
+    assert (chosen == isa) == isa_supported(isa), (chosen, isa)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -409,3 +396,84 @@ def test_bits_independent_of_thread_count(native_on, dtype):
              "image_conv_weight_grad", "image_conv_weight_grad s2d", "conv_transpose_4s2"]
     results = on_each_thread_count(run, ["conv_image", "conv_s2"])
     assert_same_bits(results, names[:len(results[1])])
+
+
+@pytest.mark.parametrize("isa, native_dtypes", [("avx512_bf16", (F32, BF16)), ("avx512", (F32,)), ("scalar", ())])
+def test_image_layers_go_native_only_on_the_variants_measured_faster(native_on, monkeypatch, isa, native_dtypes):
+    """The fast step's image-side layers (plain and space-to-depth, encoder and decoder) take the
+    native kernels only where they beat oneDNN: avx512_bf16, or avx512 in float32."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(native_conv, "isa", lambda: isa)
+    torch.manual_seed(0)
+    encoder = SimpleNamespace(net=nn.Sequential(nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Flatten()), z_dim=64)
+    decoder = SimpleNamespace(fc=nn.Sequential(nn.Linear(3, 64 * 4 * 4)), deconv=nn.Sequential(nn.ConvTranspose2d(64, 1, 4, 2, 1)))
+    img, z = torch.rand(2, 1, 8, 8), torch.randn(2, 3)
+    for dtype in (F32, BF16):
+        for s2d in (False, True):
+            native_on.called.clear()
+            by_hand.encode(encoder, by_hand.space_to_depth(img) if s2d else img, dtype, s2d=s2d)
+            by_hand.decode(decoder, z, dtype, s2d=s2d)
+            used = {"image_conv", "image_conv_transpose"} & set(native_on.called)
+            assert used == ({"image_conv", "image_conv_transpose"} if dtype in native_dtypes else set()), (
+                isa, dtype, s2d, native_on.called)
+
+
+def test_info_says_onednn_where_the_variant_is_not_measured_faster(native_lib):
+    from test_ops_native import _info, _row
+
+    from fastfvae.ops import native
+
+    capped = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx2"})
+    assert _row(capped, "conv_image_layers")[1] == "oneDNN", capped
+    assert "the native kernels need AVX-512 (this CPU: " in capped
+    assert _row(capped, "conv_transpose_4s2")[1] == "oneDNN" and "needs vdpbf16ps" in capped
+    if isa_supported("avx512"):
+        fp32_only = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx512"})
+        assert _row(fp32_only, "conv_image_layers")[1] == "native" and "bf16: oneDNN" in fp32_only, fp32_only
+
+
+def test_info_on_a_library_without_the_convolutions(native_on, monkeypatch):
+    """An older build of the library (no convolution calls): the reason says so, not "loaded"."""
+    from fastfvae.cli.info import conv_rows
+
+    monkeypatch.setattr(native_conv, "CONV_OPS", native_conv.CONV_OPS + ("a_call_this_build_lacks",))
+    monkeypatch.delenv(native_conv.CONV_ENV, raising=False)
+    assert not native_conv.enabled()
+    rows = {name: (cpu, why) for name, cpu, _, why in conv_rows()}
+    for name in ("conv_image_layers", "conv_transpose_4s2"):
+        cpu, why = rows[name]
+        assert cpu == "oneDNN" and "has no native convolutions" in why and "rebuild" in why, why
+
+
+class _CpuKernels:
+    """torch.ops.fastfvae_native's CPU kernels called directly (the dispatcher would send a call
+    with a meta tensor to the meta key, which has none), as a C++ caller would."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.fastfvae_native, name).default
+        return lambda *args: op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
+
+
+def test_weights_and_bias_on_another_device(native_on):
+    """The kernels take CPU tensors only: a weight or bias elsewhere is one clear error, and the
+    routing checks leave such layers to torch."""
+    ops = _CpuKernels()
+    img, h = torch.rand(2, 1, 8, 8), torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 1, 4, 4), torch.randn(4)
+    x, w2, b2 = torch.randn(2, 8, 4, 4), torch.randn(8, 4, 4, 4), torch.randn(4)
+    meta = "meta"
+    calls = [
+        (lambda: ops.image_conv(img, w.to(meta), b, True, False), "weight must be a floating .*CPU tensor.*meta"),
+        (lambda: ops.image_conv(img, w, b.to(meta), True, False), "bias must be a floating CPU tensor of 4 .*meta"),
+        (lambda: ops.image_conv_transpose(h, w, b[:1].to(meta), False), "bias must be a floating CPU tensor of 1 .*meta"),
+        (lambda: ops.conv_transpose_4s2(x, w2.to(meta), b2, True), "weight must be a floating .*CPU tensor.*meta"),
+        (lambda: ops.conv_transpose_4s2(x, w2, b2.to(meta), True), "bias must be a floating CPU tensor of 4 .*meta"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    on_meta = nn.Conv2d(1, 4, 4, 2, 1).to(meta)
+    assert native_conv.fits(nn.Conv2d(1, 4, 4, 2, 1), img, transposed=False) == native_conv.image_isa_fits(F32)
+    assert not native_conv.fits(on_meta, img, transposed=False)
+    assert not native_conv.s2_fits(x.to(BF16), w2.to(meta), (2, 2), (1, 1))

@@ -9,17 +9,14 @@ $FASTFVAE_NATIVE_LIB); without cmake or a C++ compiler these tests skip.
 """
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ops_backends import graph_breaks_of
 from test_fast_disc_by_hand import make_disc
-from test_ops_native import assert_same_bits, native_lib, native_on, on_each_thread_count  # noqa: F401
+from test_ops_native import (  # noqa: F401  (fixtures)
+    assert_same_bits, isa_supported, native_lib, native_on, on_each_thread_count, run_with_isa)
 from torch import nn
 
 from fastfvae.errors import FastFVAEError
@@ -185,16 +182,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "scalar"])
 def test_each_gemm_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the GEMM variant (avx512 = AVX-512 without vdpbf16ps)."""
-    env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(native_lib), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    chosen, status = proc.stdout.split()[-2:]
-    assert status == "ok"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    supported = {"avx512_bf16": " avx512_bf16" in flags, "avx512": " avx512bw" in flags, "avx2": " avx2" in flags,
-                 "scalar": True}
-    assert (chosen == isa) == supported[isa], (chosen, isa)
+    chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa)
+    assert (chosen == isa) == isa_supported(isa), (chosen, isa)
 
 
 # --- NativeDiscriminator ----------------------------------------------------------------------

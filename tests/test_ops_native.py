@@ -76,6 +76,31 @@ def native_on(native_lib, monkeypatch) -> _Recorder:
     return recorder
 
 
+#: the /proc/cpuinfo flag of each GEMM (and convolution) variant FASTFVAE_NATIVE_ISA can cap to
+ISA_FLAGS = {"avx512_bf16": " avx512_bf16", "avx512": " avx512bw", "avx2": " avx2", "scalar": ""}
+
+
+def isa_supported(isa: str) -> bool:
+    """Whether this CPU runs the GEMM variant ``isa`` (the scalar one always)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return ISA_FLAGS[isa] in flags
+
+
+def run_with_isa(script: str, native_lib: Path, isa: str, drop_env=()) -> str:
+    """``script`` (argv: the library, the tests folder) in a subprocess on one thread with
+    FASTFVAE_NATIVE_ISA=isa and without ``drop_env``; it prints the variant it ran, then "ok".
+    Returns that variant."""
+    env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa, OMP_NUM_THREADS="1")
+    for name in drop_env:
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", script, str(native_lib), str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen, status = proc.stdout.split()[-2:]
+    assert status == "ok"
+    return chosen
+
+
 def _reference_permute(z, keys):
     return z.gather(0, keys.argsort(dim=0, stable=True))
 

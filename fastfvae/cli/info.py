@@ -71,15 +71,27 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
     if not native.loaded():
         return []
     on = native_conv.enabled()
-    off_why = (f"{native_conv.CONV_ENV}=0" if os.environ.get(native_conv.CONV_ENV, "1") in ("0", "")
-               else native.status()[1])
-    image = ("native" if on else "oneDNN",
-             f"cpu: the encoder's first and the decoder's last layer, fp32 and bf16 ({native_conv.isa()})" if on
-             else f"cpu: {off_why}")
-    s2_on = on and native_conv.S2_IN_STEP and native_conv.isa() == "avx512_bf16"
+    if os.environ.get(native_conv.CONV_ENV, "1") in ("0", ""):
+        off_why = f"{native_conv.CONV_ENV}=0"
+    elif not native_conv.has_ops():
+        off_why = (f"the loaded library {native._STATE['path']} has no native convolutions (an older build): "
+                   f"rebuild it: {native.BUILD_HINT}")
+    else:
+        off_why = native.status()[1]
+    isa = native_conv.isa()
+    fp32, bf16 = (on and native_conv.image_isa_fits(dt) for dt in (torch.float32, torch.bfloat16))
+    if fp32 or bf16:
+        dtypes = (f"fp32 and bf16 ({isa})" if fp32 and bf16
+                  else f"fp32 ({isa}; bf16: oneDNN, not measured faster without vdpbf16ps)")
+        image = ("native", f"cpu: the encoder's first and the decoder's last layer, {dtypes}")
+    elif on:
+        image = ("oneDNN", f"cpu: oneDNN: the native kernels need AVX-512 (this CPU: {native.gemm_isa()})")
+    else:
+        image = ("oneDNN", f"cpu: {off_why}")
+    s2_on = on and native_conv.S2_IN_STEP and isa == "avx512_bf16"
     s2_why = (f"cpu: bf16 step: the decoder's transposed convolutions, strided input gradients up to width "
               f"{native_conv.DGRAD_MAX_WIDTH} (fp32: oneDNN)" if s2_on
-              else "cpu: " + (off_why if not on else "needs vdpbf16ps (avx512_bf16)"))
+              else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
     return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
             ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch")]
 

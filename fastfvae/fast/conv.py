@@ -15,7 +15,8 @@ CPU (oneDNN); their per-layer timings are in docs/fast-path.md:
 - native image-side layers: with the native library loaded (`fastfvae.ops.native_conv.enabled`)
   the first and last layers run on its kernels instead, in the space-to-depth form (bf16 step)
   or on the plain image (`NATIVE_PLAIN`, the float32 step), several times faster than oneDNN
-  there (docs/ops.md, "Native convolutions"); without it, the oneDNN path below.
+  there (docs/ops.md, "Native convolutions"), on the CPUs where they measured faster
+  (`native_conv.IMAGE_ISAS`); otherwise the oneDNN path below.
 
 A ReLU after a convolution is part of it: on CPU one oneDNN primitive with a ReLU post-op
 (``mkldnn._convolution_pointwise``) for the forward convolutions, the mask applied in the
@@ -164,7 +165,7 @@ def depth_to_space(y: torch.Tensor) -> torch.Tensor:
 def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, relu: bool = False) -> torch.Tensor:
     """``layer(depth_to_space(x_s2d))`` (then a ReLU) as a 3x3 convolution of the space-to-depth input."""
     _check_s2d_layer(layer, transposed=False)
-    if native_conv.enabled() and native_conv.fits(layer, x_s2d, transposed=False):
+    if native_conv.enabled() and native_conv.fits(layer, x_s2d, False, dtype):
         return native_conv.first_conv(x_s2d, layer, dtype, relu, s2d=True)
     c = layer.out_channels
     # kernel tap (a, c') of block offset a - 1, sub-pixel rh: original tap kh = 2a + rh - 1
@@ -177,7 +178,7 @@ def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, re
 def last_deconv_s2d(h: torch.Tensor, layer: nn.ConvTranspose2d, dtype: torch.dtype) -> torch.Tensor:
     """``space_to_depth(layer(h))`` as a 3x3 convolution with 4 output channels."""
     _check_s2d_layer(layer, transposed=True)
-    if native_conv.enabled() and native_conv.fits(layer, h, transposed=True):
+    if native_conv.enabled() and native_conv.fits(layer, h, True, dtype):
         return native_conv.last_deconv(h, layer, dtype, s2d=True)
     c = layer.in_channels
     # output sub-pixel rh of block i takes input i + a - 1 through original tap kh = 3 + rh - 2a
@@ -217,7 +218,7 @@ def encode(encoder: Encoder, x: torch.Tensor, dtype: torch.dtype = torch.float32
     relu = len(layers) > 1 and isinstance(layers[1], nn.ReLU)
     if s2d:
         x, layers = first_conv_s2d(x, layers[0], dtype, relu), layers[1 + relu:]
-    elif _native_plain(layers[0], x, transposed=False):
+    elif _native_plain(layers[0], x, False, dtype):
         x, layers = native_conv.first_conv(x, layers[0], dtype, relu), layers[1 + relu:]
     stats = run_layers(layers, x, dtype).float()
     return stats[:, :encoder.z_dim], stats[:, encoder.z_dim:]
@@ -230,13 +231,13 @@ def decode(decoder: Decoder, z: torch.Tensor, dtype: torch.dtype = torch.float32
     layers = list(decoder.deconv)
     if s2d:
         return last_deconv_s2d(run_layers(layers[:-1], features, dtype), layers[-1], dtype)
-    if layers and _native_plain(layers[-1], features, transposed=True):
+    if layers and _native_plain(layers[-1], features, True, dtype):
         return native_conv.last_deconv(run_layers(layers[:-1], features, dtype), layers[-1], dtype)
     return run_layers(layers, features, dtype)
 
 
-def _native_plain(layer, x: torch.Tensor, transposed: bool) -> bool:
-    """The native kernels take this layer on the plain image (the first layer: a one-channel
-    input of even height and width)."""
+def _native_plain(layer, x: torch.Tensor, transposed: bool, dtype: torch.dtype) -> bool:
+    """The native kernels take this layer on the plain image in ``dtype`` (the first layer: a
+    one-channel input of even height and width)."""
     image_ok = transposed or (x.dim() == 4 and x.shape[1] == 1 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
-    return NATIVE_PLAIN and image_ok and native_conv.enabled() and native_conv.fits(layer, x, transposed)
+    return NATIVE_PLAIN and image_ok and native_conv.enabled() and native_conv.fits(layer, x, transposed, dtype)

@@ -19,8 +19,11 @@ activations' dtype (float32 or bfloat16) with the weights rounded to it, float32
 oneDNN path; the parameter gradients are float32. Measured ratios: docs/ops.md, "Native
 convolutions"; `bench/bench_conv_native.py` measures them again.
 
-`enabled` says whether `fastfvae.fast.conv` takes this path: the library loaded, not
-``FASTFVAE_NO_NATIVE=1``, and not ``FASTFVAE_NATIVE_CONV=0`` (this path alone off, to compare).
+`enabled` says whether `fastfvae.fast.conv` can take this path: the library loaded (with these
+calls), not ``FASTFVAE_NO_NATIVE=1``, and not ``FASTFVAE_NATIVE_CONV=0`` (this path alone off,
+to compare). The image-side layers then go native only on the variants measured faster than
+oneDNN (`IMAGE_ISAS`: AVX-512 with vdpbf16ps, or AVX-512 for float32), `conv_transpose_4s2`
+only where `s2_fits`.
 """
 
 from __future__ import annotations
@@ -36,40 +39,64 @@ CONV_ENV = "FASTFVAE_NATIVE_CONV"
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+#: the library's convolution calls; a library built before them lacks them (`has_ops`)
+CONV_OPS = ("image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_transpose_4s2", "conv_isa")
+
+
+def has_ops() -> bool:
+    """Whether the loaded library has every convolution call (an older build does not)."""
+    return all(hasattr(torch.ops.fastfvae_native, name) for name in CONV_OPS)
+
+
 def enabled() -> bool:
-    """Whether the native image-side convolutions run (module doc)."""
+    """Whether the native convolutions can run (module doc)."""
     if os.environ.get(CONV_ENV, "1") in ("0", ""):
         return False
-    return native.status()[0] and hasattr(torch.ops.fastfvae_native, "image_conv")
+    return native.status()[0] and has_ops()
 
 
 def isa() -> str:
-    """The variant the kernels run: avx512 or scalar."""
+    """The variant the kernels run: avx512_bf16, avx512 or scalar."""
     return torch.ops.fastfvae_native.conv_isa() if enabled() else "not loaded"
 
 
-def fits(layer: nn.Module, x: torch.Tensor, transposed: bool) -> bool:
-    """``layer`` is the one-channel 4x4 stride-2 padding-1 layer these kernels compute and ``x``
-    a CPU float32/bfloat16 input they take."""
+#: the variants whose image-side kernels measured faster than oneDNN, per activations' dtype
+#: (docs/ops.md, "Native convolutions"); on other CPUs oneDNN runs those layers
+IMAGE_ISAS = {torch.float32: ("avx512_bf16", "avx512"), torch.bfloat16: ("avx512_bf16",)}
+
+
+def image_isa_fits(dtype: torch.dtype) -> bool:
+    """The image-side kernels run in ``dtype`` on a variant that measured faster than oneDNN."""
+    return isa() in IMAGE_ISAS.get(dtype, ())
+
+
+def fits(layer: nn.Module, x: torch.Tensor, transposed: bool, dtype: torch.dtype | None = None) -> bool:
+    """``layer`` is the one-channel 4x4 stride-2 padding-1 layer these kernels compute, ``x`` a
+    CPU float32/bfloat16 input they take, and the kernels beat oneDNN here in ``dtype`` (the
+    dtype the layer runs in; default x's), `image_isa_fits`."""
     kind = nn.ConvTranspose2d if transposed else nn.Conv2d
-    if type(layer) is not kind or x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 4:
+    dtype = x.dtype if dtype is None else dtype
+    if (type(layer) is not kind or x.device.type != "cpu" or x.dtype not in DTYPES or dtype not in DTYPES
+            or x.dim() != 4 or not image_isa_fits(dtype)):
         return False
     one = layer.out_channels if transposed else layer.in_channels
     return (one == 1 and layer.kernel_size == (4, 4) and layer.stride == (2, 2) and layer.padding == (1, 1)
             and layer.groups == 1 and layer.dilation == (1, 1) and layer.padding_mode == "zeros"
-            and (not transposed or layer.output_padding == (0, 0)) and layer.weight.device.type == "cpu")
+            and (not transposed or layer.output_padding == (0, 0)) and layer.weight.device.type == "cpu"
+            and (layer.bias is None or layer.bias.device.type == "cpu"))
 
 
 #: `conv_transpose_4s2` in the fast step (bf16 with vdpbf16ps): the decoder's transposed
-#: convolutions (1.3-1.5x oneDNN + its separate ReLU) and the two smaller strided input gradients
-#: (1.1-1.2x); the whole step 53.7 vs 54.6 ms without it (1 thread, docs/ops.md)
+#: convolutions (1.40-1.70x oneDNN + its separate ReLU, 1 thread) and the two smaller strided
+#: input gradients (1.16-1.24x), docs/ops.md, "Native convolutions"
 S2_IN_STEP = True
-#: `conv_transpose_4s2` for the float32 step's transposed convolutions: off. 1.1-1.2x oneDNN alone,
-#: but the step only 0.4% faster (109.3 vs 109.8 ms), and its other summation order moved the
-#: 50-step fp32 parity with the reference loop past its 1e-4 tolerance (KL 1.1e-4 off)
+#: `conv_transpose_4s2` for the float32 step's transposed convolutions: off. 1.12-1.24x oneDNN
+#: alone, but the step only 0.4% faster (109.3 vs 109.8 ms), and its other summation order moved
+#: the 50-step fp32 parity with the reference loop past its 1e-4 tolerance (docs/ops.md)
 S2_FP32 = False
 #: the strided convolutions' input gradients go native only up to this input width: at the
-#: encoder's second layer (32 x 32 input) oneDNN's backward-data kernel is as fast (0.96x)
+#: encoder's second layer (32 x 32 input) the kernel alone beats oneDNN's backward-data kernel
+#: (1.19x), but the bf16 step with it native took longer (54.9 vs 54.4 ms, docs/ops.md)
 DGRAD_MAX_WIDTH = 16
 
 
@@ -78,7 +105,7 @@ def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dgrad: bool 
     ``x`` where it measured faster than oneDNN: bfloat16 with vdpbf16ps, and float32 (AVX-512)
     for the transposed convolutions' forward only (``dgrad``: a strided convolution's input
     gradient, where fp32 oneDNN was as fast)."""
-    if not (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 2 == 0 and tuple(weight.shape[2:]) == (4, 4)
+    if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 2 == 0 and tuple(weight.shape[2:]) == (4, 4)
             and list(stride) == [2, 2] and list(padding) == [1, 1] and S2_IN_STEP and enabled()):
         return False
     if x.dtype == torch.bfloat16:

@@ -1,8 +1,9 @@
-// The one-channel image-side convolutions (conv_image.h): a scalar variant and an AVX-512 one
-// (function target attributes, chosen at run time with the GEMM's variant, mlp_gemm.h).
+// The one-channel image-side convolutions (conv_image.h): a scalar variant, an AVX-512 one
+// (float32 FMA, either dtype) and, for bfloat16, an AVX-512-BF16 one (vdpbf16ps); function target
+// attributes, chosen at run time with the GEMM's variant (mlp_gemm.h).
 //
-// Each batch item's image is first copied into a zero-bordered float32 plane P, P[y + 1][x + 1]
-// = img[y][x], so the 4x4 patch of block q is P[2i .. 2i + 3][2j .. 2j + 3] with no bounds tests.
+// Each batch item's image is first copied into a zero-bordered float32 plane P (bfloat16 in the
+// AVX-512-BF16 variants), P[y + 1][x + 1] = img[y][x], so the 4x4 patch of block q is P[2i .. 2i + 3][2j .. 2j + 3] with no bounds tests.
 //   image_conv:   16 channels in the lanes, 8 blocks at a time; each of the 16 taps is one
 //                 broadcast of P times the tap's 16 weights.
 //   weight grad:  16 channels in the lanes, the 16 taps in 16 accumulators; per block one load
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "mlp_gemm.h"
+#include "simd_bf16.h"
 
 #if defined(FASTFVAE_MLP_SIMD)
 #include <immintrin.h>
@@ -179,18 +181,9 @@ FFV_CONV512 inline __m512 load16(const void* p, bool bf16, int64_t i, __mmask16 
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-// float32 -> bfloat16, round to nearest even (NaN -> 0x7fc0), as c10::BFloat16.
-FFV_CONV512 inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 FFV_CONV512 inline void store16(void* p, bool bf16, int64_t i, __m512 v, __mmask16 m) {
   if (bf16) {
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, to_bf16(v));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, simd::to_bf16(v));
   } else {
     _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
   }
@@ -279,6 +272,43 @@ FFV_CONV512 void wgrad_512(const Image& im, const void* h, bool bf16, Shape s, i
   }
 }
 
+// The transposed convolution's accumulators acc[rr][2 rh + rw] (block row i0 + rr, 16 blocks
+// from j0, output sub-pixel (rh, rw)) stored in out's dtype: the space-to-depth form
+// [b, i, j, 2 rh + rw] (the four sub-pixels of a block side by side) or the image rows 2i + rh
+// (columns 2j + rw side by side).
+template <int R>
+FFV_CONV512 inline void store_convt(const __m512 (&acc)[R][4], void* out, bool bf16, bool s2d, const Shape& s,
+                                    int64_t b, int64_t i0, int64_t j0) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i lo64 = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i hi64 = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+  const int64_t n = std::min<int64_t>(16, s.W - j0);
+  for (int rr = 0; rr < R && i0 + rr < s.H; ++rr) {
+    const int64_t i = i0 + rr;
+    if (s2d) {
+      const __m512 e0l = _mm512_permutex2var_ps(acc[rr][0], lo, acc[rr][1]);
+      const __m512 e0h = _mm512_permutex2var_ps(acc[rr][0], hi, acc[rr][1]);
+      const __m512 e1l = _mm512_permutex2var_ps(acc[rr][2], lo, acc[rr][3]);
+      const __m512 e1h = _mm512_permutex2var_ps(acc[rr][2], hi, acc[rr][3]);
+      const __m512 f[4] = {
+          _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), lo64, _mm512_castps_pd(e1l))),
+          _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), hi64, _mm512_castps_pd(e1l))),
+          _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), lo64, _mm512_castps_pd(e1h))),
+          _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), hi64, _mm512_castps_pd(e1h)))};
+      const int64_t o = ((b * s.H + i) * s.W + j0) * 4;
+      for (int q = 0; q < 4; ++q) store16(out, bf16, o + 16 * q, f[q], lanes(4 * n - 16 * q > 0 ? 4 * n - 16 * q : 0));
+    } else {
+      for (int rh = 0; rh < 2; ++rh) {
+        const int64_t o = (b * 2 * s.H + 2 * i + rh) * 2 * s.W + 2 * j0;
+        const __m512 a = acc[rr][rh * 2], c = acc[rr][rh * 2 + 1];
+        store16(out, bf16, o, _mm512_permutex2var_ps(a, lo, c), lanes(2 * n));
+        if (2 * n > 16) store16(out, bf16, o + 16, _mm512_permutex2var_ps(a, hi, c), lanes(2 * n - 16));
+      }
+    }
+  }
+}
+
 // The tap of output sub-pixel r (0 / 1) from the input at block offset d - 1 (-1 when none).
 constexpr int kTap[2][3] = {{3, 1, -1}, {-1, 2, 0}};
 
@@ -290,10 +320,6 @@ FFV_CONV512 void convt_512(const void* h, bool bf16, const float* w, float bias,
   // T[(row + 1) * C + c][col + 1] = h[row, col, c], zero border (written once: later items
   // overwrite the same interior)
   std::vector<float> T(th * s.C * tw, 0.0f);
-  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  const __m512i lo64 = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
-  const __m512i hi64 = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j0 = 0; j0 < s.W; j0 += 16) {
@@ -341,30 +367,7 @@ FFV_CONV512 void convt_512(const void* h, bool bf16, const float* w, float bias,
             }
           }
         }
-        const int64_t n = std::min<int64_t>(16, s.W - j0);
-        for (int rr = 0; rr < R && i0 + rr < s.H; ++rr) {
-          const int64_t i = i0 + rr;
-          if (s2d) {  // [b, i, j, 2 rh + rw]: the four sub-pixels of a block side by side
-            const __m512 e0l = _mm512_permutex2var_ps(acc[rr][0], lo, acc[rr][1]);
-            const __m512 e0h = _mm512_permutex2var_ps(acc[rr][0], hi, acc[rr][1]);
-            const __m512 e1l = _mm512_permutex2var_ps(acc[rr][2], lo, acc[rr][3]);
-            const __m512 e1h = _mm512_permutex2var_ps(acc[rr][2], hi, acc[rr][3]);
-            const __m512 f[4] = {
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), lo64, _mm512_castps_pd(e1l))),
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), hi64, _mm512_castps_pd(e1l))),
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), lo64, _mm512_castps_pd(e1h))),
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), hi64, _mm512_castps_pd(e1h)))};
-            const int64_t o = ((b * s.H + i) * s.W + j0) * 4;
-            for (int q = 0; q < 4; ++q) store16(out, bf16, o + 16 * q, f[q], lanes(4 * n - 16 * q > 0 ? 4 * n - 16 * q : 0));
-          } else {  // image rows 2i + rh: columns 2j + rw side by side
-            for (int rh = 0; rh < 2; ++rh) {
-              const int64_t o = (b * 2 * s.H + 2 * i + rh) * 2 * s.W + 2 * j0;
-              const __m512 a = acc[rr][rh * 2], c = acc[rr][rh * 2 + 1];
-              store16(out, bf16, o, _mm512_permutex2var_ps(a, lo, c), lanes(2 * n));
-              if (2 * n > 16) store16(out, bf16, o + 16, _mm512_permutex2var_ps(a, hi, c), lanes(2 * n - 16));
-            }
-          }
-        }
+        store_convt<R>(acc, out, bf16, s2d, s, b, i0, j0);
       }
     }
   }
@@ -482,10 +485,6 @@ FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias
   const int64_t c2 = (s.C + 1) / 2;
   const int64_t tw = round_up(s.W, 16) + 2, th = round_up(s.H, R) + 2;
   std::vector<uint32_t> T(th * c2 * tw, 0u);
-  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  const __m512i lo64 = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
-  const __m512i hi64 = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
   const uint16_t* hp = static_cast<const uint16_t*>(h);
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t i = 0; i < s.H; ++i) {
@@ -538,30 +537,7 @@ FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias
             }
           }
         }
-        const int64_t n = std::min<int64_t>(16, s.W - j0);
-        for (int rr = 0; rr < R && i0 + rr < s.H; ++rr) {
-          const int64_t i = i0 + rr;
-          if (s2d) {
-            const __m512 e0l = _mm512_permutex2var_ps(acc[rr][0], lo, acc[rr][1]);
-            const __m512 e0h = _mm512_permutex2var_ps(acc[rr][0], hi, acc[rr][1]);
-            const __m512 e1l = _mm512_permutex2var_ps(acc[rr][2], lo, acc[rr][3]);
-            const __m512 e1h = _mm512_permutex2var_ps(acc[rr][2], hi, acc[rr][3]);
-            const __m512 f[4] = {
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), lo64, _mm512_castps_pd(e1l))),
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0l), hi64, _mm512_castps_pd(e1l))),
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), lo64, _mm512_castps_pd(e1h))),
-                _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(e0h), hi64, _mm512_castps_pd(e1h)))};
-            const int64_t o = ((b * s.H + i) * s.W + j0) * 4;
-            for (int q = 0; q < 4; ++q) store16(out, true, o + 16 * q, f[q], lanes(4 * n - 16 * q > 0 ? 4 * n - 16 * q : 0));
-          } else {
-            for (int rh = 0; rh < 2; ++rh) {
-              const int64_t o = (b * 2 * s.H + 2 * i + rh) * 2 * s.W + 2 * j0;
-              const __m512 a = acc[rr][rh * 2], c = acc[rr][rh * 2 + 1];
-              store16(out, true, o, _mm512_permutex2var_ps(a, lo, c), lanes(2 * n));
-              if (2 * n > 16) store16(out, true, o + 16, _mm512_permutex2var_ps(a, hi, c), lanes(2 * n - 16));
-            }
-          }
-        }
+        store_convt<R>(acc, out, true, s2d, s, b, i0, j0);
       }
     }
   }
@@ -615,8 +591,14 @@ at::Tensor weight_of(const at::Tensor& weight, int64_t C, const char* op) {
   TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point() && weight.dim() == 4 && weight.size(0) == C &&
                   weight.size(1) == 1 && weight.size(2) == 4 && weight.size(3) == 4,
               "fastfvae_native ", op, ": weight must be a floating [", C, ", 1, 4, 4] CPU tensor, got ",
-              weight.sizes());
+              weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
   return weight.to(at::kFloat).contiguous();
+}
+
+void check_bias(const at::Tensor& bias, int64_t n, const char* op) {
+  TORCH_CHECK(bias.device().is_cpu() && bias.is_floating_point() && bias.numel() == n, "fastfvae_native ", op,
+              ": bias must be a floating CPU tensor of ", n, n == 1 ? " element" : " elements", ", got ",
+              bias.scalar_type(), " ", bias.sizes(), " on ", bias.device());
 }
 
 at::Tensor channels_last(const at::Tensor& h, const char* op, Shape* s) {
@@ -645,7 +627,7 @@ at::Tensor image_conv(const at::Tensor& img, const at::Tensor& weight, const c10
   std::vector<float> bv(cp, 0.0f), wk(16 * cp, 0.0f);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->numel() == C, "fastfvae_native image_conv: bias must have ", C, " elements, got ", bias->numel());
+    check_bias(*bias, C, "image_conv");
     const at::Tensor b = bias->to(at::kFloat).contiguous();
     std::copy(b.data_ptr<float>(), b.data_ptr<float>() + C, bv.begin());
   }
@@ -678,8 +660,7 @@ at::Tensor image_conv_transpose(const at::Tensor& h, const at::Tensor& weight, c
   const at::Tensor w = weight_of(weight, s.C, "image_conv_transpose");
   float b = 0.0f;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == 1, "fastfvae_native image_conv_transpose: bias must have 1 element, got ",
-                bias->numel());
+    check_bias(*bias, 1, "image_conv_transpose");
     b = bias->to(at::kFloat).item<float>();
   }
   const bool bf16 = h.scalar_type() == at::kBFloat16;

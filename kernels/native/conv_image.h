@@ -14,8 +14,12 @@
 //
 // The image is [B, 1, 2H, 2W] (s2d false) or its space-to-depth form [B, 4, H, W] (s2d true,
 // channel 2 rh + rw = pixel (2i + rh, 2j + rw)), any strides; h is [B, C, H, W] (read
-// channels_last; other layouts are copied). Weights [C, 1, 4, 4] are taken in float32; the
-// sums run in float32 and the result is rounded once to the input's dtype.
+// channels_last; other layouts are copied). Weights [C, 1, 4, 4], any floating dtype, are
+// converted to float32: the scalar and AVX-512 variants multiply by those values, the
+// AVX-512-BF16 variants (bfloat16 input, vdpbf16ps) round them to bfloat16 first
+// (fastfvae.ops.native_conv passes weights already rounded to the input's dtype, so every
+// variant multiplies by the same values). The sums run in float32 and the result is rounded
+// once to the input's dtype; bias, any floating dtype, is converted to float32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,7 +36,7 @@ at::Tensor image_conv_transpose(const at::Tensor& h, const at::Tensor& weight, c
                                 bool s2d);
 // [C, 1, 4, 4] float32.
 at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bool s2d);
-// The variant these kernels run: avx512 or scalar.
+// The variant these kernels run: avx512_bf16, avx512 or scalar.
 std::string conv_isa();
 
 }  // namespace fastfvae_native

@@ -1,11 +1,13 @@
-// conv_transpose_4s2 (conv_s2.h): a scalar variant and an AVX-512-BF16 one (chosen at run time
-// with the GEMM's variant, mlp_gemm.h; float32, or a CPU without vdpbf16ps, runs the scalar one,
-// which the Python side does not choose where oneDNN is faster).
+// conv_transpose_4s2 (conv_s2.h): three variants, chosen at run time with the GEMM's variant
+// (mlp_gemm.h): bfloat16 with vdpbf16ps (AVX-512-BF16, an even Cin), float32 on AVX-512 (FMA),
+// and a scalar loop for the rest (bfloat16 without vdpbf16ps, CPUs without AVX-512); the
+// Python side (native_conv.s2_fits) calls it only where it measured faster than oneDNN.
 //
-// AVX-512-BF16 tile: MR output pixels of one phase x NR vectors of 16 output channels, MR x NR
-// float32 accumulators; per (tap, input-channel pair) NR weight vectors (packed per phase as
-// [tap][Cin / 2][Cout][2]) and MR broadcasts of the input pair, read in place (pixels outside
-// the input read a zero row instead).
+// AVX-512 tile: MR output pixels of one phase x NR vectors of 16 output channels, MR x NR
+// float32 accumulators. bfloat16: per (tap, input-channel pair) NR weight vectors (packed per
+// phase as [tap][Cin / 2][Cout][2]) and MR broadcasts of the input pair; float32: the same per
+// input channel (weights [tap][Cin][Cout]). The input is read in place (pixels outside it read
+// a zero row instead).
 #include "conv_s2.h"
 #include "parallel_probe.h"
 
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "mlp_gemm.h"
+#include "simd_bf16.h"
 
 #if defined(FASTFVAE_MLP_SIMD)
 #include <immintrin.h>
@@ -83,14 +86,6 @@ void deconv_scalar(const T* x, const float* w, const float* bias, bool relu, T* 
 #define FFV_S2_BF16 1
 #define FFV_S2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-FFV_S2 inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 FFV_S2 inline __m512i bcast32(const uint16_t* p) {
   uint32_t v;
   std::memcpy(&v, p, sizeof v);
@@ -107,10 +102,12 @@ struct Tile {
   bool relu;
 };
 
-template <int MR, int NR>
-FFV_S2 void tile(const Tile& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
-  const uint16_t* src[4][MR];
-  int64_t pi[MR], pj[MR];  // the tile's pixels (i, j), stepped without divisions
+// A tile's pixels (i, j) of phase (rh, rw), pixels m0 .. m0 + MR - 1 of the H x W grid (stepped
+// without divisions), and where each of its 4 taps reads: the input pixel's Ci channels in x
+// (this item's [H][W][Ci]), or zero for pixels outside the input and past the n in the tile.
+template <int MR, typename T>
+inline void tile_sources(const T* x, const T* zero, const Dims& d, int rh, int rw, int64_t m0, int64_t n,
+                         const T* (&src)[4][MR], int64_t (&pi)[MR], int64_t (&pj)[MR]) {
   for (int64_t u = 0, i = m0 / d.W, j = m0 % d.W; u < MR; ++u) {
     pi[u] = i, pj[u] = j;
     if (++j == d.W) j = 0, ++i;
@@ -118,9 +115,16 @@ FFV_S2 void tile(const Tile& t, const Dims& d, int rh, int rw, int64_t m0, int64
   for (int u = 0; u < MR; ++u) {
     for (int k = 0; k < 4; ++k) {
       const int64_t ii = pi[u] + kD[rh][k >> 1], jj = pj[u] + kD[rw][k & 1];
-      src[k][u] = (u < n && ii >= 0 && ii < d.H && jj >= 0 && jj < d.W) ? t.x + (ii * d.W + jj) * d.Ci : t.zero;
+      src[k][u] = (u < n && ii >= 0 && ii < d.H && jj >= 0 && jj < d.W) ? x + (ii * d.W + jj) * d.Ci : zero;
     }
   }
+}
+
+template <int MR, int NR>
+FFV_S2 void tile(const Tile& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
+  const uint16_t* src[4][MR];
+  int64_t pi[MR], pj[MR];
+  tile_sources<MR>(t.x, t.zero, d, rh, rw, m0, n, src, pi, pj);
   __m512 acc[MR][NR];
   for (int u = 0; u < MR; ++u)
     for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_loadu_ps(t.bias + t.co0 + 16 * v);
@@ -143,7 +147,7 @@ FFV_S2 void tile(const Tile& t, const Dims& d, int rh, int rw, int64_t m0, int64
       const int64_t left = d.Co - t.co0 - 16 * v;
       if (left <= 0) break;
       const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-      _mm256_mask_storeu_epi16(o + 16 * v, mk, to_bf16(t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v]));
+      _mm256_mask_storeu_epi16(o + 16 * v, mk, simd::to_bf16(t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v]));
     }
   }
 }
@@ -190,16 +194,7 @@ template <int MR, int NR>
 FFV_S2 void tile_f32(const TileF& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
   const float* src[4][MR];
   int64_t pi[MR], pj[MR];
-  for (int64_t u = 0, i = m0 / d.W, j = m0 % d.W; u < MR; ++u) {
-    pi[u] = i, pj[u] = j;
-    if (++j == d.W) j = 0, ++i;
-  }
-  for (int u = 0; u < MR; ++u) {
-    for (int k = 0; k < 4; ++k) {
-      const int64_t ii = pi[u] + kD[rh][k >> 1], jj = pj[u] + kD[rw][k & 1];
-      src[k][u] = (u < n && ii >= 0 && ii < d.H && jj >= 0 && jj < d.W) ? t.x + (ii * d.W + jj) * d.Ci : t.zero;
-    }
-  }
+  tile_sources<MR>(t.x, t.zero, d, rh, rw, m0, n, src, pi, pj);
   __m512 acc[MR][NR];
   for (int u = 0; u < MR; ++u)
     for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_loadu_ps(t.bias + t.co0 + 16 * v);
@@ -260,8 +255,10 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "fastfvae_native conv_transpose_4s2: x must be a float32 or bfloat16 [B, Cin, H, W] CPU tensor, got ",
               x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(2) == 4 && weight.size(3) == 4,
-              "fastfvae_native conv_transpose_4s2: weight must be [", x.size(1), ", Cout, 4, 4], got ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point() && weight.dim() == 4 &&
+                  weight.size(0) == x.size(1) && weight.size(2) == 4 && weight.size(3) == 4,
+              "fastfvae_native conv_transpose_4s2: weight must be a floating [", x.size(1),
+              ", Cout, 4, 4] CPU tensor, got ", weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
   const Dims d{x.size(0), x.size(1), weight.size(1), x.size(2), x.size(3)};
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.to(at::kFloat).contiguous();
@@ -270,7 +267,9 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
   std::vector<float> bv(cop, 0.0f);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->numel() == d.Co, "fastfvae_native conv_transpose_4s2: bias must have ", d.Co, " elements");
+    TORCH_CHECK(bias->device().is_cpu() && bias->is_floating_point() && bias->numel() == d.Co,
+                "fastfvae_native conv_transpose_4s2: bias must be a floating CPU tensor of ", d.Co,
+                " elements, got ", bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
     const at::Tensor bc = bias->to(at::kFloat).contiguous();
     std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + d.Co, bv.begin());
   }

@@ -8,7 +8,9 @@
 // channels (K, two at a time with vdpbf16ps, read in place from the channels_last input). x is
 // [B, Cin, H, W] (read channels_last), w [Cin, Cout, 4, 4] (a ConvTranspose2d weight, or a
 // Conv2d weight [Cout', Cin', 4, 4] for that convolution's input gradient); the result is
-// [B, Cout, 2H, 2W] channels_last in x's dtype, ReLU after the bias when asked.
+// [B, Cout, 2H, 2W] channels_last in x's dtype, ReLU after the bias when asked. w and bias (any
+// floating dtype) are converted to float32; the bfloat16 vdpbf16ps variant rounds the weights
+// to bfloat16 (fastfvae.ops.native_conv passes them already in x's dtype); the sums run in float32.
 #pragma once
 
 #include <ATen/ATen.h>
