@@ -79,11 +79,8 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
     else:
         off_why = native.status()[1]
     isa = native_conv.isa()
-    fp32, bf16 = (on and native_conv.image_isa_fits(dt) for dt in (torch.float32, torch.bfloat16))
-    if fp32 or bf16:
-        dtypes = (f"fp32 and bf16 ({isa})" if fp32 and bf16
-                  else f"fp32 ({isa}; bf16: oneDNN, not measured faster without vdpbf16ps)")
-        image = ("native", f"cpu: the encoder's first and the decoder's last layer, {dtypes}")
+    if on and native_conv.image_isa_fits():
+        image = ("native", f"cpu: the encoder's first and the decoder's last layer, fp32 and bf16 ({isa})")
     elif on:
         image = ("oneDNN", f"cpu: oneDNN: the native kernels need AVX-512 (this CPU: {native.gemm_isa()})")
     else:

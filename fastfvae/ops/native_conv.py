@@ -22,8 +22,8 @@ convolutions"; `bench/bench_conv_native.py` measures them again.
 `enabled` says whether `fastfvae.fast.conv` can take this path: the library loaded (with these
 calls), not ``FASTFVAE_NO_NATIVE=1``, and not ``FASTFVAE_NATIVE_CONV=0`` (this path alone off,
 to compare). The image-side layers then go native only on the variants measured faster than
-oneDNN (`IMAGE_ISAS`: AVX-512 with vdpbf16ps, or AVX-512 for float32), `conv_transpose_4s2`
-only where `s2_fits`.
+oneDNN (`IMAGE_ISAS`: AVX-512, with or without vdpbf16ps), `conv_transpose_4s2` only where
+`s2_fits`.
 """
 
 from __future__ import annotations
@@ -60,24 +60,24 @@ def isa() -> str:
     return torch.ops.fastfvae_native.conv_isa() if enabled() else "not loaded"
 
 
-#: the variants whose image-side kernels measured faster than oneDNN, per activations' dtype
-#: (docs/ops.md, "Native convolutions"); on other CPUs oneDNN runs those layers
-IMAGE_ISAS = {torch.float32: ("avx512_bf16", "avx512"), torch.bfloat16: ("avx512_bf16",)}
+#: the variants whose image-side kernels measured faster than oneDNN in fp32 and bf16
+#: (docs/ops.md, "Native convolutions"); with the scalar loops oneDNN runs those layers
+IMAGE_ISAS = ("avx512_bf16", "avx512")
 
 
-def image_isa_fits(dtype: torch.dtype) -> bool:
-    """The image-side kernels run in ``dtype`` on a variant that measured faster than oneDNN."""
-    return isa() in IMAGE_ISAS.get(dtype, ())
+def image_isa_fits() -> bool:
+    """The image-side kernels run a variant that measured faster than oneDNN (`IMAGE_ISAS`)."""
+    return isa() in IMAGE_ISAS
 
 
 def fits(layer: nn.Module, x: torch.Tensor, transposed: bool, dtype: torch.dtype | None = None) -> bool:
     """``layer`` is the one-channel 4x4 stride-2 padding-1 layer these kernels compute, ``x`` a
-    CPU float32/bfloat16 input they take, and the kernels beat oneDNN here in ``dtype`` (the
-    dtype the layer runs in; default x's), `image_isa_fits`."""
+    CPU float32/bfloat16 input they take, ``dtype`` (the dtype the layer runs in; default x's)
+    one they run in, and the variant here one that beats oneDNN (`image_isa_fits`)."""
     kind = nn.ConvTranspose2d if transposed else nn.Conv2d
     dtype = x.dtype if dtype is None else dtype
     if (type(layer) is not kind or x.device.type != "cpu" or x.dtype not in DTYPES or dtype not in DTYPES
-            or x.dim() != 4 or not image_isa_fits(dtype)):
+            or x.dim() != 4 or not image_isa_fits()):
         return False
     one = layer.out_channels if transposed else layer.in_channels
     return (one == 1 and layer.kernel_size == (4, 4) and layer.stride == (2, 2) and layer.padding == (1, 1)
