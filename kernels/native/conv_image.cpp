@@ -122,15 +122,15 @@ void conv_scalar(const Image& im, const float* w, const float* bias, bool relu, 
 }
 
 // dw[c * 16 + k] += sum_{b, q} P[2i + kh][2j + kw] h[b, i, j, c]
-void wgrad_scalar(const Image& im, const void* h, bool bf16, Shape s, int64_t b0, int64_t b1, float* dw) {
+void wgrad_scalar(const Image& im, const void* h, bool bf16, Shape s, int64_t c0, int64_t c1, float* dw) {
   const int64_t pw = 2 * s.W + 2;
   std::vector<float> P((2 * s.H + 2) * pw);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = 0; b < s.B; ++b) {
     pad_image(im, b, s.H, s.W, P.data(), pw);
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j = 0; j < s.W; ++j) {
         const float* patch = P.data() + 2 * i * pw + 2 * j;
-        for (int64_t c = 0; c < s.C; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
           const float g = load_scalar(h, bf16, ((b * s.H + i) * s.W + j) * s.C + c);
           for (int kh = 0; kh < 4; ++kh)
             for (int kw = 0; kw < 4; ++kw) dw[c * 16 + kh * 4 + kw] += patch[kh * pw + kw] * g;
@@ -248,13 +248,13 @@ FFV_CONV512 void conv_512(const Image& im, const float* wk, int64_t cp, const fl
 }
 
 // dw: [16 taps][cp], accumulated into.
-FFV_CONV512 void wgrad_512(const Image& im, const void* h, bool bf16, Shape s, int64_t b0, int64_t b1, float* dw,
+FFV_CONV512 void wgrad_512(const Image& im, const void* h, bool bf16, Shape s, int64_t cb, int64_t ce, float* dw,
                            int64_t cp) {
   const int64_t pw = 2 * s.W + 2;
   std::vector<float> P((2 * s.H + 2) * pw);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = 0; b < s.B; ++b) {
     pad_image(im, b, s.H, s.W, P.data(), pw);
-    for (int64_t c0 = 0; c0 < s.C; c0 += 16) {
+    for (int64_t c0 = cb; c0 < ce; c0 += 16) {
       const __mmask16 m = lanes(s.C - c0);
       __m512 acc[16];
       for (int k = 0; k < 16; ++k) acc[k] = _mm512_loadu_ps(dw + k * cp + c0);
@@ -445,17 +445,17 @@ FFV_CONV512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t c
 // image_conv_weight_grad on bfloat16: pixel pairs (j, j + 1) of a row per vdpbf16ps; Q[y][x] =
 // the words (P16[y][x], P16[y][x + 2]) (the tap's value at both pixels), h's pair interleaved
 // per channel. dw: [16 taps][cp] float32, accumulated into.
-FFV_CONV512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, int64_t b0, int64_t b1, float* dw,
+FFV_CONV512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, int64_t cb, int64_t ce, float* dw,
                                    int64_t cp) {
   const int64_t pw = 2 * s.W + 6, rows = 2 * s.H + 2;
   std::vector<uint16_t> P(rows * pw);
   std::vector<uint32_t> Q(rows * pw, 0u);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = 0; b < s.B; ++b) {
     pad_image_bf16(im, b, s.H, s.W, P.data(), pw);
     for (int64_t y = 0; y < rows; ++y)
       for (int64_t x = 0; x + 2 < pw; ++x)
         Q[y * pw + x] = static_cast<uint32_t>(P[y * pw + x]) | (static_cast<uint32_t>(P[y * pw + x + 2]) << 16);
-    for (int64_t c0 = 0; c0 < s.C; c0 += 16) {
+    for (int64_t c0 = cb; c0 < ce; c0 += 16) {
       const __mmask16 m = lanes(s.C - c0);
       __m512 acc[16];
       for (int k = 0; k < 16; ++k) acc[k] = _mm512_loadu_ps(dw + k * cp + c0);
@@ -608,10 +608,6 @@ at::Tensor channels_last(const at::Tensor& h, const char* op, Shape* s) {
   return h.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// The weight gradient's partial sums: a fixed number of images each, whatever the thread count,
-// summed in order, so the result has the same bits on any number of threads.
-constexpr int64_t kImagesPerPartial = 8;
-int64_t partials_for(int64_t B) { return std::max<int64_t>(1, (B + kImagesPerPartial - 1) / kImagesPerPartial); }
 
 }  // namespace
 
@@ -695,38 +691,33 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
   TORCH_CHECK(s.B == B && s.H == H && s.W == W && h.scalar_type() == img.scalar_type(),
               "fastfvae_native image_conv_weight_grad: h must be [", B, ", C, ", H, ", ", W, "] of img's dtype, got ",
               h.sizes(), " ", h.scalar_type());
-  const int64_t C = s.C, cp = round_up(C, 16), parts = partials_for(B);
+  const int64_t C = s.C, cp = round_up(C, 16);
   const bool simd = use_avx512(), bf16 = im.bf16, dot = bf16 && use_bf16_dot();
   (void)dot;
-  // part p: [16][cp] (AVX-512) or [C][16] (scalar)
-  std::vector<float> partial(parts * 16 * cp, 0.0f);
+  // Threads split the channels, 16 at a time; each channel sums over the images and pixels in
+  // one order, so the result has the same bits on any number of threads.
+  std::vector<float> dw(16 * cp, 0.0f);  // [16][cp] (AVX-512) or [C][16] (scalar)
   const void* hp = hc.data_ptr();
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b0 = p * kImagesPerPartial, b1 = std::min(B, b0 + kImagesPerPartial);
-      float* dw = partial.data() + p * 16 * cp;
+  at::parallel_for(0, cp / 16, 1, [&](int64_t k0, int64_t k1) {
+    const int64_t c0 = 16 * k0, c1 = std::min(C, 16 * k1);
 #if defined(FFV_CONV_BF16)
-      if (dot) {
-        wgrad_512bf16(im, static_cast<const uint16_t*>(hp), s, b0, b1, dw, cp);
-        continue;
-      }
+    if (dot) {
+      wgrad_512bf16(im, static_cast<const uint16_t*>(hp), s, c0, c1, dw.data(), cp);
+      return;
+    }
 #endif
 #if defined(FASTFVAE_MLP_SIMD)
-      if (simd) {
-        wgrad_512(im, hp, bf16, s, b0, b1, dw, cp);
-        continue;
-      }
-#endif
-      wgrad_scalar(im, hp, bf16, s, b0, b1, dw);
+    if (simd) {
+      wgrad_512(im, hp, bf16, s, c0, c1, dw.data(), cp);
+      return;
     }
+#endif
+    wgrad_scalar(im, hp, bf16, s, c0, c1, dw.data());
   });
-  at::Tensor out = at::zeros({C, 1, 4, 4}, img.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({C, 1, 4, 4}, img.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  for (int64_t p = 0; p < parts; ++p) {
-    const float* dw = partial.data() + p * 16 * cp;
-    for (int64_t c = 0; c < C; ++c)
-      for (int k = 0; k < 16; ++k) op[c * 16 + k] += simd ? dw[k * cp + c] : dw[c * 16 + k];
-  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int k = 0; k < 16; ++k) op[c * 16 + k] = simd ? dw[k * cp + c] : dw[c * 16 + k];
   return out;
 }
 
