@@ -272,6 +272,7 @@ def test_the_fast_step_layers_take_the_native_path_and_match_onednn(native_on, m
     FASTFVAE_NATIVE_CONV=0 (the oneDNN path): values and every parameter gradient."""
     from fastfvae.models.vae import VAE
 
+    monkeypatch.setattr(by_hand, "NATIVE_PLAIN_FP32", True)  # the fp32 plain-image wiring too
     torch.manual_seed(0)
     vae = VAE(z_dim=10)
     x = torch.rand(6, 1, 64, 64)
@@ -298,9 +299,10 @@ def test_the_fast_step_layers_take_the_native_path_and_match_onednn(native_on, m
             assert rel <= tol, (s2d, i, rel)
 
 
-def test_an_odd_sized_image_takes_the_onednn_path(native_on):
+def test_an_odd_sized_image_takes_the_onednn_path(native_on, monkeypatch):
     from types import SimpleNamespace
 
+    monkeypatch.setattr(by_hand, "NATIVE_PLAIN_FP32", True)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.ReLU(), nn.Flatten())
     x = torch.rand(2, 1, 9, 9)
@@ -405,6 +407,7 @@ def test_image_layers_go_native_only_on_the_variants_measured_faster(native_on, 
     from types import SimpleNamespace
 
     monkeypatch.setattr(native_conv, "isa", lambda: isa)
+    monkeypatch.setattr(by_hand, "NATIVE_PLAIN_FP32", True)
     torch.manual_seed(0)
     encoder = SimpleNamespace(net=nn.Sequential(nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Flatten()), z_dim=64)
     decoder = SimpleNamespace(fc=nn.Sequential(nn.Linear(3, 64 * 4 * 4)), deconv=nn.Sequential(nn.ConvTranspose2d(64, 1, 4, 2, 1)))
@@ -478,3 +481,21 @@ def test_weights_and_bias_on_another_device(native_on):
     assert native_conv.fits(nn.Conv2d(1, 4, 4, 2, 1), img, transposed=False) == native_conv.image_isa_fits()
     assert not native_conv.fits(on_meta, img, transposed=False)
     assert not native_conv.s2_fits(x.to(BF16), w2.to(meta), (2, 2), (1, 1))
+
+
+def test_the_float32_step_keeps_onednn_for_the_plain_image_layers(native_on):
+    """By default the plain-image layers go native in bf16 only: in float32 the kernels' other
+    summation order makes the step drift from the reference loop past the fp32 parity."""
+    from types import SimpleNamespace
+
+    if not native_conv.image_isa_fits():
+        pytest.skip(f"the image-side kernels are left to oneDNN on this CPU ({native_conv.isa()})")
+    torch.manual_seed(0)
+    encoder = SimpleNamespace(net=nn.Sequential(nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Flatten()), z_dim=64)
+    decoder = SimpleNamespace(fc=nn.Sequential(nn.Linear(3, 64 * 4 * 4)), deconv=nn.Sequential(nn.ConvTranspose2d(64, 1, 4, 2, 1)))
+    img, z = torch.rand(2, 1, 8, 8), torch.randn(2, 3)
+    for dtype, want in ((F32, set()), (BF16, {"image_conv", "image_conv_transpose"})):
+        native_on.called.clear()
+        by_hand.encode(encoder, img, dtype)
+        by_hand.decode(decoder, z, dtype)
+        assert {"image_conv", "image_conv_transpose"} & set(native_on.called) == want, (dtype, native_on.called)

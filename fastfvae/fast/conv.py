@@ -14,7 +14,7 @@ CPU (oneDNN); their per-layer timings are in docs/fast-path.md:
   `last_deconv_s2d`), where oneDNN's one-channel kernels are slow.
 - native image-side layers: with the native library loaded (`fastfvae.ops.native_conv.enabled`)
   the first and last layers run on its kernels instead, in the space-to-depth form (bf16 step)
-  or on the plain image (`NATIVE_PLAIN`, the float32 step), several times faster than oneDNN
+  or on the plain image (`NATIVE_PLAIN`; bf16 only unless `NATIVE_PLAIN_FP32`), several times faster than oneDNN
   there (docs/ops.md, "Native convolutions"), on the CPUs where they measured faster
   (`native_conv.IMAGE_ISAS`); otherwise the oneDNN path below.
 
@@ -32,8 +32,12 @@ from torch import nn
 from fastfvae.models.vae import FEATURE_SHAPE, Decoder, Encoder
 from fastfvae.ops import native_conv
 
-#: the float32 step's image-side layers (no space-to-depth) on the native kernels too
+#: the image-side layers on the plain image (no space-to-depth) on the native kernels too
 NATIVE_PLAIN = True
+#: ... in float32 as well: off. 3-8x oneDNN per pass, but their other summation order makes the
+#: float32 step drift from the reference loop (beta-TC-VAE: 7e-4 relative in its losses after 50
+#: steps, past the fp32 parity's 1e-4; docs/ops.md), and the fp32 step is the parity precision
+NATIVE_PLAIN_FP32 = False
 
 _aten = torch.ops.aten
 
@@ -240,4 +244,6 @@ def _native_plain(layer, x: torch.Tensor, transposed: bool, dtype: torch.dtype) 
     """The native kernels take this layer on the plain image in ``dtype`` (the first layer: a
     one-channel input of even height and width)."""
     image_ok = transposed or (x.dim() == 4 and x.shape[1] == 1 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
-    return NATIVE_PLAIN and image_ok and native_conv.enabled() and native_conv.fits(layer, x, transposed, dtype)
+    precision_ok = dtype == torch.bfloat16 or NATIVE_PLAIN_FP32
+    return (NATIVE_PLAIN and precision_ok and image_ok and native_conv.enabled()
+            and native_conv.fits(layer, x, transposed, dtype))
