@@ -80,7 +80,10 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
         off_why = native.status()[1]
     isa = native_conv.isa()
     if on and native_conv.image_isa_fits():
-        image = ("native", f"cpu: the encoder's first and the decoder's last layer, fp32 and bf16 ({isa})")
+        from fastfvae.fast.conv import NATIVE_PLAIN_FP32
+
+        which = "fp32 and bf16" if NATIVE_PLAIN_FP32 else "bf16 step (fp32 step: oneDNN, for the reference's summation order)"
+        image = ("native", f"cpu: the encoder's first and the decoder's last layer, {which} ({isa})")
     elif on:
         image = ("oneDNN", f"cpu: oneDNN: the native kernels need AVX-512 (this CPU: {native.gemm_isa()})")
     else:
