@@ -318,14 +318,20 @@ def test_cli_beta_1e30_exits_1_with_one_line(tmp_path, small_data, capsys):
     assert "Adam state became NaN/inf" in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("native_d", [None, False], ids=["default-d", "torch-d"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_guard_sees_the_fast_steps_own_optimiser_buffers(tmp_path, precision):
-    """The bf16 CPU step keeps D's Adam moments in flat buffers of its own (`FlatAdam`): an inf
-    written there (not through the optimiser) is caught, and the step-2 checkpoint is kept."""
+def test_the_guard_sees_the_fast_steps_own_optimiser_buffers(tmp_path, precision, native_d):
+    """The bf16 CPU step with the torch D keeps D's Adam moments in flat buffers of its own
+    (`FlatAdam`), the native D the optimiser's own: an inf written there (not through the
+    optimiser's step) is caught, and the step-2 checkpoint is kept."""
     built = {}
 
     def builder(state, data):
-        built["step"] = make_fast_step(state, data)
+        from dataclasses import replace
+
+        from fastfvae.fast.step import options_of
+
+        built["step"] = make_fast_step(state, data, replace(options_of(state.cfg), native_d=native_d))
         return built["step"]
 
     def overflow_at_3(state, metrics):
@@ -341,7 +347,10 @@ def test_the_guard_sees_the_fast_steps_own_optimiser_buffers(tmp_path, precision
                                                r"last good checkpoint is .* \(step 2\)"):
         run_training(cfg, data=small_dsprites(256), progress=False, step_builder=builder,
                      callbacks=[overflow_at_3])
-    assert (built["step"]._flat_adam is not None) == (precision == "bf16")
+    # the flat buffers are the torch D's in bf16; the native D (the default where the library is
+    # loaded) updates the optimiser's own moments, which the inf above went into
+    step = built["step"]
+    assert (step._flat_adam is not None) == (precision == "bf16" and not step.options.native_d)
     payload = load_checkpoint(out)
     assert payload["state"]["step"] == 2
     assert all(torch.isfinite(t).all() for t in _tensors(payload["state"]).values())
