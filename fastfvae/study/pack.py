@@ -479,11 +479,11 @@ def pack_noise_generator(cfg: TrainConfig, device, saved_cuda_states=None, step:
     """
     device = torch.device(device)
     generator = torch.Generator(device=device)
-    saved = _saved_device_state(device, saved_cuda_states, step)
-    if saved is not None:
-        generator.set_state(saved)
+    seed = pack_noise_seed(cfg, device, saved_cuda_states, step)
+    if seed is None:
+        generator.set_state(_saved_device_state(device, saved_cuda_states, step))
     else:
-        generator.manual_seed(pack_noise_seed(cfg, device, saved_cuda_states, step))
+        generator.manual_seed(seed)
     return generator
 
 
@@ -521,7 +521,7 @@ class GraphedPackStep(StackedPackStep):
     (warm-up on a side stream, then weights, Adam state and generators put back in place, so the
     captured addresses stay valid and the warm-up leaves no trace), the metrics as one stacked
     [metrics, K] matrix cloned per step (no host synchronisation: ``defers_sync``, the loop checks
-    NaN/inf before it next reads or uses the weights: `_check_due`).
+    NaN/inf before it next reads or uses the weights: `fastfvae.train.loop.deferred_check_due`).
 
     Noise (``noise="device"``, the default, as the single graph's): drawn inside the graph, run
     k's from its own device generator (`pack_noise_generator`: seeded and checkpointed as the
@@ -803,17 +803,6 @@ def _kept_before_training(payloads) -> str:
     return f"each run's checkpoint is unchanged (step {next(p for p in payloads if p is not None)['state']['step']})"
 
 
-def _check_due(cfg: TrainConfig, n: int, stop_requested: bool, evaluates: bool) -> bool:
-    """Whether a pack that defers host syncs checks its runs' metrics for NaN/inf after step
-    ``n``: wherever the loop next reads or uses the weights, so that nothing is logged, saved,
-    evaluated or stopped on from an interval that diverged: a log step, the last step, a stop,
-    a checkpoint step and (``evaluates``: the runs are evaluated or have callbacks) an
-    evaluation step (``eval_every``), where the state is synced for the evaluation."""
-    return bool(n % cfg.log_every == 0 or n == cfg.steps or stop_requested
-                or (cfg.ckpt_every and n % cfg.ckpt_every == 0)
-                or (evaluates and n % cfg.eval_every == 0))
-
-
 def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop, progress, console):
     """The steps of `train_pack` in the folders it owns; one `RunResult` per run."""
     cfg0, k = cfgs[0], len(cfgs)
@@ -830,7 +819,8 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
     elapsed0 = [float(p.get("elapsed_s", 0.0)) if p is not None else 0.0 for p in payloads]
     last = [dict(p.get("metrics", {})) if p is not None else {} for p in payloads]
     # A step that defers host syncs (the graphed pack) gives its metrics as one matrix: one meter
-    # sums it, and NaN/inf is checked before the loop next reads or uses the weights (`_check_due`).
+    # sums it, and NaN/inf is checked before the loop next reads or uses the weights
+    # (`fastfvae.train.loop.deferred_check_due`, the single run's rule).
     deferred = bool(getattr(step, "defers_sync", False))
     own_rng = getattr(step, "cuda_rng_state", None)
     host_noise = not getattr(step, "draws_own_noise", False)
@@ -889,7 +879,8 @@ def _train_pack(cfgs, states, payloads, step, data, callbacks, evaluation, stop,
             per_run = None
             if pack_meter is not None:
                 pack_meter.add(metrics)
-                finite = pack_meter.finite() if _check_due(cfg0, n, stop.requested, evaluates) else [True] * k
+                due = single.deferred_check_due(cfg0, n, stop.requested, evaluates and n % cfg0.eval_every == 0)
+                finite = pack_meter.finite() if due else [True] * k
             else:
                 per_run = [{name: value[i] for name, value in metrics.items()} for i in range(k)]
                 for meter, m in zip(meters, per_run):

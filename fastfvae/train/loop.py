@@ -216,6 +216,16 @@ def nonfinite_state(state: TrainState) -> str | None:
 CHECKED_METRICS = ("loss", "d_loss")
 
 
+def deferred_check_due(cfg: TrainConfig, step: int, stop_requested: bool, evaluating: bool) -> bool:
+    """Whether a step that defers host syncs (a CUDA graph's) is checked for NaN/inf after
+    ``step``: wherever the loop next reads or uses the weights (a log step, the last step, a stop,
+    a checkpoint step, and an evaluation step when ``evaluating``), so that nothing is logged,
+    saved, evaluated or stopped on from an interval that diverged. The single run's loop and a
+    pack's (`fastfvae.study.pack`) ask the same."""
+    return bool(step % cfg.log_every == 0 or step == cfg.steps or stop_requested
+                or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or evaluating)
+
+
 def _finite(metrics: dict) -> bool:
     values = [metrics[k] for k in CHECKED_METRICS if k in metrics]
     return bool(torch.isfinite(torch.stack([v.float() for v in values])).all())
@@ -442,8 +452,7 @@ def _train(cfg: TrainConfig, out: Path, state: TrainState, step_fn: StepFn, data
                 # an evaluation step's callbacks see the weights.
                 deferred = getattr(step_fn, "defers_sync", False)
                 evaluating = bool(callbacks and cfg.eval_every and state.step % cfg.eval_every == 0)
-                due = (state.step % cfg.log_every == 0 or state.step == cfg.steps or stop.requested
-                       or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or evaluating)
+                due = deferred_check_due(cfg, state.step, stop.requested, evaluating)
                 if (due or not deferred) and not _finite(meter.sums if deferred else metrics):
                     raise TrainingDiverged(f"loss became NaN/inf at step {state.step}; training stopped, {kept()}",
                                            outs=(out,), step=state.step)
