@@ -145,6 +145,31 @@ def restore(saved, optimizers, params) -> None:
                         v.zero_()
 
 
+def bind_static_inputs(target, shapes, device, runs: int | None = None) -> None:
+    """A graph's static inputs as attributes of ``target``: ``row_inputs`` (one int64
+    `StagedInputs`: ``rows``, ``rows2`` and the ``step_count`` the regulariser sees) and
+    ``noise_inputs`` (one float32 one: ``eps``, ``eps2``, ``keys``, ``obs``, ``obs2``; None
+    where the step has none), shaped by ``shapes`` (`StepShapes`), each with a leading
+    ``runs`` dimension for a pack of that many runs."""
+    lead = () if runs is None else (runs,)
+    b, z, second = shapes.batch_size, shapes.z_dim, shapes.second_batch
+    target.row_inputs = StagedInputs([(*lead, b)] * (2 if second else 1) + [()], torch.int64, device)
+    views = iter(target.row_inputs.views)
+    target.rows = next(views)
+    target.rows2 = next(views) if second else None
+    target.step_count = next(views)
+    noise_shapes = [(*lead, b, z)] * (2 if second else 1)
+    noise_shapes += [(*lead, *shapes.keys)] if shapes.keys is not None else []
+    noise_shapes += [(*lead, *shapes.obs)] * (2 if second else 1) if shapes.obs is not None else []
+    target.noise_inputs = StagedInputs(noise_shapes, torch.float32, device)
+    views = iter(target.noise_inputs.views)
+    target.eps = next(views)
+    target.eps2 = next(views) if second else None
+    target.keys = next(views) if shapes.keys is not None else None
+    target.obs = next(views) if shapes.obs is not None else None
+    target.obs2 = next(views) if shapes.obs is not None and second else None
+
+
 def draw_noise(normal, uniform, generator: torch.Generator | None = None) -> None:
     """A step's device noise in its documented order: the Gaussian buffers (eps, eps2), then the
     uniform ones (permutation keys, observation noise); None entries are skipped. ``generator``
@@ -233,26 +258,11 @@ class GraphedStep:
     def _bind(self, step, noise: str) -> None:
         """The static inputs on the step's device (no CUDA needed: the tests bind on CPU)."""
         shapes, dev = step.shapes, step.device
-        b, z = shapes.batch_size, shapes.z_dim
+        b = shapes.batch_size
         self.step, self.noise = step, noise
         metric_keys, self._stacked = _metric_api()
         self.metric_keys = tuple(metric_keys[:3]) + tuple(step.method.metric_names)
-        # the rows (and the step count the regulariser sees) reach the graph as one int64 copy
-        self.row_inputs = StagedInputs([(b,)] * (2 if shapes.second_batch else 1) + [()], torch.int64, dev)
-        views = iter(self.row_inputs.views)
-        self.rows = next(views)
-        self.rows2 = next(views) if shapes.second_batch else None
-        self.step_count = next(views)
-        noise_shapes = [(b, z)] * (2 if shapes.second_batch else 1)
-        noise_shapes += [shapes.keys] if shapes.keys is not None else []
-        noise_shapes += [shapes.obs] * (2 if shapes.second_batch else 1) if shapes.obs is not None else []
-        self.noise_inputs = StagedInputs(noise_shapes, torch.float32, dev)
-        views = iter(self.noise_inputs.views)
-        self.eps = next(views)
-        self.eps2 = next(views) if shapes.second_batch else None
-        self.keys = next(views) if shapes.keys is not None else None
-        self.obs = next(views) if shapes.obs is not None else None
-        self.obs2 = next(views) if shapes.obs is not None and shapes.second_batch else None
+        bind_static_inputs(self, shapes, dev)
         channels = getattr(step.data, "base_channels", 1)
         self.images = None if step._batches.kind == "device" else torch.zeros(b, channels, 64, 64, device=dev)
         self.images2 = None if self.images is None or not shapes.second_batch else torch.zeros_like(self.images)

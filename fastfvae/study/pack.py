@@ -570,28 +570,11 @@ class GraphedPackStep(StackedPackStep):
         from fastfvae.data.loaders.device import resident_images
         from fastfvae.train.progress import METRIC_KEYS
 
-        graph = _graph_api()
-        k, shapes, dev = len(self.states), self.shapes, self.device
-        b, z, second = shapes.batch_size, shapes.z_dim, shapes.second_batch
         self.metric_keys = tuple(METRIC_KEYS[:3]) + tuple(self.method.metric_names)
         # every run's rows (and the step count the regulariser sees) reach the graph as one int64 copy
-        self.row_inputs = graph.StagedInputs([(k, b)] * (2 if second else 1) + [()], torch.int64, dev)
-        views = iter(self.row_inputs.views)
-        self.rows = next(views)
-        self.rows2 = next(views) if second else None
-        self.step_count = next(views)
-        noise_shapes = [(k, b, z)] * (2 if second else 1)
-        noise_shapes += [(k, *shapes.keys)] if shapes.keys is not None else []
-        noise_shapes += [(k, *shapes.obs)] * (2 if second else 1) if shapes.obs is not None else []
-        self.noise_inputs = graph.StagedInputs(noise_shapes, torch.float32, dev)
-        views = iter(self.noise_inputs.views)
-        self.eps = next(views)
-        self.eps2 = next(views) if second else None
-        self.keys = next(views) if shapes.keys is not None else None
-        self.obs = next(views) if shapes.obs is not None else None
-        self.obs2 = next(views) if shapes.obs is not None and second else None
+        _graph_api().bind_static_inputs(self, self.shapes, self.device, runs=len(self.states))
         #: the dataset resident on the device, as stored (the single graph's device loader's)
-        self.packed = resident_images(self.data, dev)
+        self.packed = resident_images(self.data, self.device)
 
     def _images(self, rows, obs):
         from fastfvae.data.loaders.unpack import gather_batch
