@@ -14,7 +14,7 @@ CPU (oneDNN); their per-layer timings are in docs/fast-path.md:
   `last_deconv_s2d`), where oneDNN's one-channel kernels are slow.
 - native image-side layers: with the native library loaded (`fastfvae.ops.native_conv.enabled`)
   the first and last layers run on its kernels instead, in the space-to-depth form (bf16 step)
-  or on the plain image (`NATIVE_PLAIN`; bf16 only unless `NATIVE_PLAIN_FP32`), several times faster than oneDNN
+  or on the plain image (bf16 only unless `NATIVE_PLAIN_FP32`), several times faster than oneDNN
   there (docs/ops.md, "Native convolutions"), on the CPUs where they measured faster
   (`native_conv.IMAGE_ISAS`); otherwise the oneDNN path below.
 
@@ -32,9 +32,8 @@ from torch import nn
 from fastfvae.models.vae import FEATURE_SHAPE, Decoder, Encoder
 from fastfvae.ops import native_conv
 
-#: the image-side layers on the plain image (no space-to-depth) on the native kernels too
-NATIVE_PLAIN = True
-#: ... in float32 as well: off. 3-8x oneDNN per pass, but their other summation order makes the
+#: the image-side layers on the plain image (no space-to-depth) on the native kernels in float32
+#: too: off. 3-8x oneDNN per pass, but their other summation order makes the
 #: float32 step drift from the reference loop (beta-TC-VAE: 7e-4 relative in its losses after 50
 #: steps, past the fp32 parity's 1e-4; docs/ops.md), and the fp32 step is the parity precision
 NATIVE_PLAIN_FP32 = False
@@ -169,7 +168,7 @@ def depth_to_space(y: torch.Tensor) -> torch.Tensor:
 def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, relu: bool = False) -> torch.Tensor:
     """``layer(depth_to_space(x_s2d))`` (then a ReLU) as a 3x3 convolution of the space-to-depth input."""
     _check_s2d_layer(layer, transposed=False)
-    if native_conv.enabled() and native_conv.fits(layer, x_s2d, False, dtype):
+    if native_conv.fits(layer, x_s2d, False, dtype):
         return native_conv.first_conv(x_s2d, layer, dtype, relu, s2d=True)
     c = layer.out_channels
     # kernel tap (a, c') of block offset a - 1, sub-pixel rh: original tap kh = 2a + rh - 1
@@ -182,7 +181,7 @@ def first_conv_s2d(x_s2d: torch.Tensor, layer: nn.Conv2d, dtype: torch.dtype, re
 def last_deconv_s2d(h: torch.Tensor, layer: nn.ConvTranspose2d, dtype: torch.dtype) -> torch.Tensor:
     """``space_to_depth(layer(h))`` as a 3x3 convolution with 4 output channels."""
     _check_s2d_layer(layer, transposed=True)
-    if native_conv.enabled() and native_conv.fits(layer, h, True, dtype):
+    if native_conv.fits(layer, h, True, dtype):
         return native_conv.last_deconv(h, layer, dtype, s2d=True)
     c = layer.in_channels
     # output sub-pixel rh of block i takes input i + a - 1 through original tap kh = 3 + rh - 2a
@@ -245,5 +244,4 @@ def _native_plain(layer, x: torch.Tensor, transposed: bool, dtype: torch.dtype) 
     one-channel input of even height and width)."""
     image_ok = transposed or (x.dim() == 4 and x.shape[1] == 1 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
     precision_ok = dtype == torch.bfloat16 or NATIVE_PLAIN_FP32
-    return (NATIVE_PLAIN and precision_ok and image_ok and native_conv.enabled()
-            and native_conv.fits(layer, x, transposed, dtype))
+    return precision_ok and image_ok and native_conv.fits(layer, x, transposed, dtype)
