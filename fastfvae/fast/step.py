@@ -334,9 +334,11 @@ def _native_discriminator(disc, rows: int, dtype: torch.dtype, optimizer, requir
     the native one, and the step keeps its torch D."""
     from fastfvae.ops.native_mlp import NativeDiscriminator
 
-    try:
-        if optimizer is None:
+    if optimizer is None:
+        if required:
             raise FastFVAEError("native_d runs D's Adam natively: it needs a plain torch Adam adversary optimiser")
+        return None
+    try:
         return NativeDiscriminator(disc, rows, dtype, optimizer)
     except FastFVAEError:
         if required:
