@@ -80,13 +80,21 @@ class _ConvSplitBackward(torch.autograd.Function):
                 and native_conv.s2_fits(grad, weight, stride, padding, dgrad=True)):
             # a 4x4 stride-2 convolution's input gradient is the transposed convolution of grad
             grad_x, need_x = native_conv.conv_transpose_4s2(grad, weight, None, False), False
+        big, small = (grad, x) if transposed else (x, grad)
+        if need_w and native_conv.s2_wgrad_fits(big, small, weight, stride, padding):
+            # both kinds of 4x4 stride-2 layer: one native sum (docs/ops.md, "Native convolutions"),
+            # float32, which autograd rounds to the weight's bf16 (oneDNN returns it rounded)
+            grad_w, need_w = native_conv.conv_4s2_weight_grad(big, small), False
         if (need_x or need_w) and _narrowing(weight, stride, padding, transposed):
-            grad_x, grad_w = _narrowing_backward(grad, x, weight, padding, need_x, need_w)
+            gx, gw = _narrowing_backward(grad, x, weight, padding, need_x, need_w)
+            grad_x = gx if need_x else grad_x
+            grad_w = gw if need_w else grad_w
         elif need_x or need_w:
-            gx, grad_w, _ = _aten.convolution_backward(
+            gx, gw, _ = _aten.convolution_backward(
                 grad, x, weight, None, stride, padding, [1, 1], transposed, [0, 0], 1,
                 [need_x, need_w, False])
             grad_x = gx if need_x else grad_x
+            grad_w = gw if need_w else grad_w
         if has_bias and need_b:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None

@@ -11,7 +11,9 @@ kernels empty. Three native kernels cover every pass of both layers:
 
 and one for the decoder's inner transposed convolutions (4x4, stride 2): ``conv_transpose_4s2``,
 their forward (ReLU fused) and the encoder's strided convolutions' input gradient (the same
-sum), in the bf16 step with vdpbf16ps, where it measured faster than oneDNN (`s2_fits`).
+sum), in the bf16 step with vdpbf16ps, where it measured faster than oneDNN (`s2_fits`); and
+``conv_4s2_weight_grad``, the weight gradient of both kinds of inner 4x4 stride-2 layers
+(`s2_wgrad_fits`).
 
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
 (`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
@@ -40,7 +42,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 #: the library's convolution calls; a library built before them lacks them (`has_ops`)
-CONV_OPS = ("image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_transpose_4s2", "conv_isa")
+CONV_OPS = ("image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_transpose_4s2",
+            "conv_4s2_weight_grad", "conv_isa")
 
 
 def has_ops() -> bool:
@@ -117,6 +120,33 @@ def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        relu: bool) -> torch.Tensor:
     """The 4x4 stride-2 padding-1 transposed convolution (+ bias, ReLU), [B, Cout, 2H, 2W] channels_last."""
     return native.ops().conv_transpose_4s2(x, weight, bias, relu)
+
+
+#: `conv_4s2_weight_grad` for the bf16 step's inner 4x4 stride-2 layers' weight gradients
+#: (vdpbf16ps): 1.2-2.1x oneDNN's weight-gradient primitives at the VAE's six layers, on 1 and
+#: 2 threads (docs/ops.md, "Native convolutions")
+S2_WGRAD_IN_STEP = True
+
+
+def s2_wgrad_fits(big: torch.Tensor, small: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
+    """``conv_4s2_weight_grad(big, small)`` is the weight gradient of this 4x4 stride-2
+    padding-1 layer (big: a Conv2d's input or a ConvTranspose2d's output gradient, [B, Cb, 2H,
+    2W]; small: the other operand, [B, Cs, H, W]) where it measured faster than oneDNN: bfloat16
+    with vdpbf16ps. float32 keeps oneDNN (the parity precision, whose summation order the fp32
+    step's parity tests pin)."""
+    return (big.dtype == torch.bfloat16 and small.dtype == torch.bfloat16 and big.device.type == "cpu"
+            and small.device.type == "cpu" and big.dim() == 4 and small.dim() == 4
+            and big.shape[0] == small.shape[0] and list(big.shape[2:]) == [2 * n for n in small.shape[2:]]
+            and tuple(weight.shape[2:]) == (4, 4) and list(stride) == [2, 2] and list(padding) == [1, 1]
+            and S2_WGRAD_IN_STEP and enabled() and isa() == "avx512_bf16")
+
+
+def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """dw[cs, cb, kh, kw] = sum small[b, cs, i, j] big[b, cb, 2i + kh - 1, 2j + kw - 1]: the
+    weight gradient [Cs, Cb, 4, 4] (float32) of a Conv2d(Cb, Cs, 4, 2, 1) (big = its input,
+    small = the output's gradient) or a ConvTranspose2d(Cs, Cb, 4, 2, 1) (big = the output's
+    gradient, small = its input)."""
+    return native.ops().conv_4s2_weight_grad(big, small)
 
 
 def _rounded(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -5,6 +5,7 @@
 
 #include "conv_image.h"
 #include "conv_s2.h"
+#include "conv_s2_wgrad.h"
 #include "cpu_isa.h"
 #include "gaussian.h"
 #include "mlp.h"
@@ -25,12 +26,13 @@ int64_t parallel_threads(c10::string_view source, int64_t n) {
       {"mlp_gemm", &fastfvae_native::parallel_probe_mlp_gemm},
       {"conv_image", &fastfvae_native::parallel_probe_conv_image},
       {"conv_s2", &fastfvae_native::parallel_probe_conv_s2},
+      {"conv_s2_wgrad", &fastfvae_native::parallel_probe_conv_s2_wgrad},
   };
   for (const auto& [name, probe] : probes) {
     if (source == name) return probe(n);
   }
   TORCH_CHECK(false, "fastfvae_native parallel_threads: unknown source '", source,
-              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image or conv_s2");
+              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2 or conv_s2_wgrad");
 }
 
 }  // namespace
@@ -66,6 +68,8 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("conv_isa() -> str", &fastfvae_native::conv_isa);
   // The 4x4 stride-2 transposed convolution (kernels/native/conv_s2.h).
   m.def("conv_transpose_4s2(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
+  // The weight gradient of the 4x4 stride-2 layers (kernels/native/conv_s2_wgrad.h).
+  m.def("conv_4s2_weight_grad(Tensor big, Tensor small) -> Tensor");
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
@@ -93,4 +97,10 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("image_conv_transpose", &fastfvae_native::image_conv_transpose);
   m.impl("image_conv_weight_grad", &fastfvae_native::image_conv_weight_grad);
   m.impl("conv_transpose_4s2", &fastfvae_native::conv_transpose_4s2);
+  m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad);
+}
+
+// Shapes for fake tensors (torch.compile, torch.library.opcheck) of the ops that have one here.
+TORCH_LIBRARY_IMPL(fastfvae_native, Meta, m) {
+  m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad_meta);
 }

@@ -1,0 +1,312 @@
+// conv_4s2_weight_grad (conv_s2_wgrad.h): three variants, chosen at run time with the GEMM's
+// variant (mlp_gemm.h): bfloat16 with vdpbf16ps (AVX-512-BF16), float32 on AVX-512 (FMA), and a
+// scalar loop for the rest (bfloat16 without vdpbf16ps, CPUs without AVX-512).
+//
+// The AVX-512 variants see the sum as one GEMM: rows = the Cs channels of small (broadcast),
+// columns = 16 taps x the Cb channels of big in vectors of 16 (a "column" is one tap and 16
+// channels), reduction = the pixels. Tile: MR rows x NC columns, MR x NC float32 accumulators;
+// per reduction step NC vector loads of big and MR broadcasts of small. The reduction step is
+// one pixel (b, i, j) in float32 and a pair of images (b, b + 1) at pixel (i, j) in bfloat16
+// (vdpbf16ps multiplies pairs of bfloat16 in each 32-bit lane): pairing the images rather than
+// neighbouring pixels keeps a tap's shifted view of big a plain pointer offset. So big is
+// packed per call into a zero-bordered [B'][2H + 2][2W + 2][Cb'] array of 32-bit words (Cb'
+// = Cb rounded up to 16, the extra channels zero; bfloat16: word = (big[b], big[b + 1]) of one
+// channel, B' = B / 2 rounded up, a missing last image zero), where tap (kh, kw) of small's pixel
+// (i, j) is at row 2i + kh, column 2j + kw; bfloat16 small is packed the same way without the
+// border (float32 small is read in place).
+//
+// Threads: the (row block, column group) tiles are split between them; each thread walks the
+// batch in fixed chunks and, per chunk, runs its tiles from accumulators kept in a float32
+// scratch, so every element is summed in the same order on any thread count.
+#include "conv_s2_wgrad.h"
+#include "parallel_probe.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "mlp_gemm.h"
+
+#if defined(FASTFVAE_MLP_SIMD)
+#include <immintrin.h>
+#endif
+
+namespace fastfvae_native {
+namespace {
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+inline float bf16f(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline float ld(const T* p, int64_t i) {
+  if constexpr (std::is_same<T, float>::value) return p[i];
+  return bf16f(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+struct Dims {
+  int64_t B, Cs, Cb, H, W;  // small [B, Cs, H, W], big [B, Cb, 2H, 2W]
+  int64_t cbp;              // Cb rounded up to 16: the row length of the scratch dw [Cs][16][cbp]
+};
+
+// Rows [cs0, cs1) of dw [Cs][16 taps][cbp], zeroed by the caller; each element sums b, i, j in order.
+template <typename T>
+void wgrad_scalar(const T* big, const T* small, const Dims& d, int64_t cs0, int64_t cs1, float* dw) {
+  const int64_t H2 = 2 * d.H, W2 = 2 * d.W;
+  for (int64_t cs = cs0; cs < cs1; ++cs) {
+    float* acc = dw + cs * 16 * d.cbp;
+    for (int64_t b = 0; b < d.B; ++b) {
+      for (int64_t i = 0; i < d.H; ++i) {
+        for (int64_t j = 0; j < d.W; ++j) {
+          const float v = ld(small, ((b * d.H + i) * d.W + j) * d.Cs + cs);
+          for (int kh = 0; kh < 4; ++kh) {
+            const int64_t y = 2 * i + kh - 1;
+            if (y < 0 || y >= H2) continue;
+            for (int kw = 0; kw < 4; ++kw) {
+              const int64_t x = 2 * j + kw - 1;
+              if (x < 0 || x >= W2) continue;
+              const int64_t row = ((b * H2 + y) * W2 + x) * d.Cb;
+              float* a = acc + (kh * 4 + kw) * d.cbp;
+              for (int64_t cb = 0; cb < d.Cb; ++cb) a[cb] += v * ld(big, row + cb);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+#if defined(FASTFVAE_MLP_SIMD) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FFV_WG_SIMD 1
+#define FFV_WG512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FFV_WG512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// The packed operands of one call (file comment): `units` reduction planes (images, or image
+// pairs in bfloat16), big as [units][PH][PW][cbp] words, small as [units][H][W][Cs] words.
+struct Packed {
+  const uint32_t* big;
+  const uint32_t* small;
+  int64_t units, PH, PW;
+};
+
+template <bool BF16>
+FFV_WG512BF16 inline __m512 madd(__m512 acc, __m512i a, __m512i b) {
+  if constexpr (BF16) return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
+}
+
+// One tile over the planes [u0, u1): rows cs0 .. cs0 + MR - 1, the NC columns at word offsets
+// off[v] from a pixel's tap (0, 0); acc[u][v] in and out of dw + u * ldd + 16 v.
+template <bool BF16, int MR, int NC>
+FFV_WG512BF16 void tile(const Packed& p, const Dims& d, int64_t u0, int64_t u1, int64_t cs0, const int64_t* off,
+                        float* dw, int64_t ldd) {
+  __m512 acc[MR][NC];
+  for (int u = 0; u < MR; ++u)
+    for (int v = 0; v < NC; ++v) acc[u][v] = _mm512_loadu_ps(dw + u * ldd + 16 * v);
+  const uint32_t* c[NC];
+  for (int64_t un = u0; un < u1; ++un) {
+    for (int64_t i = 0; i < d.H; ++i) {
+      const uint32_t* s = p.small + ((un * d.H + i) * d.W) * d.Cs + cs0;
+      const uint32_t* b = p.big + ((un * p.PH + 2 * i) * p.PW) * d.cbp;
+      for (int v = 0; v < NC; ++v) c[v] = b + off[v];
+      for (int64_t j = 0; j < d.W; ++j) {
+        __m512i bv[NC];
+        for (int v = 0; v < NC; ++v) bv[v] = _mm512_loadu_si512(c[v] + 2 * j * d.cbp);
+        for (int u = 0; u < MR; ++u) {
+          const __m512i a = _mm512_set1_epi32(static_cast<int>(s[u]));
+          for (int v = 0; v < NC; ++v) acc[u][v] = madd<BF16>(acc[u][v], a, bv[v]);
+        }
+        s += d.Cs;
+      }
+    }
+  }
+  for (int u = 0; u < MR; ++u)
+    for (int v = 0; v < NC; ++v) _mm512_storeu_ps(dw + u * ldd + 16 * v, acc[u][v]);
+}
+
+// The tile shapes: MR rows x NC columns (24 accumulators, the rest of the 32 registers for the
+// NC loads and a broadcast). Cs a multiple of 8: 8 x 3, the last column group narrower; else
+// 6 x 4, the last row block shorter.
+template <bool BF16>
+FFV_WG512BF16 void tile_any(int rows, int cols, const Packed& p, const Dims& d, int64_t u0, int64_t u1, int64_t cs0,
+                            const int64_t* off, float* dw, int64_t ldd) {
+  if (rows == 8) {
+    switch (cols) {
+      case 3: return tile<BF16, 8, 3>(p, d, u0, u1, cs0, off, dw, ldd);
+      case 2: return tile<BF16, 8, 2>(p, d, u0, u1, cs0, off, dw, ldd);
+      default: return tile<BF16, 8, 1>(p, d, u0, u1, cs0, off, dw, ldd);
+    }
+  }
+  switch (rows) {
+    case 6: return tile<BF16, 6, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+    case 5: return tile<BF16, 5, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+    case 4: return tile<BF16, 4, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+    case 3: return tile<BF16, 3, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+    case 2: return tile<BF16, 2, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+    default: return tile<BF16, 1, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+  }
+}
+
+// The GEMM on the packed operands into dw [Cs][16][cbp] (zeroed), threads over tiles.
+template <bool BF16>
+void wgrad_packed(const Packed& p, const Dims& d, float* dw) {
+  const bool by8 = d.Cs % 8 == 0;
+  const int64_t MR = by8 ? 8 : 6, NC = by8 ? 3 : 4;
+  const int64_t nv = d.cbp / 16, ncol = 16 * nv, groups = (ncol + NC - 1) / NC, rblocks = (d.Cs + MR - 1) / MR;
+  std::vector<int64_t> off(groups * NC, 0);  // column c: tap c / nv, channels 16 (c % nv) ..
+  for (int64_t c = 0; c < ncol; ++c) {
+    const int64_t tap = c / nv, kh = tap / 4, kw = tap % 4;
+    off[c] = (kh * p.PW + kw) * d.cbp + 16 * (c % nv);
+  }
+  // planes per chunk: at least 64 reduction steps between the accumulators' loads and stores
+  const int64_t chunk = std::max<int64_t>(1, (64 + d.H * d.W - 1) / (d.H * d.W));
+  const int64_t ldd = 16 * d.cbp;
+  at::parallel_for(0, groups * rblocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t u0 = 0; u0 < p.units; u0 += chunk) {
+      const int64_t u1 = std::min(p.units, u0 + chunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / rblocks, rb = t % rblocks, cs0 = rb * MR;
+        const int rows = static_cast<int>(std::min(MR, d.Cs - cs0)), cols = static_cast<int>(std::min(NC, ncol - g * NC));
+        tile_any<BF16>(rows, cols, p, d, u0, u1, cs0, off.data() + g * NC, dw + cs0 * ldd + g * NC * 16, ldd);
+      }
+    }
+  });
+}
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Plane u of a packed operand from an NHWC [B][Hs][Ws][C] tensor: [Hs + 2 pad][Ws + 2 pad][Cp]
+// words, the border and the channels past C zero. bfloat16 (pairs): word = (src[2u], src[2u + 1]);
+// float32: the bits of src[u].
+template <bool BF16>
+FFV_WG512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, int64_t C, int64_t Cp, int pad,
+                          int64_t u, uint32_t* dst) {
+  const int64_t PH = Hs + 2 * pad, PW = Ws + 2 * pad;
+  uint32_t* plane = dst + u * PH * PW * Cp;
+  if (pad) {
+    std::memset(plane, 0, PW * Cp * sizeof(uint32_t));
+    std::memset(plane + (PH - 1) * PW * Cp, 0, PW * Cp * sizeof(uint32_t));
+  }
+  for (int64_t y = 0; y < Hs; ++y) {
+    uint32_t* row = plane + (y + pad) * PW * Cp;
+    if (pad) {
+      std::memset(row, 0, Cp * sizeof(uint32_t));
+      std::memset(row + (PW - 1) * Cp, 0, Cp * sizeof(uint32_t));
+    }
+    for (int64_t x = 0; x < Ws; ++x) {
+      uint32_t* o = row + (x + pad) * Cp;
+      for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
+        const __mmask16 m = lanes(C - c0), mo = lanes(Cp - c0);
+        __m512i w;
+        if constexpr (BF16) {
+          const uint16_t* s = static_cast<const uint16_t*>(src);
+          const int64_t b0 = 2 * u, b1 = 2 * u + 1;
+          const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + ((b0 * Hs + y) * Ws + x) * C + c0));
+          const __m512i c = b1 < B ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + ((b1 * Hs + y) * Ws + x) * C + c0))
+                                   : _mm512_setzero_si512();
+          w = _mm512_or_si512(a, _mm512_slli_epi32(c, 16));
+        } else {
+          const uint32_t* s = static_cast<const uint32_t*>(src);
+          w = _mm512_maskz_loadu_epi32(m, s + ((u * Hs + y) * Ws + x) * C + c0);
+        }
+        _mm512_mask_storeu_epi32(o + c0, mo, w);
+      }
+    }
+  }
+}
+
+template <bool BF16>
+void wgrad_512(const void* big, const void* small, const Dims& d, float* dw) {
+  const int64_t units = BF16 ? (d.B + 1) / 2 : d.B, PH = 2 * d.H + 2, PW = 2 * d.W + 2;
+  // The calling thread's packed operands, kept between calls: every word is written by the
+  // packing, and a buffer of the last size needs no new pages.
+  thread_local std::vector<uint32_t> scratch;
+  const int64_t nbig = units * PH * PW * d.cbp, nsmall = BF16 ? units * d.H * d.W * d.Cs : 0;
+  if (static_cast<int64_t>(scratch.size()) < nbig + nsmall) scratch.resize(nbig + nsmall);
+  uint32_t* bigp = scratch.data();
+  uint32_t* smallp = bigp + nbig;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      pack_plane<BF16>(big, d.B, 2 * d.H, 2 * d.W, d.Cb, d.cbp, 1, u, bigp);
+      if (BF16) pack_plane<BF16>(small, d.B, d.H, d.W, d.Cs, d.Cs, 0, u, smallp);
+    }
+  });
+  const Packed p{bigp, BF16 ? smallp : static_cast<const uint32_t*>(small), units, PH, PW};
+  wgrad_packed<BF16>(p, d, dw);
+}
+#endif
+
+}  // namespace
+
+namespace {
+
+// meta: fake tensors (any device is theirs to say), else CPU tensors.
+void check_inputs(const at::Tensor& big, const at::Tensor& small, bool meta) {
+  const auto ok = [meta](const at::Tensor& t) {
+    return (meta || t.device().is_cpu()) && t.dim() == 4 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+  };
+  TORCH_CHECK(ok(small), "fastfvae_native conv_4s2_weight_grad: small must be a float32 or bfloat16 [B, Cs, H, W] "
+              "CPU tensor, got ", small.scalar_type(), " ", small.sizes(), " on ", small.device());
+  TORCH_CHECK(ok(big) && big.scalar_type() == small.scalar_type() && big.size(0) == small.size(0) &&
+                  big.size(2) == 2 * small.size(2) && big.size(3) == 2 * small.size(3),
+              "fastfvae_native conv_4s2_weight_grad: big must be a ", small.scalar_type(), " [", small.size(0),
+              ", Cb, ", 2 * small.size(2), ", ", 2 * small.size(3), "] CPU tensor (twice small's grid), got ",
+              big.scalar_type(), " ", big.sizes(), " on ", big.device());
+}
+
+}  // namespace
+
+at::Tensor conv_4s2_weight_grad_meta(const at::Tensor& big, const at::Tensor& small) {
+  check_inputs(big, small, true);
+  return at::empty({small.size(1), big.size(1), 4, 4}, small.options().dtype(at::kFloat));
+}
+
+at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small) {
+  check_inputs(big, small, false);
+  const Dims d{small.size(0), small.size(1), big.size(1), small.size(2), small.size(3), round_up(big.size(1), 16)};
+  at::Tensor out = at::zeros({d.Cs, d.Cb, 4, 4}, small.options().dtype(at::kFloat));
+  if (d.B == 0 || d.H == 0 || d.W == 0 || d.Cs == 0 || d.Cb == 0) return out;
+  const at::Tensor bc = big.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor sc = small.contiguous(at::MemoryFormat::ChannelsLast);
+  const bool bf16 = small.scalar_type() == at::kBFloat16;
+  std::vector<float> dw(d.Cs * 16 * d.cbp, 0.0f);  // [cs][tap][cb]
+  bool done = false;
+#if defined(FFV_WG_SIMD)
+  if (bf16 && mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16) {
+    wgrad_512<true>(bc.data_ptr(), sc.data_ptr(), d, dw.data());
+    done = true;
+  } else if (!bf16 && static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512)) {
+    wgrad_512<false>(bc.data_ptr(), sc.data_ptr(), d, dw.data());
+    done = true;
+  }
+#endif
+  if (!done) {
+    at::parallel_for(0, d.Cs, 1, [&](int64_t c0, int64_t c1) {
+      if (bf16) {
+        wgrad_scalar(bc.data_ptr<at::BFloat16>(), sc.data_ptr<at::BFloat16>(), d, c0, c1, dw.data());
+      } else {
+        wgrad_scalar(bc.data_ptr<float>(), sc.data_ptr<float>(), d, c0, c1, dw.data());
+      }
+    });
+  }
+  float* o = out.data_ptr<float>();
+  for (int64_t cs = 0; cs < d.Cs; ++cs)
+    for (int64_t cb = 0; cb < d.Cb; ++cb)
+      for (int k = 0; k < 16; ++k) o[(cs * d.Cb + cb) * 16 + k] = dw[(cs * 16 + k) * d.cbp + cb];
+  return out;
+}
+
+FASTFVAE_PARALLEL_PROBE(parallel_probe_conv_s2_wgrad)
+
+}  // namespace fastfvae_native
