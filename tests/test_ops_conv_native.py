@@ -185,6 +185,12 @@ S2_SHAPES = [  # B, Cin, Cout, H, W (input grid)
     (5, 6, 17, 3, 7),      # Cout not a multiple of 16, pixels not a multiple of the tile
     (2, 32, 70, 5, 4),     # Cout past 64
     (1, 3, 5, 2, 3),       # odd Cin (scalar path)
+    # the AVX-512 tiles (at most 12 / 12 / 8 / 6 pixels for 1 / 2 / 3 / 4 vectors of 16 output
+    # channels): a row split in unequal pieces, whole rows per tile with a short last one
+    (2, 32, 32, 3, 25),
+    (2, 16, 64, 5, 7),
+    (2, 8, 48, 7, 3),
+    (1, 4, 20, 2, 13),
 ]
 
 

@@ -3,11 +3,16 @@
 // and a scalar loop for the rest (bfloat16 without vdpbf16ps, CPUs without AVX-512); the
 // Python side (native_conv.s2_fits) calls it only where it measured faster than oneDNN.
 //
-// AVX-512 tile: MR output pixels of one phase x NR vectors of 16 output channels, MR x NR
-// float32 accumulators. bfloat16: per (tap, input-channel pair) NR weight vectors (packed per
-// phase as [tap][Cin / 2][Cout][2]) and MR broadcasts of the input pair; float32: the same per
-// input channel (weights [tap][Cin][Cout]). The input is read in place (pixels outside it read
-// a zero row instead).
+// AVX-512 tile: MR consecutive output pixels (row-major) of one phase x NR vectors of 16 output
+// channels, MR x NR float32 accumulators. bfloat16: per (tap, input-channel pair) NR weight
+// vectors (packed once per call as [phase][tap][Cin / 2][Cout][2]) and MR broadcasts of the
+// input pair; float32: the same per input channel (weights [phase][tap][Cin][Cout]). Each image
+// is first copied into a buffer with a zero border one pixel wide, so that every tap of every
+// pixel reads at a fixed offset from the pixel's own input, with no per-pixel edge test; a tap
+// whose input row is outside the image for all of a tile's pixels is skipped. A row is split
+// into tiles of equal size (differing by at most one pixel) when it is at least as wide as the
+// largest tile, else a tile takes as many whole rows as fit; MR is a template parameter, so the
+// accumulators stay in registers through the stores.
 #include "conv_s2.h"
 #include "parallel_probe.h"
 
@@ -15,8 +20,11 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mlp_gemm.h"
@@ -86,161 +94,147 @@ void deconv_scalar(const T* x, const float* w, const float* bias, bool relu, T* 
 #define FFV_S2_BF16 1
 #define FFV_S2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-FFV_S2 inline __m512i bcast32(const uint16_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return _mm512_set1_epi32(static_cast<int>(v));
-}
-
-struct Tile {
-  const uint16_t* x;       // this item's input [H][W][Ci]
-  const uint16_t* zero;    // Ci zeros
-  const uint16_t* wp;      // this phase's packed weight [4][Ci / 2][cop][2]
-  const float* bias;       // [cop]
-  uint16_t* out;           // this item's output [2H][2W][Co]
-  int64_t c2, cop, co0;
+// One call's AVX-512 work, shared by its threads. T: uint16_t (bfloat16 bits, vdpbf16ps) or
+// float (FMA); a K step is an input-channel pair (bfloat16) or one input channel (float32).
+template <typename T>
+struct Plan {
+  const T* x;         // the input, [B][H][W][Ci]
+  const T* wp;        // packed weights [phase][tap][ks][cop] (bfloat16: each entry a channel pair)
+  const float* bias;  // [cop]
+  T* out;             // [B][2H][2W][Co]
+  Dims d;
+  int64_t ks, cop;    // K steps per tap, Co rounded up to 16
   bool relu;
 };
 
-// A tile's pixels (i, j) of phase (rh, rw), pixels m0 .. m0 + MR - 1 of the H x W grid (stepped
-// without divisions), and where each of its 4 taps reads: the input pixel's Ci channels in x
-// (this item's [H][W][Ci]), or zero for pixels outside the input and past the n in the tile.
-template <int MR, typename T>
-inline void tile_sources(const T* x, const T* zero, const Dims& d, int rh, int rw, int64_t m0, int64_t n,
-                         const T* (&src)[4][MR], int64_t (&pi)[MR], int64_t (&pj)[MR]) {
-  for (int64_t u = 0, i = m0 / d.W, j = m0 % d.W; u < MR; ++u) {
-    pi[u] = i, pj[u] = j;
-    if (++j == d.W) j = 0, ++i;
+// A tile: MR consecutive pixels (row-major) of one phase's H x W grid from (i0, j0) x NR
+// vectors of 16 output channels from co0, MR x NR float32 accumulators. xp is the image's
+// input with a zero border ([H + 2][W + 2][Ci]), so every tap of every pixel reads in place;
+// a tap whose input row lies outside the image for all the tile's pixels is skipped.
+template <int MR, int NR, typename T>
+FFV_S2 void tile(const Plan<T>& t, const T* xp, T* out, int rh, int rw, int64_t i0, int64_t j0, int64_t co0) {
+  const int64_t W = t.d.W, Ci = t.d.Ci, Co = t.d.Co, ks = t.ks, cop = t.cop;
+  constexpr int64_t kE = std::is_same<T, float>::value ? 1 : 2;  // elements per K step
+  const T* src[MR];
+  T* dst[MR];
+  int64_t i1 = i0;
+  for (int64_t u = 0, i = i0, j = j0; u < MR; ++u) {
+    src[u] = xp + ((i + 1) * (W + 2) + j + 1) * Ci;
+    dst[u] = out + ((2 * i + rh) * 2 * W + 2 * j + rw) * Co + co0;
+    i1 = i;
+    if (++j == W) j = 0, ++i;
   }
-  for (int u = 0; u < MR; ++u) {
-    for (int k = 0; k < 4; ++k) {
-      const int64_t ii = pi[u] + kD[rh][k >> 1], jj = pj[u] + kD[rw][k & 1];
-      src[k][u] = (u < n && ii >= 0 && ii < d.H && jj >= 0 && jj < d.W) ? x + (ii * d.W + jj) * d.Ci : zero;
-    }
-  }
-}
-
-template <int MR, int NR>
-FFV_S2 void tile(const Tile& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
-  const uint16_t* src[4][MR];
-  int64_t pi[MR], pj[MR];
-  tile_sources<MR>(t.x, t.zero, d, rh, rw, m0, n, src, pi, pj);
   __m512 acc[MR][NR];
-  for (int u = 0; u < MR; ++u)
-    for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_loadu_ps(t.bias + t.co0 + 16 * v);
+  for (int v = 0; v < NR; ++v) {
+    const __m512 b = _mm512_loadu_ps(t.bias + co0 + 16 * v);
+    for (int u = 0; u < MR; ++u) acc[u][v] = b;
+  }
   for (int k = 0; k < 4; ++k) {
-    const uint16_t* w = t.wp + (k * t.c2 * t.cop + t.co0) * 2;
-    for (int64_t cp = 0; cp < t.c2; ++cp, w += t.cop * 2) {
-      __m512i wv[NR];
-      for (int v = 0; v < NR; ++v) wv[v] = _mm512_loadu_si512(w + 32 * v);
-      for (int u = 0; u < MR; ++u) {
-        const __m512i xv = bcast32(src[k][u] + 2 * cp);
-        for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_dpbf16_ps(acc[u][v], (__m512bh)xv, (__m512bh)wv[v]);
-      }
-    }
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int u = 0; u < n; ++u) {
-    const int64_t i = pi[u], j = pj[u];
-    uint16_t* o = t.out + ((2 * i + rh) * 2 * d.W + 2 * j + rw) * d.Co + t.co0;
-    for (int v = 0; v < NR; ++v) {
-      const int64_t left = d.Co - t.co0 - 16 * v;
-      if (left <= 0) break;
-      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-      _mm256_mask_storeu_epi16(o + 16 * v, mk, simd::to_bf16(t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v]));
-    }
-  }
-}
-
-template <int MR, int NR>
-FFV_S2 void phase_block(const Tile& t, const Dims& d, int rh, int rw) {
-  const int64_t M = d.H * d.W;
-  for (int64_t m0 = 0; m0 < M; m0 += MR) tile<MR, NR>(t, d, rh, rw, m0, std::min<int64_t>(MR, M - m0));
-}
-
-FFV_S2 void deconv_512bf16(const uint16_t* x, const uint16_t* wp, const float* bias, bool relu, uint16_t* out, Dims d,
-                           int64_t b0, int64_t b1) {
-  const int64_t c2 = d.Ci / 2, cop = (d.Co + 15) / 16 * 16;
-  std::vector<uint16_t> zero(d.Ci + 2, 0);
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int p = 0; p < 4; ++p) {
-      const int rh = p >> 1, rw = p & 1;
-      for (int64_t co0 = 0; co0 < d.Co; co0 += 64) {
-        const Tile t{x + b * d.H * d.W * d.Ci, zero.data(), wp + p * 4 * c2 * cop * 2, bias,
-                     out + b * 4 * d.H * d.W * d.Co, c2, cop, co0, relu};
-        switch (std::min<int64_t>(4, (d.Co - co0 + 15) / 16)) {
-          case 1: phase_block<12, 1>(t, d, rh, rw); break;
-          case 2: phase_block<12, 2>(t, d, rh, rw); break;
-          case 3: phase_block<8, 3>(t, d, rh, rw); break;
-          default: phase_block<6, 4>(t, d, rh, rw); break;
+    const int di = kD[rh][k >> 1], dj = kD[rw][k & 1];
+    if ((di < 0 && i1 == 0) || (di > 0 && i0 == t.d.H - 1)) continue;
+    const int64_t off = (di * (W + 2) + dj) * Ci;
+    const T* w = t.wp + (k * ks * cop + co0) * kE;
+    for (int64_t s = 0; s < ks; ++s, w += cop * kE) {
+      if constexpr (std::is_same<T, float>::value) {
+        __m512 wv[NR];
+        for (int v = 0; v < NR; ++v) wv[v] = _mm512_loadu_ps(w + 16 * v);
+        for (int u = 0; u < MR; ++u) {
+          const __m512 xv = _mm512_set1_ps(src[u][off + s]);
+          for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_fmadd_ps(xv, wv[v], acc[u][v]);
+        }
+      } else {
+        __m512i wv[NR];
+        for (int v = 0; v < NR; ++v) wv[v] = _mm512_loadu_si512(w + 32 * v);
+        for (int u = 0; u < MR; ++u) {
+          uint32_t pair;
+          std::memcpy(&pair, src[u] + off + 2 * s, sizeof pair);
+          const __m512i xv = _mm512_set1_epi32(static_cast<int>(pair));
+          for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_dpbf16_ps(acc[u][v], (__m512bh)xv, (__m512bh)wv[v]);
         }
       }
     }
   }
-}
-
-// float32: the same tiles with FMA on one input channel at a time (weights [phase][tap][Ci][cop]).
-struct TileF {
-  const float* x;
-  const float* zero;
-  const float* wp;
-  const float* bias;
-  float* out;
-  int64_t ci, cop, co0;
-  bool relu;
-};
-
-template <int MR, int NR>
-FFV_S2 void tile_f32(const TileF& t, const Dims& d, int rh, int rw, int64_t m0, int64_t n) {
-  const float* src[4][MR];
-  int64_t pi[MR], pj[MR];
-  tile_sources<MR>(t.x, t.zero, d, rh, rw, m0, n, src, pi, pj);
-  __m512 acc[MR][NR];
-  for (int u = 0; u < MR; ++u)
-    for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_loadu_ps(t.bias + t.co0 + 16 * v);
-  for (int k = 0; k < 4; ++k) {
-    const float* w = t.wp + k * t.ci * t.cop + t.co0;
-    for (int64_t c = 0; c < t.ci; ++c, w += t.cop) {
-      __m512 wv[NR];
-      for (int v = 0; v < NR; ++v) wv[v] = _mm512_loadu_ps(w + 16 * v);
-      for (int u = 0; u < MR; ++u) {
-        const __m512 xv = _mm512_set1_ps(src[k][u][c]);
-        for (int v = 0; v < NR; ++v) acc[u][v] = _mm512_fmadd_ps(xv, wv[v], acc[u][v]);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int v = 0; v < NR; ++v) {
+    const int64_t left = Co - co0 - 16 * v;
+    const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    for (int u = 0; u < MR; ++u) {
+      const __m512 r = t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v];
+      if constexpr (std::is_same<T, float>::value) {
+        _mm512_mask_storeu_ps(dst[u] + 16 * v, mk, r);
+      } else {
+        _mm256_mask_storeu_epi16(dst[u] + 16 * v, mk, simd::to_bf16(r));
       }
     }
   }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int u = 0; u < n; ++u) {
-    float* o = t.out + ((2 * pi[u] + rh) * 2 * d.W + 2 * pj[u] + rw) * d.Co + t.co0;
-    for (int v = 0; v < NR; ++v) {
-      const int64_t left = d.Co - t.co0 - 16 * v;
-      if (left <= 0) break;
-      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-      _mm512_mask_storeu_ps(o + 16 * v, mk, t.relu ? _mm512_max_ps(acc[u][v], zero) : acc[u][v]);
-    }
+}
+
+template <typename T>
+using TileFn = void (*)(const Plan<T>&, const T*, T*, int, int, int64_t, int64_t, int64_t);
+
+// kMaxMR[NR - 1]: the most pixels per tile, MR x NR accumulators + NR weight vectors + one
+// broadcast within the 32 zmm registers.
+constexpr int kMaxMR[4] = {12, 12, 8, 6};
+
+template <int NR, typename T, int... M>
+constexpr std::array<TileFn<T>, sizeof...(M)> tile_table(std::integer_sequence<int, M...>) {
+  return {&tile<M + 1, NR, T>...};
+}
+
+template <int NR, typename T>
+FFV_S2 void run_tile(int mr, const Plan<T>& t, const T* xp, T* out, int rh, int rw, int64_t i0, int64_t j0,
+                     int64_t co0) {
+  static constexpr auto table = tile_table<NR, T>(std::make_integer_sequence<int, kMaxMR[NR - 1]>{});
+  table[mr - 1](t, xp, out, rh, rw, i0, j0, co0);
+}
+
+// The tiles covering an H x W grid with at most mmax pixels each: a row wider than mmax in
+// equal pieces (sizes differing by at most one), else as many whole rows as fit.
+struct TileAt {
+  int64_t i0, j0;
+  int mr;
+};
+
+inline std::vector<TileAt> tiling(int64_t H, int64_t W, int mmax) {
+  std::vector<TileAt> ts;
+  if (W >= mmax) {
+    const int64_t n = (W + mmax - 1) / mmax;
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t p = 0, j = 0; p < n; ++p) {
+        const int64_t mr = W / n + (p < W % n ? 1 : 0);
+        ts.push_back({i, j, static_cast<int>(mr)});
+        j += mr;
+      }
+  } else {
+    const int64_t rows = mmax / W;
+    for (int64_t i = 0; i < H; i += rows) ts.push_back({i, 0, static_cast<int>(std::min(rows, H - i) * W)});
   }
+  return ts;
 }
 
-template <int MR, int NR>
-FFV_S2 void phase_block_f32(const TileF& t, const Dims& d, int rh, int rw) {
-  const int64_t M = d.H * d.W;
-  for (int64_t m0 = 0; m0 < M; m0 += MR) tile_f32<MR, NR>(t, d, rh, rw, m0, std::min<int64_t>(MR, M - m0));
-}
-
-FFV_S2 void deconv_512f32(const float* x, const float* wp, const float* bias, bool relu, float* out, Dims d,
-                          int64_t b0, int64_t b1) {
-  const int64_t cop = (d.Co + 15) / 16 * 16;
-  std::vector<float> zero(d.Ci, 0.0f);
+// Images b0 .. b1 - 1: each copied into a zero-bordered buffer, then per phase and block of
+// up to 64 output channels, its tiles.
+template <typename T>
+FFV_S2 void deconv_512(const Plan<T>& t, const std::vector<TileAt> (&tilings)[4], int64_t b0, int64_t b1) {
+  const Dims& d = t.d;
+  std::vector<T> xp((d.H + 2) * (d.W + 2) * d.Ci, T(0));
   for (int64_t b = b0; b < b1; ++b) {
+    const T* xb = t.x + b * d.H * d.W * d.Ci;
+    for (int64_t i = 0; i < d.H; ++i)
+      std::memcpy(xp.data() + ((i + 1) * (d.W + 2) + 1) * d.Ci, xb + i * d.W * d.Ci, d.W * d.Ci * sizeof(T));
+    T* ob = t.out + b * 4 * d.H * d.W * d.Co;
     for (int p = 0; p < 4; ++p) {
+      const Plan<T> tp{t.x, t.wp + p * 4 * t.ks * t.cop * (std::is_same<T, float>::value ? 1 : 2), t.bias, t.out, d,
+                       t.ks, t.cop, t.relu};
       for (int64_t co0 = 0; co0 < d.Co; co0 += 64) {
-        const TileF t{x + b * d.H * d.W * d.Ci, zero.data(), wp + p * 4 * d.Ci * cop, bias,
-                      out + b * 4 * d.H * d.W * d.Co, d.Ci, cop, co0, relu};
-        switch (std::min<int64_t>(4, (d.Co - co0 + 15) / 16)) {
-          case 1: phase_block_f32<12, 1>(t, d, p >> 1, p & 1); break;
-          case 2: phase_block_f32<12, 2>(t, d, p >> 1, p & 1); break;
-          case 3: phase_block_f32<8, 3>(t, d, p >> 1, p & 1); break;
-          default: phase_block_f32<6, 4>(t, d, p >> 1, p & 1); break;
+        const int nr = static_cast<int>(std::min<int64_t>(4, (d.Co - co0 + 15) / 16));
+        for (const TileAt& a : tilings[nr - 1]) {
+          switch (nr) {
+            case 1: run_tile<1>(a.mr, tp, xp.data(), ob, p >> 1, p & 1, a.i0, a.j0, co0); break;
+            case 2: run_tile<2>(a.mr, tp, xp.data(), ob, p >> 1, p & 1, a.i0, a.j0, co0); break;
+            case 3: run_tile<3>(a.mr, tp, xp.data(), ob, p >> 1, p & 1, a.i0, a.j0, co0); break;
+            default: run_tile<4>(a.mr, tp, xp.data(), ob, p >> 1, p & 1, a.i0, a.j0, co0); break;
+          }
         }
       }
     }
@@ -261,8 +255,6 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
               ", Cout, 4, 4] CPU tensor, got ", weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
   const Dims d{x.size(0), x.size(1), weight.size(1), x.size(2), x.size(3)};
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const float* wf = w.data_ptr<float>();
   const int64_t cop = (d.Co + 15) / 16 * 16;
   std::vector<float> bv(cop, 0.0f);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -276,41 +268,47 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor out = at::empty({d.B, d.Co, 2 * d.H, 2 * d.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const bool bf16 = x.scalar_type() == at::kBFloat16;
 #if defined(FFV_S2_BF16)
-  if (bf16 && d.Ci % 2 == 0 && mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16) {
-    const int64_t c2 = d.Ci / 2;
-    std::vector<uint16_t> wp(4 * 4 * c2 * cop * 2, 0);  // [phase][tap][ci / 2][co][ci % 2]
+  const bool use_bf16 = bf16 && d.Ci % 2 == 0 && mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16;
+  const bool use_f32 = !bf16 && static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512);
+  if (use_bf16 || use_f32) {
+    // Kernel position (kh, kw) = (kK[rh][a], kK[rw][c]) is tap 2a + c of phase 2rh + rw:
+    // slot[kh * 4 + kw] = phase * 4 + tap.
+    int slot[16];
     for (int p = 0; p < 4; ++p)
-      for (int k = 0; k < 4; ++k) {
-        const int kk = kK[p >> 1][k >> 1] * 4 + kK[p & 1][k & 1];
-        for (int64_t ci = 0; ci < d.Ci; ++ci)
-          for (int64_t co = 0; co < d.Co; ++co)
-            wp[(((p * 4 + k) * c2 + ci / 2) * cop + co) * 2 + ci % 2] = at::BFloat16(wf[(ci * d.Co + co) * 16 + kk]).x;
-      }
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-    uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-      deconv_512bf16(xp, wp.data(), bv.data(), relu, op, d, b0, b1);
-    });
+      for (int k = 0; k < 4; ++k) slot[kK[p >> 1][k >> 1] * 4 + kK[p & 1][k & 1]] = p * 4 + k;
+    std::vector<TileAt> tilings[4];
+    for (int nr = 1; nr <= 4; ++nr) tilings[nr - 1] = tiling(d.H, d.W, kMaxMR[nr - 1]);
+    if (use_bf16) {
+      // [phase][tap][Ci / 2][cop] channel pairs (input channel 2s in the low half)
+      const at::Tensor w = weight.to(at::kBFloat16).contiguous();
+      const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
+      const int64_t ks = d.Ci / 2;
+      std::vector<uint32_t> wp(16 * ks * cop, 0u);
+      for (int64_t s = 0; s < ks; ++s)
+        for (int64_t co = 0; co < d.Co; ++co) {
+          const uint16_t* lo = wb + (2 * s * d.Co + co) * 16;
+          const uint16_t* hi = lo + d.Co * 16;
+          for (int kk = 0; kk < 16; ++kk)
+            wp[(slot[kk] * ks + s) * cop + co] = static_cast<uint32_t>(lo[kk]) | static_cast<uint32_t>(hi[kk]) << 16;
+        }
+      const Plan<uint16_t> t{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(wp.data()),
+                             bv.data(), reinterpret_cast<uint16_t*>(out.data_ptr()), d, ks, cop, relu};
+      at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) { deconv_512(t, tilings, b0, b1); });
+    } else {
+      const at::Tensor w = weight.to(at::kFloat).contiguous();
+      const float* wf = w.data_ptr<float>();
+      std::vector<float> wp(16 * d.Ci * cop, 0.0f);  // [phase][tap][Ci][cop]
+      for (int64_t ci = 0; ci < d.Ci; ++ci)
+        for (int64_t co = 0; co < d.Co; ++co)
+          for (int kk = 0; kk < 16; ++kk) wp[(slot[kk] * d.Ci + ci) * cop + co] = wf[(ci * d.Co + co) * 16 + kk];
+      const Plan<float> t{xc.data_ptr<float>(), wp.data(), bv.data(), out.data_ptr<float>(), d, d.Ci, cop, relu};
+      at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) { deconv_512(t, tilings, b0, b1); });
+    }
     return out;
   }
 #endif
-#if defined(FFV_S2_BF16)
-  if (!bf16 && static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512)) {
-    std::vector<float> wp(4 * 4 * d.Ci * cop, 0.0f);  // [phase][tap][ci][co]
-    for (int p = 0; p < 4; ++p)
-      for (int k = 0; k < 4; ++k) {
-        const int kk = kK[p >> 1][k >> 1] * 4 + kK[p & 1][k & 1];
-        for (int64_t ci = 0; ci < d.Ci; ++ci)
-          for (int64_t co = 0; co < d.Co; ++co) wp[((p * 4 + k) * d.Ci + ci) * cop + co] = wf[(ci * d.Co + co) * 16 + kk];
-      }
-    const float* xp = xc.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-      deconv_512f32(xp, wp.data(), bv.data(), relu, op, d, b0, b1);
-    });
-    return out;
-  }
-#endif
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const float* wf = w.data_ptr<float>();
   const float* bp = has_bias ? bv.data() : nullptr;
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
     if (bf16) {
