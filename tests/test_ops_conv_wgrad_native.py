@@ -84,9 +84,12 @@ def _check(B, cs, cb, H, W, dtype, layout=None, seed=0):
         a, b = (layout(big), layout(small)) if layout else (big.contiguous(memory_format=CL),
                                                              small.contiguous(memory_format=CL))
         got = torch.ops.fastfvae_native.conv_4s2_weight_grad(a, b)
-        assert got.dtype == F32 and got.shape == (cs, cb, 4, 4) and got.is_contiguous()
+        assert got.dtype == F32 and got.shape == (cs, cb, 4, 4) and got.is_contiguous(memory_format=CL)
         err = _err(got, want)
         assert err <= TOL, ("conv_4s2_weight_grad", (B, cs, cb, H, W), dtype, transposed, err)
+        rounded = torch.ops.fastfvae_native.conv_4s2_weight_grad(a, b, BF16)  # the same sums, rounded once
+        assert rounded.dtype == BF16 and rounded.is_contiguous(memory_format=CL)
+        assert torch.equal(rounded, got.to(BF16))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 3, 4), (1, 4, 2, 1, 1), (3, 6, 7, 4, 1)], ids=str)
@@ -136,13 +139,17 @@ def test_bad_inputs_are_refused(native_on):
         with pytest.raises(RuntimeError, match=match) as info:
             ops.conv_4s2_weight_grad(*args)
         assert "\n" not in str(info.value).split("Exception raised from")[0].strip()
+    with pytest.raises(RuntimeError, match="dtype must be float32 or bfloat16") as info:
+        ops.conv_4s2_weight_grad(big, small, torch.float16)
+        assert "\n" not in str(info.value).split("Exception raised from")[0].strip()
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_opcheck(native_on, dtype):
     big, small = _operands(3, 16, 8, 4, 5, dtype)
-    torch.library.opcheck(torch.ops.fastfvae_native.conv_4s2_weight_grad.default,
-                          (big.contiguous(memory_format=CL), small.contiguous(memory_format=CL)))
+    args = (big.contiguous(memory_format=CL), small.contiguous(memory_format=CL))
+    torch.library.opcheck(torch.ops.fastfvae_native.conv_4s2_weight_grad.default, args)
+    torch.library.opcheck(torch.ops.fastfvae_native.conv_4s2_weight_grad.default, args + (BF16,))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -155,9 +162,9 @@ def test_bits_independent_of_thread_count(native_on, dtype):
     cl = [(b.contiguous(memory_format=CL), s.contiguous(memory_format=CL)) for b, s in operands]
 
     def run():
-        return [torch.ops.fastfvae_native.conv_4s2_weight_grad(b, s) for b, s in cl]
+        return [torch.ops.fastfvae_native.conv_4s2_weight_grad(b, s, out) for b, s in cl for out in (F32, BF16)]
 
-    assert_same_bits(on_each_thread_count(run, ["conv_s2_wgrad"]), [str(s) for s in shapes])
+    assert_same_bits(on_each_thread_count(run, ["conv_s2_wgrad"]), [f"{s} {o}" for s in shapes for o in ("fp32", "bf16")])
 
 
 _ISA_SCRIPT = """
@@ -236,6 +243,20 @@ def test_the_bf16_layers_take_the_native_weight_gradient_and_match_onednn(native
         assert a.dtype == F32 and a.shape == b.shape
         rel = (a.double() - b.double()).norm().item() / b.double().norm().item()
         assert rel <= 1e-2, (i, rel)  # both: float32 sums, rounded to the bf16 weight's dtype
+
+
+def test_the_native_weight_gradient_has_the_weights_layout_and_dtype(native_on, monkeypatch):
+    """`_ConvSplitBackward` hands autograd the bf16 weight's own dtype and channels_last
+    layout, as oneDNN does, so no cast or layout copy follows."""
+    if native_conv.isa() != "avx512_bf16":
+        pytest.skip("conv_4s2_weight_grad joins the step only with vdpbf16ps")
+    layer = nn.Conv2d(32, 64, 4, 2, 1).to(memory_format=CL)
+    x = torch.randn(4, 32, 16, 16).contiguous(memory_format=CL)
+    w = layer.weight.detach().to(BF16).requires_grad_()
+    y = by_hand._ConvSplitBackward.apply(x.to(BF16), w, None, [2, 2], [1, 1], False, True)
+    (gw,) = torch.autograd.grad(y.float().sum(), w)
+    assert native_on.called.count("conv_4s2_weight_grad") == 1
+    assert gw.dtype == BF16 and gw.is_contiguous(memory_format=CL)
 
 
 def test_the_fp32_layers_keep_onednn(native_on):

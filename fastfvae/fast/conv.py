@@ -83,8 +83,8 @@ class _ConvSplitBackward(torch.autograd.Function):
         big, small = (grad, x) if transposed else (x, grad)
         if need_w and native_conv.s2_wgrad_fits(big, small, weight, stride, padding):
             # both kinds of 4x4 stride-2 layer: one native sum (docs/ops.md, "Native convolutions"),
-            # float32, which autograd rounds to the weight's bf16 (oneDNN returns it rounded)
-            grad_w, need_w = native_conv.conv_4s2_weight_grad(big, small), False
+            # in the weight's dtype, channels_last, as oneDNN returns it
+            grad_w, need_w = native_conv.conv_4s2_weight_grad(big, small, weight.dtype), False
         if (need_x or need_w) and _narrowing(weight, stride, padding, transposed):
             gx, gw = _narrowing_backward(grad, x, weight, padding, need_x, need_w)
             grad_x = gx if need_x else grad_x

@@ -141,12 +141,12 @@ def s2_wgrad_fits(big: torch.Tensor, small: torch.Tensor, weight: torch.Tensor, 
             and S2_WGRAD_IN_STEP and enabled() and isa() == "avx512_bf16")
 
 
-def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """dw[cs, cb, kh, kw] = sum small[b, cs, i, j] big[b, cb, 2i + kh - 1, 2j + kw - 1]: the
-    weight gradient [Cs, Cb, 4, 4] (float32) of a Conv2d(Cb, Cs, 4, 2, 1) (big = its input,
-    small = the output's gradient) or a ConvTranspose2d(Cs, Cb, 4, 2, 1) (big = the output's
-    gradient, small = its input)."""
-    return native.ops().conv_4s2_weight_grad(big, small)
+    weight gradient [Cs, Cb, 4, 4] (channels_last; float32 sums, in ``dtype``: float32 by
+    default, or bfloat16) of a Conv2d(Cb, Cs, 4, 2, 1) (big = its input, small = the output's
+    gradient) or a ConvTranspose2d(Cs, Cb, 4, 2, 1) (big = the output's gradient, small = its input)."""
+    return native.ops().conv_4s2_weight_grad(big, small, dtype)
 
 
 def _rounded(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -265,18 +265,28 @@ void check_inputs(const at::Tensor& big, const at::Tensor& small, bool meta) {
               big.scalar_type(), " ", big.sizes(), " on ", big.device());
 }
 
-}  // namespace
-
-at::Tensor conv_4s2_weight_grad_meta(const at::Tensor& big, const at::Tensor& small) {
-  check_inputs(big, small, true);
-  return at::empty({small.size(1), big.size(1), 4, 4}, small.options().dtype(at::kFloat));
+at::ScalarType out_dtype(c10::optional<at::ScalarType> dtype) {
+  const at::ScalarType t = dtype.value_or(at::kFloat);
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16,
+              "fastfvae_native conv_4s2_weight_grad: dtype must be float32 or bfloat16 (the result's), got ", t);
+  return t;
 }
 
-at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small) {
+}  // namespace
+
+at::Tensor conv_4s2_weight_grad_meta(const at::Tensor& big, const at::Tensor& small,
+                                     c10::optional<at::ScalarType> dtype) {
+  check_inputs(big, small, true);
+  return at::empty({small.size(1), big.size(1), 4, 4}, small.options().dtype(out_dtype(dtype)),
+                   at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small, c10::optional<at::ScalarType> dtype) {
   check_inputs(big, small, false);
+  const at::ScalarType odt = out_dtype(dtype);
   const Dims d{small.size(0), small.size(1), big.size(1), small.size(2), small.size(3), round_up(big.size(1), 16)};
-  at::Tensor out = at::zeros({d.Cs, d.Cb, 4, 4}, small.options().dtype(at::kFloat));
-  if (d.B == 0 || d.H == 0 || d.W == 0 || d.Cs == 0 || d.Cb == 0) return out;
+  at::Tensor out = at::empty({d.Cs, d.Cb, 4, 4}, small.options().dtype(odt), at::MemoryFormat::ChannelsLast);
+  if (d.B == 0 || d.H == 0 || d.W == 0 || d.Cs == 0 || d.Cb == 0) return out.zero_();
   const at::Tensor bc = big.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor sc = small.contiguous(at::MemoryFormat::ChannelsLast);
   const bool bf16 = small.scalar_type() == at::kBFloat16;
@@ -300,10 +310,16 @@ at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small) 
       }
     });
   }
-  float* o = out.data_ptr<float>();
-  for (int64_t cs = 0; cs < d.Cs; ++cs)
-    for (int64_t cb = 0; cb < d.Cb; ++cb)
-      for (int k = 0; k < 16; ++k) o[(cs * d.Cb + cb) * 16 + k] = dw[(cs * 16 + k) * d.cbp + cb];
+  // out is channels_last: [cs][kh][kw][cb] in memory, dw's layout without the padding channels
+  for (int64_t r = 0; r < d.Cs * 16; ++r) {
+    const float* src = dw.data() + r * d.cbp;
+    if (odt == at::kFloat) {
+      std::copy(src, src + d.Cb, out.data_ptr<float>() + r * d.Cb);
+    } else {
+      at::BFloat16* o = out.data_ptr<at::BFloat16>() + r * d.Cb;
+      for (int64_t cb = 0; cb < d.Cb; ++cb) o[cb] = at::BFloat16(src[cb]);
+    }
+  }
   return out;
 }
 

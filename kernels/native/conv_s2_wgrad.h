@@ -11,18 +11,21 @@
 // small^T [Cs x P] by a shifted, stride-2 view of big [P x Cb] over the P = B H W pixels.
 //
 // big and small are float32 or bfloat16 (the same dtype; read channels_last, other layouts are
-// copied); the products accumulate in float32 and dw is float32 [Cs, Cb, 4, 4]. The threads
-// split the outputs (taps x channel blocks), never the pixels: every element is summed in one
-// order, so the result has the same bits on any thread count.
+// copied); the products accumulate in float32, and dw [Cs, Cb, 4, 4] is channels_last (the
+// layout of the fast step's weights) in `dtype`: float32 (the default) or bfloat16 (the float32
+// sums rounded once, as oneDNN's bf16 weight gradient). The threads split the outputs (taps x
+// channel blocks), never the pixels: every element is summed in one order, so the result has
+// the same bits on any thread count.
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace fastfvae_native {
 
-at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small);
-// The shape and dtype of its result, for fake tensors (Meta).
-at::Tensor conv_4s2_weight_grad_meta(const at::Tensor& big, const at::Tensor& small);
+at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small, c10::optional<at::ScalarType> dtype);
+// The shape, layout and dtype of its result, for fake tensors (Meta).
+at::Tensor conv_4s2_weight_grad_meta(const at::Tensor& big, const at::Tensor& small,
+                                     c10::optional<at::ScalarType> dtype);
 
 // parallel_probe.h's probe of conv_s2_wgrad.cpp.
 int64_t parallel_probe_conv_s2_wgrad(int64_t n);

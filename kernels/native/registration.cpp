@@ -69,7 +69,7 @@ TORCH_LIBRARY(fastfvae_native, m) {
   // The 4x4 stride-2 transposed convolution (kernels/native/conv_s2.h).
   m.def("conv_transpose_4s2(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
   // The weight gradient of the 4x4 stride-2 layers (kernels/native/conv_s2_wgrad.h).
-  m.def("conv_4s2_weight_grad(Tensor big, Tensor small) -> Tensor");
+  m.def("conv_4s2_weight_grad(Tensor big, Tensor small, ScalarType? dtype=None) -> Tensor");
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
