@@ -104,29 +104,29 @@ FFV_WG512BF16 inline __m512 madd(__m512 acc, __m512i a, __m512i b) {
   return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
 }
 
-// One tile over the planes [u0, u1): rows cs0 .. cs0 + MR - 1, the NC columns at word offsets
-// off[v] from a pixel's tap (0, 0); acc[u][v] in and out of dw + u * ldd + 16 v.
+// One tile over the pixel rows [r0, r1) of the planes (row r: plane r / H, small's row r % H):
+// rows cs0 .. cs0 + MR - 1 of dw, the NC columns at word offsets off[v] from a pixel's tap
+// (0, 0); acc[u][v] in and out of dw + u * ldd + 16 v.
 template <bool BF16, int MR, int NC>
-FFV_WG512BF16 void tile(const Packed& p, const Dims& d, int64_t u0, int64_t u1, int64_t cs0, const int64_t* off,
+FFV_WG512BF16 void tile(const Packed& p, const Dims& d, int64_t r0, int64_t r1, int64_t cs0, const int64_t* off,
                         float* dw, int64_t ldd) {
   __m512 acc[MR][NC];
   for (int u = 0; u < MR; ++u)
     for (int v = 0; v < NC; ++v) acc[u][v] = _mm512_loadu_ps(dw + u * ldd + 16 * v);
   const uint32_t* c[NC];
-  for (int64_t un = u0; un < u1; ++un) {
-    for (int64_t i = 0; i < d.H; ++i) {
-      const uint32_t* s = p.small + ((un * d.H + i) * d.W) * d.Cs + cs0;
-      const uint32_t* b = p.big + ((un * p.PH + 2 * i) * p.PW) * d.cbp;
-      for (int v = 0; v < NC; ++v) c[v] = b + off[v];
-      for (int64_t j = 0; j < d.W; ++j) {
-        __m512i bv[NC];
-        for (int v = 0; v < NC; ++v) bv[v] = _mm512_loadu_si512(c[v] + 2 * j * d.cbp);
-        for (int u = 0; u < MR; ++u) {
-          const __m512i a = _mm512_set1_epi32(static_cast<int>(s[u]));
-          for (int v = 0; v < NC; ++v) acc[u][v] = madd<BF16>(acc[u][v], a, bv[v]);
-        }
-        s += d.Cs;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t un = r / d.H, i = r % d.H;
+    const uint32_t* s = p.small + r * d.W * d.Cs + cs0;
+    const uint32_t* b = p.big + ((un * p.PH + 2 * i) * p.PW) * d.cbp;
+    for (int v = 0; v < NC; ++v) c[v] = b + off[v];
+    for (int64_t j = 0; j < d.W; ++j) {
+      __m512i bv[NC];
+      for (int v = 0; v < NC; ++v) bv[v] = _mm512_loadu_si512(c[v] + 2 * j * d.cbp);
+      for (int u = 0; u < MR; ++u) {
+        const __m512i a = _mm512_set1_epi32(static_cast<int>(s[u]));
+        for (int v = 0; v < NC; ++v) acc[u][v] = madd<BF16>(acc[u][v], a, bv[v]);
       }
+      s += d.Cs;
     }
   }
   for (int u = 0; u < MR; ++u)
@@ -137,22 +137,22 @@ FFV_WG512BF16 void tile(const Packed& p, const Dims& d, int64_t u0, int64_t u1, 
 // NC loads and a broadcast). Cs a multiple of 8: 8 x 3, the last column group narrower; else
 // 6 x 4, the last row block shorter.
 template <bool BF16>
-FFV_WG512BF16 void tile_any(int rows, int cols, const Packed& p, const Dims& d, int64_t u0, int64_t u1, int64_t cs0,
+FFV_WG512BF16 void tile_any(int rows, int cols, const Packed& p, const Dims& d, int64_t r0, int64_t r1, int64_t cs0,
                             const int64_t* off, float* dw, int64_t ldd) {
   if (rows == 8) {
     switch (cols) {
-      case 3: return tile<BF16, 8, 3>(p, d, u0, u1, cs0, off, dw, ldd);
-      case 2: return tile<BF16, 8, 2>(p, d, u0, u1, cs0, off, dw, ldd);
-      default: return tile<BF16, 8, 1>(p, d, u0, u1, cs0, off, dw, ldd);
+      case 3: return tile<BF16, 8, 3>(p, d, r0, r1, cs0, off, dw, ldd);
+      case 2: return tile<BF16, 8, 2>(p, d, r0, r1, cs0, off, dw, ldd);
+      default: return tile<BF16, 8, 1>(p, d, r0, r1, cs0, off, dw, ldd);
     }
   }
   switch (rows) {
-    case 6: return tile<BF16, 6, 4>(p, d, u0, u1, cs0, off, dw, ldd);
-    case 5: return tile<BF16, 5, 4>(p, d, u0, u1, cs0, off, dw, ldd);
-    case 4: return tile<BF16, 4, 4>(p, d, u0, u1, cs0, off, dw, ldd);
-    case 3: return tile<BF16, 3, 4>(p, d, u0, u1, cs0, off, dw, ldd);
-    case 2: return tile<BF16, 2, 4>(p, d, u0, u1, cs0, off, dw, ldd);
-    default: return tile<BF16, 1, 4>(p, d, u0, u1, cs0, off, dw, ldd);
+    case 6: return tile<BF16, 6, 4>(p, d, r0, r1, cs0, off, dw, ldd);
+    case 5: return tile<BF16, 5, 4>(p, d, r0, r1, cs0, off, dw, ldd);
+    case 4: return tile<BF16, 4, 4>(p, d, r0, r1, cs0, off, dw, ldd);
+    case 3: return tile<BF16, 3, 4>(p, d, r0, r1, cs0, off, dw, ldd);
+    case 2: return tile<BF16, 2, 4>(p, d, r0, r1, cs0, off, dw, ldd);
+    default: return tile<BF16, 1, 4>(p, d, r0, r1, cs0, off, dw, ldd);
   }
 }
 
@@ -167,16 +167,18 @@ void wgrad_packed(const Packed& p, const Dims& d, float* dw) {
     const int64_t tap = c / nv, kh = tap / 4, kw = tap % 4;
     off[c] = (kh * p.PW + kw) * d.cbp + 16 * (c % nv);
   }
-  // planes per chunk: at least 64 reduction steps between the accumulators' loads and stores
-  const int64_t chunk = std::max<int64_t>(1, (64 + d.H * d.W - 1) / (d.H * d.W));
+  // The reduction in chunks of whole pixel rows (r = plane * H + i), at least 256 steps (pixels
+  // or pixel pairs) each between a tile's loads and stores of its accumulators: fewer cost more
+  // in those loads and stores than the tiles gain in cache hits
+  const int64_t chunk = std::max<int64_t>(1, (256 + d.W - 1) / d.W), nrows = p.units * d.H;
   const int64_t ldd = 16 * d.cbp;
   at::parallel_for(0, groups * rblocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t u0 = 0; u0 < p.units; u0 += chunk) {
-      const int64_t u1 = std::min(p.units, u0 + chunk);
+    for (int64_t r0 = 0; r0 < nrows; r0 += chunk) {
+      const int64_t r1 = std::min(nrows, r0 + chunk);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = t / rblocks, rb = t % rblocks, cs0 = rb * MR;
         const int rows = static_cast<int>(std::min(MR, d.Cs - cs0)), cols = static_cast<int>(std::min(NC, ncol - g * NC));
-        tile_any<BF16>(rows, cols, p, d, u0, u1, cs0, off.data() + g * NC, dw + cs0 * ldd + g * NC * 16, ldd);
+        tile_any<BF16>(rows, cols, p, d, r0, r1, cs0, off.data() + g * NC, dw + cs0 * ldd + g * NC * 16, ldd);
       }
     }
   });
