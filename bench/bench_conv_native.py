@@ -8,11 +8,16 @@ oneDNN calls the fast step makes without them, at the step's sizes (batch 64, 64
 Each row: ms per call (median over rounds) of oneDNN and native, and their ratio (oneDNN / native:
 above 1 the native kernel is faster). bf16 rows use the space-to-depth layout of the bf16 step,
 fp32 rows the plain [B, 1, 64, 64] image of the fp32 step; the deconv / dgrad rows are
-conv_transpose_4s2 at the 4x4 stride-2 layers.
+conv_transpose_4s2 at the 4x4 stride-2 layers, the wgrad rows conv_4s2_weight_grad at the same
+six layers (bf16, the result in bf16 channels_last as the step takes it).
 
 ``--step``: the whole fast training step (FactorVAE, batch 64, bf16 and fp32) with the native
 convolutions and without them (``FASTFVAE_NATIVE_CONV=0``, the oneDNN path; everything else
 the same), the two alternating within each round.
+
+``--step-wgrad``: the bf16 step with the inner layers' weight gradients on conv_4s2_weight_grad
+and on oneDNN (``native_conv.S2_WGRAD_IN_STEP``), everything else native in both, alternating
+within each round; prints the median and the spread of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -116,6 +121,31 @@ def _s2_cases(batch: int):
     return rows
 
 
+def _wgrad_cases(batch: int):
+    """conv_4s2_weight_grad against oneDNN's weight-gradient primitive at the encoder's strided
+    convolutions (big = the input, small = the output's gradient) and the decoder's transposed
+    ones (big = the output's gradient, small = the input), bf16."""
+    ops, dt, g = native.ops(), torch.bfloat16, torch.Generator().manual_seed(2)
+    rows = []
+    for ci, co, h in ((32, 32, 32), (32, 64, 16), (64, 64, 8)):
+        x = torch.randn(batch, ci, h, h, generator=g).to(dt).contiguous(memory_format=CL)
+        gr = torch.randn(batch, co, h // 2, h // 2, generator=g).to(dt).contiguous(memory_format=CL)
+        w = (torch.randn(co, ci, 4, 4, generator=g) / 16).to(dt).contiguous(memory_format=CL)
+        rows.append((f"bf16     conv {ci}->{co} {h}->{h // 2} wgrad",
+                     lambda x=x, gr=gr, w=w: _aten.convolution_backward(gr, x, w, None, [2, 2], [1, 1], [1, 1], False,
+                                                                        [0, 0], 1, [False, True, False])[1],
+                     lambda x=x, gr=gr: ops.conv_4s2_weight_grad(x, gr, dt)))
+    for ci, co, h in ((64, 64, 4), (64, 32, 8), (32, 32, 16)):
+        x = torch.randn(batch, ci, h, h, generator=g).to(dt).contiguous(memory_format=CL)
+        gr = torch.randn(batch, co, 2 * h, 2 * h, generator=g).to(dt).contiguous(memory_format=CL)
+        w = (torch.randn(ci, co, 4, 4, generator=g) / 16).to(dt).contiguous(memory_format=CL)
+        rows.append((f"bf16     deconv {ci}->{co} {h}->{2 * h} wgrad",
+                     lambda x=x, gr=gr, w=w: _aten.convolution_backward(gr, x, w, None, [2, 2], [1, 1], [1, 1], True,
+                                                                        [0, 0], 1, [False, True, False])[1],
+                     lambda x=x, gr=gr: ops.conv_4s2_weight_grad(gr, x, dt)))
+    return rows
+
+
 def _s2d_first_kernel(layer):
     c = layer.out_channels
     taps = F.pad(layer.weight.detach()[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)
@@ -166,6 +196,38 @@ def _steps(precision: str, steps: int, rounds: int) -> tuple[float, float]:
     return statistics.median(times["1"]), statistics.median(times["0"])
 
 
+def _steps_wgrad(steps: int, rounds: int) -> tuple[float, float, list[float]]:
+    """Median ms per bf16 step with the native weight gradients and with oneDNN's, and the
+    per-round ratios (oneDNN / native)."""
+    from bench.conftest import random_bits_dsprites
+    from fastfvae.fast import FastOptions, FastStep
+    from fastfvae.ops import native_conv
+    from fastfvae.train.config import TrainConfig
+    from fastfvae.train.reference import draw_step_inputs
+    from fastfvae.train.state import TrainState
+
+    data = random_bits_dsprites(4096)
+    cfg = TrainConfig(batch_size=64, d_steps=1)
+    state = TrainState.create(cfg, len(data), torch.device("cpu"))
+    step = FastStep(state, data, FastOptions(precision="bf16"))
+    inputs = [draw_step_inputs(cfg, state.sampler, state.generator) for _ in range(steps)]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    saved = native_conv.S2_WGRAD_IN_STEP
+    try:
+        for r in range(rounds + 1):
+            for flag in (True, False) if r % 2 == 0 else (False, True):
+                native_conv.S2_WGRAD_IN_STEP = flag
+                t0 = time.perf_counter()
+                for inp in inputs:
+                    step(inp)
+                if r:  # round 0 warms both up
+                    times[flag].append((time.perf_counter() - t0) / steps * 1e3)
+    finally:
+        native_conv.S2_WGRAD_IN_STEP = saved
+    ratios = [off / on for on, off in zip(times[True], times[False])]
+    return statistics.median(times[True]), statistics.median(times[False]), ratios
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -173,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--step", action="store_true", help="time the whole fast step, native convolutions on vs off")
+    p.add_argument("--step-wgrad", action="store_true",
+                   help="time the bf16 fast step, native inner-layer weight gradients on vs off")
     args = p.parse_args(argv)
     if not native.loaded():
         print(f"native library not loaded: {native.status()[1]}")
@@ -185,7 +249,14 @@ def main(argv=None) -> int:
             on, off = _steps(precision, 20, args.rounds)
             print(f"{precision:10s} {off:10.2f} {on:10.2f} {off / on:7.3f}")
         return 0
-    cases = _cases(args.batch) + _s2_cases(args.batch)
+    if args.step_wgrad:
+        on, off, ratios = _steps_wgrad(20, args.rounds)
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        print(f"bf16 fast step, batch 64, {args.threads} thread(s), {args.rounds} interleaved rounds of 20 steps: "
+              f"oneDNN wgrad {off:.2f} ms, native {on:.2f} ms (medians); per-round ratio median "
+              f"{statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
+        return 0
+    cases = _cases(args.batch) + _s2_cases(args.batch) + _wgrad_cases(args.batch)
     times = {name: ([], []) for name, _, _ in cases}
     with torch.no_grad():
         for _, a, b in cases:  # warm-up (oneDNN primitive creation)

@@ -263,3 +263,17 @@ def test_the_fp32_layers_keep_onednn(native_on):
     want = _layer_grads(F32)
     assert "conv_4s2_weight_grad" not in native_on.called
     assert all(g is not None and torch.isfinite(g).all() for g in want)
+
+
+def test_info_lists_the_native_weight_gradient(native_lib):
+    from test_ops_native import _info, _row
+
+    from fastfvae.ops import native
+
+    out = _info({native.LIB_ENV: str(native_lib)})
+    row = _row(out, "conv_4s2_weight_grad")
+    assert row[1:3] == (["native", "cuDNN"] if isa_supported("avx512_bf16") else ["oneDNN", "cuDNN"]), out
+    off = _info({native.LIB_ENV: str(native_lib), native_conv.CONV_ENV: "0"})
+    assert _row(off, "conv_4s2_weight_grad")[1] == "oneDNN" and f"{native_conv.CONV_ENV}=0" in off
+    capped = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx512"})
+    assert _row(capped, "conv_4s2_weight_grad")[1] == "oneDNN" and "needs vdpbf16ps" in capped

@@ -92,8 +92,13 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
     s2_why = (f"cpu: bf16 step: the decoder's transposed convolutions, strided input gradients up to width "
               f"{native_conv.DGRAD_MAX_WIDTH} (fp32: oneDNN)" if s2_on
               else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
+    wg_on = on and native_conv.S2_WGRAD_IN_STEP and isa == "avx512_bf16"
+    wg_why = ("cpu: bf16 step: the weight gradients of the encoder's strided and the decoder's transposed "
+              "convolutions (fp32: oneDNN)" if wg_on
+              else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
     return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
-            ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch")]
+            ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch"),
+            ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch")]
 
 
 def lines() -> list[str]:
