@@ -214,6 +214,18 @@ def test_conv_transpose_4s2_values(native_lib, native_on, shape, dtype):
     _check_s2(*shape, dtype, relu=False, bias=False, layout=lambda x: x.contiguous())
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_conv_transpose_4s2_relu_keeps_nan(native_on, dtype):
+    """A NaN in the input stays NaN through the fused ReLU (as torch's relu), so the step's
+    non-finite check sees it; the outputs that do not read it stay finite."""
+    x = torch.randn(2, 32, 8, 8).to(dtype)
+    x[1, 5, 3, 4] = float("nan")
+    w = (torch.randn(32, 32, 4, 4) / 20).to(dtype)
+    out = torch.ops.fastfvae_native.conv_transpose_4s2(x.contiguous(memory_format=torch.channels_last), w, None, True)
+    ref = F.conv_transpose2d(x.double(), w.double(), stride=2, padding=1).relu()
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+
+
 def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on):
     """conv2d(4, 2, 1)'s input gradient is conv_transpose_4s2 of grad with the conv's weight."""
     x = torch.randn(3, 32, 16, 16).bfloat16().requires_grad_()

@@ -5,12 +5,14 @@
 //
 // split into its four output phases (rh, rw), each a 2x2-tap convolution: per phase a GEMM of
 // the phase's pixels (M) by the output channels (N, in the vector lanes) over 4 taps x the input
-// channels (K, two at a time with vdpbf16ps, read in place from the channels_last input). x is
-// [B, Cin, H, W] (read channels_last), w [Cin, Cout, 4, 4] (a ConvTranspose2d weight, or a
-// Conv2d weight [Cout', Cin', 4, 4] for that convolution's input gradient); the result is
-// [B, Cout, 2H, 2W] channels_last in x's dtype, ReLU after the bias when asked. w and bias (any
-// floating dtype) are converted to float32; the bfloat16 vdpbf16ps variant rounds the weights
-// to bfloat16 (fastfvae.ops.native_conv passes them already in x's dtype); the sums run in float32.
+// channels (K, two at a time with vdpbf16ps). x is [B, Cin, H, W] (read channels_last), w
+// [Cin, Cout, 4, 4] (a ConvTranspose2d weight, or a Conv2d weight [Cout', Cin', 4, 4] for that
+// convolution's input gradient); the result is [B, Cout, 2H, 2W] channels_last in x's dtype,
+// ReLU after the bias when asked. w and bias may have any floating dtype: the bias is converted
+// to float32, the weights to bfloat16 for the vdpbf16ps variant (fastfvae.ops.native_conv passes
+// them already in x's dtype) and to float32 for the others; the sums run in float32 and round
+// to the output's dtype once (bfloat16: to nearest even; with vdpbf16ps a sum below 2^-126 in
+// magnitude becomes zero). The fused ReLU keeps a NaN, as torch's relu.
 #pragma once
 
 #include <ATen/ATen.h>
