@@ -216,8 +216,8 @@ def test_conv_transpose_4s2_values(native_lib, native_on, shape, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_conv_transpose_4s2_relu_keeps_nan(native_on, dtype):
-    """A NaN in the input stays NaN through the fused ReLU (as torch's relu), so the step's
-    non-finite check sees it; the outputs that do not read it stay finite."""
+    """A NaN in the input stays NaN through the fused ReLU, as through torch's relu; the
+    outputs that do not read it stay finite."""
     x = torch.randn(2, 32, 8, 8).to(dtype)
     x[1, 5, 3, 4] = float("nan")
     w = (torch.randn(32, 32, 4, 4) / 20).to(dtype)
