@@ -412,13 +412,15 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
       const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
       const int64_t ks = d.Ci / 2;
       std::vector<uint32_t> wp(16 * ks * cop, 0u);
-      for (int64_t s = 0; s < ks; ++s)
-        for (int64_t co = 0; co < d.Co; ++co) {
-          const uint16_t* lo = wb + (2 * s * d.Co + co) * 16;
-          const uint16_t* hi = lo + d.Co * 16;
-          for (int kk = 0; kk < 16; ++kk)
-            wp[(slot[kk] * ks + s) * cop + co] = static_cast<uint32_t>(lo[kk]) | static_cast<uint32_t>(hi[kk]) << 16;
+      for (int64_t s = 0; s < ks; ++s) {  // one written row at a time (16 at once thrash L1's sets)
+        const uint16_t* lo = wb + 2 * s * d.Co * 16;
+        const uint16_t* hi = lo + d.Co * 16;
+        for (int kk = 0; kk < 16; ++kk) {
+          uint32_t* row = wp.data() + (slot[kk] * ks + s) * cop;
+          for (int64_t co = 0; co < d.Co; ++co)
+            row[co] = static_cast<uint32_t>(lo[co * 16 + kk]) | static_cast<uint32_t>(hi[co * 16 + kk]) << 16;
         }
+      }
       const Plan<uint16_t> t{reinterpret_cast<const uint16_t*>(xc.data_ptr()),
                              reinterpret_cast<const uint16_t*>(wp.data()), bv.data(),
                              reinterpret_cast<uint16_t*>(out.data_ptr()), d, ks, cop, relu};
@@ -428,8 +430,10 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
       const float* wf = w.data_ptr<float>();
       std::vector<float> wp(16 * d.Ci * cop, 0.0f);  // [phase][tap][Ci][cop]
       for (int64_t ci = 0; ci < d.Ci; ++ci)
-        for (int64_t co = 0; co < d.Co; ++co)
-          for (int kk = 0; kk < 16; ++kk) wp[(slot[kk] * d.Ci + ci) * cop + co] = wf[(ci * d.Co + co) * 16 + kk];
+        for (int kk = 0; kk < 16; ++kk) {
+          float* row = wp.data() + (slot[kk] * d.Ci + ci) * cop;
+          for (int64_t co = 0; co < d.Co; ++co) row[co] = wf[(ci * d.Co + co) * 16 + kk];
+        }
       const Plan<float> t{xc.data_ptr<float>(), wp.data(), bv.data(), out.data_ptr<float>(), d, d.Ci, cop, relu};
       at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) { deconv_512(t, tilings, b0, b1); });
     }
