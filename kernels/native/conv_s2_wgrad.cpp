@@ -9,11 +9,12 @@
 // one pixel (b, i, j) in float32 and a pair of images (b, b + 1) at pixel (i, j) in bfloat16
 // (vdpbf16ps multiplies pairs of bfloat16 in each 32-bit lane): pairing the images rather than
 // neighbouring pixels keeps a tap's shifted view of big a plain pointer offset. So big is
-// packed per call into a zero-bordered [B'][2H + 2][2W + 2][Cb'] array of 32-bit words (Cb'
-// = Cb rounded up to 16, the extra channels zero; bfloat16: word = (big[b], big[b + 1]) of one
-// channel, B' = B / 2 rounded up, a missing last image zero), where tap (kh, kw) of small's pixel
-// (i, j) is at row 2i + kh, column 2j + kw; bfloat16 small is packed the same way without the
-// border (float32 small is read in place).
+// packed into zero-bordered [2H + 2][2W + 2][Cb'] planes of 32-bit words, one per image (float32)
+// or image pair (bfloat16: word = (big[b], big[b + 1]) of one channel, a missing last image
+// zero), Cb' = Cb rounded up to 16 with the extra channels zero; tap (kh, kw) of small's pixel
+// (i, j) is at row 2i + kh, column 2j + kw of its plane. bfloat16 small is packed the same way
+// without the border (float32 small is read in place). The packing runs per chunk of planes
+// (wgrad_512).
 //
 // Threads: the (row block, column group) tiles are split between them; each thread walks the
 // batch in fixed chunks and, per chunk, runs its tiles from accumulators kept in a float32
@@ -156,34 +157,6 @@ FFV_WG512BF16 void tile_any(int rows, int cols, const Packed& p, const Dims& d, 
   }
 }
 
-// The GEMM on the packed operands into dw [Cs][16][cbp] (zeroed), threads over tiles.
-template <bool BF16>
-void wgrad_packed(const Packed& p, const Dims& d, float* dw) {
-  const bool by8 = d.Cs % 8 == 0;
-  const int64_t MR = by8 ? 8 : 6, NC = by8 ? 3 : 4;
-  const int64_t nv = d.cbp / 16, ncol = 16 * nv, groups = (ncol + NC - 1) / NC, rblocks = (d.Cs + MR - 1) / MR;
-  std::vector<int64_t> off(groups * NC, 0);  // column c: tap c / nv, channels 16 (c % nv) ..
-  for (int64_t c = 0; c < ncol; ++c) {
-    const int64_t tap = c / nv, kh = tap / 4, kw = tap % 4;
-    off[c] = (kh * p.PW + kw) * d.cbp + 16 * (c % nv);
-  }
-  // The reduction in chunks of whole pixel rows (r = plane * H + i), at least 256 steps (pixels
-  // or pixel pairs) each between a tile's loads and stores of its accumulators: fewer cost more
-  // in those loads and stores than the tiles gain in cache hits
-  const int64_t chunk = std::max<int64_t>(1, (256 + d.W - 1) / d.W), nrows = p.units * d.H;
-  const int64_t ldd = 16 * d.cbp;
-  at::parallel_for(0, groups * rblocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t r0 = 0; r0 < nrows; r0 += chunk) {
-      const int64_t r1 = std::min(nrows, r0 + chunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t g = t / rblocks, rb = t % rblocks, cs0 = rb * MR;
-        const int rows = static_cast<int>(std::min(MR, d.Cs - cs0)), cols = static_cast<int>(std::min(NC, ncol - g * NC));
-        tile_any<BF16>(rows, cols, p, d, r0, r1, cs0, off.data() + g * NC, dw + cs0 * ldd + g * NC * 16, ldd);
-      }
-    }
-  });
-}
-
 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
 }
@@ -193,9 +166,8 @@ inline __mmask16 lanes(int64_t n) {
 // float32: the bits of src[u].
 template <bool BF16>
 FFV_WG512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, int64_t C, int64_t Cp, int pad,
-                          int64_t u, uint32_t* dst) {
+                          int64_t u, uint32_t* plane) {
   const int64_t PH = Hs + 2 * pad, PW = Ws + 2 * pad;
-  uint32_t* plane = dst + u * PH * PW * Cp;
   if (pad) {
     std::memset(plane, 0, PW * Cp * sizeof(uint32_t));
     std::memset(plane + (PH - 1) * PW * Cp, 0, PW * Cp * sizeof(uint32_t));
@@ -228,24 +200,48 @@ FFV_WG512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, in
   }
 }
 
+// The GEMM into dw [Cs][16][cbp] (zeroed). The threads split the tiles; each walks the planes
+// in chunks of at least 256 reduction steps (pixels or pixel pairs) between a tile's loads and
+// stores of its accumulators (64 cost more in those than the tiles gained in cache hits), packs
+// each chunk into its own buffer (one that fits in L2 at the VAE's sizes: every thread packs
+// every chunk, which was faster than packing the whole of big once, between the threads, and
+// reading it back from memory) and runs its tiles on it.
 template <bool BF16>
 void wgrad_512(const void* big, const void* small, const Dims& d, float* dw) {
   const int64_t units = BF16 ? (d.B + 1) / 2 : d.B, PH = 2 * d.H + 2, PW = 2 * d.W + 2;
-  // The calling thread's packed operands, kept between calls: every word is written by the
-  // packing, and a buffer of the last size needs no new pages.
-  thread_local std::vector<uint32_t> scratch;
-  const int64_t nbig = units * PH * PW * d.cbp, nsmall = BF16 ? units * d.H * d.W * d.Cs : 0;
-  if (static_cast<int64_t>(scratch.size()) < nbig + nsmall) scratch.resize(nbig + nsmall);
-  uint32_t* bigp = scratch.data();
-  uint32_t* smallp = bigp + nbig;
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      pack_plane<BF16>(big, d.B, 2 * d.H, 2 * d.W, d.Cb, d.cbp, 1, u, bigp);
-      if (BF16) pack_plane<BF16>(small, d.B, d.H, d.W, d.Cs, d.Cs, 0, u, smallp);
+  const int64_t bplane = PH * PW * d.cbp, splane = d.H * d.W * d.Cs;
+  const bool by8 = d.Cs % 8 == 0;
+  const int64_t MR = by8 ? 8 : 6, NC = by8 ? 3 : 4;
+  const int64_t nv = d.cbp / 16, ncol = 16 * nv, groups = (ncol + NC - 1) / NC, rblocks = (d.Cs + MR - 1) / MR;
+  std::vector<int64_t> off(groups * NC, 0);  // column c: tap c / nv, channels 16 (c % nv) ..
+  for (int64_t c = 0; c < ncol; ++c) {
+    const int64_t tap = c / nv, kh = tap / 4, kw = tap % 4;
+    off[c] = (kh * PW + kw) * d.cbp + 16 * (c % nv);
+  }
+  const int64_t per = std::max<int64_t>(1, (256 + d.H * d.W - 1) / (d.H * d.W));  // planes per chunk
+  const int64_t ldd = 16 * d.cbp;
+  at::parallel_for(0, groups * rblocks, 1, [&](int64_t t0, int64_t t1) {
+    // kept between calls: every word a chunk uses is written by its packing, and a buffer of the
+    // last size needs no new pages
+    thread_local std::vector<uint32_t> buf;
+    const int64_t nbig = per * bplane, nsmall = BF16 ? per * splane : 0;
+    if (static_cast<int64_t>(buf.size()) < nbig + nsmall) buf.resize(nbig + nsmall);
+    uint32_t* bigp = buf.data();
+    uint32_t* smallp = bigp + nbig;
+    for (int64_t u0 = 0; u0 < units; u0 += per) {
+      const int64_t n = std::min(per, units - u0);
+      for (int64_t k = 0; k < n; ++k) {
+        pack_plane<BF16>(big, d.B, 2 * d.H, 2 * d.W, d.Cb, d.cbp, 1, u0 + k, bigp + k * bplane);
+        if (BF16) pack_plane<BF16>(small, d.B, d.H, d.W, d.Cs, d.Cs, 0, u0 + k, smallp + k * splane);
+      }
+      const Packed p{bigp, BF16 ? smallp : static_cast<const uint32_t*>(small) + u0 * splane, n, PH, PW};
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / rblocks, rb = t % rblocks, cs0 = rb * MR;
+        const int rows = static_cast<int>(std::min(MR, d.Cs - cs0)), cols = static_cast<int>(std::min(NC, ncol - g * NC));
+        tile_any<BF16>(rows, cols, p, d, 0, n * d.H, cs0, off.data() + g * NC, dw + cs0 * ldd + g * NC * 16, ldd);
+      }
     }
   });
-  const Packed p{bigp, BF16 ? smallp : static_cast<const uint32_t*>(small), units, PH, PW};
-  wgrad_packed<BF16>(p, d, dw);
 }
 #endif
 
