@@ -200,6 +200,12 @@ FFV_WG512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, in
   }
 }
 
+// Slice q of n of the bytes [p, p + len), 64-byte lines towards L2.
+inline void prefetch_slice(const char* p, int64_t len, int64_t q, int64_t n) {
+  const int64_t lines = (len + 63) / 64, l0 = lines * q / n, l1 = lines * (q + 1) / n;
+  for (int64_t l = l0; l < l1; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+}
+
 // The GEMM into dw [Cs][16][cbp] (zeroed). The threads split the tiles; each walks the planes
 // in chunks of at least 256 reduction steps (pixels or pixel pairs) between a tile's loads and
 // stores of its accumulators (64 cost more in those than the tiles gained in cache hits), packs
@@ -235,7 +241,17 @@ void wgrad_512(const void* big, const void* small, const Dims& d, float* dw) {
         if (BF16) pack_plane<BF16>(small, d.B, d.H, d.W, d.Cs, d.Cs, 0, u0 + k, smallp + k * splane);
       }
       const Packed p{bigp, BF16 ? smallp : static_cast<const uint32_t*>(small) + u0 * splane, n, PH, PW};
+      // the next chunk's inputs, fetched towards L2 a slice per tile while this chunk computes
+      // (inputs that come from memory, as in the training step, took ~20% longer without)
+      const int64_t imgs = BF16 ? 2 : 1, esz = BF16 ? 2 : 4;
+      const int64_t nb0 = std::min(d.B, (u0 + n) * imgs), nb1 = std::min(d.B, (u0 + n + per) * imgs);
+      const char* nbig = static_cast<const char*>(big) + nb0 * 4 * d.H * d.W * d.Cb * esz;
+      const char* nsml = static_cast<const char*>(small) + nb0 * d.H * d.W * d.Cs * esz;
+      const int64_t lbig = (nb1 - nb0) * 4 * d.H * d.W * d.Cb * esz, lsml = (nb1 - nb0) * d.H * d.W * d.Cs * esz;
+      const int64_t ntiles = t1 - t0;
       for (int64_t t = t0; t < t1; ++t) {
+        prefetch_slice(nbig, lbig, t - t0, ntiles);
+        prefetch_slice(nsml, lsml, t - t0, ntiles);
         const int64_t g = t / rblocks, rb = t % rblocks, cs0 = rb * MR;
         const int rows = static_cast<int>(std::min(MR, d.Cs - cs0)), cols = static_cast<int>(std::min(NC, ncol - g * NC));
         tile_any<BF16>(rows, cols, p, d, 0, n * d.H, cs0, off.data() + g * NC, dw + cs0 * ldd + g * NC * 16, ldd);
