@@ -226,11 +226,13 @@ def test_conv_transpose_4s2_relu_keeps_nan(native_on, dtype):
     assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
 
 
-def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on):
-    """conv2d(4, 2, 1)'s input gradient is conv_transpose_4s2 of grad with the conv's weight."""
-    x = torch.randn(3, 32, 16, 16).bfloat16().requires_grad_()
-    w = (torch.randn(64, 32, 4, 4) / 20).bfloat16()
-    grad = torch.randn(3, 64, 8, 8).bfloat16()
+@pytest.mark.parametrize("cin, cout, size", [(32, 64, 16), (32, 32, 32), (64, 64, 8)])
+def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on, cin, cout, size):
+    """conv2d(4, 2, 1)'s input gradient is conv_transpose_4s2 of grad with the conv's weight
+    (the encoder's three inner layers' shapes)."""
+    x = torch.randn(3, cin, size, size).bfloat16().requires_grad_()
+    w = (torch.randn(cout, cin, 4, 4) / 20).bfloat16()
+    grad = torch.randn(3, cout, size // 2, size // 2).bfloat16()
     (want,) = torch.autograd.grad(F.conv2d(x.double(), w.double(), stride=2, padding=1), x, grad.double())
     got = torch.ops.fastfvae_native.conv_transpose_4s2(grad.contiguous(memory_format=torch.channels_last), w, None,
                                                        False)
