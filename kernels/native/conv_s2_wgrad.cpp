@@ -99,6 +99,8 @@ struct Packed {
   int64_t units, PH, PW;
 };
 
+// The tiles carry the AVX-512-BF16 target for their bfloat16 instantiations; the float32 ones
+// contain no AVX-512-BF16 instruction (only FMA on float32), so they run on any AVX-512 CPU.
 template <bool BF16>
 FFV_WG512BF16 inline __m512 madd(__m512 acc, __m512i a, __m512i b) {
   if constexpr (BF16) return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
