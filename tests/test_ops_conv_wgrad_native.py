@@ -199,6 +199,7 @@ def test_choice(native_on, monkeypatch):
     assert not fits(big, small, w, [1, 1], [1, 1])
     assert not fits(big, small, w, [2, 2], [0, 0])
     assert not fits(big, small, w[..., :3, :3], [2, 2], [1, 1])
+    assert not fits(big, small, w.half(), [2, 2], [1, 1])  # a result dtype the kernel does not give
     assert not fits(big[:, :, :7], small, w, [2, 2], [1, 1])
     assert not fits(big[:1], small, w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_WGRAD_IN_STEP", False)

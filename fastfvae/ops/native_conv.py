@@ -137,8 +137,8 @@ def s2_wgrad_fits(big: torch.Tensor, small: torch.Tensor, weight: torch.Tensor, 
     return (big.dtype == torch.bfloat16 and small.dtype == torch.bfloat16 and big.device.type == "cpu"
             and small.device.type == "cpu" and big.dim() == 4 and small.dim() == 4
             and big.shape[0] == small.shape[0] and list(big.shape[2:]) == [2 * n for n in small.shape[2:]]
-            and tuple(weight.shape[2:]) == (4, 4) and list(stride) == [2, 2] and list(padding) == [1, 1]
-            and S2_WGRAD_IN_STEP and enabled() and isa() == "avx512_bf16")
+            and tuple(weight.shape[2:]) == (4, 4) and weight.dtype in DTYPES and list(stride) == [2, 2]
+            and list(padding) == [1, 1] and S2_WGRAD_IN_STEP and enabled() and isa() == "avx512_bf16")
 
 
 def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
