@@ -124,7 +124,7 @@ def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 #: `conv_4s2_weight_grad` for the bf16 step's inner 4x4 stride-2 layers' weight gradients
 #: (vdpbf16ps): 1.4-2.0x oneDNN's weight-gradient primitives at the VAE's six layers on 1
-#: thread, 1.8-4.5x on 2, the bf16 step 1.05x / 1.075x (docs/ops.md, "Native convolutions")
+#: thread, 1.8-4.5x on 2, the bf16 step 1.04-1.05x / 1.075x (docs/ops.md, "Native convolutions")
 S2_WGRAD_IN_STEP = True
 
 
