@@ -33,7 +33,6 @@
 #include <vector>
 
 #include "mlp_gemm.h"
-#include "simd_bf16.h"
 
 #if defined(FASTFVAE_MLP_SIMD)
 #include <immintrin.h>
