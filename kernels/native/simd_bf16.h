@@ -1,6 +1,6 @@
-// float32 -> bfloat16 rounding for 16 AVX-512 lanes, shared by the convolution kernels
-// (conv_image.cpp, conv_s2.cpp). Compiled for AVX-512 by its target attribute, so it inlines
-// into any AVX-512 (or AVX-512-BF16) function of those sources.
+// float32 -> bfloat16 rounding for 16 AVX-512 lanes, for the kernels that must also run without
+// AVX-512-BF16's vcvtne2ps2bf16 (conv_image.cpp). Compiled for AVX-512 by its target attribute, so
+// it inlines into any AVX-512 (or AVX-512-BF16) function of a source that includes it.
 #pragma once
 
 #if defined(FASTFVAE_MLP_SIMD)
