@@ -11,6 +11,7 @@
 #include "mlp.h"
 #include "parallel_probe.h"
 #include "permute.h"
+#include "relu_bias.h"
 
 namespace {
 
@@ -27,12 +28,13 @@ int64_t parallel_threads(c10::string_view source, int64_t n) {
       {"conv_image", &fastfvae_native::parallel_probe_conv_image},
       {"conv_s2", &fastfvae_native::parallel_probe_conv_s2},
       {"conv_s2_wgrad", &fastfvae_native::parallel_probe_conv_s2_wgrad},
+      {"relu_bias", &fastfvae_native::parallel_probe_relu_bias},
   };
   for (const auto& [name, probe] : probes) {
     if (source == name) return probe(n);
   }
   TORCH_CHECK(false, "fastfvae_native parallel_threads: unknown source '", source,
-              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2 or conv_s2_wgrad");
+              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2, conv_s2_wgrad or relu_bias");
 }
 
 }  // namespace
@@ -70,6 +72,10 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("conv_transpose_4s2(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
   // The weight gradient of the 4x4 stride-2 layers (kernels/native/conv_s2_wgrad.h).
   m.def("conv_4s2_weight_grad(Tensor big, Tensor small, ScalarType? dtype=None) -> Tensor");
+  // A ReLU convolution's backward prologue: the masked gradient and the float32 bias gradient
+  // in one pass (kernels/native/relu_bias.h).
+  m.def("relu_grad_bias(Tensor grad, Tensor out, bool need_bias) -> (Tensor, Tensor)");
+  m.def("relu_grad_isa() -> str", &fastfvae_native::relu_grad_isa);
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
@@ -98,9 +104,11 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("image_conv_weight_grad", &fastfvae_native::image_conv_weight_grad);
   m.impl("conv_transpose_4s2", &fastfvae_native::conv_transpose_4s2);
   m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad);
+  m.impl("relu_grad_bias", &fastfvae_native::relu_grad_bias);
 }
 
 // Shapes for fake tensors (torch.compile, torch.library.opcheck) of the ops that have one here.
 TORCH_LIBRARY_IMPL(fastfvae_native, Meta, m) {
   m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad_meta);
+  m.impl("relu_grad_bias", &fastfvae_native::relu_grad_bias_meta);
 }
