@@ -18,6 +18,11 @@ the same), the two alternating within each round.
 ``--step-wgrad``: the bf16 step with the inner layers' weight gradients on conv_4s2_weight_grad
 and on oneDNN (``native_conv.S2_WGRAD_IN_STEP``), everything else native in both, alternating
 within each round; prints the median and the spread of the per-round ratios.
+
+``--step-relu-bias``: the same for the ReLU-fused convolutions' backward prologue on
+relu_grad_bias (the mask and the float32 bias gradient in one pass) and on threshold_backward +
+sum (``native_conv.FUSED_RELU_BIAS_IN_STEP``), in the bf16 and the fp32 step. The relu_bias
+rows time the op alone against those two torch calls at the step's ReLU layers.
 """
 
 from __future__ import annotations
@@ -146,6 +151,32 @@ def _wgrad_cases(batch: int):
     return rows
 
 
+def _relu_bias_cases(batch: int):
+    """relu_grad_bias against threshold_backward + the bias sum at the VAE's ReLU layers' sizes
+    (the first conv's 32 x 32 x 32 output down to the inner layers' 64 x 4 x 4), channels_last:
+    bf16 against the float32 sum of _ImageConv ("f32sum") and the bf16 sum of
+    _ConvSplitBackward, fp32 against the fp32 sum; "mask" rows: no bias (threshold_backward alone)."""
+    ops, g = native.ops(), torch.Generator().manual_seed(3)
+    rows = []
+    for dt, acc in ((torch.bfloat16, torch.float32), (torch.bfloat16, None), (torch.float32, None)):
+        for c, h in ((32, 32), (32, 16), (64, 8), (64, 4)):
+            gr = torch.randn(batch, c, h, h, generator=g).to(dt).contiguous(memory_format=CL)
+            out = torch.randn(batch, c, h, h, generator=g).relu().to(dt).contiguous(memory_format=CL)
+            name = f"{'bf16' if dt == torch.bfloat16 else 'fp32':8s} relu+bias {c}x{h}x{h}"
+
+            def torch_pass(gr=gr, out=out, acc=acc):
+                m = _aten.threshold_backward(gr, out, 0)
+                return m, m.sum((0, 2, 3), dtype=acc)
+
+            rows.append((name + (" f32sum" if acc else ""), torch_pass,
+                         lambda gr=gr, out=out: ops.relu_grad_bias(gr, out, True)))
+            if acc is None and h == 32:
+                rows.append((name.replace("relu+bias", "relu mask"),
+                             lambda gr=gr, out=out: _aten.threshold_backward(gr, out, 0),
+                             lambda gr=gr, out=out: ops.relu_grad_bias(gr, out, False)))
+    return rows
+
+
 def _s2d_first_kernel(layer):
     c = layer.out_channels
     taps = F.pad(layer.weight.detach()[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)
@@ -196,9 +227,11 @@ def _steps(precision: str, steps: int, rounds: int) -> tuple[float, float]:
     return statistics.median(times["1"]), statistics.median(times["0"])
 
 
-def _steps_wgrad(steps: int, rounds: int) -> tuple[float, float, list[float]]:
-    """Median ms per bf16 step with the native weight gradients and with oneDNN's, and the
-    per-round ratios (oneDNN / native)."""
+def _steps_wgrad(steps: int, rounds: int, flag_name: str = "S2_WGRAD_IN_STEP",
+                 precision: str = "bf16") -> tuple[float, float, list[float]]:
+    """Median ms per step (bf16 unless ``precision``) with the module flag ``flag_name`` of
+    native_conv on (the native weight gradients by default) and off, and the per-round ratios
+    (off / on)."""
     from bench.conftest import random_bits_dsprites
     from fastfvae.fast import FastOptions, FastStep
     from fastfvae.ops import native_conv
@@ -209,21 +242,21 @@ def _steps_wgrad(steps: int, rounds: int) -> tuple[float, float, list[float]]:
     data = random_bits_dsprites(4096)
     cfg = TrainConfig(batch_size=64, d_steps=1)
     state = TrainState.create(cfg, len(data), torch.device("cpu"))
-    step = FastStep(state, data, FastOptions(precision="bf16"))
+    step = FastStep(state, data, FastOptions(precision=precision))
     inputs = [draw_step_inputs(cfg, state.sampler, state.generator) for _ in range(steps)]
     times: dict[bool, list[float]] = {True: [], False: []}
-    saved = native_conv.S2_WGRAD_IN_STEP
+    saved = getattr(native_conv, flag_name)
     try:
         for r in range(rounds + 1):
             for flag in (True, False) if r % 2 == 0 else (False, True):
-                native_conv.S2_WGRAD_IN_STEP = flag
+                setattr(native_conv, flag_name, flag)
                 t0 = time.perf_counter()
                 for inp in inputs:
                     step(inp)
                 if r:  # round 0 warms both up
                     times[flag].append((time.perf_counter() - t0) / steps * 1e3)
     finally:
-        native_conv.S2_WGRAD_IN_STEP = saved
+        setattr(native_conv, flag_name, saved)
     ratios = [off / on for on, off in zip(times[True], times[False])]
     return statistics.median(times[True]), statistics.median(times[False]), ratios
 
@@ -237,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--step", action="store_true", help="time the whole fast step, native convolutions on vs off")
     p.add_argument("--step-wgrad", action="store_true",
                    help="time the bf16 fast step, native inner-layer weight gradients on vs off")
+    p.add_argument("--step-relu-bias", action="store_true",
+                   help="time the bf16 and fp32 fast steps, relu_grad_bias on vs threshold_backward + sum")
     args = p.parse_args(argv)
     if not native.loaded():
         print(f"native library not loaded: {native.status()[1]}")
@@ -256,7 +291,19 @@ def main(argv=None) -> int:
               f"oneDNN wgrad {off:.2f} ms, native {on:.2f} ms (medians); per-round ratio median "
               f"{statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
         return 0
-    cases = _cases(args.batch) + _s2_cases(args.batch) + _wgrad_cases(args.batch)
+    if args.step_relu_bias:
+        from fastfvae.ops import native_conv
+
+        native_conv.FUSED_RELU_BIAS_FP32 = True  # the float32 step too, to measure it
+        for precision in ("bf16", "fp32"):
+            on, off, ratios = _steps_wgrad(20, args.rounds, "FUSED_RELU_BIAS_IN_STEP", precision)
+            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+            print(f"{precision} fast step, batch 64, {args.threads} thread(s), {args.rounds} interleaved rounds of 20 "
+                  f"steps: threshold_backward + sum {off:.2f} ms, relu_grad_bias {on:.2f} ms (medians); per-round "
+                  f"ratio median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, "
+                  f"range {min(ratios):.3f}-{max(ratios):.3f}")
+        return 0
+    cases = _cases(args.batch) + _s2_cases(args.batch) + _wgrad_cases(args.batch) + _relu_bias_cases(args.batch)
     times = {name: ([], []) for name, _, _ in cases}
     with torch.no_grad():
         for _, a, b in cases:  # warm-up (oneDNN primitive creation)

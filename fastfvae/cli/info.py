@@ -96,9 +96,24 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
     wg_why = ("cpu: bf16 step: the weight gradients of the encoder's strided and the decoder's transposed "
               "convolutions (fp32: oneDNN)" if wg_on
               else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
+    has_rb = hasattr(torch.ops.fastfvae_native, "relu_grad_bias")
+    rb_isa = native_conv.relu_grad_isa() if on and has_rb else None
+    rb_on = rb_isa == "avx512" and native_conv.FUSED_RELU_BIAS_IN_STEP
+    if rb_on:
+        rb_why = ("cpu: bf16 step: the ReLU convolutions' backward mask and float32 bias gradient in one pass"
+                  + (" (fp32 too)" if native_conv.FUSED_RELU_BIAS_FP32 else " (fp32: threshold_backward + sum)"))
+    elif not on:
+        rb_why = f"cpu: {off_why}"
+    elif not has_rb:
+        rb_why = f"cpu: the loaded library has no relu_grad_bias (an older build): rebuild it: {native.BUILD_HINT}"
+    elif not native_conv.FUSED_RELU_BIAS_IN_STEP:
+        rb_why = "cpu: threshold_backward + sum: fastfvae.ops.native_conv.FUSED_RELU_BIAS_IN_STEP is off"
+    else:
+        rb_why = f"cpu: threshold_backward + sum: the fused pass needs AVX-512 (this CPU: {native.gemm_isa()})"
     return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
             ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch"),
-            ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch")]
+            ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch"),
+            ("relu_grad_bias", "native" if rb_on else "torch", "torch", f"{rb_why}; cuda: torch")]
 
 
 def lines() -> list[str]:

@@ -53,6 +53,8 @@ class _ConvSplitBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, transposed, relu):
+        # the bias arrives in its own dtype (float32) so the backward can return a float32 sum
+        bias = None if bias is None else bias.to(x.dtype)
         if transposed and native_conv.s2_fits(x, weight, stride, padding):
             # the 4-phase native kernel, the ReLU fused (docs/ops.md, "Native convolutions")
             out = native_conv.conv_transpose_4s2(x, weight, bias, relu)
@@ -71,10 +73,13 @@ class _ConvSplitBackward(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
         stride, padding, transposed, has_bias, relu = ctx.conf
-        if relu:
-            grad = _aten.threshold_backward(grad, out, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
+        if relu and native_conv.relu_bias_fits(grad, out):
+            # the mask and the float32 bias gradient in one pass (docs/ops.md, "Native convolutions")
+            grad, grad_b = native_conv.relu_grad_bias(grad, out, has_bias and need_b)
+        elif relu:
+            grad = _aten.threshold_backward(grad, out, 0)
         if (need_x and not transposed and x.shape[-1] <= native_conv.DGRAD_MAX_WIDTH
                 and list(x.shape[-2:]) == [2 * n for n in grad.shape[-2:]]
                 and native_conv.s2_fits(grad, weight, stride, padding, dgrad=True)):
@@ -95,7 +100,7 @@ class _ConvSplitBackward(torch.autograd.Function):
                 [need_x, need_w, False])
             grad_x = gx if need_x else grad_x
             grad_w = gw if need_w else grad_w
-        if has_bias and need_b:
+        if has_bias and need_b and grad_b is None:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None
 
@@ -126,8 +131,8 @@ def _narrowing_backward(grad, x, weight, padding, need_x: bool, need_w: bool):
 
 def conv_split(x, weight, bias, stride, padding, transposed: bool, dtype: torch.dtype,
                relu: bool = False) -> torch.Tensor:
-    """``aten.convolution`` (+ ReLU) in ``dtype`` with the split backward (module docstring)."""
-    bias = None if bias is None else bias.to(dtype)
+    """``aten.convolution`` (+ ReLU) in ``dtype`` with the split backward (module docstring);
+    the bias is cast to ``dtype`` inside, so its gradient can come back in float32."""
     return _ConvSplitBackward.apply(x.to(dtype), weight.to(dtype), bias, list(stride), list(padding), transposed,
                                     relu)
 

@@ -13,7 +13,8 @@ and one for the decoder's inner transposed convolutions (4x4, stride 2): ``conv_
 their forward (ReLU fused) and the encoder's strided convolutions' input gradient (the same
 sum), in the bf16 step with vdpbf16ps, where it measured faster than oneDNN (`s2_fits`); and
 ``conv_4s2_weight_grad``, the weight gradient of both kinds of inner 4x4 stride-2 layers
-(`s2_wgrad_fits`).
+(`s2_wgrad_fits`). ``relu_grad_bias`` is every ReLU-fused convolution's backward prologue
+(the masked gradient and the float32 bias gradient in one pass, `relu_bias_fits`).
 
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
 (`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
@@ -149,6 +150,41 @@ def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dt
     return native.ops().conv_4s2_weight_grad(big, small, dtype)
 
 
+#: `relu_grad_bias` (the ReLU mask and the float32 bias gradient in one pass) in the bf16 step's
+#: ReLU-fused convolutions' backward and the native first layer's: 1.4-3.7x threshold_backward +
+#: sum per call, the bf16 step 1.03x on 1 thread, 1.01x on 2 (docs/ops.md, "Native convolutions")
+FUSED_RELU_BIAS_IN_STEP = True
+#: the same in the float32 step: off. 1.4-2x per call with a bias (the mask alone as fast as
+#: threshold_backward) and the fp32 parity tests pass with it, but the fp32 step was no faster
+#: (0.997x on 1 thread, docs/ops.md)
+FUSED_RELU_BIAS_FP32 = False
+
+
+def relu_bias_fits(grad: torch.Tensor, out: torch.Tensor) -> bool:
+    """``relu_grad_bias(grad, out)`` takes these tensors where it measured faster than
+    ``threshold_backward`` + ``sum``: CPU float32/bfloat16 [B, C, H, W], both channels_last
+    (other layouts keep the torch ops), on the AVX-512 variant."""
+    if not (FUSED_RELU_BIAS_IN_STEP and grad.dtype in DTYPES and grad.dtype == out.dtype and grad.dim() == 4
+            and grad.shape == out.shape and grad.device.type == "cpu" and out.device.type == "cpu"
+            and grad.is_contiguous(memory_format=torch.channels_last)
+            and out.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if grad.dtype == torch.float32 and not FUSED_RELU_BIAS_FP32:
+        return False
+    return enabled() and hasattr(torch.ops.fastfvae_native, "relu_grad_bias") and relu_grad_isa() == "avx512"
+
+
+def relu_grad_isa() -> str:
+    """The variant `relu_grad_bias` runs: avx512 or scalar."""
+    return torch.ops.fastfvae_native.relu_grad_isa()
+
+
+def relu_grad_bias(grad: torch.Tensor, out: torch.Tensor, need_bias: bool):
+    """(``threshold_backward(grad, out, 0)``, its float32 sum over (0, 2, 3) or None) in one pass."""
+    masked, bias = native.ops().relu_grad_bias(grad, out, need_bias)
+    return masked, bias if need_bias else None
+
+
 def _rounded(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype)
 
@@ -171,12 +207,16 @@ class _ImageConv(torch.autograd.Function):
         relu, s2d, has_bias = ctx.conf
         ops = native.ops()
         grad = grad.to(img.dtype)
-        if relu:
-            grad = torch.ops.aten.threshold_backward(grad, out, 0)
         need_img, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_b = None
+        if relu and relu_bias_fits(grad, out):
+            grad, grad_b = relu_grad_bias(grad, out, has_bias and need_b)
+        elif relu:
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
         grad_img = ops.image_conv_transpose(grad, w, None, s2d) if need_img else None
         grad_w = ops.image_conv_weight_grad(img, grad, s2d) if need_w else None
-        grad_b = grad.sum((0, 2, 3), dtype=torch.float32) if has_bias and need_b else None
+        if has_bias and need_b and grad_b is None:
+            grad_b = grad.sum((0, 2, 3), dtype=torch.float32)
         return grad_img, grad_w, grad_b, None, None
 
 
