@@ -214,6 +214,27 @@ def test_conv_transpose_4s2_values(native_lib, native_on, shape, dtype):
     _check_s2(*shape, dtype, relu=False, bias=False, layout=lambda x: x.contiguous())
 
 
+_EMPTY_SCRIPT = """
+import sys, torch
+ops = (torch.ops.load_library(sys.argv[1]), torch.ops.fastfvae_native)[1]
+print(ops.conv_isa())
+for dtype in (torch.float32, torch.bfloat16):
+    for B, ci, co, H, W in ((1, 4, 4, 3, 0), (1, 4, 4, 0, 3), (2, 6, 16, 0, 0), (0, 4, 4, 3, 3), (2, 4, 0, 3, 3)):
+        x, w = torch.randn(B, ci, H, W).to(dtype), torch.randn(ci, co, 4, 4).to(dtype)
+        out = ops.conv_transpose_4s2(x, w, torch.randn(co).to(dtype), True)
+        assert out.shape == (B, co, 2 * H, 2 * W) and out.dtype == dtype, (B, ci, co, H, W, dtype, out.shape)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
+def test_conv_transpose_4s2_empty_inputs(native_lib, isa):
+    """A grid of no pixels (H or W 0), no image or no output channel gives an empty result on
+    every variant (in a subprocess: the AVX-512 tiling divided by W = 0 and killed the process)."""
+    chosen = run_with_isa(_EMPTY_SCRIPT, native_lib, isa)
+    assert (chosen == isa) == isa_supported(isa), (chosen, isa)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_conv_transpose_4s2_relu_keeps_nan(native_on, dtype):
     """A NaN in the input stays NaN through the fused ReLU, as through torch's relu; the

@@ -393,6 +393,7 @@ at::Tensor conv_transpose_4s2(const at::Tensor& x, const at::Tensor& weight, con
     std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + d.Co, bv.begin());
   }
   at::Tensor out = at::empty({d.B, d.Co, 2 * d.H, 2 * d.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (d.B == 0 || d.H == 0 || d.W == 0 || d.Co == 0) return out;  // no element (and no tiling of an empty grid)
   const bool bf16 = x.scalar_type() == at::kBFloat16;
 #if defined(FFV_S2_BF16)
   const bool use_bf16 = bf16 && d.Ci % 2 == 0 && mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16;
