@@ -38,6 +38,8 @@ ODD_SHAPES = [  # B, Cs, Cb, H, W (small's grid; big is 2H x 2W)
     (4, 7, 16, 4, 1),     # width 1
     (3, 1, 1, 1, 2),
     (2, 9, 48, 6, 5),     # 48 channels: column groups across taps
+    (19, 8, 16, 8, 8),    # chunks of 256 steps (4 planes): bf16 10 pairs as 4 + 4 + 2, the last
+                          # pair one image; fp32 19 images as 4 + 4 + 4 + 4 + 3
 ]
 
 
@@ -141,7 +143,7 @@ def test_bad_inputs_are_refused(native_on):
         assert "\n" not in str(info.value).split("Exception raised from")[0].strip()
     with pytest.raises(RuntimeError, match="dtype must be float32 or bfloat16") as info:
         ops.conv_4s2_weight_grad(big, small, torch.float16)
-        assert "\n" not in str(info.value).split("Exception raised from")[0].strip()
+    assert "\n" not in str(info.value).split("Exception raised from")[0].strip()
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
