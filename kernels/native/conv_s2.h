@@ -11,8 +11,10 @@
 // ReLU after the bias when asked. w and bias may have any floating dtype: the bias is converted
 // to float32, the weights to bfloat16 for the vdpbf16ps variant (fastfvae.ops.native_conv passes
 // them already in x's dtype) and to float32 for the others; the sums run in float32 and round
-// to the output's dtype once (bfloat16: to nearest even; with vdpbf16ps a sum below 2^-126 in
-// magnitude becomes zero). The fused ReLU keeps a NaN, as torch's relu.
+// to the output's dtype once (bfloat16: to nearest even). With vdpbf16ps (bfloat16 input on
+// AVX-512-BF16, an even Cin) a subnormal product or partial sum is flushed to zero, and so is a
+// result below 2^-126 in magnitude when rounded to bfloat16: all-1e-20 bfloat16 inputs give 0
+// (products of 1e-40) where the float64 sums are 8e-40. The fused ReLU keeps a NaN, as torch's relu.
 #pragma once
 
 #include <ATen/ATen.h>

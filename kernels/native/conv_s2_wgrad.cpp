@@ -229,8 +229,9 @@ void wgrad_512(const void* big, const void* small, const Dims& d, float* dw) {
   const int64_t per = std::max<int64_t>(1, (256 + d.H * d.W - 1) / (d.H * d.W));  // planes per chunk
   const int64_t ldd = 16 * d.cbp;
   at::parallel_for(0, groups * rblocks, 1, [&](int64_t t0, int64_t t1) {
-    // kept between calls: every word a chunk uses is written by its packing, and a buffer of the
-    // last size needs no new pages
+    // one per OpenMP thread, kept between calls at the largest size any call has asked for (it
+    // never shrinks): every word a chunk uses is written by its packing, and a call that fits in
+    // it needs no new pages
     thread_local std::vector<uint32_t> buf;
     const int64_t nbig = per * bplane, nsmall = BF16 ? per * splane : 0;
     if (static_cast<int64_t>(buf.size()) < nbig + nsmall) buf.resize(nbig + nsmall);

@@ -13,9 +13,11 @@
 // big and small are float32 or bfloat16 (the same dtype; read channels_last, other layouts are
 // copied); the products accumulate in float32, and dw [Cs, Cb, 4, 4] is channels_last (the
 // layout of the fast step's weights) in `dtype`: float32 (the default) or bfloat16 (the float32
-// sums rounded once, as oneDNN's bf16 weight gradient). The threads split the outputs (taps x
-// channel blocks), never the pixels: every element is summed in one order, so the result has
-// the same bits on any thread count.
+// sums rounded once, as oneDNN's bf16 weight gradient). With vdpbf16ps (bfloat16 inputs on
+// AVX-512-BF16) a subnormal product or partial sum is flushed to zero: all-1e-20 bfloat16 inputs
+// (products of 1e-40) give 0 where the float64 sums are of order 1e-39. The threads split the
+// outputs (taps x channel blocks), never the pixels: every element is summed in one order, so the
+// result has the same bits on any thread count.
 #pragma once
 
 #include <ATen/ATen.h>
