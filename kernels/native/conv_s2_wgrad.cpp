@@ -1,6 +1,8 @@
 // conv_4s2_weight_grad (conv_s2_wgrad.h): three variants, chosen at run time with the GEMM's
-// variant (mlp_gemm.h): bfloat16 with vdpbf16ps (AVX-512-BF16), float32 on AVX-512 (FMA), and a
-// scalar loop for the rest (bfloat16 without vdpbf16ps, CPUs without AVX-512).
+// variant (mlp_gemm.h, through conv_common.h): bfloat16 with vdpbf16ps (AVX-512-BF16), float32 on
+// AVX-512 (FMA), and a scalar loop for the rest (bfloat16 without vdpbf16ps, CPUs without
+// AVX-512). The tiles (conv_s2_wgrad_tiles.inc) are compiled once per variant, each with its own
+// target: float32 with AVX-512 alone (any compiler), bfloat16 with AVX-512-BF16 (GCC >= 11).
 //
 // The AVX-512 variants see the sum as one GEMM: rows = the Cs channels of small (broadcast),
 // columns = 16 taps x the Cb channels of big in vectors of 16 (a "column" is one tap and 16
@@ -30,29 +32,10 @@
 #include <cstring>
 #include <vector>
 
-#include "mlp_gemm.h"
-
-#if defined(FASTFVAE_MLP_SIMD)
-#include <immintrin.h>
-#endif
+#include "conv_common.h"
 
 namespace fastfvae_native {
 namespace {
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-inline float bf16f(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-template <typename T>
-inline float ld(const T* p, int64_t i) {
-  if constexpr (std::is_same<T, float>::value) return p[i];
-  return bf16f(reinterpret_cast<const uint16_t*>(p)[i]);
-}
 
 struct Dims {
   int64_t B, Cs, Cb, H, W;  // small [B, Cs, H, W], big [B, Cb, 2H, 2W]
@@ -68,7 +51,7 @@ void wgrad_scalar(const T* big, const T* small, const Dims& d, int64_t cs0, int6
     for (int64_t b = 0; b < d.B; ++b) {
       for (int64_t i = 0; i < d.H; ++i) {
         for (int64_t j = 0; j < d.W; ++j) {
-          const float v = ld(small, ((b * d.H + i) * d.W + j) * d.Cs + cs);
+          const float v = conv::ld(small, ((b * d.H + i) * d.W + j) * d.Cs + cs);
           for (int kh = 0; kh < 4; ++kh) {
             const int64_t y = 2 * i + kh - 1;
             if (y < 0 || y >= H2) continue;
@@ -77,7 +60,7 @@ void wgrad_scalar(const T* big, const T* small, const Dims& d, int64_t cs0, int6
               if (x < 0 || x >= W2) continue;
               const int64_t row = ((b * H2 + y) * W2 + x) * d.Cb;
               float* a = acc + (kh * 4 + kw) * d.cbp;
-              for (int64_t cb = 0; cb < d.Cb; ++cb) a[cb] += v * ld(big, row + cb);
+              for (int64_t cb = 0; cb < d.Cb; ++cb) a[cb] += v * conv::ld(big, row + cb);
             }
           }
         }
@@ -86,11 +69,7 @@ void wgrad_scalar(const T* big, const T* small, const Dims& d, int64_t cs0, int6
   }
 }
 
-#if defined(FASTFVAE_MLP_SIMD) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define FFV_WG_SIMD 1
-#define FFV_WG512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define FFV_WG512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
+#if defined(FASTFVAE_MLP_SIMD)
 // The packed operands of one call (file comment): `units` reduction planes (images, or image
 // pairs in bfloat16), big as [units][PH][PW][cbp] words, small as [units][H][W][Cs] words.
 struct Packed {
@@ -99,75 +78,42 @@ struct Packed {
   int64_t units, PH, PW;
 };
 
-// The tiles carry the AVX-512-BF16 target for their bfloat16 instantiations; the float32 ones
-// contain no AVX-512-BF16 instruction (only FMA on float32), so they run on any AVX-512 CPU.
+namespace tiles_f32 {
+#define FFV_WG FFV_TARGET_AVX512
+#define FFV_WG_BF16 0
+#include "conv_s2_wgrad_tiles.inc"
+#undef FFV_WG_BF16
+#undef FFV_WG
+}  // namespace tiles_f32
+
+#if defined(FFV_HAVE_AVX512BF16)
+namespace tiles_bf16 {
+#define FFV_WG FFV_TARGET_AVX512BF16
+#define FFV_WG_BF16 1
+#include "conv_s2_wgrad_tiles.inc"
+#undef FFV_WG_BF16
+#undef FFV_WG
+}  // namespace tiles_bf16
+#endif
+
+// The tile of rows x cols (tiles_*::tile_any) of the variant: bfloat16 pairs or float32.
 template <bool BF16>
-FFV_WG512BF16 inline __m512 madd(__m512 acc, __m512i a, __m512i b) {
-  if constexpr (BF16) return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
-}
-
-// One tile over the pixel rows [r0, r1) of the planes (row r: plane r / H, small's row r % H):
-// rows cs0 .. cs0 + MR - 1 of dw, the NC columns at word offsets off[v] from a pixel's tap
-// (0, 0); acc[u][v] in and out of dw + u * ldd + 16 v.
-template <bool BF16, int MR, int NC>
-FFV_WG512BF16 void tile(const Packed& p, const Dims& d, int64_t r0, int64_t r1, int64_t cs0, const int64_t* off,
-                        float* dw, int64_t ldd) {
-  __m512 acc[MR][NC];
-  for (int u = 0; u < MR; ++u)
-    for (int v = 0; v < NC; ++v) acc[u][v] = _mm512_loadu_ps(dw + u * ldd + 16 * v);
-  const uint32_t* c[NC];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t un = r / d.H, i = r % d.H;
-    const uint32_t* s = p.small + r * d.W * d.Cs + cs0;
-    const uint32_t* b = p.big + ((un * p.PH + 2 * i) * p.PW) * d.cbp;
-    for (int v = 0; v < NC; ++v) c[v] = b + off[v];
-    for (int64_t j = 0; j < d.W; ++j) {
-      __m512i bv[NC];
-      for (int v = 0; v < NC; ++v) bv[v] = _mm512_loadu_si512(c[v] + 2 * j * d.cbp);
-      for (int u = 0; u < MR; ++u) {
-        const __m512i a = _mm512_set1_epi32(static_cast<int>(s[u]));
-        for (int v = 0; v < NC; ++v) acc[u][v] = madd<BF16>(acc[u][v], a, bv[v]);
-      }
-      s += d.Cs;
-    }
+inline void tile_any(int rows, int cols, const Packed& p, const Dims& d, int64_t r0, int64_t r1, int64_t cs0,
+                     const int64_t* off, float* dw, int64_t ldd) {
+  if constexpr (BF16) {
+#if defined(FFV_HAVE_AVX512BF16)
+    tiles_bf16::tile_any(rows, cols, p, d, r0, r1, cs0, off, dw, ldd);
+#endif
+  } else {
+    tiles_f32::tile_any(rows, cols, p, d, r0, r1, cs0, off, dw, ldd);
   }
-  for (int u = 0; u < MR; ++u)
-    for (int v = 0; v < NC; ++v) _mm512_storeu_ps(dw + u * ldd + 16 * v, acc[u][v]);
-}
-
-// The tile shapes: MR rows x NC columns (24 accumulators, the rest of the 32 registers for the
-// NC loads and a broadcast). Cs a multiple of 8: 8 x 3, the last column group narrower; else
-// 6 x 4, the last row block shorter.
-template <bool BF16>
-FFV_WG512BF16 void tile_any(int rows, int cols, const Packed& p, const Dims& d, int64_t r0, int64_t r1, int64_t cs0,
-                            const int64_t* off, float* dw, int64_t ldd) {
-  if (rows == 8) {
-    switch (cols) {
-      case 3: return tile<BF16, 8, 3>(p, d, r0, r1, cs0, off, dw, ldd);
-      case 2: return tile<BF16, 8, 2>(p, d, r0, r1, cs0, off, dw, ldd);
-      default: return tile<BF16, 8, 1>(p, d, r0, r1, cs0, off, dw, ldd);
-    }
-  }
-  switch (rows) {
-    case 6: return tile<BF16, 6, 4>(p, d, r0, r1, cs0, off, dw, ldd);
-    case 5: return tile<BF16, 5, 4>(p, d, r0, r1, cs0, off, dw, ldd);
-    case 4: return tile<BF16, 4, 4>(p, d, r0, r1, cs0, off, dw, ldd);
-    case 3: return tile<BF16, 3, 4>(p, d, r0, r1, cs0, off, dw, ldd);
-    case 2: return tile<BF16, 2, 4>(p, d, r0, r1, cs0, off, dw, ldd);
-    default: return tile<BF16, 1, 4>(p, d, r0, r1, cs0, off, dw, ldd);
-  }
-}
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
 }
 
 // Plane u of a packed operand from an NHWC [B][Hs][Ws][C] tensor: [Hs + 2 pad][Ws + 2 pad][Cp]
 // words, the border and the channels past C zero. bfloat16 (pairs): word = (src[2u], src[2u + 1]);
 // float32: the bits of src[u].
 template <bool BF16>
-FFV_WG512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, int64_t C, int64_t Cp, int pad,
+FFV_TARGET_AVX512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, int64_t C, int64_t Cp, int pad,
                           int64_t u, uint32_t* plane) {
   const int64_t PH = Hs + 2 * pad, PW = Ws + 2 * pad;
   if (pad) {
@@ -183,7 +129,7 @@ FFV_WG512 void pack_plane(const void* src, int64_t B, int64_t Hs, int64_t Ws, in
     for (int64_t x = 0; x < Ws; ++x) {
       uint32_t* o = row + (x + pad) * Cp;
       for (int64_t c0 = 0; c0 < Cp; c0 += 16) {
-        const __mmask16 m = lanes(C - c0), mo = lanes(Cp - c0);
+        const __mmask16 m = conv::lanes(C - c0), mo = conv::lanes(Cp - c0);
         __m512i w;
         if constexpr (BF16) {
           const uint16_t* s = static_cast<const uint16_t*>(src);
@@ -301,7 +247,7 @@ at::Tensor conv_4s2_weight_grad_meta(const at::Tensor& big, const at::Tensor& sm
 at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small, c10::optional<at::ScalarType> dtype) {
   check_inputs(big, small, false);
   const at::ScalarType odt = out_dtype(dtype);
-  const Dims d{small.size(0), small.size(1), big.size(1), small.size(2), small.size(3), round_up(big.size(1), 16)};
+  const Dims d{small.size(0), small.size(1), big.size(1), small.size(2), small.size(3), conv::round_up(big.size(1), 16)};
   at::Tensor out = at::empty({d.Cs, d.Cb, 4, 4}, small.options().dtype(odt), at::MemoryFormat::ChannelsLast);
   if (d.B == 0 || d.H == 0 || d.W == 0 || d.Cs == 0 || d.Cb == 0) return out.zero_();
   const at::Tensor bc = big.contiguous(at::MemoryFormat::ChannelsLast);
@@ -309,11 +255,14 @@ at::Tensor conv_4s2_weight_grad(const at::Tensor& big, const at::Tensor& small, 
   const bool bf16 = small.scalar_type() == at::kBFloat16;
   std::vector<float> dw(d.Cs * 16 * d.cbp, 0.0f);  // [cs][tap][cb]
   bool done = false;
-#if defined(FFV_WG_SIMD)
-  if (bf16 && mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16) {
+#if defined(FFV_HAVE_AVX512BF16)
+  if (bf16 && conv::use_bf16_dot()) {
     wgrad_512<true>(bc.data_ptr(), sc.data_ptr(), d, dw.data());
     done = true;
-  } else if (!bf16 && static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512)) {
+  }
+#endif
+#if defined(FASTFVAE_MLP_SIMD)
+  if (!bf16 && conv::use_avx512()) {
     wgrad_512<false>(bc.data_ptr(), sc.data_ptr(), d, dw.data());
     done = true;
   }
