@@ -117,6 +117,12 @@ FFV_RB512 inline __m512 step_bf16(const uint16_t* g, const uint16_t* o, uint16_t
 // The same sums for channels [c0, c0 + 16 NV) (with TAIL the last vector holds the C % 16
 // channels left), NV accumulators in registers, one add per element in row order as
 // block_scalar: the two give the same bits.
+// Software prefetch distance: the step's tensors come from memory, and the hardware prefetcher
+// alone left the pass behind threshold_backward's there (cold, bf16: 0.47 vs 0.37 ms at
+// 64 x 32 x 32 x 32); prefetching grad and out this far ahead made it 0.31. A prefetch past the
+// tensor's end is a hint and never faults.
+constexpr int64_t kAhead = 2048;
+
 template <bool BF16, int NV, bool TAIL>
 FFV_RB512 void block_512(const void* g, const void* o, void* m, int64_t rows, int64_t C, int64_t c0, float* acc) {
   const __mmask16 tail = TAIL ? __mmask16((1u << (C % 16)) - 1) : __mmask16(0xffff);
@@ -126,6 +132,10 @@ FFV_RB512 void block_512(const void* g, const void* o, void* m, int64_t rows, in
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const int64_t i = r * C + c0 + 16 * v;
+      if (!BF16 || v % 2 == 0) {  // each 64-byte line of grad and out, kAhead bytes ahead
+        _mm_prefetch(static_cast<const char*>(g) + i * (BF16 ? 2 : 4) + kAhead, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(o) + i * (BF16 ? 2 : 4) + kAhead, _MM_HINT_T0);
+      }
       const bool part = TAIL && v == NV - 1;
       __m512 mv;
       if constexpr (BF16) {
