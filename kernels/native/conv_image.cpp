@@ -1,6 +1,6 @@
 // The one-channel image-side convolutions (conv_image.h): a scalar variant, an AVX-512 one
 // (float32 FMA, either dtype) and, for bfloat16, an AVX-512-BF16 one (vdpbf16ps); function target
-// attributes, chosen at run time with the GEMM's variant (mlp_gemm.h).
+// attributes (conv_common.h), chosen at run time with the GEMM's variant (mlp_gemm.h).
 //
 // Each batch item's image is first copied into a zero-bordered float32 plane P (bfloat16 in the
 // AVX-512-BF16 variants), P[y + 1][x + 1] = img[y][x], so the 4x4 patch of block q is P[2i .. 2i + 3][2j .. 2j + 3] with no bounds tests.
@@ -23,27 +23,17 @@
 #include <cstring>
 #include <vector>
 
-#include "mlp_gemm.h"
+#include "conv_common.h"
 #include "simd_bf16.h"
-
-#if defined(FASTFVAE_MLP_SIMD)
-#include <immintrin.h>
-#endif
 
 namespace fastfvae_native {
 namespace {
 
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using conv::bf16f;
+using conv::round_up;
 
 inline float load_scalar(const void* p, bool bf16, int64_t i) {
-  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  return bf16 ? bf16f(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
 inline void store_scalar(void* p, bool bf16, int64_t i, float v) {
@@ -77,8 +67,8 @@ void pad_image(const Image& im, int64_t b, int64_t H, int64_t W, float* P, int64
       if (im.bf16) {
         const uint16_t* src = static_cast<const uint16_t*>(im.data) + base;
         for (int64_t j = 0; j < W; ++j) {
-          row[2 * j] = bf16_to_f32(src[4 * j]);
-          row[2 * j + 1] = bf16_to_f32(src[4 * j + 1]);
+          row[2 * j] = bf16f(src[4 * j]);
+          row[2 * j + 1] = bf16f(src[4 * j + 1]);
         }
       } else {
         const float* src = static_cast<const float*>(im.data) + base;
@@ -167,13 +157,9 @@ void convt_scalar(const void* h, bool bf16, const float* w, float bias, void* ou
 
 // --- AVX-512 -----------------------------------------------------------------------------------
 #if defined(FASTFVAE_MLP_SIMD)
-#define FFV_CONV512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+using conv::lanes;
 
-FFV_CONV512 inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
-FFV_CONV512 inline __m512 load16(const void* p, bool bf16, int64_t i, __mmask16 m) {
+FFV_TARGET_AVX512 inline __m512 load16(const void* p, bool bf16, int64_t i, __mmask16 m) {
   if (bf16) {
     const __m256i v = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -181,7 +167,7 @@ FFV_CONV512 inline __m512 load16(const void* p, bool bf16, int64_t i, __mmask16 
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-FFV_CONV512 inline void store16(void* p, bool bf16, int64_t i, __m512 v, __mmask16 m) {
+FFV_TARGET_AVX512 inline void store16(void* p, bool bf16, int64_t i, __m512 v, __mmask16 m) {
   if (bf16) {
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, simd::to_bf16(v));
   } else {
@@ -190,7 +176,7 @@ FFV_CONV512 inline void store16(void* p, bool bf16, int64_t i, __m512 v, __mmask
 }
 
 // r[0..15] (rows) -> their transpose.
-FFV_CONV512 inline void transpose16(__m512 r[16]) {
+FFV_TARGET_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16], u[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -214,7 +200,7 @@ FFV_CONV512 inline void transpose16(__m512 r[16]) {
 }
 
 // wk: [16 taps][cp] (cp = C rounded up to 16, zero-padded), bias [cp] or null.
-FFV_CONV512 void conv_512(const Image& im, const float* wk, int64_t cp, const float* bias, bool relu, void* out,
+FFV_TARGET_AVX512 void conv_512(const Image& im, const float* wk, int64_t cp, const float* bias, bool relu, void* out,
                           bool bf16, Shape s, int64_t b0, int64_t b1) {
   constexpr int U = 8;  // blocks per step
   const int64_t pw = 2 * round_up(s.W, U) + 2;
@@ -248,7 +234,7 @@ FFV_CONV512 void conv_512(const Image& im, const float* wk, int64_t cp, const fl
 }
 
 // dw: [16 taps][cp], accumulated into.
-FFV_CONV512 void wgrad_512(const Image& im, const void* h, bool bf16, Shape s, int64_t cb, int64_t ce, float* dw,
+FFV_TARGET_AVX512 void wgrad_512(const Image& im, const void* h, bool bf16, Shape s, int64_t cb, int64_t ce, float* dw,
                            int64_t cp) {
   const int64_t pw = 2 * s.W + 2;
   std::vector<float> P((2 * s.H + 2) * pw);
@@ -277,7 +263,7 @@ FFV_CONV512 void wgrad_512(const Image& im, const void* h, bool bf16, Shape s, i
 // [b, i, j, 2 rh + rw] (the four sub-pixels of a block side by side) or the image rows 2i + rh
 // (columns 2j + rw side by side).
 template <int R>
-FFV_CONV512 inline void store_convt(const __m512 (&acc)[R][4], void* out, bool bf16, bool s2d, const Shape& s,
+FFV_TARGET_AVX512 inline void store_convt(const __m512 (&acc)[R][4], void* out, bool bf16, bool s2d, const Shape& s,
                                     int64_t b, int64_t i0, int64_t j0) {
   const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
@@ -313,7 +299,7 @@ FFV_CONV512 inline void store_convt(const __m512 (&acc)[R][4], void* out, bool b
 constexpr int kTap[2][3] = {{3, 1, -1}, {-1, 2, 0}};
 
 // w: [C][16 taps].
-FFV_CONV512 void convt_512(const void* h, bool bf16, const float* w, float bias, void* out, bool s2d, Shape s,
+FFV_TARGET_AVX512 void convt_512(const void* h, bool bf16, const float* w, float bias, void* out, bool s2d, Shape s,
                            int64_t b0, int64_t b1) {
   constexpr int R = 4;  // block rows per step
   const int64_t tw = round_up(s.W, 16) + 2, th = round_up(s.H, R) + 2;
@@ -374,15 +360,8 @@ FFV_CONV512 void convt_512(const void* h, bool bf16, const float* w, float bias,
 }
 
 // --- AVX-512-BF16 (vdpbf16ps: two bfloat16 products per float32 lane) -------------------------
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define FFV_CONV_BF16 1
-#define FFV_CONV512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-FFV_CONV512BF16 inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
-  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
-
-FFV_CONV512BF16 inline __m512i bcast32(const uint16_t* p) {
+#if defined(FFV_HAVE_AVX512BF16)
+FFV_TARGET_AVX512BF16 inline __m512i bcast32(const uint16_t* p) {
   uint32_t v;
   std::memcpy(&v, p, sizeof v);
   return _mm512_set1_epi32(static_cast<int>(v));
@@ -409,7 +388,7 @@ void pad_image_bf16(const Image& im, int64_t b, int64_t H, int64_t W, uint16_t* 
 }
 
 // image_conv on bfloat16: wp [8 tap pairs (kh, kw / 2)][cp][2] bfloat16 words.
-FFV_CONV512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t cp, const float* bias, bool relu,
+FFV_TARGET_AVX512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t cp, const float* bias, bool relu,
                                   void* out, Shape s, int64_t b0, int64_t b1) {
   constexpr int U = 8;
   const int64_t pw = 2 * round_up(s.W, U) + 4;
@@ -430,7 +409,7 @@ FFV_CONV512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t c
           for (int kh = 0; kh < 4; ++kh) {
             const uint16_t* r = rows + kh * pw + 2 * j0;
             for (int t = 0; t < 2; ++t)
-              for (int u = 0; u < U; ++u) acc[u] = dot2(acc[u], bcast32(r + 2 * u + 2 * t), w[kh * 2 + t]);
+              for (int u = 0; u < U; ++u) acc[u] = conv::madd(acc[u], bcast32(r + 2 * u + 2 * t), w[kh * 2 + t]);
           }
           const int64_t n = std::min<int64_t>(U, s.W - j0);
           for (int u = 0; u < n; ++u)
@@ -445,7 +424,7 @@ FFV_CONV512BF16 void conv_512bf16(const Image& im, const uint16_t* wp, int64_t c
 // image_conv_weight_grad on bfloat16: pixel pairs (j, j + 1) of a row per vdpbf16ps; Q[y][x] =
 // the words (P16[y][x], P16[y][x + 2]) (the tap's value at both pixels), h's pair interleaved
 // per channel. dw: [16 taps][cp] float32, accumulated into.
-FFV_CONV512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, int64_t cb, int64_t ce, float* dw,
+FFV_TARGET_AVX512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, int64_t cb, int64_t ce, float* dw,
                                    int64_t cp) {
   const int64_t pw = 2 * s.W + 6, rows = 2 * s.H + 2;
   std::vector<uint16_t> P(rows * pw);
@@ -469,7 +448,7 @@ FFV_CONV512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, 
           const uint32_t* r = Q.data() + 2 * i * pw + 2 * j;
           for (int kh = 0; kh < 4; ++kh)
             for (int kw = 0; kw < 4; ++kw)
-              acc[kh * 4 + kw] = dot2(acc[kh * 4 + kw], _mm512_set1_epi32(static_cast<int>(r[kh * pw + kw])), g);
+              acc[kh * 4 + kw] = conv::madd(acc[kh * 4 + kw], _mm512_set1_epi32(static_cast<int>(r[kh * pw + kw])), g);
         }
       }
       for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dw + k * cp + c0, acc[k]);
@@ -479,7 +458,7 @@ FFV_CONV512BF16 void wgrad_512bf16(const Image& im, const uint16_t* h, Shape s, 
 
 // image_conv_transpose on bfloat16: T holds channel pairs, T[(row + 1) * C2 + c / 2][col + 1]
 // = the words (h[row, col, c], h[row, col, c + 1]); wp [C2][16 taps] words (w[c, k], w[c + 1, k]).
-FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias, void* out, bool s2d, Shape s,
+FFV_TARGET_AVX512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias, void* out, bool s2d, Shape s,
                                    int64_t b0, int64_t b1) {
   constexpr int R = 4;
   const int64_t c2 = (s.C + 1) / 2;
@@ -530,7 +509,7 @@ FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias
                     const int kw = kTap[rw][dj];
                     if (kw < 0) continue;
                     acc[rr][rh * 2 + rw] =
-                        dot2(acc[rr][rh * 2 + rw], x, _mm512_set1_epi32(static_cast<int>(wc[kh * 4 + kw])));
+                        conv::madd(acc[rr][rh * 2 + rw], x, _mm512_set1_epi32(static_cast<int>(wc[kh * 4 + kw])));
                   }
                 }
               }
@@ -545,22 +524,8 @@ FFV_CONV512BF16 void convt_512bf16(const void* h, const uint32_t* wp, float bias
 #endif
 #endif
 
-bool use_avx512() {
-#if defined(FASTFVAE_MLP_SIMD)
-  return static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512);
-#else
-  return false;
-#endif
-}
-
-// vdpbf16ps for bfloat16 operands (capped as the GEMM: FASTFVAE_NATIVE_ISA=avx512 turns it off).
-bool use_bf16_dot() {
-#if defined(FASTFVAE_MLP_SIMD) && defined(FFV_CONV_BF16)
-  return mlp::gemm_isa() == mlp::GemmIsa::Avx512Bf16;
-#else
-  return false;
-#endif
-}
+using conv::use_avx512;
+using conv::use_bf16_dot;
 
 uint16_t bf16_bits(float v) {
   const at::BFloat16 b(v);
@@ -637,7 +602,7 @@ at::Tensor image_conv(const at::Tensor& img, const at::Tensor& weight, const c10
   for (int64_t c = 0; dot && c < C; ++c)
     for (int k = 0; k < 16; ++k) wpairs[((k / 2) * cp + c) * 2 + k % 2] = bf16_bits(wp[c * 16 + k]);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-#if defined(FFV_CONV_BF16)
+#if defined(FFV_HAVE_AVX512BF16)
     if (dot) return conv_512bf16(im, wpairs.data(), cp, has_bias ? bv.data() : nullptr, relu, o, s, b0, b1);
 #endif
 #if defined(FASTFVAE_MLP_SIMD)
@@ -671,7 +636,7 @@ at::Tensor image_conv_transpose(const at::Tensor& h, const at::Tensor& weight, c
   for (int64_t c = 0; dot && c < s.C; ++c)
     for (int k = 0; k < 16; ++k) wpairs[(c / 2) * 16 + k] |= static_cast<uint32_t>(bf16_bits(wp[c * 16 + k])) << (16 * (c % 2));
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-#if defined(FFV_CONV_BF16)
+#if defined(FFV_HAVE_AVX512BF16)
     if (dot) return convt_512bf16(hp, wpairs.data(), b, o, s2d, s, b0, b1);
 #endif
 #if defined(FASTFVAE_MLP_SIMD)
@@ -700,7 +665,7 @@ at::Tensor image_conv_weight_grad(const at::Tensor& img, const at::Tensor& h, bo
   const void* hp = hc.data_ptr();
   at::parallel_for(0, cp / 16, 1, [&](int64_t k0, int64_t k1) {
     const int64_t c0 = 16 * k0, c1 = std::min(C, 16 * k1);
-#if defined(FFV_CONV_BF16)
+#if defined(FFV_HAVE_AVX512BF16)
     if (dot) {
       wgrad_512bf16(im, static_cast<const uint16_t*>(hp), s, c0, c1, dw.data(), cp);
       return;
