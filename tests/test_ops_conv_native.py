@@ -6,7 +6,8 @@ Values and all gradients (input, weight, bias) of the encoder's first layer (Con
 and bfloat16, plain image and space-to-depth form, batch 1 / 3 / 64 / odd, grids down to 1 x 1
 and widths that are not multiples of the kernels' 8 / 16 blocks (edge pixels, padding), channels
 not multiples of 16, bias or not, non-contiguous inputs; each variant (AVX-512 with and without
-vdpbf16ps, scalar); and the wiring in fastfvae.fast.conv. The library comes from
+vdpbf16ps, scalar), conv_transpose_4s2's empty inputs on each; and the wiring in
+fastfvae.fast.conv. The library comes from
 tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
 """
 
