@@ -2,15 +2,15 @@
 (kernels/native/conv_s2_wgrad.cpp, ``torch.ops.fastfvae_native.conv_4s2_weight_grad``) against
 torch's Conv2d / ConvTranspose2d weight gradients in float64.
 
-One sum serves both kinds of layer (big [B, Cb, 2H, 2W], small [B, Cs, H, W]): a Conv2d's
-(big = its input, small = the output's gradient) and a ConvTranspose2d's (big = the output's
-gradient, small = its input). Checked: that identity itself, the VAE's layer shapes (batch 64),
-batch 1 / odd, several chunks of the batch, odd grids, width 1, channel counts off the kernels'
-16-lane blocks and odd ones, float32 and bfloat16, NCHW and strided inputs, each variant (AVX-512 with and without vdpbf16ps,
-scalar) in a subprocess, the same bits on 1-4 threads, opcheck, refused inputs, and the wiring
-in fastfvae.fast.conv (bf16 step: native, the oneDNN path's gradients; fp32: oneDNN). The
-library comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these
-tests skip (the identity test runs anyway).
+One sum serves both kinds of layer (big [B, Cb, 2H, 2W], small [B, Cs, H, W]): a Conv2d's (big =
+its input, small = the output's gradient) and a ConvTranspose2d's (big = the output's gradient,
+small = its input). Checked: that identity itself, the VAE's layer shapes (batch 64), batch 1 /
+odd, several chunks of the batch, odd grids, width 1, channel counts off the kernels' 16-lane
+blocks and odd ones, float32 and bfloat16, NCHW and strided inputs, each variant (AVX-512 with
+and without vdpbf16ps, scalar) in a subprocess, the same bits on 1-4 threads, opcheck, refused
+inputs, and the wiring in fastfvae.fast.conv (bf16 step: native, the oneDNN path's gradients;
+fp32: oneDNN). The library comes from tests/test_ops_native.py's fixtures; without cmake or a
+C++ compiler these tests skip (the identity test runs anyway).
 """
 
 import pytest
