@@ -152,12 +152,12 @@ def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dt
 
 #: `relu_grad_bias` (the ReLU mask and the float32 bias gradient in one pass) in the bf16 step's
 #: ReLU-fused convolutions' backward and the native first layer's: 2.5-4.4x threshold_backward
-#: (+ sum) per call in bf16, the bf16 step 1.013x on 1 and 2 threads (per-round medians; the
-#: profiler: 1.15 ms a step against 3.35), docs/ops.md, "Native convolutions"
+#: (+ sum) per call in bf16 (cache-warm; 1.65x from memory), the bf16 step 1.013-1.038x on 1 and
+#: 2 threads (per-round medians; the profiler: 1.2-1.4 ms a step against 2.9-3.3), docs/ops.md
 FUSED_RELU_BIAS_IN_STEP = True
 #: the same in the float32 step: off. 1.5-1.8x per call with a bias (the mask alone 0.96x) and
-#: the fp32 parity tests pass with it, but the fp32 step on 1 thread was no faster (1.005x; the
-#: profiler: 3.6 ms a step against the torch ops' 2.3), 1.045x on 2 (docs/ops.md)
+#: the fp32 parity tests pass with it, but the fp32 step on 1 thread was no faster (1.004-1.005x;
+#: the profiler: 3.0-3.8 ms a step against the torch ops' 2.3-2.9), 1.015-1.045x on 2 (docs/ops.md)
 FUSED_RELU_BIAS_FP32 = False
 
 

@@ -37,9 +37,6 @@ bool use_avx512() {
 #endif
 }
 
-// A block of `rows` rows of C channels (g, o, m at its first element): acc (C floats) gets each
-// channel's sum over the rows, added row after row in float32. bfloat16 is handled as its bits
-// (a passed element keeps them, a masked one is +0).
 inline float bf16_float(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
@@ -54,6 +51,9 @@ inline U keep_mask(float out) {
   return static_cast<U>(U{0} - static_cast<U>(!(out <= 0.0f)));
 }
 
+// A block of `rows` rows of C channels (g, o, m at its first element): acc (C floats, or null:
+// the mask alone) gets each channel's sum over the rows, added row after row in float32.
+// bfloat16 is handled as its bits (a passed element keeps them, a masked one is +0).
 void block_scalar(const uint16_t* g, const uint16_t* o, uint16_t* m, int64_t rows, int64_t C, float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
