@@ -91,17 +91,19 @@ def fits(layer: nn.Module, x: torch.Tensor, transposed: bool, dtype: torch.dtype
 
 
 #: `conv_transpose_4s2` in the fast step (bf16 with vdpbf16ps): the decoder's transposed
-#: convolutions (1.40-1.70x oneDNN + its separate ReLU, 1 thread) and the two smaller strided
-#: input gradients (1.16-1.24x), docs/ops.md, "Native convolutions"
+#: convolutions (1.5-2.1x oneDNN's, 1.2-1.3x its forward convolution at the same FLOPs, 1 thread)
+#: and the encoder's strided convolutions' input gradients (1.75-1.89x oneDNN's), docs/ops.md,
+#: "Native convolutions"
 S2_IN_STEP = True
-#: `conv_transpose_4s2` for the float32 step's transposed convolutions: off. 1.12-1.24x oneDNN
-#: alone, but the step only 0.4% faster (109.3 vs 109.8 ms), and its other summation order moved
-#: the 50-step fp32 parity with the reference loop past its 1e-4 tolerance (docs/ops.md)
+#: `conv_transpose_4s2` for the float32 step's transposed convolutions: off. Faster than oneDNN
+#: alone, but its other summation order moved the 50-step fp32 parity with the reference loop
+#: past its 1e-4 tolerance (docs/ops.md), and fp32 is the parity precision
 S2_FP32 = False
-#: the strided convolutions' input gradients go native only up to this input width: at the
-#: encoder's second layer (32 x 32 input) the kernel alone beats oneDNN's backward-data kernel
-#: (1.19x), but the bf16 step with it native took longer (54.9 vs 54.4 ms, docs/ops.md)
-DGRAD_MAX_WIDTH = 16
+#: the strided convolutions' input gradients go native up to this input width: the encoder's
+#: (32, 16 and 8), where the kernel measured 1.75-1.89x oneDNN's backward-data kernel and the
+#: bf16 step 1.02-1.03x faster than with the 32 x 32 one on oneDNN (2 threads); wider inputs
+#: were not measured
+DGRAD_MAX_WIDTH = 32
 
 
 def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dgrad: bool = False) -> bool:
