@@ -1,6 +1,6 @@
-// What the convolution kernels (conv_image.cpp, conv_s2.cpp, conv_s2_wgrad.cpp) share: bfloat16
-// loads, the AVX-512 target attributes, the variant they run (the GEMM's, mlp_gemm.h, so that
-// FASTFVAE_NATIVE_ISA caps both alike) and the AVX-512 multiply-adds.
+// What the convolution kernels (conv_image.cpp, conv_s2.cpp, conv_s2_wgrad.cpp, relu_bias.cpp)
+// share: bfloat16 loads, the AVX-512 target attributes, the variant they run (the GEMM's,
+// mlp_gemm.h, so that FASTFVAE_NATIVE_ISA caps both alike) and the AVX-512 multiply-adds.
 #pragma once
 
 #include <cstdint>

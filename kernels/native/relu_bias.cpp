@@ -11,14 +11,8 @@
 #include <cstring>
 #include <vector>
 
-#include "mlp_gemm.h"
+#include "conv_common.h"
 #include "parallel_probe.h"
-
-#if defined(FASTFVAE_MLP_SIMD)
-#include <immintrin.h>
-#define FFV_RB_SIMD 1
-#define FFV_RB512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#endif
 
 namespace fastfvae_native {
 namespace {
@@ -29,20 +23,8 @@ constexpr int64_t kBlockElements = 8192;
 // Blocks per task so a task holds at least this many elements (small tensors stay on one thread).
 constexpr int64_t kElementsPerTask = 65536;
 
-bool use_avx512() {
-#if defined(FFV_RB_SIMD)
-  return static_cast<int>(mlp::gemm_isa()) >= static_cast<int>(mlp::GemmIsa::Avx512);
-#else
-  return false;
-#endif
-}
-
-inline float bf16_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using conv::bf16f;
+using conv::use_avx512;
 
 // All ones where threshold_backward passes the element (not out <= 0: a NaN passes), else
 // zero: a mask, not a branch (the ReLU's output is zero about half the time).
@@ -58,9 +40,9 @@ void block_scalar(const uint16_t* g, const uint16_t* o, uint16_t* m, int64_t row
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = r * C + c;
-      const uint16_t v = g[i] & keep_mask<uint16_t>(bf16_float(o[i]));
+      const uint16_t v = g[i] & keep_mask<uint16_t>(bf16f(o[i]));
       m[i] = v;
-      if (acc != nullptr) acc[c] += bf16_float(v);
+      if (acc != nullptr) acc[c] += bf16f(v);
     }
   }
 }
@@ -80,12 +62,12 @@ void block_scalar(const float* g, const float* o, float* m, int64_t rows, int64_
   }
 }
 
-#if defined(FFV_RB_SIMD)
+#if defined(FASTFVAE_MLP_SIMD)
 // 16 lanes of grad (bf16: widened to float32 in load_f32), out's mask, the masked lanes stored.
 // Full vectors use plain loads and stores (masked ones are slow on some cores: AMD Zen 4), only
 // a channel tail (TAIL, the lanes in `tail`) the masked forms.
 template <bool TAIL>
-FFV_RB512 inline __m512 step_f32(const float* g, const float* o, float* m, __mmask16 tail) {
+FFV_TARGET_AVX512 inline __m512 step_f32(const float* g, const float* o, float* m, __mmask16 tail) {
   const __m512 gv = TAIL ? _mm512_maskz_loadu_ps(tail, g) : _mm512_loadu_ps(g);
   const __m512 ov = TAIL ? _mm512_maskz_loadu_ps(tail, o) : _mm512_loadu_ps(o);
   const __m512 mv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ov, _mm512_setzero_ps(), _CMP_NLE_UQ), gv);
@@ -97,12 +79,12 @@ FFV_RB512 inline __m512 step_f32(const float* g, const float* o, float* m, __mma
   return mv;
 }
 
-FFV_RB512 inline __m512 widen(__m256i raw) {
+FFV_TARGET_AVX512 inline __m512 widen(__m256i raw) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 template <bool TAIL>
-FFV_RB512 inline __m512 step_bf16(const uint16_t* g, const uint16_t* o, uint16_t* m, __mmask16 tail) {
+FFV_TARGET_AVX512 inline __m512 step_bf16(const uint16_t* g, const uint16_t* o, uint16_t* m, __mmask16 tail) {
   const __m256i graw = TAIL ? _mm256_maskz_loadu_epi16(tail, g) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g));
   const __m256i oraw = TAIL ? _mm256_maskz_loadu_epi16(tail, o) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o));
   const __m256i mraw = _mm256_maskz_mov_epi16(_mm512_cmp_ps_mask(widen(oraw), _mm512_setzero_ps(), _CMP_NLE_UQ), graw);
@@ -124,7 +106,7 @@ FFV_RB512 inline __m512 step_bf16(const uint16_t* g, const uint16_t* o, uint16_t
 constexpr int64_t kAhead = 2048;
 
 template <bool BF16, int NV, bool TAIL>
-FFV_RB512 void block_512(const void* g, const void* o, void* m, int64_t rows, int64_t C, int64_t c0, float* acc) {
+FFV_TARGET_AVX512 void block_512(const void* g, const void* o, void* m, int64_t rows, int64_t C, int64_t c0, float* acc) {
   const __mmask16 tail = TAIL ? __mmask16((1u << (C % 16)) - 1) : __mmask16(0xffff);
   __m512 sum[NV];
   for (int v = 0; v < NV; ++v) sum[v] = _mm512_setzero_ps();
@@ -229,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> relu_grad_bias(const at::Tensor& grad, const 
         const auto* gp = static_cast<const uint16_t*>(g) + off;
         const auto* op = static_cast<const uint16_t*>(o) + off;
         auto* mp = static_cast<uint16_t*>(m) + off;
-#if defined(FFV_RB_SIMD)
+#if defined(FASTFVAE_MLP_SIMD)
         if (simd) {
           block_avx512<true>(gp, op, mp, n, C, acc);
           continue;
@@ -240,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> relu_grad_bias(const at::Tensor& grad, const 
         const float* gp = static_cast<const float*>(g) + off;
         const float* op = static_cast<const float*>(o) + off;
         float* mp = static_cast<float*>(m) + off;
-#if defined(FFV_RB_SIMD)
+#if defined(FASTFVAE_MLP_SIMD)
         if (simd) {
           block_avx512<false>(gp, op, mp, n, C, acc);
           continue;
