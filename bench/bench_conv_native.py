@@ -196,45 +196,13 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def _steps(precision: str, steps: int, rounds: int) -> tuple[float, float]:
-    """Median ms per step of the fast step with and without the native convolutions."""
-    import os
-
+def _interleaved_steps(switch, precision: str = "bf16", steps: int = 20,
+                       rounds: int = 15) -> tuple[float, float, list[float]]:
+    """Median ms per step of the fast step with ``switch(True)`` (the native piece on) and
+    ``switch(False)``, interleaved round by round (round 0 warms both up), and the per-round
+    ratios (off / on). ``switch(None)`` restores the setting afterwards."""
     from bench.conftest import random_bits_dsprites
     from fastfvae.fast import FastOptions, FastStep
-    from fastfvae.ops.native_conv import CONV_ENV
-    from fastfvae.train.config import TrainConfig
-    from fastfvae.train.reference import draw_step_inputs
-    from fastfvae.train.state import TrainState
-
-    data = random_bits_dsprites(4096)
-    cfg = TrainConfig(batch_size=64, d_steps=1)
-    state = TrainState.create(cfg, len(data), torch.device("cpu"))
-    step = FastStep(state, data, FastOptions(precision=precision))
-    inputs = [draw_step_inputs(cfg, state.sampler, state.generator) for _ in range(steps)]
-    times: dict[str, list[float]] = {"1": [], "0": []}
-    try:
-        for r in range(rounds + 1):
-            for flag in ("1", "0") if r % 2 == 0 else ("0", "1"):
-                os.environ[CONV_ENV] = flag
-                t0 = time.perf_counter()
-                for inp in inputs:
-                    step(inp)
-                if r:  # round 0 warms both up
-                    times[flag].append((time.perf_counter() - t0) / steps * 1e3)
-    finally:
-        os.environ.pop(CONV_ENV, None)
-    return statistics.median(times["1"]), statistics.median(times["0"])
-
-
-def _steps_wgrad(steps: int, rounds: int, flag_name: str = "S2_WGRAD_IN_STEP",
-                 precision: str = "bf16") -> tuple[float, float, list[float]]:
-    """Median ms per step (bf16 unless ``precision``) with the module flag ``flag_name`` of
-    native_conv on (the native weight gradients by default) and off, and the per-round ratios
-    (off / on)."""
-    from bench.conftest import random_bits_dsprites
-    from fastfvae.fast import FastOptions, FastStep
-    from fastfvae.ops import native_conv
     from fastfvae.train.config import TrainConfig
     from fastfvae.train.reference import draw_step_inputs
     from fastfvae.train.state import TrainState
@@ -245,20 +213,48 @@ def _steps_wgrad(steps: int, rounds: int, flag_name: str = "S2_WGRAD_IN_STEP",
     step = FastStep(state, data, FastOptions(precision=precision))
     inputs = [draw_step_inputs(cfg, state.sampler, state.generator) for _ in range(steps)]
     times: dict[bool, list[float]] = {True: [], False: []}
-    saved = getattr(native_conv, flag_name)
     try:
         for r in range(rounds + 1):
             for flag in (True, False) if r % 2 == 0 else (False, True):
-                setattr(native_conv, flag_name, flag)
+                switch(flag)
                 t0 = time.perf_counter()
                 for inp in inputs:
                     step(inp)
-                if r:  # round 0 warms both up
+                if r:
                     times[flag].append((time.perf_counter() - t0) / steps * 1e3)
     finally:
-        setattr(native_conv, flag_name, saved)
+        switch(None)
     ratios = [off / on for on, off in zip(times[True], times[False])]
     return statistics.median(times[True]), statistics.median(times[False]), ratios
+
+
+def _env_switch(name: str):
+    """A `_interleaved_steps` switch over the environment variable ``name`` ("1" / "0")."""
+    import os
+
+    def switch(on):
+        if on is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = "1" if on else "0"
+    return switch
+
+
+def _flag_switch(flag_name: str):
+    """A `_interleaved_steps` switch over the module flag ``flag_name`` of native_conv."""
+    from fastfvae.ops import native_conv
+
+    saved = getattr(native_conv, flag_name)
+    return lambda on: setattr(native_conv, flag_name, saved if on is None else on)
+
+
+def _print_ratios(what: str, precision: str, threads: int, rounds: int, off_name: str, on_name: str,
+                  result: tuple[float, float, list[float]]) -> None:
+    on, off, ratios = result
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    print(f"{precision} fast step ({what}), batch 64, {threads} thread(s), {rounds} interleaved rounds of 20 "
+          f"steps: {off_name} {off:.2f} ms, {on_name} {on:.2f} ms (medians); per-round ratio median "
+          f"{statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
 
 
 def main(argv=None) -> int:
@@ -278,30 +274,24 @@ def main(argv=None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     if args.step:
-        print(f"fast step, batch 64, {args.threads} thread(s), median of {args.rounds} interleaved rounds of 20 steps")
-        print(f"{'precision':10s} {'oneDNN ms':>10s} {'native ms':>10s} {'ratio':>7s}")
+        from fastfvae.ops.native_conv import CONV_ENV
+
         for precision in ("bf16", "fp32"):
-            on, off = _steps(precision, 20, args.rounds)
-            print(f"{precision:10s} {off:10.2f} {on:10.2f} {off / on:7.3f}")
+            _print_ratios("native convolutions", precision, args.threads, args.rounds, "oneDNN", "native",
+                          _interleaved_steps(_env_switch(CONV_ENV), precision, rounds=args.rounds))
         return 0
     if args.step_wgrad:
-        on, off, ratios = _steps_wgrad(20, args.rounds)
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-        print(f"bf16 fast step, batch 64, {args.threads} thread(s), {args.rounds} interleaved rounds of 20 steps: "
-              f"oneDNN wgrad {off:.2f} ms, native {on:.2f} ms (medians); per-round ratio median "
-              f"{statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
+        _print_ratios("inner-layer weight gradients", "bf16", args.threads, args.rounds, "oneDNN wgrad", "native",
+                      _interleaved_steps(_flag_switch("S2_WGRAD_IN_STEP"), rounds=args.rounds))
         return 0
     if args.step_relu_bias:
         from fastfvae.ops import native_conv
 
         native_conv.FUSED_RELU_BIAS_FP32 = True  # the float32 step too, to measure it
         for precision in ("bf16", "fp32"):
-            on, off, ratios = _steps_wgrad(20, args.rounds, "FUSED_RELU_BIAS_IN_STEP", precision)
-            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-            print(f"{precision} fast step, batch 64, {args.threads} thread(s), {args.rounds} interleaved rounds of 20 "
-                  f"steps: threshold_backward + sum {off:.2f} ms, relu_grad_bias {on:.2f} ms (medians); per-round "
-                  f"ratio median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, "
-                  f"range {min(ratios):.3f}-{max(ratios):.3f}")
+            _print_ratios("ReLU backward prologue", precision, args.threads, args.rounds,
+                          "threshold_backward + sum", "relu_grad_bias",
+                          _interleaved_steps(_flag_switch("FUSED_RELU_BIAS_IN_STEP"), precision, rounds=args.rounds))
         return 0
     cases = _cases(args.batch) + _s2_cases(args.batch) + _wgrad_cases(args.batch) + _relu_bias_cases(args.batch)
     times = {name: ([], []) for name, _, _ in cases}
