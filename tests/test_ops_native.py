@@ -184,7 +184,8 @@ def test_permute_large_and_thread_count_independent(native_on):
 
 THREADS = (1, 2, 3, 4)
 # The sources of the library whose ops thread with at::parallel_for (parallel_probe.h).
-THREADED_SOURCES = ("gaussian", "permute", "mlp", "mlp_gemm", "conv_image", "conv_s2", "conv_s2_wgrad", "relu_bias")
+THREADED_SOURCES = ("gaussian", "permute", "mlp", "mlp_gemm", "conv_image", "conv_s2", "conv_s2_wgrad", "conv_s2_fwd",
+                    "relu_bias")
 
 
 def on_each_thread_count(fn, sources):

@@ -92,6 +92,11 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
     s2_why = (f"cpu: bf16 step: the decoder's transposed convolutions, strided input gradients up to width "
               f"{native_conv.DGRAD_MAX_WIDTH} (fp32: oneDNN)" if s2_on
               else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
+    fw_on = on and native_conv.S2_FWD_IN_STEP and isa == "avx512_bf16"
+    fw_why = (f"cpu: bf16 step: the encoder's strided convolutions' forward and the decoder's transposed "
+              f"convolutions' input gradients, inputs from width {native_conv.S2_FWD_MIN_WIDTH} (fp32: oneDNN)"
+              if fw_on else
+              "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
     wg_on = on and native_conv.S2_WGRAD_IN_STEP and isa == "avx512_bf16"
     wg_why = ("cpu: bf16 step: the weight gradients of the encoder's strided and the decoder's transposed "
               "convolutions (fp32: oneDNN)" if wg_on
@@ -112,6 +117,7 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
         rb_why = f"cpu: threshold_backward + sum: the fused pass needs AVX-512 (this CPU: {native.gemm_isa()})"
     return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
             ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch"),
+            ("conv_4s2", "native" if fw_on else "oneDNN", "cuDNN", f"{fw_why}; cuda: torch"),
             ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch"),
             ("relu_grad_bias", "native" if rb_on else "torch", "torch", f"{rb_why}; cuda: torch")]
 

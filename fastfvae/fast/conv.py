@@ -58,6 +58,9 @@ class _ConvSplitBackward(torch.autograd.Function):
         if transposed and native_conv.s2_fits(x, weight, stride, padding):
             # the 4-phase native kernel, the ReLU fused (docs/ops.md, "Native convolutions")
             out = native_conv.conv_transpose_4s2(x, weight, bias, relu)
+        elif not transposed and native_conv.s2_fwd_fits(x, weight, stride, padding):
+            # the native strided convolution, the ReLU fused (docs/ops.md, "Native convolutions")
+            out = native_conv.conv_4s2(x, weight, bias, relu)
         elif relu and not transposed and _mkldnn_fusable(x):
             # one oneDNN primitive with a ReLU post-op: no second pass over the output
             out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, [1, 1], 1, "relu", [], "")
@@ -85,6 +88,11 @@ class _ConvSplitBackward(torch.autograd.Function):
                 and native_conv.s2_fits(grad, weight, stride, padding, dgrad=True)):
             # a 4x4 stride-2 convolution's input gradient is the transposed convolution of grad
             grad_x, need_x = native_conv.conv_transpose_4s2(grad, weight, None, False), False
+        elif (need_x and transposed and list(grad.shape[-2:]) == [2 * n for n in x.shape[-2:]]
+              and native_conv.s2_fwd_fits(grad, weight, stride, padding)):
+            # a 4x4 stride-2 transposed convolution's input gradient is the strided convolution
+            # of grad with its weight read as a Conv2d weight [Cin, Cout, 4, 4]
+            grad_x, need_x = native_conv.conv_4s2(grad, weight, None, False), False
         big, small = (grad, x) if transposed else (x, grad)
         if need_w and native_conv.s2_wgrad_fits(big, small, weight, stride, padding):
             # both kinds of 4x4 stride-2 layer: one native sum (docs/ops.md, "Native convolutions"),

@@ -44,7 +44,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 #: the library's convolution calls; a library built before them lacks them (`has_ops`)
 CONV_OPS = ("image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_transpose_4s2",
-            "conv_4s2_weight_grad", "conv_isa")
+            "conv_4s2_weight_grad", "conv_4s2", "conv_isa")
 
 
 def has_ops() -> bool:
@@ -123,6 +123,33 @@ def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        relu: bool) -> torch.Tensor:
     """The 4x4 stride-2 padding-1 transposed convolution (+ bias, ReLU), [B, Cout, 2H, 2W] channels_last."""
     return native.ops().conv_transpose_4s2(x, weight, bias, relu)
+
+
+#: `conv_4s2` in the bf16 step (vdpbf16ps): the encoder's strided convolutions' forward (ReLU
+#: fused) and the decoder's transposed convolutions' input gradients (the same sum), where it
+#: measured faster than oneDNN's forward primitive (docs/ops.md, "Native convolutions")
+S2_FWD_IN_STEP = True
+#: ... from this input width: at the 8 x 8 input (64 -> 64, 4 x 4 output) the kernel measured
+#: as fast as oneDNN on 1 thread and 0.96-0.98x on 2, so that shape keeps oneDNN
+S2_FWD_MIN_WIDTH = 16
+
+
+def s2_fwd_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
+    """``conv_4s2(x, weight)`` computes this 4x4 stride-2 padding-1 convolution where it measured
+    faster than oneDNN: bfloat16 with vdpbf16ps, an even input channel count, inputs of at least
+    `S2_FWD_MIN_WIDTH` columns. float32 keeps oneDNN (the parity precision)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4
+            and weight.dim() == 4 and weight.shape[1] == x.shape[1] and x.shape[1] % 2 == 0
+            and tuple(weight.shape[2:]) == (4, 4) and list(stride) == [2, 2] and list(padding) == [1, 1]
+            and x.shape[-1] >= S2_FWD_MIN_WIDTH and x.shape[-2] >= 2 and S2_FWD_IN_STEP and enabled()
+            and isa() == "avx512_bf16")
+
+
+def conv_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """The 4x4 stride-2 padding-1 convolution (+ bias, ReLU) of x [B, Cin, H, W] with weight
+    [Cout, Cin, 4, 4]: [B, Cout, H // 2, W // 2] channels_last. With a ConvTranspose2d(Cout, Cin,
+    4, 2, 1)'s weight it is that layer's input gradient (x: the output's gradient)."""
+    return native.ops().conv_4s2(x, weight, bias, relu)
 
 
 #: `conv_4s2_weight_grad` for the bf16 step's inner 4x4 stride-2 layers' weight gradients

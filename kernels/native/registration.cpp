@@ -5,6 +5,7 @@
 
 #include "conv_image.h"
 #include "conv_s2.h"
+#include "conv_s2_fwd.h"
 #include "conv_s2_wgrad.h"
 #include "cpu_isa.h"
 #include "gaussian.h"
@@ -28,13 +29,14 @@ int64_t parallel_threads(c10::string_view source, int64_t n) {
       {"conv_image", &fastfvae_native::parallel_probe_conv_image},
       {"conv_s2", &fastfvae_native::parallel_probe_conv_s2},
       {"conv_s2_wgrad", &fastfvae_native::parallel_probe_conv_s2_wgrad},
+      {"conv_s2_fwd", &fastfvae_native::parallel_probe_conv_s2_fwd},
       {"relu_bias", &fastfvae_native::parallel_probe_relu_bias},
   };
   for (const auto& [name, probe] : probes) {
     if (source == name) return probe(n);
   }
   TORCH_CHECK(false, "fastfvae_native parallel_threads: unknown source '", source,
-              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2, conv_s2_wgrad or relu_bias");
+              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2, conv_s2_wgrad, conv_s2_fwd or relu_bias");
 }
 
 }  // namespace
@@ -70,6 +72,8 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("conv_isa() -> str", &fastfvae_native::conv_isa);
   // The 4x4 stride-2 transposed convolution (kernels/native/conv_s2.h).
   m.def("conv_transpose_4s2(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
+  // The 4x4 stride-2 convolution (kernels/native/conv_s2_fwd.h).
+  m.def("conv_4s2(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
   // The weight gradient of the 4x4 stride-2 layers (kernels/native/conv_s2_wgrad.h).
   m.def("conv_4s2_weight_grad(Tensor big, Tensor small, ScalarType? dtype=None) -> Tensor");
   // A ReLU convolution's backward prologue: the masked gradient and the float32 bias gradient
@@ -103,6 +107,7 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("image_conv_transpose", &fastfvae_native::image_conv_transpose);
   m.impl("image_conv_weight_grad", &fastfvae_native::image_conv_weight_grad);
   m.impl("conv_transpose_4s2", &fastfvae_native::conv_transpose_4s2);
+  m.impl("conv_4s2", &fastfvae_native::conv_4s2);
   m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad);
   m.impl("relu_grad_bias", &fastfvae_native::relu_grad_bias);
 }
@@ -110,5 +115,6 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
 // Shapes for fake tensors (torch.compile, torch.library.opcheck) of the ops that have one here.
 TORCH_LIBRARY_IMPL(fastfvae_native, Meta, m) {
   m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad_meta);
+  m.impl("conv_4s2", &fastfvae_native::conv_4s2_meta);
   m.impl("relu_grad_bias", &fastfvae_native::relu_grad_bias_meta);
 }
