@@ -129,9 +129,9 @@ def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 #: fused) and the decoder's transposed convolutions' input gradients (the same sum), where it
 #: measured faster than oneDNN's forward primitive (docs/ops.md, "Native convolutions")
 S2_FWD_IN_STEP = True
-#: ... from this input width: at the 8 x 8 input (64 -> 64, 4 x 4 output) the kernel measured
-#: as fast as oneDNN on 1 thread and 0.96-0.98x on 2, so that shape keeps oneDNN
-S2_FWD_MIN_WIDTH = 16
+#: ... from this input width: the VAE's narrowest, 8 x 8 (64 -> 64, a 4 x 4 output), measured
+#: 1.02-1.12x oneDNN too; narrower inputs were not measured
+S2_FWD_MIN_WIDTH = 8
 
 
 def s2_fwd_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:

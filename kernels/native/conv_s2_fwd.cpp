@@ -5,10 +5,10 @@
 // only where it measured faster than oneDNN. The AVX-512 tiles (conv_s2_fwd_tiles.inc) are
 // compiled once per variant, each with its own target, as conv_s2.cpp's.
 //
-// AVX-512: per image, output row and block of up to 64 output channels, run tiles of MR output
-// pixels of the row x NR vectors of 16 output channels (MR x NR float32 accumulators, MR a
-// template parameter so that they stay in registers through the stores). A row is split into
-// run tiles of equal size (differing by at most one pixel). The weights are packed once per
+// AVX-512: per image and block of up to 32 output channels, run tiles of R output rows of M
+// pixels x NR vectors of 16 output channels (R M x NR float32 accumulators, R and M template
+// parameters so that they stay in registers through the stores). A row is split into runs of
+// equal size (differing by at most one pixel), and narrow rows go up to 3 to a tile. The weights are packed once per
 // call as [kh][kw][K step][Cout] (bfloat16: a K step is an input-channel pair, the operand of
 // vdpbf16ps; float32: one input channel), and each image is copied into a buffer with a zero
 // border one pixel wide, so that every tap reads at a fixed offset with no per-pixel edge
@@ -81,6 +81,7 @@ struct Plan {
   T* out;             // [B][H][W][Co]
   Dims d;
   int64_t ks, cop;    // K steps per tap, Co rounded up to 16
+  int64_t block;      // output channels per block (kBlock)
   bool relu;
 };
 
@@ -94,19 +95,36 @@ using TileFn = void (*)(const Plan<T>&, const T*, T*, int64_t, int64_t, int64_t)
 // accumulators + 2 NR weight vectors + a broadcast.
 constexpr int kMaxRun[4] = {12, 12, 8, 5};
 
+// Output channels per block: two vectors (NR <= 2). At the VAE's 64 output channels two blocks
+// of 32 with twice the pixels per tile measured 1.05-1.15x one block of 64 (the weights per
+// tile half as many, each reused by up to 12 pixels instead of 5); blocks of 16 were slower.
+constexpr int64_t kBlock = 32;
+
+// The most rows per tile.
+constexpr int kMaxRows = 3;
+
 struct RunAt {
-  int64_t j0;
-  int mr;
+  int64_t i0, j0;
+  int r, mr;  // r rows of mr pixels
 };
 
-// A row of W output pixels as run tiles of equal size (differing by at most one pixel).
-inline std::vector<RunAt> tiling(int64_t W, int max_run) {
+// An H x W output grid as tiles of r rows of mr pixels: each row split into runs of equal size
+// (differing by at most one pixel) of at most max_run pixels, and as many rows to a tile (at
+// most kMaxRows, row groups of equal size) as keep r mr within max_run.
+inline std::vector<RunAt> tiling(int64_t H, int64_t W, int max_run) {
   std::vector<RunAt> ts;
   const int64_t n = (W + max_run - 1) / max_run;
-  for (int64_t p = 0, j = 0; p < n; ++p) {
-    const int64_t mr = W / n + (p < W % n ? 1 : 0);
-    ts.push_back({j, static_cast<int>(mr)});
-    j += mr;
+  const int64_t widest = (W + n - 1) / n;
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>({kMaxRows, max_run / widest, H}));
+  const int64_t groups = (H + rows - 1) / rows;
+  for (int64_t g = 0, i = 0; g < groups; ++g) {
+    const int64_t r = H / groups + (g < H % groups ? 1 : 0);
+    for (int64_t p = 0, j = 0; p < n; ++p) {
+      const int64_t mr = W / n + (p < W % n ? 1 : 0);
+      ts.push_back({i, j, static_cast<int>(r), static_cast<int>(mr)});
+      j += mr;
+    }
+    i += r;
   }
   return ts;
 }
@@ -177,7 +195,8 @@ at::Tensor conv_4s2(const at::Tensor& x, const at::Tensor& weight, const c10::op
   const bool use_f32 = !bf16 && conv::use_avx512();
   if (use_bf16 || use_f32) {
     std::vector<RunAt> tilings[4];
-    for (int nr = 1; nr <= 4; ++nr) tilings[nr - 1] = tiling(d.W, kMaxRun[nr - 1]);
+    for (int nr = 1; nr <= 4; ++nr) tilings[nr - 1] = tiling(d.H, d.W, kMaxRun[nr - 1]);
+    const int64_t block = kBlock;
     if (use_bf16) {
 #if defined(FFV_HAVE_AVX512BF16)
       // [kh * 4 + kw][Ci / 2][cop] channel pairs (input channel 2s in the low half)
@@ -194,7 +213,7 @@ at::Tensor conv_4s2(const at::Tensor& x, const at::Tensor& weight, const c10::op
         }
       const Plan<uint16_t> t{reinterpret_cast<const uint16_t*>(xc.data_ptr()),
                              reinterpret_cast<const uint16_t*>(wp.data()), bv.data(),
-                             reinterpret_cast<uint16_t*>(out.data_ptr()), d, ks, cop, relu};
+                             reinterpret_cast<uint16_t*>(out.data_ptr()), d, ks, cop, block, relu};
       at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) { tiles_bf16::conv_512(t, tilings, b0, b1); });
 #endif
     } else {
@@ -206,7 +225,7 @@ at::Tensor conv_4s2(const at::Tensor& x, const at::Tensor& weight, const c10::op
           float* row = wp.data() + (kk * d.Ci + ci) * cop;
           for (int64_t co = 0; co < d.Co; ++co) row[co] = wf[(co * d.Ci + ci) * 16 + kk];
         }
-      const Plan<float> t{xc.data_ptr<float>(), wp.data(), bv.data(), out.data_ptr<float>(), d, d.Ci, cop, relu};
+      const Plan<float> t{xc.data_ptr<float>(), wp.data(), bv.data(), out.data_ptr<float>(), d, d.Ci, cop, block, relu};
       at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) { tiles_f32::conv_512(t, tilings, b0, b1); });
     }
     return out;
