@@ -8,14 +8,14 @@
 // AVX-512: per image and block of up to 32 output channels, run tiles of R output rows of M
 // pixels x NR vectors of 16 output channels (R M x NR float32 accumulators, R and M template
 // parameters so that they stay in registers through the stores). A row is split into runs of
-// equal size (differing by at most one pixel), and narrow rows go up to 3 to a tile. The weights are packed once per
-// call as [kh][kw][K step][Cout] (bfloat16: a K step is an input-channel pair, the operand of
-// vdpbf16ps; float32: one input channel), and each image is copied into a buffer with a zero
-// border one pixel wide, so that every tap reads at a fixed offset with no per-pixel edge
-// test. Per kernel row, the MR + 1 input pixels of even columns (2 (j0 + q)) are broadcast per
-// K step, each feeding column tap 0 of output pixel q and tap 2 of pixel q - 1, then the odd
-// columns likewise for taps 1 and 3: 2 NR products per broadcast. A kernel row on the zero
-// border, and a broadcast of a zero-border pixel, are skipped.
+// equal size (differing by at most one pixel), and narrow rows go up to 3 to a tile. The
+// weights are packed once per call as [kh][kw][K step][Cout] (bfloat16: a K step is an
+// input-channel pair, the operand of vdpbf16ps; float32: one input channel). Per kernel row, the M + 1 input pixels of odd columns
+// (2 (j0 + q) - 1) are broadcast per K step, each feeding column tap 0 of output pixel q and
+// tap 2 of pixel q - 1, then the even columns likewise for taps 1 and 3: 2 NR products per
+// broadcast. The tiles read the input in place: a kernel row outside the image, and a window
+// pixel outside it (column -1, and column Win for an even Win), are skipped, so that there is
+// no product of the zero padding and no per-pixel edge test.
 #include "conv_s2_fwd.h"
 #include "parallel_probe.h"
 
