@@ -88,19 +88,21 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
         image = ("oneDNN", f"cpu: oneDNN: the native kernels need AVX-512 (this CPU: {native.gemm_isa()})")
     else:
         image = ("oneDNN", f"cpu: {off_why}")
+    # why a bf16-only kernel runs oneDNN (or nothing native) here
+    needs_bf16_dot = "cpu: " + (off_why if not on
+                                else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})")
     s2_on = on and native_conv.S2_IN_STEP and isa == "avx512_bf16"
     s2_why = (f"cpu: bf16 step: the decoder's transposed convolutions, strided input gradients up to width "
               f"{native_conv.DGRAD_MAX_WIDTH} (fp32: oneDNN)" if s2_on
-              else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
+              else needs_bf16_dot)
     fw_on = on and native_conv.S2_FWD_IN_STEP and isa == "avx512_bf16"
     fw_why = (f"cpu: bf16 step: the encoder's strided convolutions' forward and the decoder's transposed "
               f"convolutions' input gradients, inputs from width {native_conv.S2_FWD_MIN_WIDTH} (fp32: oneDNN)"
-              if fw_on else
-              "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
+              if fw_on else needs_bf16_dot)
     wg_on = on and native_conv.S2_WGRAD_IN_STEP and isa == "avx512_bf16"
     wg_why = ("cpu: bf16 step: the weight gradients of the encoder's strided and the decoder's transposed "
               "convolutions (fp32: oneDNN)" if wg_on
-              else "cpu: " + (off_why if not on else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})"))
+              else needs_bf16_dot)
     has_rb = hasattr(torch.ops.fastfvae_native, "relu_grad_bias")
     rb_isa = native_conv.relu_grad_isa() if on and has_rb else None
     rb_on = rb_isa == "avx512" and native_conv.FUSED_RELU_BIAS_IN_STEP
