@@ -14,6 +14,9 @@
 
 // AVX-512 (F, BW, VL, DQ) with FMA: the float32 kernels, on any AVX-512 CPU and compiler.
 #define FFV_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+// Fully unrolled loops over a tile's pixels and vectors, so that its accumulators stay in
+// registers (the run-tile kernels, conv_s2.cpp and conv_s2_fwd.cpp).
+#define FFV_UNROLL _Pragma("GCC unroll 16")
 // ... and AVX-512-BF16 (vdpbf16ps, vcvtne(2)ps2bf16): only with GCC >= 11, the compilers on which
 // the GEMM's detection (mlp_gemm.cpp) reports AVX-512-BF16, so nothing else could run them.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11

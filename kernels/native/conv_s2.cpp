@@ -80,9 +80,6 @@ void deconv_scalar(const T* x, const float* w, const float* bias, bool relu, T* 
 }
 
 #if defined(FASTFVAE_MLP_SIMD)
-// Fully unrolled loops over a tile's pixels and vectors, so that its accumulators stay in registers.
-#define FFV_UNROLL _Pragma("GCC unroll 16")
-
 // One call's AVX-512 work, shared by its threads. T: uint16_t (bfloat16 bits, vdpbf16ps) or
 // float (FMA); a K step is an input-channel pair (bfloat16) or one input channel (float32).
 template <typename T>

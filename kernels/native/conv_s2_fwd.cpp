@@ -69,9 +69,6 @@ void conv_scalar(const T* x, const float* w, const float* bias, bool relu, T* ou
 }
 
 #if defined(FASTFVAE_MLP_SIMD)
-// Fully unrolled loops over a tile's pixels and vectors, so that its accumulators stay in registers.
-#define FFV_UNROLL _Pragma("GCC unroll 16")
-
 // One call's AVX-512 work, shared by its threads. T: uint16_t (bfloat16 bits, vdpbf16ps) or float (FMA).
 template <typename T>
 struct Plan {
