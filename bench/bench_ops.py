@@ -285,6 +285,20 @@ def _native_d_update(dtype: torch.dtype, batch: int):
     return update
 
 
+def _factorvae_logit_grads(batch: int, gen: torch.Generator, gamma: float = 35.0):
+    """The two logit gradients of a FactorVAE step (Kim & Mnih 2018) on random logits: the TC
+    term's, gamma/B * (1, -1) on the codes' rows, and D's two-class cross-entropy's on both
+    halves (codes class 0, permuted codes class 1), as autograd forms them."""
+    logits = torch.randn(2 * batch, 2, generator=gen).requires_grad_()
+    labels = torch.cat([torch.zeros(batch), torch.ones(batch)]).long()
+    tc = gamma * (logits[:batch, 0] - logits[:batch, 1]).mean()
+    g_tc, = torch.autograd.grad(tc, logits)
+    d_loss = 0.5 * (torch.nn.functional.cross_entropy(logits[:batch], labels[:batch])
+                    + torch.nn.functional.cross_entropy(logits[batch:], labels[batch:]))
+    g_d, = torch.autograd.grad(d_loss, logits)
+    return g_tc[:batch].contiguous(), g_d
+
+
 @pytest.mark.parametrize("B", [64, 128])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype, B):
@@ -300,7 +314,7 @@ def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype, B):
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(2 * B, 10, generator=gen)
-    g_tc, g_d = torch.randn(B, 2, generator=gen) * 1e-2, torch.randn(2 * B, 2, generator=gen) * 1e-2
+    g_tc, g_d = _factorvae_logit_grads(B, gen)
     impls = {"torch": _torch_d_update(dt, B), "native": _native_d_update(dt, B)}
     for fn in impls.values():  # warm up (FlatAdam compiles its kernel)
         fn(z, g_tc, g_d)

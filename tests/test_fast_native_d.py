@@ -66,3 +66,14 @@ def test_the_gpu_and_compiled_steps_resolve_native_d_off():
     assert opts.native_d is False
     with pytest.raises(FastFVAEError, match="native_d needs the by-hand CPU step"):
         FastOptions(native_d=True, compile="model").resolved(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_d_update_reuses_the_tc_backward_in_the_step(native_on, precision):
+    """In the fast step D's update takes the codes' rows from the TC term's backward (the two
+    upstream gradients are parallel on those rows: tests/test_ops_mlp_native_shared.py); with
+    d_steps = 2 the second update has fresh logits and runs the whole backward."""
+    for d_steps, shared in ((1, small_cfg().batch_size), (2, 0)):
+        step = _step(small_cfg(d_steps=d_steps), precision=precision)
+        step(draw_step_inputs(step.cfg, step.state.sampler, step.state.generator))
+        assert step._d_by_hand.last_shared_rows == shared

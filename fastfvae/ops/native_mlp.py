@@ -98,6 +98,13 @@ class NativeDiscriminator:
         pad = 2 if dtype == torch.bfloat16 else 1
         #: acts[l]: the input of layer l for all rows (acts[0] = the codes), width padded to even in bf16
         self.acts = [torch.zeros(self.rows, -(-w // pad) * pad, dtype=dtype) for w in self.widths[:-1]]
+        #: signals[l]: d(loss)/d(pre-activation of layer l) of each row, as the last backward over it left it
+        self.signals = [torch.zeros(self.rows, -(-w // pad) * pad, dtype=dtype) for w in self.widths[1:]]
+        #: (rows, upstream gradient as stored, weights' versions) of the last input-gradient-only
+        #: backward whose signals are still in `signals` (`update` reuses them), else None
+        self._kept: tuple | None = None
+        #: rows the last `update` took from the kept signals (0: it ran the whole backward)
+        self.last_shared_rows = 0
         self.grad_w = [torch.zeros_like(m.weight) for m in self.linears]
         self.grad_b = [torch.zeros_like(m.bias) for m in self.linears]
         self.optimizer = optimizer
@@ -142,11 +149,43 @@ class NativeDiscriminator:
             raise FastFVAEError(f"NativeDiscriminator.{what}: expected [n, {width}] for rows start:start+n within "
                                 f"0:{self.rows}, got {tuple(t.shape)} at start {start}")
 
+    def _forget(self, start: int, n: int) -> None:
+        """Drop the kept signals when rows start:start+n are about to be overwritten."""
+        if self._kept is not None and start < self._kept[0] + self._kept[1] and self._kept[0] < start + n:
+            self._kept = None
+
+    def _shared_rows(self, grad: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(S, scale) for `update`: the kept rows 0:S of an input-gradient backward (same weights,
+        same activations) whose upstream gradient is, row by row, ``scale[r]`` times the one of
+        ``grad`` -- then every layer's signal of row r is ``scale[r]`` times the kept one and
+        only rows S:n need the input-gradient GEMMs. (0, None) when there is no such prefix.
+
+        FactorVAE (Kim & Mnih 2018) is the case: on the codes' rows the TC term's gradient is
+        gamma/B * (1, -1) and D's two-class cross-entropy's is (p0 - 1, p1) / 2B = -p1 / 2B *
+        (1, -1), the same direction, so D's update reuses the TC term's backward. ``scale`` is
+        the least-squares ratio; the rows count as parallel when what is left over is within
+        float32 rounding (2^-20) of the gradient's largest element: the softmax's p0 - 1 and -p1
+        differ by that much."""
+        kept = self._kept
+        if kept is None or kept[0] != 0 or kept[1] > grad.shape[0] or kept[3] != self._current():
+            return 0, None
+        rows, ref = kept[1], kept[2]
+        g = grad[:rows]
+        norm = (ref * ref).sum(1)
+        if not bool((norm > 0).all()):
+            return 0, None
+        scale = (g * ref).sum(1) / norm
+        residual = (g - scale[:, None] * ref).abs().max()
+        if not bool(residual <= 2.0 ** -20 * g.abs().max()):
+            return 0, None
+        return rows, scale.contiguous()
+
     # --- forward / backward ----------------------------------------------------------------
     @torch.no_grad()
     def forward(self, z: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Logits (float32) of codes ``z`` [n, z_dim], keeping activations in rows start:start+n."""
         self._check_rows("forward", z, self.widths[0], start)
+        self._forget(start, z.shape[0])
         packed, _ = self.packed()
         return native.ops().mlp_forward(z.detach(), packed, [m.bias.detach() for m in self.linears], self.widths,
                                         self.slope, self.acts, int(start))
@@ -160,10 +199,15 @@ class NativeDiscriminator:
         parameter gradients into `grad_w` / `grad_b` (float32, replacing what was there), with
         ``input_grad`` d(loss)/d(codes) [n, z_dim] float32 (returned). One pass for both."""
         self._check_rows("backward", grad_logits, self.widths[-1], start)
+        n = grad_logits.shape[0]
+        self._forget(start, n)
         _, packed_t = self.packed()
         gw, gb = (self.grad_w, self.grad_b) if params else ([], [])
-        out = native.ops().mlp_backward(grad_logits.detach().float(), packed_t, self.acts, self.widths, self.slope,
-                                        int(start), bool(input_grad), gw, gb)
+        grad = grad_logits.detach().float()
+        out = native.ops().mlp_backward(grad, packed_t, self.acts, self.widths, self.slope, int(start),
+                                        bool(input_grad), gw, gb, self.signals)
+        if input_grad and not params and n:
+            self._kept = (start, n, grad.to(self.dtype).float().clone(), self._current())
         return out if input_grad else None
 
     def input_grad(self, grad_logits: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -228,10 +272,13 @@ class NativeDiscriminator:
         straight into Adam (in the GEMM's epilogue, after that layer's input gradient was formed
         from its old weights), so no gradient is stored; `grad_w` / `grad_b` are left as they were."""
         self._check_rows("update", grad_logits, self.widths[-1], 0)
+        grad = grad_logits.detach().float()
         packed, packed_t = self.packed()
+        shared, scale = self._shared_rows(grad)
+        self._kept, self.last_shared_rows = None, shared
         m_w, v_w, m_b, v_b, *scalars = self._adam_args()
         params = self.params()
-        native.ops().mlp_update(grad_logits.detach().float(), packed_t, self.acts, self.widths, self.slope,
+        native.ops().mlp_update(grad, packed_t, self.acts, self.widths, self.slope,
                                 [p.data for p in params[0::2]], [p.data for p in params[1::2]], m_w, v_w, m_b, v_b,
-                                packed, *scalars)
+                                packed, *scalars, self.signals, shared, scale)
         self._versions = self._current()

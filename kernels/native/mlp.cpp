@@ -129,14 +129,32 @@ at::Tensor gated(const at::Tensor& grad, const at::Tensor& out, double slope, El
 }
 
 // a [M, N] (row stride lda) transposed into o [N, Mp] for the columns [n0, n1), and their sums.
+// Rows m < scaled are multiplied by row_scale[m] on the way (bfloat16: rounded once, as a
+// bfloat16 product is); the sums are of the values stored.
 template <typename T>
-void transpose_columns(const T* a, int64_t lda, int64_t M, int64_t Mp, int64_t n0, int64_t n1, T* o, float* colsum) {
+void transpose_columns(const T* a, int64_t lda, int64_t M, int64_t Mp, int64_t n0, int64_t n1, T* o, float* colsum,
+                       const float* row_scale, int64_t scaled) {
   constexpr int64_t kCols = 16;
   for (int64_t nb = n0; nb < n1; nb += kCols) {
     const int64_t cols = std::min(n1, nb + kCols) - nb;
     float sums[kCols] = {};
     for (int64_t m = 0; m < M; ++m) {
       const T* row = a + m * lda + nb;
+      if (m < scaled) {
+        const float f = row_scale[m];
+        for (int64_t c = 0; c < cols; ++c) {
+          if constexpr (std::is_same_v<T, float>) {
+            const float v = row[c] * f;
+            o[(nb + c) * Mp + m] = v;
+            sums[c] += v;
+          } else {
+            const at::BFloat16 v(bits_to_f32(row[c]) * f);
+            o[(nb + c) * Mp + m] = v.x;
+            sums[c] += static_cast<float>(v);
+          }
+        }
+        continue;
+      }
       for (int64_t c = 0; c < cols; ++c) {
         o[(nb + c) * Mp + m] = row[c];
         if constexpr (std::is_same_v<T, float>) {
@@ -152,17 +170,19 @@ void transpose_columns(const T* a, int64_t lda, int64_t M, int64_t Mp, int64_t n
 }
 
 // a [M, N] (row stride lda, type e) transposed to [N, padded(M)] (zero pad), and the float32
-// column sums of a (the bias gradient) into colsum when given.
+// column sums of a (the bias gradient) into colsum when given; rows m < scaled times row_scale[m].
 at::Tensor transpose_operand(const void* a, int64_t lda, int64_t M, int64_t N, Elem e, float* colsum,
-                             const at::TensorOptions& opts) {
+                             const at::TensorOptions& opts, const float* row_scale = nullptr, int64_t scaled = 0) {
   const int64_t Mp = padded(M, e);
   at::Tensor out = Mp == M ? at::empty({N, Mp}, opts) : at::zeros({N, Mp}, opts);
   void* o = out.mutable_data_ptr();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     if (e == Elem::F32) {
-      transpose_columns(static_cast<const float*>(a), lda, M, Mp, n0, n1, static_cast<float*>(o), colsum);
+      transpose_columns(static_cast<const float*>(a), lda, M, Mp, n0, n1, static_cast<float*>(o), colsum, row_scale,
+                        scaled);
     } else {
-      transpose_columns(static_cast<const uint16_t*>(a), lda, M, Mp, n0, n1, static_cast<uint16_t*>(o), colsum);
+      transpose_columns(static_cast<const uint16_t*>(a), lda, M, Mp, n0, n1, static_cast<uint16_t*>(o), colsum,
+                        row_scale, scaled);
     }
   });
   return out;
@@ -345,9 +365,12 @@ mlp::AdamScalars adam_scalars(double step_size, double bias_correction2_sqrt, do
 
 // The backward of mlp_backward; with `adam`, each layer's weight gradient goes straight into
 // Adam (the GEMM's epilogue) after the layer's input gradient was formed from the old weights.
+// With `signals`, layer l's d(loss)/d(pre-activation) of row r lives in row start + r of
+// signals[l] (kept there for a later call); rows 0:shared of it are already there, from an
+// earlier backward, and enter the weight gradient times row_scale[r] (see mlp_update).
 at::Tensor backward_impl(const at::Tensor& grad, at::TensorList packed_t, at::TensorList acts, at::IntArrayRef widths,
                          double slope, int64_t start, bool input_grad, at::TensorList grad_w, at::TensorList grad_b,
-                         const AdamLists* adam) {
+                         const AdamLists* adam, at::TensorList signals, int64_t shared, const float* row_scale) {
   const size_t L = packed_t.size();
   check_net(acts, widths, L, "mlp_backward");
   check_matrix(grad, "mlp_backward", "grad");
@@ -365,29 +388,55 @@ at::Tensor backward_impl(const at::Tensor& grad, at::TensorList packed_t, at::Te
   TORCH_CHECK(grad.size(1) == widths[L] && start >= 0 && start + n <= acts[0].size(0),
               "fastfvae_native mlp_backward: grad ", grad.sizes(), " does not fit rows ", start, ":", start + n,
               " of the [", acts[0].size(0), ", ", widths[L], "] logits");
+  const bool keep = !signals.empty();
+  if (keep) {
+    TORCH_CHECK(signals.size() == L, "fastfvae_native mlp_backward: one signal buffer per layer, or none");
+    for (size_t l = 0; l < L; ++l) {
+      TORCH_CHECK(signals[l].dim() == 2 && signals[l].is_contiguous() &&
+                      signals[l].scalar_type() == acts[0].scalar_type() && signals[l].size(0) == acts[0].size(0) &&
+                      signals[l].size(1) == padded(widths[l + 1], e),
+                  "fastfvae_native mlp_backward: signal buffer ", l, " must be contiguous [", acts[0].size(0), ", ",
+                  padded(widths[l + 1], e), "] of ", acts[0].scalar_type(), ", got ", signals[l].sizes());
+    }
+  }
+  TORCH_CHECK(shared >= 0 && shared <= n && (shared == 0 || (keep && params && !input_grad && row_scale != nullptr)),
+              "fastfvae_native mlp_update: ", shared, " shared rows need signal buffers and a row scale, within the ",
+              n, " rows, and no input gradient");
   const auto opts = acts[0].options();
-  // g: d(loss)/d(pre-activation of layer l), [n, padded(N_l)] of the operand type
-  at::Tensor g = padded(widths[L], e) == widths[L] ? at::empty({n, widths[L]}, opts)
-                                                   : at::zeros({n, padded(widths[L], e)}, opts);
-  g.narrow(1, 0, widths[L]).copy_(grad);
-  at::Tensor gz;
-  const auto rows = [&](const at::Tensor& t) {
-    return static_cast<const char*>(t.const_data_ptr()) + start * t.stride(0) * t.element_size();
+  const auto rows = [&](const at::Tensor& t, int64_t r) {
+    return static_cast<const char*>(t.const_data_ptr()) + (start + r) * t.stride(0) * t.element_size();
   };
+  // g: d(loss)/d(pre-activation of layer li) of rows 0:n at row g_row0 of g, [*, padded(N_li)]
+  at::Tensor g;
+  int64_t g_row0 = 0;
+  const auto new_signal = [&](size_t l, int64_t width) {
+    if (keep) return std::pair<at::Tensor, int64_t>(signals[l], start);
+    return std::pair<at::Tensor, int64_t>(padded(width, e) == width ? at::empty({n, width}, opts)
+                                                                    : at::zeros({n, padded(width, e)}, opts),
+                                          0);
+  };
+  std::tie(g, g_row0) = new_signal(L - 1, widths[L]);
+  g.narrow(0, g_row0 + shared, n - shared).narrow(1, 0, widths[L]).copy_(grad.narrow(0, shared, n - shared));
+  const auto g_at = [&](int64_t r) {
+    return static_cast<const char*>(g.const_data_ptr()) + (g_row0 + r) * g.stride(0) * g.element_size();
+  };
+  at::Tensor gz;
+  const int64_t fresh = n - shared;  // the rows whose signals this call forms
   for (size_t li = L; li-- > 0;) {
     const int64_t K = widths[li], N = widths[li + 1];
     TORCH_CHECK(packed_t[li].numel() == mlp::packed_numel(N, K, e),
                 "fastfvae_native mlp_backward: layer ", li, "'s packed weight does not match ", K, " -> ", N);
     at::Tensor next;
-    if (li > 0 || input_grad) {  // the input gradient first: Adam below overwrites packed_t[li]
+    int64_t next_row0 = 0;
+    if ((li > 0 || input_grad) && fresh > 0) {  // the input gradient first: Adam below overwrites packed_t[li]
       mlp::Epilogue epi;
       epi.slope = static_cast<float>(slope);
       if (li > 0) {
-        next = padded(K, e) == K ? at::empty({n, K}, opts) : at::zeros({n, padded(K, e)}, opts);
-        epi.out = next.mutable_data_ptr();
+        std::tie(next, next_row0) = new_signal(li - 1, K);
+        epi.out = static_cast<char*>(next.mutable_data_ptr()) + (next_row0 + shared) * next.stride(0) * next.element_size();
         epi.ldc = next.stride(0);
         epi.out_elem = e;
-        epi.gate = rows(acts[li]);  // the output of layer li - 1 (after its LeakyReLU)
+        epi.gate = rows(acts[li], shared);  // the output of layer li - 1 (after its LeakyReLU)
         epi.ldg = acts[li].stride(0);
         epi.gate_elem = e;
       } else {
@@ -395,7 +444,9 @@ at::Tensor backward_impl(const at::Tensor& grad, at::TensorList packed_t, at::Te
         epi.out = gz.mutable_data_ptr();
         epi.ldc = K;
       }
-      mlp::gemm(n, K, N, g.const_data_ptr(), g.stride(0), e, packed_t[li].const_data_ptr(), epi);
+      mlp::gemm(fresh, K, N, g_at(shared), g.stride(0), e, packed_t[li].const_data_ptr(), epi);
+    } else if (li > 0) {
+      std::tie(next, next_row0) = new_signal(li - 1, K);
     }
     if (params) {
       at::Tensor gb = adam != nullptr ? at::empty({N}, opts.dtype(at::kFloat)) : grad_b[li];
@@ -408,9 +459,10 @@ at::Tensor backward_impl(const at::Tensor& grad, at::TensorList packed_t, at::Te
       } else {
         check_adam_layer(*adam, li, N, K, e, packed_t);
       }
-      at::Tensor gt = transpose_operand(g.const_data_ptr(), g.stride(0), n, N, e, gb.mutable_data_ptr<float>(), opts);
+      at::Tensor gt = transpose_operand(g_at(0), g.stride(0), n, N, e, gb.mutable_data_ptr<float>(), opts, row_scale,
+                                        shared);
       at::Tensor xb = at::empty({mlp::packed_numel(n, K, e)}, opts);
-      mlp::pack_b(rows(acts[li]), src_of(e), acts[li].stride(0), false, n, K, e, xb.mutable_data_ptr());
+      mlp::pack_b(rows(acts[li], 0), src_of(e), acts[li].stride(0), false, n, K, e, xb.mutable_data_ptr());
       mlp::Epilogue epi;
       mlp::AdamUpdate update;
       if (adam != nullptr) {
@@ -431,25 +483,37 @@ at::Tensor backward_impl(const at::Tensor& grad, at::TensorList packed_t, at::Te
     }
     if (li == 0) break;
     g = next;
+    g_row0 = next_row0;
   }
+  if (input_grad && !gz.defined()) gz = at::zeros({n, widths[0]}, opts.dtype(at::kFloat));
   return input_grad ? gz : at::Tensor();
 }
 
 }  // namespace
 
 at::Tensor mlp_backward(const at::Tensor& grad, at::TensorList packed_t, at::TensorList acts, at::IntArrayRef widths,
-                        double slope, int64_t start, bool input_grad, at::TensorList grad_w, at::TensorList grad_b) {
-  return backward_impl(grad, packed_t, acts, widths, slope, start, input_grad, grad_w, grad_b, nullptr);
+                        double slope, int64_t start, bool input_grad, at::TensorList grad_w, at::TensorList grad_b,
+                        at::TensorList signals) {
+  return backward_impl(grad, packed_t, acts, widths, slope, start, input_grad, grad_w, grad_b, nullptr, signals, 0,
+                       nullptr);
 }
 
 void mlp_update(const at::Tensor& grad, at::TensorList packed_t, at::TensorList acts, at::IntArrayRef widths,
                 double slope, at::TensorList weight, at::TensorList bias, at::TensorList exp_avg_w,
                 at::TensorList exp_avg_sq_w, at::TensorList exp_avg_b, at::TensorList exp_avg_sq_b,
                 at::TensorList packed, double step_size, double bias_correction2_sqrt, double one_minus_beta1,
-                double beta2, double one_minus_beta2, double eps) {
+                double beta2, double one_minus_beta2, double eps, at::TensorList signals, int64_t shared,
+                const c10::optional<at::Tensor>& scale) {
   const AdamLists adam{weight, bias, exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b, packed,
                        adam_scalars(step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps)};
-  backward_impl(grad, packed_t, acts, widths, slope, 0, false, {}, {}, &adam);
+  const float* row_scale = nullptr;
+  if (shared > 0) {
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                    scale->dim() == 1 && scale->numel() >= shared,
+                "fastfvae_native mlp_update: ", shared, " shared rows need a contiguous float32 scale of as many rows");
+    row_scale = scale->const_data_ptr<float>();
+  }
+  backward_impl(grad, packed_t, acts, widths, slope, 0, false, {}, {}, &adam, signals, shared, row_scale);
 }
 
 void mlp_adam(at::TensorList weight, at::TensorList bias, at::TensorList exp_avg_w, at::TensorList exp_avg_sq_w,

@@ -56,11 +56,12 @@ TORCH_LIBRARY(fastfvae_native, m) {
   m.def("mlp_forward(Tensor x, Tensor[] packed, Tensor[] bias, int[] widths, float slope, Tensor(a!)[] acts, "
         "int start) -> Tensor");
   m.def("mlp_backward(Tensor grad, Tensor[] packed_t, Tensor[] acts, int[] widths, float slope, int start, "
-        "bool input_grad, Tensor(a!)[] grad_w, Tensor(b!)[] grad_b) -> Tensor");
+        "bool input_grad, Tensor(a!)[] grad_w, Tensor(b!)[] grad_b, Tensor(c!)[] signals) -> Tensor");
   m.def("mlp_update(Tensor grad, Tensor(a!)[] packed_t, Tensor[] acts, int[] widths, float slope, "
         "Tensor(b!)[] weight, Tensor(c!)[] bias, Tensor(d!)[] exp_avg_w, Tensor(e!)[] exp_avg_sq_w, "
         "Tensor(f!)[] exp_avg_b, Tensor(g!)[] exp_avg_sq_b, Tensor(h!)[] packed, float step_size, "
-        "float bias_correction2_sqrt, float one_minus_beta1, float beta2, float one_minus_beta2, float eps) -> ()");
+        "float bias_correction2_sqrt, float one_minus_beta1, float beta2, float one_minus_beta2, float eps, "
+        "Tensor(i!)[] signals, int shared, Tensor? scale) -> ()");
   m.def("mlp_adam(Tensor(a!)[] weight, Tensor(b!)[] bias, Tensor(c!)[] exp_avg_w, Tensor(d!)[] exp_avg_sq_w, "
         "Tensor(e!)[] exp_avg_b, Tensor(f!)[] exp_avg_sq_b, Tensor[] grad_w, Tensor[] grad_b, Tensor(g!)[] packed, "
         "Tensor(h!)[] packed_t, float step_size, float bias_correction2_sqrt, float one_minus_beta1, float beta2, "

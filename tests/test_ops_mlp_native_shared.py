@@ -1,0 +1,185 @@
+"""`NativeDiscriminator.update` reusing the TC term's backward (kernels/native/mlp.cpp's shared rows).
+
+In a FactorVAE step (Kim & Mnih 2018) D's input gradient for the TC term and D's own update
+backpropagate through the same weights and activations on the codes' rows, with upstream
+gradients that are parallel row by row (gamma/B * (1, -1) and -p1/2B * (1, -1)). The update
+then takes those rows' layer signals from the kept TC backward, scaled, and runs the
+input-gradient GEMMs on the permuted half only. Checked here: the result against autograd +
+torch.optim.Adam and against the full backward; and every case where the kept signals no
+longer apply (other gradients, rows overwritten, weights changed, another offset) falls back
+to the full backward, bit for bit.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fast_disc_by_hand import make_disc
+from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
+
+from fastfvae.ops import native
+from fastfvae.ops.native_mlp import NativeDiscriminator
+
+F32, BF16 = torch.float32, torch.bfloat16
+SIZES = [((10, 32, 3), 6), ((7, 33, 2), 5), ((3, 17, 1), 1), ((11, 97, 2), 33)]
+
+
+def _rel(got, want) -> float:
+    """|got - want| / |want| (Frobenius norms)."""
+    got, want = got.detach().double(), want.detach().double()
+    return (got - want).norm().item() / max(want.norm().item(), 1e-30)
+
+
+def _factorvae_grads(logits: torch.Tensor, B: int, gamma: float = 20.0):
+    """(TC term's gradient on rows 0:B, D's cross-entropy gradient on all 2B rows) at ``logits``."""
+    logits = logits.detach().requires_grad_()
+    (g_tc,) = torch.autograd.grad(gamma * (logits[:B, 0] - logits[:B, 1]).mean(), logits)
+    target = torch.cat([torch.zeros(B), torch.ones(B)]).long()
+    d_loss = 0.5 * (F.cross_entropy(logits[:B], target[:B]) + F.cross_entropy(logits[B:], target[B:]))
+    (g_d,) = torch.autograd.grad(d_loss, logits)
+    return g_tc[:B].contiguous(), g_d
+
+
+def _factorvae_update(nd: NativeDiscriminator, zq, zp, gamma: float = 20.0):
+    """One FactorVAE update's D work as the fast step calls it: TC forward and input gradient,
+    the permuted half's forward, D's update. Returns the TC input gradient."""
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    gz = nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B, gamma)[0])
+    lp = nd.forward(zp, start=B)
+    nd.update(_factorvae_grads(torch.cat([lq, lp]), B, gamma)[1])
+    return gz
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("size, B", SIZES, ids=str)
+def test_shared_update_matches_autograd_and_adam(native_on, size, B, dtype):
+    """Three FactorVAE updates with the shared rows against autograd + torch.optim.Adam on a
+    float32 copy: the weights after each update (and in float32 the TC input gradient)."""
+    disc = make_disc(size, seed=2)
+    ref = copy.deepcopy(disc)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    nd = NativeDiscriminator(disc, 2 * B, dtype, opt)
+    gen = torch.Generator().manual_seed(3)
+    tol = 2e-5 if dtype == F32 else 3e-2
+    for _ in range(3):
+        zq, zp = torch.randn(B, size[0], generator=gen), torch.randn(B, size[0], generator=gen)
+        zq_ref = zq.clone().requires_grad_()
+        lq_ref = ref(zq_ref)
+        (gz_ref,) = torch.autograd.grad(20.0 * (lq_ref[:, 0] - lq_ref[:, 1]).mean(), zq_ref)
+        gz = _factorvae_update(nd, zq, zp)
+        assert nd.last_shared_rows == B
+        if dtype == F32:  # bf16's input gradient, from bf16 activation signs: tests/test_ops_mlp_native.py
+            assert _rel(gz, gz_ref) <= tol
+        ref_opt.zero_grad()
+        logits = ref(torch.cat([zq, zp]))
+        target = torch.cat([torch.zeros(B), torch.ones(B)]).long()
+        (0.5 * (F.cross_entropy(logits[:B], target[:B]) + F.cross_entropy(logits[B:], target[B:]))).backward()
+        ref_opt.step()
+        for p, q in zip(disc.parameters(), ref.parameters()):
+            assert _rel(p, q) <= tol, (_rel(p, q), p.shape)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_shared_update_equals_the_full_backward(native_on, dtype, monkeypatch):
+    """At the paper's D (6 x 1000, B = 64): one update with the shared rows against the same
+    update through the whole backward (`_shared_rows` switched off on the second copy). The
+    same TC input gradient bits; Adam's first moments (the gradients times 1 - beta1) within
+    the rounding of the scaled signals (relative norm: float32 1e-6, bfloat16 one rounding of
+    each scaled signal); each weight within the two steps of lr by which Adam's first update
+    moves it (lr * sign(g): a gradient near zero may round to either sign)."""
+    size, B, lr = (10, 1000, 6), 64, 1e-4
+    d1, d2 = make_disc(size, seed=4), make_disc(size, seed=4)
+    o1 = torch.optim.Adam(d1.parameters(), lr=lr, betas=(0.5, 0.9))
+    o2 = torch.optim.Adam(d2.parameters(), lr=lr, betas=(0.5, 0.9))
+    n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
+    monkeypatch.setattr(n2, "_shared_rows", lambda grad: (0, None))
+    gen = torch.Generator().manual_seed(5)
+    zq, zp = torch.randn(B, 10, generator=gen), torch.randn(B, 10, generator=gen)
+    assert torch.equal(_factorvae_update(n1, zq, zp), _factorvae_update(n2, zq, zp))
+    assert (n1.last_shared_rows, n2.last_shared_rows) == (B, 0)
+    tol = 1e-6 if dtype == F32 else 1e-2
+    for p, q in zip(d1.parameters(), d2.parameters()):
+        assert _rel(o1.state[p]["exp_avg"], o2.state[q]["exp_avg"]) <= tol
+        assert (p - q).abs().max().item() <= 2.001 * lr
+
+
+def _zero_tc(nd, zq, zp):
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(torch.zeros(B, 2))
+    lp = nd.forward(zp, start=B)
+    return _factorvae_grads(torch.cat([lq, lp]), B)[1]
+
+
+def _random_d_grad(nd, zq, zp):
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
+    nd.forward(zp, start=B)
+    return torch.randn(2 * B, 2, generator=torch.Generator().manual_seed(7))
+
+
+def _codes_overwritten(nd, zq, zp):
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
+    both = nd.forward(torch.cat([zq, zp]))  # rows 0:B again: the kept signals are stale
+    return _factorvae_grads(both, B)[1]
+
+
+def _weights_changed(nd, zq, zp):
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
+    with torch.no_grad():
+        nd.linears[0].weight.mul_(0.5)  # bumps the version: the next call repacks
+    both = torch.cat([nd.forward(zq), nd.forward(zp, start=B)])
+    return _factorvae_grads(both, B)[1]
+
+
+def _other_rows(nd, zq, zp):
+    B = zq.shape[0]
+    nd.forward(zq)
+    lp = nd.forward(zp, start=B)
+    nd.input_grad(_factorvae_grads(torch.cat([lp, lp]), B)[0], start=B)  # the permuted half's rows
+    return _factorvae_grads(torch.cat([nd.forward(zq), lp]), B)[1]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [_zero_tc, _random_d_grad, _codes_overwritten, _weights_changed, _other_rows],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_falls_back_to_the_full_backward(native_on, dtype, case, monkeypatch):
+    """Where the kept signals do not apply, `update` runs the whole backward: no shared rows,
+    and the same bits as a copy that never shares."""
+    size, B = (9, 50, 3), 6
+    d1, d2 = make_disc(size, seed=6), make_disc(size, seed=6)
+    o1 = torch.optim.Adam(d1.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    o2 = torch.optim.Adam(d2.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
+    monkeypatch.setattr(n2, "_shared_rows", lambda grad: (0, None))
+    gen = torch.Generator().manual_seed(8)
+    zq, zp = torch.randn(B, 9, generator=gen), torch.randn(B, 9, generator=gen)
+    for nd in (n1, n2):
+        nd.update(case(nd, zq, zp))
+    assert n1.last_shared_rows == 0
+    for p, q in zip(d1.parameters(), d2.parameters()):
+        assert torch.equal(p, q) and torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
+
+
+def test_shared_rows_need_signals_and_a_scale(native_on):
+    """The op itself refuses shared rows it cannot take (a caller other than NativeDiscriminator)."""
+    size, B = (4, 8, 2), 3
+    disc = make_disc(size)
+    opt = torch.optim.Adam(disc.parameters())
+    nd = NativeDiscriminator(disc, 2 * B, F32, opt)
+    nd.forward(torch.randn(2 * B, 4))
+    m_w, v_w, m_b, v_b, *scalars = nd._adam_args()
+    params = nd.params()
+    packed, packed_t = nd.packed()
+    with pytest.raises(RuntimeError, match="shared rows"):
+        native.ops().mlp_update(torch.randn(2 * B, 2), packed_t, nd.acts, nd.widths, nd.slope,
+                                [p.data for p in params[0::2]], [p.data for p in params[1::2]], m_w, v_w, m_b, v_b,
+                                packed, *scalars, nd.signals, B, None)
