@@ -29,9 +29,17 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+#: The one CMake build of a test session: {"lib": Path} or {"error": why it failed}.
+_BUILD: dict = {}
+
+
 @pytest.fixture(scope="session")
 def native_lib(tmp_path_factory) -> Path:
-    """The library's path: $FASTFVAE_NATIVE_LIB, else a fresh CMake build of this checkout."""
+    """The library's path: $FASTFVAE_NATIVE_LIB, else a fresh CMake build of this checkout.
+
+    The other native test files import this fixture, and pytest keeps a session fixture's value
+    per module that defines it, so each of them would run its own build (minutes each on a
+    two-core machine): the build, or its failure, is kept in ``_BUILD`` and made once."""
     given = os.environ.get(native.LIB_ENV)
     if given:
         if not Path(given).is_file():
@@ -41,14 +49,20 @@ def native_lib(tmp_path_factory) -> Path:
         pytest.skip("cmake is not installed: the native library cannot be built")
     if _compiler() is None:
         pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX): the native library cannot be built")
-    build = tmp_path_factory.mktemp("native_build")
+    if not _BUILD:
+        _BUILD.update(_build(tmp_path_factory.mktemp("native_build")))
+    assert "error" not in _BUILD, _BUILD.get("error")
+    return _BUILD["lib"]
+
+
+def _build(build: Path) -> dict:
     for cmd in (["cmake", "-S", str(REPO), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}"],
                 ["cmake", "--build", str(build), "-j2"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        if proc.returncode != 0:
+            return {"error": f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"}
     lib = build / native.LIB_NAME
-    assert lib.is_file(), f"the build made no {lib}"
-    return lib
+    return {"lib": lib} if lib.is_file() else {"error": f"the build made no {lib}"}
 
 
 class _Recorder:
