@@ -179,7 +179,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", [*(pytest.param(i, marks=pytest.mark.slow) for i in ("avx512_bf16", "avx512", "avx2")),
+                                 "scalar"])  # one subprocess each: scalar in the default run, the others under -m slow
 def test_each_gemm_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the GEMM variant (avx512 = AVX-512 without vdpbf16ps)."""
     chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa)
