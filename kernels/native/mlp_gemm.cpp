@@ -352,7 +352,46 @@ FFV_AVX512 inline __m512 leaky512(__m512 v, __m512 ref, __m512 slope) {
 // adam_tile_body for a full bfloat16 tile (8 rows x 48 columns) in vector code: the Adam
 // update 16 lanes at a time, the input-gradient copy as row pairs interleaved by widening, the
 // forward copy (8 consecutive columns of one k pair) as 8-lane gathers of the tile's pairs.
+// The float32 tile the same way: the input-gradient copy row by row (48 contiguous floats of
+// one weight row), the forward copy (8 consecutive columns of one k) as 8-lane gathers.
+FFV_AVX512 void adam_tile_512_f32(const float* tile, int64_t m0, int64_t n0, const AdamUpdate& a) {
+  const AdamScalars& s = a.s;
+  const __m512 w1 = _mm512_set1_ps(s.one_minus_beta1), rest = _mm512_set1_ps(1.0f - s.one_minus_beta1);
+  const __m512 beta2 = _mm512_set1_ps(s.beta2), b2c = _mm512_set1_ps(s.one_minus_beta2);
+  const __m512 bc2 = _mm512_set1_ps(s.bias_correction2_sqrt), eps = _mm512_set1_ps(s.eps);
+  const __m512 neg_step = _mm512_set1_ps(-s.step_size);
+  const bool small_weight = s.one_minus_beta1 < 0.5f;
+  alignas(64) float wt[8 * kPanel];
+  const int64_t p = m0 / kPanel, kb = n0 / kPanel;
+  float* t = static_cast<float*>(a.packed_t);
+  for (int i = 0; i < 8; ++i) {
+    const int64_t off = (m0 + i) * a.K + n0;
+    float* tp = t + (kb * a.N + m0 + i) * kPanel;
+    for (int j = 0; j < 3; ++j) {
+      float* wp = a.w + off + 16 * j;
+      float* mp = a.m + off + 16 * j;
+      float* vp = a.v + off + 16 * j;
+      const __m512 g = _mm512_loadu_ps(tile + i * kPanel + 16 * j);
+      const __m512 m = _mm512_loadu_ps(mp), v = _mm512_loadu_ps(vp), w = _mm512_loadu_ps(wp);
+      const __m512 d = _mm512_sub_ps(g, m);
+      const __m512 mi = small_weight ? _mm512_add_ps(m, _mm512_mul_ps(w1, d)) : _mm512_sub_ps(g, _mm512_mul_ps(d, rest));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v, beta2), _mm512_mul_ps(_mm512_mul_ps(b2c, g), g));
+      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
+      const __m512 wi = _mm512_add_ps(w, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom));
+      _mm512_storeu_ps(mp, mi);
+      _mm512_storeu_ps(vp, vi);
+      _mm512_storeu_ps(wp, wi);
+      _mm512_store_ps(wt + i * kPanel + 16 * j, wi);
+      _mm512_storeu_ps(tp + 16 * j, wi);
+    }
+  }
+  float* f = static_cast<float*>(a.packed) + (p * a.K + n0) * kPanel + m0 % kPanel;
+  const __m256i rows = _mm256_setr_epi32(0, 48, 96, 144, 192, 240, 288, 336);  // kPanel floats per tile row
+  for (int c = 0; c < kPanel; ++c) _mm256_storeu_ps(f + c * kPanel, _mm256_i32gather_ps(wt + c, rows, 4));
+}
+
 FFV_AVX512 void adam_tile_512(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const AdamUpdate& a) {
+  if (mr == 8 && ncols == kPanel && a.e == Elem::F32) return adam_tile_512_f32(tile, m0, n0, a);
   if (a.e != Elem::BF16 || mr != 8 || ncols != kPanel) return adam_tile_body(tile, mr, m0, n0, ncols, a);
   const AdamScalars& s = a.s;
   const __m512 w1 = _mm512_set1_ps(s.one_minus_beta1), rest = _mm512_set1_ps(1.0f - s.one_minus_beta1);
