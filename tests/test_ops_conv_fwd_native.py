@@ -6,16 +6,17 @@ grids, an output width of 1, channel counts off the kernels' 16-lane blocks and 
 channels (the scalar loop in bfloat16), bias or not, ReLU or not (a NaN kept), NCHW and strided
 inputs, float32 and bfloat16; a ConvTranspose2d's input gradient through its weight read as a
 Conv2d weight; empty inputs and each variant (AVX-512 with and without vdpbf16ps, scalar) in a
-subprocess; the same bits on 1-4 threads; opcheck; refused inputs; and the wiring in
-fastfvae.fast.conv (bf16: native, the oneDNN path's values and gradients; fp32: oneDNN). The
-library comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these
-tests skip.
+subprocess (the default run: the empty inputs on the best variant this CPU has, the values on
+the scalar one; the others under ``-m slow``: `each_variant`); the same bits on 1-4 threads;
+opcheck; refused inputs; and the wiring in fastfvae.fast.conv (bf16: native, the oneDNN path's
+values and gradients; fp32: oneDNN). The library comes from tests/test_ops_native.py's
+fixtures; without cmake or a C++ compiler these tests skip.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops_native import isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
+from test_ops_native import each_variant, isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
 from torch import nn
 
 from fastfvae.fast import conv as by_hand
@@ -125,7 +126,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512_bf16", "avx512", "scalar", default="avx512_bf16"))
 def test_empty_inputs(native_lib, isa):
     """No output pixel (input H or W 0 or 1), no image, no output or no input channel gives a
     result of the right shape on every variant, no crash (in a subprocess: a tiling of an empty
@@ -148,7 +149,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512_bf16", "avx512", "scalar"))
 def test_each_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant (avx512 = AVX-512 without vdpbf16ps)."""
     chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa)

@@ -6,15 +6,16 @@ Values and all gradients (input, weight, bias) of the encoder's first layer (Con
 and bfloat16, plain image and space-to-depth form, batch 1 / 3 / 64 / odd, grids down to 1 x 1
 and widths that are not multiples of the kernels' 8 / 16 blocks (edge pixels, padding), channels
 not multiples of 16, bias or not, non-contiguous inputs; each variant (AVX-512 with and without
-vdpbf16ps, scalar), conv_transpose_4s2's empty inputs on each; and the wiring in
-fastfvae.fast.conv. The library comes from
-tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
+vdpbf16ps, scalar), conv_transpose_4s2's empty inputs on each (in subprocesses: the default run
+takes the values on the scalar variant and the empty inputs on the best one this CPU has, the
+others are under ``-m slow``: `each_variant`); and the wiring in fastfvae.fast.conv. The library
+comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops_native import isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
+from test_ops_native import each_variant, isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
 from torch import nn
 
 from fastfvae.fast import conv as by_hand
@@ -228,7 +229,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512_bf16", "avx512", "scalar", default="avx512_bf16"))
 def test_conv_transpose_4s2_empty_inputs(native_lib, isa):
     """A grid of no pixels (H or W 0), no image or no output channel gives an empty result on
     every variant (in a subprocess: the AVX-512 tiling divided by W = 0 and killed the process)."""
@@ -402,7 +403,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512_bf16", "avx512", "scalar"))
 def test_each_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant (avx512 = AVX-512 without vdpbf16ps)."""
     chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa, drop_env=(native_conv.CONV_ENV,))

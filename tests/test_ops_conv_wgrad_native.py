@@ -7,16 +7,17 @@ its input, small = the output's gradient) and a ConvTranspose2d's (big = the out
 small = its input). Checked: that identity itself, the VAE's layer shapes (batch 64), batch 1 /
 odd, several chunks of the batch, odd grids, width 1, channel counts off the kernels' 16-lane
 blocks and odd ones, float32 and bfloat16, NCHW and strided inputs, each variant (AVX-512 with
-and without vdpbf16ps, scalar) in a subprocess, the same bits on 1-4 threads, opcheck, refused
-inputs, and the wiring in fastfvae.fast.conv (bf16 step: native, the oneDNN path's gradients;
-fp32: oneDNN). The library comes from tests/test_ops_native.py's fixtures; without cmake or a
-C++ compiler these tests skip (the identity test runs anyway).
+and without vdpbf16ps, scalar) in a subprocess (scalar in the default run, the others under
+``-m slow``: `each_variant`), the same bits on 1-4 threads, opcheck, refused inputs, and the
+wiring in fastfvae.fast.conv (bf16 step: native, the oneDNN path's gradients; fp32: oneDNN).
+The library comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler
+these tests skip (the identity test runs anyway).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops_native import isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
+from test_ops_native import each_variant, isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
 from torch import nn
 
 from fastfvae.fast import conv as by_hand
@@ -182,7 +183,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512_bf16", "avx512", "scalar"))
 def test_each_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant (avx512: the float32 FMA kernel, bf16 on the scalar loop)."""
     chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa)

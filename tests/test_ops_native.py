@@ -2,7 +2,9 @@
 reference, values and gradients, through the public ops with the native backend active.
 
 The library is built once per session into a temporary folder (or taken from
-``FASTFVAE_NATIVE_LIB``); without cmake or a C++ compiler these tests skip. Loading it here
+``FASTFVAE_NATIVE_LIB``); without cmake or a C++ compiler these tests skip. The checks that
+run each SIMD variant in a subprocess run one in the default run, the others under
+``-m slow`` (`each_variant`). Loading it here
 changes nothing for the other tests: dispatch follows `fastfvae.ops.native`'s state, which
 each test that wants the native path patches (and pytest restores).
 """
@@ -98,6 +100,17 @@ def isa_supported(isa: str) -> bool:
     """Whether this CPU runs the GEMM variant ``isa`` (the scalar one always)."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return ISA_FLAGS[isa] in flags
+
+
+def each_variant(*isas: str, default: str = "scalar") -> list:
+    """``isas`` as the parameters of a test that runs each FASTFVAE_NATIVE_ISA variant in a
+    subprocess of its own (an interpreter and torch each: seconds on a small machine): ``default``
+    in the default run, the others marked ``slow`` (``pytest -m slow``, which CI runs as well).
+    The default run's in-process tests check the variant this CPU dispatches to; the scalar loop
+    is the one they never reach on an AVX machine. The cap is an upper bound, so
+    ``default="avx512_bf16"`` is the best variant this CPU has."""
+    assert default in isas, (default, isas)
+    return [isa if isa == default else pytest.param(isa, marks=pytest.mark.slow) for isa in isas]
 
 
 def run_with_isa(script: str, native_lib: Path, isa: str, drop_env=()) -> str:
@@ -441,7 +454,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512", "avx2", "scalar"))
 def test_each_simd_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant picked at run time, so each is checked on this CPU."""
     env = dict(os.environ, FASTFVAE_NATIVE_ISA=isa)
@@ -504,13 +517,24 @@ def test_triton_interpreter_takes_precedence_on_cpu(native_on, monkeypatch):
 
 # --- loading and `fastfvae info` -------------------------------------------------------------
 
+#: `fastfvae info`'s output by its whole environment: the native test files ask for the same
+#: few environments (the library, with FASTFVAE_NATIVE_CONV=0, with a variant cap), one
+#: subprocess (seconds) each.
+_INFO: dict = {}
+
+
 def _info(env_updates: dict) -> str:
+    """`fastfvae info` in a subprocess with os.environ less the library's variables, plus
+    ``env_updates``; run once per distinct environment in a session."""
     env = {k: v for k, v in os.environ.items() if k not in (native.LIB_ENV, native.DISABLE_ENV)}
     env.update(env_updates)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from fastfvae.cli import main; sys.exit(main(['info']))"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))  # pytest sets it per test
+    if key not in _INFO:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from fastfvae.cli import main; sys.exit(main(['info']))"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _INFO[key] = proc.stdout
+    return _INFO[key]
 
 
 def _row(text: str, op: str) -> list[str]:

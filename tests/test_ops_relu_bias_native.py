@@ -5,15 +5,16 @@ gradient its float32 sum over (B, H, W), against a float64 sum.
 
 Checked: the VAE's shapes (batch 64), batch 1, channel counts off the 16-lane vectors (C = 1,
 17, 33, 70), odd grids, float32 and bfloat16, NaN / inf / zeros in out and grad, each variant
-(AVX-512, scalar) in a subprocess, the same bits on 1-4 threads, opcheck, refused inputs, and the
-wiring in fastfvae.fast.conv / fastfvae.ops.native_conv (the layers' gradients with the op and
-with the torch ops). The library comes from tests/test_ops_native.py's fixtures; without cmake
-or a C++ compiler these tests skip.
+(AVX-512, scalar) in a subprocess (scalar in the default run, AVX-512 under ``-m slow``, the
+in-process tests run the dispatched one), the same bits on 1-4 threads, opcheck, refused inputs,
+and the wiring in fastfvae.fast.conv / fastfvae.ops.native_conv (the layers' gradients with the
+op and with the torch ops). The library comes from tests/test_ops_native.py's fixtures; without
+cmake or a C++ compiler these tests skip.
 """
 
 import pytest
 import torch
-from test_ops_native import isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
+from test_ops_native import each_variant, isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
 from torch import nn
 
 from fastfvae.fast import conv as by_hand
@@ -143,7 +144,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+@pytest.mark.parametrize("isa", each_variant("avx512", "scalar"))
 def test_each_variant_matches_reference(native_lib, isa):
     """FASTFVAE_NATIVE_ISA caps the variant; both pass the same checks."""
     chosen = run_with_isa(_ISA_SCRIPT, native_lib, isa)
