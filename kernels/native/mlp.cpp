@@ -89,13 +89,17 @@ void gate_row(const float* g, const float* y, float* out, int64_t N, float slope
   for (int64_t n = 0; n < N; ++n) out[n] = y[n] > 0.0f ? g[n] : g[n] * slope;
 }
 
+// v rounded to nearest even bfloat16 bits, NaN to 0x7FC0 (c10::BFloat16's rounding),
+// branch-free so loops over it vectorise.
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 void gate_row(const uint16_t* g, const uint16_t* y, uint16_t* out, int64_t N, float slope) {
   for (int64_t n = 0; n < N; ++n) {
-    const float v = bits_to_f32(g[n]) * slope;
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    // round to nearest even, NaN to 0x7FC0 (c10::BFloat16's rounding), branch-free so it vectorises
-    const uint16_t scaled = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t scaled = bf16_bits(bits_to_f32(g[n]) * slope);
     out[n] = (static_cast<int16_t>(y[n]) > 0 && (y[n] & 0x7FFF) <= 0x7F80) ? g[n] : scaled;
   }
 }
@@ -142,15 +146,20 @@ void transpose_columns(const T* a, int64_t lda, int64_t M, int64_t Mp, int64_t n
       const T* row = a + m * lda + nb;
       if (m < scaled) {
         const float f = row_scale[m];
-        for (int64_t c = 0; c < cols; ++c) {
+        T v[kCols];
+        for (int64_t c = 0; c < cols; ++c) {  // the products first, in a loop that vectorises
           if constexpr (std::is_same_v<T, float>) {
-            const float v = row[c] * f;
-            o[(nb + c) * Mp + m] = v;
-            sums[c] += v;
+            v[c] = row[c] * f;
           } else {
-            const at::BFloat16 v(bits_to_f32(row[c]) * f);
-            o[(nb + c) * Mp + m] = v.x;
-            sums[c] += static_cast<float>(v);
+            v[c] = bf16_bits(bits_to_f32(row[c]) * f);
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          o[(nb + c) * Mp + m] = v[c];
+          if constexpr (std::is_same_v<T, float>) {
+            sums[c] += v[c];
+          } else {
+            sums[c] += bits_to_f32(v[c]);
           }
         }
         continue;
