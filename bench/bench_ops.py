@@ -282,6 +282,7 @@ def _native_d_update(dtype: torch.dtype, batch: int):
         d.forward(z)
         d.input_grad(g_tc)
         d.update(g_d)
+    update.discriminator = d  # for its last_shared_rows
     return update
 
 
@@ -337,10 +338,12 @@ def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype, B):
     benchmark.pedantic(one_round, rounds=15, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(torch_min_s=best["torch"], native_min_s=best["native"],
                                 ratio=best["torch"] / best["native"],
+                                native_shared_rows=impls["native"].discriminator.last_shared_rows,
                                 **{f"{n}_cpu_per_wall": cpu[n] / wall[n] for n in impls})
     print(f"\n{benchmark.group} [{torch.get_num_threads()} threads]: torch {best['torch'] * 1e3:.2f} ms "
           f"(cpu/wall {cpu['torch'] / wall['torch']:.2f}), native {best['native'] * 1e3:.2f} ms "
-          f"(cpu/wall {cpu['native'] / wall['native']:.2f}), ratio {best['torch'] / best['native']:.2f}")
+          f"(cpu/wall {cpu['native'] / wall['native']:.2f}), ratio {best['torch'] / best['native']:.2f}, "
+          f"shared rows {impls['native'].discriminator.last_shared_rows}")
 
 
 # --- each native op and the fast step's native_d, interleaved, at the set thread count --------

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_fast_disc_by_hand import make_disc
-from test_ops_native import native_lib, native_on  # noqa: F401  (fixtures)
+from test_ops_native import assert_same_bits, native_lib, native_on, on_each_thread_count  # noqa: F401
 
 from fastfvae.ops import native
 from fastfvae.ops.native_mlp import NativeDiscriminator
@@ -126,7 +126,7 @@ def _codes_overwritten(nd, zq, zp):
     B = zq.shape[0]
     lq = nd.forward(zq)
     nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
-    both = nd.forward(torch.cat([zq, zp]))  # rows 0:B again: the kept signals are stale
+    both = nd.forward(torch.cat([zq, zp]))  # rows 0:B written again: the kept signals no longer count
     return _factorvae_grads(both, B)[1]
 
 
@@ -140,6 +140,46 @@ def _weights_changed(nd, zq, zp):
     return _factorvae_grads(both, B)[1]
 
 
+def _after_step(nd, zq, zp):
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
+    for i, g in enumerate(nd.grad_w + nd.grad_b):  # any gradients: step() writes through .data
+        g.copy_(torch.randn(g.shape, generator=torch.Generator().manual_seed(i)))
+    nd.step()
+    both = torch.cat([lq, nd.forward(zp, start=B)])
+    return _factorvae_grads(both, B)[1]
+
+
+def _parameters_changed(nd, zq, zp):
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
+    nd.linears[1].weight.data.mul_(0.5)  # .data: no version bump, hence parameters_changed()
+    nd.parameters_changed()
+    return _factorvae_grads(torch.cat([lq, nd.forward(zp, start=B)]), B)[1]
+
+
+def _nan_in_codes_rows(nd, zq, zp):
+    g = _random_rows_free(nd, zq, zp)
+    g[1, 0] = float("nan")
+    return g
+
+
+def _inf_in_codes_rows(nd, zq, zp):
+    g = _random_rows_free(nd, zq, zp)
+    g[0, 1] = float("inf")
+    return g
+
+
+def _random_rows_free(nd, zq, zp):
+    """The FactorVAE sequence, D's gradient returned for the caller to spoil."""
+    B = zq.shape[0]
+    lq = nd.forward(zq)
+    nd.input_grad(_factorvae_grads(torch.cat([lq, lq]), B)[0])
+    return _factorvae_grads(torch.cat([lq, nd.forward(zp, start=B)]), B)[1].clone()
+
+
 def _other_rows(nd, zq, zp):
     B = zq.shape[0]
     nd.forward(zq)
@@ -149,7 +189,8 @@ def _other_rows(nd, zq, zp):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", [_zero_tc, _random_d_grad, _codes_overwritten, _weights_changed, _other_rows],
+@pytest.mark.parametrize("case", [_zero_tc, _random_d_grad, _codes_overwritten, _weights_changed, _after_step,
+                                  _parameters_changed, _nan_in_codes_rows, _inf_in_codes_rows, _other_rows],
                          ids=lambda f: f.__name__.strip("_"))
 def test_falls_back_to_the_full_backward(native_on, dtype, case, monkeypatch):
     """Where the kept signals do not apply, `update` runs the whole backward: no shared rows,
@@ -165,8 +206,10 @@ def test_falls_back_to_the_full_backward(native_on, dtype, case, monkeypatch):
     for nd in (n1, n2):
         nd.update(case(nd, zq, zp))
     assert n1.last_shared_rows == 0
-    for p, q in zip(d1.parameters(), d2.parameters()):
-        assert torch.equal(p, q) and torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
+    for p, q in zip(d1.parameters(), d2.parameters()):  # NaNs where the other copy has them
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"], rtol=0, atol=0,
+                                   equal_nan=True)
 
 
 def test_shared_rows_need_signals_and_a_scale(native_on):
@@ -183,3 +226,46 @@ def test_shared_rows_need_signals_and_a_scale(native_on):
         native.ops().mlp_update(torch.randn(2 * B, 2), packed_t, nd.acts, nd.widths, nd.slope,
                                 [p.data for p in params[0::2]], [p.data for p in params[1::2]], m_w, v_w, m_b, v_b,
                                 packed, *scalars, nd.signals, B, None)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_an_update_of_the_kept_rows_only(native_on, dtype, monkeypatch):
+    """``update`` over rows 0:B alone after their input gradient: every row shared, no
+    input-gradient GEMM at all; the result as the whole backward's."""
+    size, B, lr = (9, 50, 3), 6, 1e-3
+    d1, d2 = make_disc(size, seed=7), make_disc(size, seed=7)
+    o1 = torch.optim.Adam(d1.parameters(), lr=lr, betas=(0.5, 0.9))
+    o2 = torch.optim.Adam(d2.parameters(), lr=lr, betas=(0.5, 0.9))
+    n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
+    monkeypatch.setattr(n2, "_shared_rows", lambda grad: (0, None))
+    zq = torch.randn(B, 9, generator=torch.Generator().manual_seed(9))
+    for nd in (n1, n2):
+        lq = nd.forward(zq)
+        g_tc, g_d = _factorvae_grads(torch.cat([lq, lq]), B)
+        nd.input_grad(g_tc)
+        nd.update(g_d[:B].contiguous())
+    assert (n1.last_shared_rows, n2.last_shared_rows) == (B, 0)
+    for p, q in zip(d1.parameters(), d2.parameters()):
+        assert _rel(o1.state[p]["exp_avg"], o2.state[q]["exp_avg"]) <= (1e-6 if dtype == F32 else 1e-2)
+        assert (p - q).abs().max().item() <= 2.001 * lr
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_shared_update_bits_independent_of_thread_count(native_on, dtype):
+    """The shared update at the paper's D (6 x 1000, B = 64) on 1-4 threads, bit for bit: the
+    TC input gradient, the weights and Adam's moments."""
+    size, B = (10, 1000, 6), 64
+    gen = torch.Generator().manual_seed(10)
+    zq, zp = torch.randn(B, 10, generator=gen), torch.randn(B, 10, generator=gen)
+
+    def run():
+        disc = make_disc(size, seed=3)
+        opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
+        nd = NativeDiscriminator(disc, 2 * B, dtype, opt)
+        gz = _factorvae_update(nd, zq, zp)
+        assert nd.last_shared_rows == B
+        return [gz, *disc.parameters(), *(opt.state[p][k] for p in disc.parameters() for k in ("exp_avg", "exp_avg_sq"))]
+
+    results = on_each_thread_count(run, ["mlp", "mlp_gemm"])
+    L = len(list(make_disc(size).parameters()))
+    assert_same_bits(results, ["input grad"] + [f"param {i}" for i in range(L)] + [f"moment {i}" for i in range(2 * L)])

@@ -579,3 +579,23 @@ def test_a_library_that_does_not_load_falls_back_to_the_reference(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("False ") and "does not load" in proc.stdout
+
+
+_OUTDATED_SCRIPT = """
+from fastfvae.ops import native, native_mlp
+native.NATIVE_CALL_ARGS["mlp_update"] = ("signals", "an_argument_newer_sources_added")
+print(native.loaded(), native_mlp.available(), native.status()[1])
+"""
+
+
+def test_a_library_built_from_older_sources_is_reported_at_load(native_lib):
+    """A call registered without an argument the Python side passes (a stale build) makes the
+    library count as not loaded, with the call and a rebuild hint, instead of failing at the
+    first training step."""
+    env = dict(os.environ, **{native.LIB_ENV: str(native_lib)})
+    env.pop(native.DISABLE_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", _OUTDATED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("False False ")
+    assert "lacks mlp_update(signals, an_argument_newer_sources_added); rebuild" in proc.stdout

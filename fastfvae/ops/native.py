@@ -44,6 +44,10 @@ NATIVE_OPS = (
 # The discriminator calls (fastfvae.ops.native_mlp), checked at load with the ops.
 NATIVE_CALLS = ("mlp_pack_weight", "mlp_forward", "mlp_backward", "mlp_update", "mlp_adam", "mlp_isa")
 
+# Arguments a call gained after it first shipped: a library built from older sources registers the
+# call without them, and is reported as out of date at load rather than failing at the first call.
+NATIVE_CALL_ARGS = {"mlp_backward": ("signals",), "mlp_update": ("signals", "shared", "scale")}
+
 # Written by setup.py next to where the installed library would be, when an install skipped it.
 SKIPPED_NAME = "native_build_skipped.txt"
 
@@ -103,6 +107,7 @@ def _load() -> None:
         if not _already_registered():  # a second TORCH_LIBRARY(fastfvae_native) would fail
             torch.ops.load_library(str(found))
         missing = [name for name in NATIVE_OPS + NATIVE_CALLS if not hasattr(torch.ops.fastfvae_native, name)]
+        missing += _outdated_calls([name for name in NATIVE_CALL_ARGS if name not in missing])
     except (OSError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _STATE["reason"] = f"{found} does not load ({first_line}); rebuild it: {BUILD_HINT}"
@@ -111,6 +116,16 @@ def _load() -> None:
         _STATE["reason"] = f"{found} lacks {', '.join(missing)}; rebuild it: {BUILD_HINT}"
         return
     _STATE["path"], _STATE["origin"] = found, origin
+
+
+def _outdated_calls(names) -> list[str]:
+    """``call(arg, ...)`` for each of ``names`` whose registered schema lacks arguments in `NATIVE_CALL_ARGS`."""
+    out = []
+    for name in names:
+        have = {a.name for a in getattr(torch.ops.fastfvae_native, name).default._schema.arguments}
+        if not set(NATIVE_CALL_ARGS[name]) <= have:
+            out.append(f"{name}({', '.join(NATIVE_CALL_ARGS[name])})")
+    return out
 
 
 def disabled() -> bool:

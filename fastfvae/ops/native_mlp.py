@@ -98,11 +98,14 @@ class NativeDiscriminator:
         pad = 2 if dtype == torch.bfloat16 else 1
         #: acts[l]: the input of layer l for all rows (acts[0] = the codes), width padded to even in bf16
         self.acts = [torch.zeros(self.rows, -(-w // pad) * pad, dtype=dtype) for w in self.widths[:-1]]
-        #: signals[l]: d(loss)/d(pre-activation of layer l) of each row, as the last backward over it left it
+        #: signals[l]: d(loss)/d(pre-activation of layer l) per row, written by each backward over its
+        #: rows (a shared `update` reads rows 0:S there, scaled, and leaves them as they were)
         self.signals = [torch.zeros(self.rows, -(-w // pad) * pad, dtype=dtype) for w in self.widths[1:]]
-        #: (rows, upstream gradient as stored, weights' versions) of the last input-gradient-only
+        #: (start, n, upstream gradient as stored, weights generation) of the last input-gradient-only
         #: backward whose signals are still in `signals` (`update` reuses them), else None
         self._kept: tuple | None = None
+        #: bumped whenever the weights may have changed (a repack, `step`, `update`, `parameters_changed`)
+        self._weights_gen = 0
         #: rows the last `update` took from the kept signals (0: it ran the whole backward)
         self.last_shared_rows = 0
         self.grad_w = [torch.zeros_like(m.weight) for m in self.linears]
@@ -138,11 +141,13 @@ class NativeDiscriminator:
             self._packed = [a for a, _ in pairs]
             self._packed_t = [b for _, b in pairs]
             self._versions = self._current()
+            self._weights_gen += 1
         return self._packed, self._packed_t
 
     def parameters_changed(self) -> None:
         """Repack at the next call (for in-place changes that do not bump versions)."""
         self._versions = None
+        self._weights_gen += 1
 
     def _check_rows(self, what: str, t: torch.Tensor, width: int, start: int) -> None:
         if t.dim() != 2 or t.shape[1] != width or not 0 <= start <= self.rows - t.shape[0]:
@@ -151,23 +156,26 @@ class NativeDiscriminator:
 
     def _forget(self, start: int, n: int) -> None:
         """Drop the kept signals when rows start:start+n are about to be overwritten."""
-        if self._kept is not None and start < self._kept[0] + self._kept[1] and self._kept[0] < start + n:
+        if n > 0 and self._kept is not None and start < self._kept[0] + self._kept[1] and self._kept[0] < start + n:
             self._kept = None
 
     def _shared_rows(self, grad: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """(S, scale) for `update`: the kept rows 0:S of an input-gradient backward (same weights,
-        same activations) whose upstream gradient is, row by row, ``scale[r]`` times the one of
-        ``grad`` -- then every layer's signal of row r is ``scale[r]`` times the kept one and
-        only rows S:n need the input-gradient GEMMs. (0, None) when there is no such prefix.
+        """(S, scale) for `update`: rows 0:S kept from an input-gradient backward (same weights,
+        same activations) where ``grad``'s row r is ``scale[r]`` times the upstream gradient that
+        backward was given -- then every layer's signal of row r is ``scale[r]`` times the kept
+        one and only rows S:n need the input-gradient GEMMs. (0, None) when there is no such prefix.
 
         FactorVAE (Kim & Mnih 2018) is the case: on the codes' rows the TC term's gradient is
-        gamma/B * (1, -1) and D's two-class cross-entropy's is (p0 - 1, p1) / 2B = -p1 / 2B *
+        gamma/B * (1, -1) and D's two-class cross-entropy's is (p0 - 1, p1) / 2B = -p1/2B *
         (1, -1), the same direction, so D's update reuses the TC term's backward. ``scale`` is
-        the least-squares ratio; the rows count as parallel when what is left over is within
-        float32 rounding (2^-20) of the gradient's largest element: the softmax's p0 - 1 and -p1
-        differ by that much."""
+        the least-squares ratio, and the update uses ``grad``'s projection on the kept direction:
+        the rows count as parallel when what the projection leaves out is at most ``tol`` times
+        ``grad``'s largest element -- float32: 2^-20, about the rounding of torch's p0 - 1 while
+        some row has p1 above ~2% (a D sure of every code falls back); bfloat16: 2^-12, below the
+        2^-9 rounding of the largest rows' signals, which dominates the sums either way. A NaN
+        or infinity in those rows fails the test (the whole backward runs and propagates it)."""
         kept = self._kept
-        if kept is None or kept[0] != 0 or kept[1] > grad.shape[0] or kept[3] != self._current():
+        if kept is None or kept[0] != 0 or kept[1] > grad.shape[0] or kept[3] != self._weights_gen:
             return 0, None
         rows, ref = kept[1], kept[2]
         g = grad[:rows]
@@ -176,7 +184,8 @@ class NativeDiscriminator:
             return 0, None
         scale = (g * ref).sum(1) / norm
         residual = (g - scale[:, None] * ref).abs().max()
-        if not bool(residual <= 2.0 ** -20 * g.abs().max()):
+        tol = 2.0 ** -20 if self.dtype == torch.float32 else 2.0 ** -12
+        if not bool(residual <= tol * g.abs().max()):
             return 0, None
         return rows, scale.contiguous()
 
@@ -207,7 +216,7 @@ class NativeDiscriminator:
         out = native.ops().mlp_backward(grad, packed_t, self.acts, self.widths, self.slope, int(start),
                                         bool(input_grad), gw, gb, self.signals)
         if input_grad and not params and n:
-            self._kept = (start, n, grad.to(self.dtype).float().clone(), self._current())
+            self._kept = (start, n, grad.to(self.dtype).float().clone(), self._weights_gen)
         return out if input_grad else None
 
     def input_grad(self, grad_logits: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -265,6 +274,7 @@ class NativeDiscriminator:
         native.ops().mlp_adam([p.data for p in params[0::2]], [p.data for p in params[1::2]], m_w, v_w, m_b, v_b,
                               self.grad_w, self.grad_b, packed, packed_t, *scalars)
         self._versions = self._current()  # the packed copies are the updated parameters
+        self._weights_gen += 1
 
     @torch.no_grad()
     def update(self, grad_logits: torch.Tensor) -> None:
@@ -282,3 +292,4 @@ class NativeDiscriminator:
                                 [p.data for p in params[0::2]], [p.data for p in params[1::2]], m_w, v_w, m_b, v_b,
                                 packed, *scalars, self.signals, shared, scale)
         self._versions = self._current()
+        self._weights_gen += 1

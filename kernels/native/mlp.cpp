@@ -517,7 +517,7 @@ void mlp_update(const at::Tensor& grad, at::TensorList packed_t, at::TensorList 
                        adam_scalars(step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps)};
   const float* row_scale = nullptr;
   if (shared > 0) {
-    TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+    TORCH_CHECK(scale.has_value() && scale->device().is_cpu() && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
                     scale->dim() == 1 && scale->numel() >= shared,
                 "fastfvae_native mlp_update: ", shared, " shared rows need a contiguous float32 scale of as many rows");
     row_scale = scale->const_data_ptr<float>();
