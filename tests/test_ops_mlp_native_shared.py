@@ -41,6 +41,17 @@ def _factorvae_grads(logits: torch.Tensor, B: int, gamma: float = 20.0):
     return g_tc[:B].contiguous(), g_d
 
 
+def _sharing_and_not(size, B, dtype, seed, lr, monkeypatch):
+    """Two (D, its Adam, NativeDiscriminator) from the same weights; the second never shares rows."""
+    copies = []
+    for _ in range(2):
+        disc = make_disc(size, seed=seed)
+        opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+        copies.append((disc, opt, NativeDiscriminator(disc, 2 * B, dtype, opt)))
+    monkeypatch.setattr(copies[1][2], "_shared_rows", lambda grad: (0, None))
+    return copies
+
+
 def _factorvae_update(nd: NativeDiscriminator, zq, zp, gamma: float = 20.0):
     """One FactorVAE update's D work as the fast step calls it: TC forward and input gradient,
     the permuted half's forward, D's update. Returns the TC input gradient."""
@@ -91,11 +102,7 @@ def test_shared_update_equals_the_full_backward(native_on, dtype, monkeypatch):
     each scaled signal); each weight within the two steps of lr by which Adam's first update
     moves it (lr * sign(g): a gradient near zero may round to either sign)."""
     size, B, lr = (10, 1000, 6), 64, 1e-4
-    d1, d2 = make_disc(size, seed=4), make_disc(size, seed=4)
-    o1 = torch.optim.Adam(d1.parameters(), lr=lr, betas=(0.5, 0.9))
-    o2 = torch.optim.Adam(d2.parameters(), lr=lr, betas=(0.5, 0.9))
-    n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
-    monkeypatch.setattr(n2, "_shared_rows", lambda grad: (0, None))
+    (d1, o1, n1), (d2, o2, n2) = _sharing_and_not(size, B, dtype, 4, lr, monkeypatch)
     gen = torch.Generator().manual_seed(5)
     zq, zp = torch.randn(B, 10, generator=gen), torch.randn(B, 10, generator=gen)
     assert torch.equal(_factorvae_update(n1, zq, zp), _factorvae_update(n2, zq, zp))
@@ -196,11 +203,7 @@ def test_falls_back_to_the_full_backward(native_on, dtype, case, monkeypatch):
     """Where the kept signals do not apply, `update` runs the whole backward: no shared rows,
     and the same bits as a copy that never shares."""
     size, B = (9, 50, 3), 6
-    d1, d2 = make_disc(size, seed=6), make_disc(size, seed=6)
-    o1 = torch.optim.Adam(d1.parameters(), lr=1e-3, betas=(0.5, 0.9))
-    o2 = torch.optim.Adam(d2.parameters(), lr=1e-3, betas=(0.5, 0.9))
-    n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
-    monkeypatch.setattr(n2, "_shared_rows", lambda grad: (0, None))
+    (d1, o1, n1), (d2, o2, n2) = _sharing_and_not(size, B, dtype, 6, 1e-3, monkeypatch)
     gen = torch.Generator().manual_seed(8)
     zq, zp = torch.randn(B, 9, generator=gen), torch.randn(B, 9, generator=gen)
     for nd in (n1, n2):
@@ -233,11 +236,7 @@ def test_an_update_of_the_kept_rows_only(native_on, dtype, monkeypatch):
     """``update`` over rows 0:B alone after their input gradient: every row shared, no
     input-gradient GEMM at all; the result as the whole backward's."""
     size, B, lr = (9, 50, 3), 6, 1e-3
-    d1, d2 = make_disc(size, seed=7), make_disc(size, seed=7)
-    o1 = torch.optim.Adam(d1.parameters(), lr=lr, betas=(0.5, 0.9))
-    o2 = torch.optim.Adam(d2.parameters(), lr=lr, betas=(0.5, 0.9))
-    n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
-    monkeypatch.setattr(n2, "_shared_rows", lambda grad: (0, None))
+    (d1, o1, n1), (d2, o2, n2) = _sharing_and_not(size, B, dtype, 7, lr, monkeypatch)
     zq = torch.randn(B, 9, generator=torch.Generator().manual_seed(9))
     for nd in (n1, n2):
         lq = nd.forward(zq)

@@ -349,18 +349,30 @@ FFV_AVX512 inline __m512 leaky512(__m512 v, __m512 ref, __m512 slope) {
   return _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, slope), v);
 }
 
-// adam_tile_body for a full bfloat16 tile (8 rows x 48 columns) in vector code: the Adam
-// update 16 lanes at a time, the input-gradient copy as row pairs interleaved by widening, the
-// forward copy (8 consecutive columns of one k pair) as 8-lane gathers of the tile's pairs.
-// The float32 tile the same way: the input-gradient copy row by row (48 contiguous floats of
-// one weight row), the forward copy (8 consecutive columns of one k) as 8-lane gathers.
+// adam_one on 16 consecutive elements (the same operations, so the same bits), in place;
+// returns the new weights. Inlined, so the broadcasts are hoisted out of the callers' loops.
+FFV_AVX512 inline __attribute__((always_inline)) __m512 adam16(float* wp, float* mp, float* vp, __m512 g,
+                                                               const AdamScalars& s) {
+  const __m512 m = _mm512_loadu_ps(mp), v = _mm512_loadu_ps(vp), w = _mm512_loadu_ps(wp);
+  const __m512 d = _mm512_sub_ps(g, m);
+  const __m512 mi = s.one_minus_beta1 < 0.5f ? _mm512_add_ps(m, _mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta1), d))
+                                             : _mm512_sub_ps(g, _mm512_mul_ps(d, _mm512_set1_ps(1.0f - s.one_minus_beta1)));
+  const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(s.beta2)),
+                                  _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta2), g), g));
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), _mm512_set1_ps(s.bias_correction2_sqrt)),
+                                     _mm512_set1_ps(s.eps));
+  const __m512 wi = _mm512_add_ps(w, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(-s.step_size), mi), denom));
+  _mm512_storeu_ps(mp, mi);
+  _mm512_storeu_ps(vp, vi);
+  _mm512_storeu_ps(wp, wi);
+  return wi;
+}
+
+// adam_tile_body for a full float32 tile (8 rows x 48 columns) in vector code: the Adam update
+// 16 lanes at a time, the input-gradient copy row by row (48 contiguous floats of one weight
+// row), the forward copy (8 consecutive columns of one k) as 8-lane gathers.
 FFV_AVX512 void adam_tile_512_f32(const float* tile, int64_t m0, int64_t n0, const AdamUpdate& a) {
   const AdamScalars& s = a.s;
-  const __m512 w1 = _mm512_set1_ps(s.one_minus_beta1), rest = _mm512_set1_ps(1.0f - s.one_minus_beta1);
-  const __m512 beta2 = _mm512_set1_ps(s.beta2), b2c = _mm512_set1_ps(s.one_minus_beta2);
-  const __m512 bc2 = _mm512_set1_ps(s.bias_correction2_sqrt), eps = _mm512_set1_ps(s.eps);
-  const __m512 neg_step = _mm512_set1_ps(-s.step_size);
-  const bool small_weight = s.one_minus_beta1 < 0.5f;
   alignas(64) float wt[8 * kPanel];
   const int64_t p = m0 / kPanel, kb = n0 / kPanel;
   float* t = static_cast<float*>(a.packed_t);
@@ -368,19 +380,8 @@ FFV_AVX512 void adam_tile_512_f32(const float* tile, int64_t m0, int64_t n0, con
     const int64_t off = (m0 + i) * a.K + n0;
     float* tp = t + (kb * a.N + m0 + i) * kPanel;
     for (int j = 0; j < 3; ++j) {
-      float* wp = a.w + off + 16 * j;
-      float* mp = a.m + off + 16 * j;
-      float* vp = a.v + off + 16 * j;
-      const __m512 g = _mm512_loadu_ps(tile + i * kPanel + 16 * j);
-      const __m512 m = _mm512_loadu_ps(mp), v = _mm512_loadu_ps(vp), w = _mm512_loadu_ps(wp);
-      const __m512 d = _mm512_sub_ps(g, m);
-      const __m512 mi = small_weight ? _mm512_add_ps(m, _mm512_mul_ps(w1, d)) : _mm512_sub_ps(g, _mm512_mul_ps(d, rest));
-      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v, beta2), _mm512_mul_ps(_mm512_mul_ps(b2c, g), g));
-      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
-      const __m512 wi = _mm512_add_ps(w, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom));
-      _mm512_storeu_ps(mp, mi);
-      _mm512_storeu_ps(vp, vi);
-      _mm512_storeu_ps(wp, wi);
+      const __m512 wi = adam16(a.w + off + 16 * j, a.m + off + 16 * j, a.v + off + 16 * j,
+                               _mm512_loadu_ps(tile + i * kPanel + 16 * j), s);
       _mm512_store_ps(wt + i * kPanel + 16 * j, wi);
       _mm512_storeu_ps(tp + 16 * j, wi);
     }
@@ -390,33 +391,20 @@ FFV_AVX512 void adam_tile_512_f32(const float* tile, int64_t m0, int64_t n0, con
   for (int c = 0; c < kPanel; ++c) _mm256_storeu_ps(f + c * kPanel, _mm256_i32gather_ps(wt + c, rows, 4));
 }
 
+// The same for a full bfloat16 tile: the input-gradient copy as row pairs interleaved by
+// widening, the forward copy (8 consecutive columns of one k pair) as 8-lane gathers of the
+// tile's pairs.
 FFV_AVX512 void adam_tile_512(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const AdamUpdate& a) {
   if (mr == 8 && ncols == kPanel && a.e == Elem::F32) return adam_tile_512_f32(tile, m0, n0, a);
   if (a.e != Elem::BF16 || mr != 8 || ncols != kPanel) return adam_tile_body(tile, mr, m0, n0, ncols, a);
   const AdamScalars& s = a.s;
-  const __m512 w1 = _mm512_set1_ps(s.one_minus_beta1), rest = _mm512_set1_ps(1.0f - s.one_minus_beta1);
-  const __m512 beta2 = _mm512_set1_ps(s.beta2), b2c = _mm512_set1_ps(s.one_minus_beta2);
-  const __m512 bc2 = _mm512_set1_ps(s.bias_correction2_sqrt), eps = _mm512_set1_ps(s.eps);
-  const __m512 neg_step = _mm512_set1_ps(-s.step_size);
-  const bool small_weight = s.one_minus_beta1 < 0.5f;
   const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
   alignas(64) uint16_t bt[8 * kPanel];
   for (int i = 0; i < 8; ++i) {
     const int64_t off = (m0 + i) * a.K + n0;
     for (int j = 0; j < 3; ++j) {
-      float* wp = a.w + off + 16 * j;
-      float* mp = a.m + off + 16 * j;
-      float* vp = a.v + off + 16 * j;
-      const __m512 g = _mm512_loadu_ps(tile + i * kPanel + 16 * j);
-      const __m512 m = _mm512_loadu_ps(mp), v = _mm512_loadu_ps(vp), w = _mm512_loadu_ps(wp);
-      const __m512 d = _mm512_sub_ps(g, m);
-      const __m512 mi = small_weight ? _mm512_add_ps(m, _mm512_mul_ps(w1, d)) : _mm512_sub_ps(g, _mm512_mul_ps(d, rest));
-      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v, beta2), _mm512_mul_ps(_mm512_mul_ps(b2c, g), g));
-      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
-      const __m512 wi = _mm512_add_ps(w, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom));
-      _mm512_storeu_ps(mp, mi);
-      _mm512_storeu_ps(vp, vi);
-      _mm512_storeu_ps(wp, wi);
+      const __m512 wi = adam16(a.w + off + 16 * j, a.m + off + 16 * j, a.v + off + 16 * j,
+                               _mm512_loadu_ps(tile + i * kPanel + 16 * j), s);
       const __m512i u = _mm512_castps_si512(wi);
       __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half)), 16);
       r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(wi, wi, _CMP_UNORD_Q), r, qnan);
