@@ -268,3 +268,23 @@ def test_shared_update_bits_independent_of_thread_count(native_on, dtype):
     results = on_each_thread_count(run, ["mlp", "mlp_gemm"])
     L = len(list(make_disc(size).parameters()))
     assert_same_bits(results, ["input grad"] + [f"param {i}" for i in range(L)] + [f"moment {i}" for i in range(2 * L)])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_the_ops_without_signal_buffers(native_on, dtype):
+    """mlp_backward with no signal buffers (a caller that keeps nothing) gives the bits of the
+    call that keeps them."""
+    size, B = (9, 50, 3), 6
+    nd = NativeDiscriminator(make_disc(size, seed=11), 2 * B, dtype)
+    gen = torch.Generator().manual_seed(12)
+    nd.forward(torch.randn(2 * B, 9, generator=gen))
+    g = torch.randn(2 * B, 2, generator=gen)
+    _, packed_t = nd.packed()
+    out = []
+    for signals in (nd.signals, []):
+        gw = [torch.zeros_like(w) for w in nd.grad_w]
+        gb = [torch.zeros_like(b) for b in nd.grad_b]
+        gz = native.ops().mlp_backward(g, packed_t, nd.acts, nd.widths, nd.slope, 0, True, gw, gb, signals)
+        out.append([gz, *gw, *gb])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
