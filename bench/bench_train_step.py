@@ -13,6 +13,9 @@ One benchmark group per config (so each row's ratio is against the other rows of
   (bf16 with autograd and autocast instead of the by-hand D and convolutions: what they add;
   skipped on CUDA, where it is fast-bf16), ``fast-fused`` (fp32
   with the `fastfvae.ops` fused ops; on CPU they run their torch reference).
+- ``test_interleaved_paper_ratios`` (``-k interleaved``) also times ``well-known``: the
+  well-known PyTorch FactorVAE's iteration (`bench.wellknown_step`) on the same batches, the
+  baseline of the step-rate goals.
 - Order: every config's ``reference`` row runs first, then the heap setting is applied (it is
   process-wide and one-way), then the other rows. ``extra_info["heap_kept"]`` records whether
   the setting was in effect for a row, so a ``reference`` row measured after it (another
@@ -37,6 +40,7 @@ import pytest
 import torch
 
 from bench.conftest import peak_memory, random_bits_dsprites, timing
+from bench.wellknown_step import WellKnownStep
 from fastfvae.data import DSprites
 from fastfvae.fast import FastOptions, FastStep
 from fastfvae.fast.allocator import applied as heap_kept, keep_freed_memory
@@ -71,11 +75,27 @@ def data() -> DSprites:
 
 
 def build_step(variant: str, cfg: TrainConfig, data, device: torch.device):
-    """(fresh TrainState, the row's step function): the reference step or a FastStep."""
+    """(fresh TrainState, the row's step function): the reference step, a FastStep, or the
+    well-known implementation's iteration (`bench.wellknown_step`) on the same batches."""
     state = TrainState.create(cfg, len(data), device)
+    if variant == "well-known":
+        return state, wellknown_step(cfg, data, device)
     if variant.startswith("reference"):
         return state, make_reference_step(state, data)
     return state, FastStep(state, data, FastOptions(**VARIANTS[variant]))
+
+
+def wellknown_step(cfg: TrainConfig, data, device: torch.device):
+    """The well-known implementation's iteration as a row's step function: the rows the loop
+    draws, gathered as the reference gathers them (one D update, a second batch: its shape)."""
+    if cfg.d_steps != 1 or cfg.perm_batch != "second" or cfg.model != "factorvae":
+        raise ValueError("the well-known implementation's iteration is FactorVAE with one D update on a second batch")
+    step = WellKnownStep(cfg.z_dim, device)
+
+    def run(inputs) -> dict:
+        return step(data.float_batch(inputs.rows, device), data.float_batch(inputs.rows2, device))
+
+    return run
 
 
 def _sync(device: torch.device) -> None:
@@ -136,31 +156,38 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
             info[key] = rate / reference_rates[(config, base)]
 
 
-#: rows timed round by round by `test_interleaved_paper_ratios` (``reference`` in a child process)
-INTERLEAVED = ("reference", "reference-heap", "fast", "fast-bf16")
+#: rows timed round by round by `test_interleaved_paper_ratios` (the plain-heap rows in child processes)
+INTERLEAVED = ("well-known", "reference", "reference-heap", "fast", "fast-bf16")
+CHILD_ROWS = ("well-known", "reference")
+RATIO_BASES = ("well-known", "reference", "reference-heap")
 INTERLEAVED_ROUNDS = 10
 
 
 def test_interleaved_paper_ratios(benchmark, data, bench_device):
-    """The paper config's reference, reference-heap, fast and fast-bf16 steps, 5 steps of each
-    in turn per round: a machine whose speed drifts (a shared box) slows all four alike, so
-    per-round ratios are steadier than those of rows timed minutes apart. The plain
-    ``reference`` (default heap) runs in a child process (`bench.reference_worker`; the heap
-    setting cannot be undone within this one), the others here. ``extra_info``:
-    ``interleaved_ratios`` (each later row vs reference and vs reference-heap: the median over
-    rounds of that round's ratio), ``interleaved_ratio_range`` (the smallest and the largest
-    round's ratio) and ``ms_per_step`` (median round per row)."""
+    """The paper config's well-known, reference, reference-heap, fast and fast-bf16 steps, 5
+    steps of each in turn per round: a machine whose speed drifts (a shared box) slows all rows
+    alike, so per-round ratios are steadier than those of rows timed minutes apart. The plain
+    PyTorch loops (``well-known``, `bench.wellknown_step`, and ``reference``; default heap) run
+    in child processes (`bench.reference_worker`; the heap setting cannot be undone within this
+    one), the others here. ``extra_info``: ``interleaved_ratios`` (each later row vs each of
+    RATIO_BASES: the median over rounds of that round's ratio), ``interleaved_ratio_range`` (the
+    smallest and the largest round's ratio) and ``ms_per_step`` (median round per row)."""
     if bench_device.type != "cpu":
         pytest.skip("a CPU comparison (the heap setting is a CPU lever)")
+    from contextlib import ExitStack
+
     from bench.reference_worker import ReferenceWorker
 
     cfg = TrainConfig(device="cpu", **CONFIGS["paper-d1"])
     steps = STEPS[cfg.batch_size]
-    with ReferenceWorker(cfg.batch_size, cfg.d_steps, torch.get_num_threads(), rows=len(data)) as worker:
+    with ExitStack() as children:
+        timers = {v: children.enter_context(ReferenceWorker(cfg.batch_size, cfg.d_steps, torch.get_num_threads(),
+                                                            rows=len(data), variant=v)).seconds_per_step
+                  for v in CHILD_ROWS}
         keep_freed_memory()
-        timers = {"reference": worker.seconds_per_step}
-        for variant in INTERLEAVED[1:]:
-            timers[variant] = step_timer(variant, cfg, data, bench_device)
+        for variant in INTERLEAVED:
+            if variant not in timers:
+                timers[variant] = step_timer(variant, cfg, data, bench_device)
         seconds: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
 
         def one_round():
@@ -173,7 +200,7 @@ def test_interleaved_paper_ratios(benchmark, data, bench_device):
         return
     per_round = {v: np.asarray(s) for v, s in seconds.items()}
     round_ratios = {f"{v} vs {base}": per_round[base] / per_round[v]
-                    for base in ("reference", "reference-heap") for v in INTERLEAVED[INTERLEAVED.index(base) + 1:]}
+                    for base in RATIO_BASES for v in INTERLEAVED[INTERLEAVED.index(base) + 1:]}
     benchmark.extra_info.update(variant="interleaved", config="paper-d1",
                                 steps_per_s=1 / float(np.median(per_round["fast-bf16"])),
                                 ms_per_step={v: 1e3 * float(np.median(t)) for v, t in per_round.items()},

@@ -1,15 +1,18 @@
-"""The plain reference step in a child process, timed on request: a drift-proof baseline.
+"""A baseline step in a child process, timed on request: a drift-proof baseline.
 
 The fast step keeps freed memory in its heap (`fastfvae.fast.allocator`), a process-wide
 setting that cannot be undone, so the plain ``reference`` row (default glibc heap, as a
 PyTorch loop runs) cannot take part in rounds timed inside the benchmark's process. Here it
 runs in a child that waits on a pipe: the parent asks for ``steps`` steps between its own
 rows, so drift on a shared machine hits the reference and the fast rows alike, and nothing
-else runs while either is timed (the other one is blocked on the pipe).
+else runs while either is timed (the other one is blocked on the pipe). The well-known
+implementation's iteration (``--variant well-known``, `bench.wellknown_step`) runs the same way:
+a plain PyTorch loop, default heap.
 
 Protocol (one line each way): the child prints ``ready`` after its warm-up; for each line
 ``<steps>`` it reads, it runs that many steps and prints the seconds per step; it exits at
-end of input. ``python -m bench.reference_worker --batch-size 64 --d-steps 1 --threads 2``.
+end of input. ``python -m bench.reference_worker --batch-size 64 --d-steps 1 --threads 2
+[--variant well-known]``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class ReferenceWorker:
     """The child process: ``with ReferenceWorker(64, 1, threads) as ref: ref.seconds_per_step(5)``."""
 
-    def __init__(self, batch_size: int, d_steps: int, threads: int, rows: int = 8192, warmup: int = 2) -> None:
+    def __init__(self, batch_size: int, d_steps: int, threads: int, rows: int = 8192, warmup: int = 2,
+                 variant: str = "reference") -> None:
         args = [sys.executable, "-m", "bench.reference_worker", "--batch-size", str(batch_size),
-                "--d-steps", str(d_steps), "--threads", str(threads), "--rows", str(rows), "--warmup", str(warmup)]
+                "--d-steps", str(d_steps), "--threads", str(threads), "--rows", str(rows), "--warmup", str(warmup),
+                "--variant", variant]
         self._proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, bufsize=1)
         self._expect("ready")
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variant", choices=("reference", "well-known"), default="reference")
     args = parser.parse_args(argv)
 
     import torch
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(device="cpu", batch_size=args.batch_size, d_steps=args.d_steps).validate()
-    run = step_timer("reference", cfg, random_bits_dsprites(args.rows), torch.device("cpu"), args.warmup)
+    run = step_timer(args.variant, cfg, random_bits_dsprites(args.rows), torch.device("cpu"), args.warmup)
     print("ready", flush=True)
     for line in sys.stdin:
         print(repr(run(int(line))), flush=True)

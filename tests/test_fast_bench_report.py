@@ -106,3 +106,23 @@ def test_docs_flags_rounds_that_disagree_widely(tmp_path):
     assert "The rounds disagree by up to 6.0x" in (tmp_path / "docs" / "performance.md").read_text()
     # The README's table carries the same warning: its few lines must not read as precise figures.
     assert "The rounds disagree by up to 6.0x" in (tmp_path / "README.md").read_text()
+
+
+def test_docs_states_ratios_to_the_well_known_implementation_when_timed(tmp_path):
+    results = _interleaved_results(tmp_path)
+    data = json.loads(results.read_text())
+    info = data["benchmarks"][0]["extra_info"]
+    info["ms_per_step"] = {"well-known": 110.0, **info["ms_per_step"]}
+    info["interleaved_ratios"].update({"reference vs well-known": 0.85, "fast vs well-known": 1.53,
+                                       "fast-bf16 vs well-known": 2.59})
+    results.write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text(f"{README_BEGIN}\n{README_END}\n")
+    assert main([str(results), "--docs", "--root", str(tmp_path)]) == 0
+    page = (tmp_path / "docs" / "performance.md").read_text()
+    assert "| step | ms / step | × well-known | × reference | × reference-heap |" in page
+    assert "| the well-known PyTorch FactorVAE's iteration (`bench/wellknown_step.py`), plain heap | 110.0 | 1.00 |" in page
+    assert "| fast path, `--precision bf16` | 42.5 | 2.59 | 3.06 (2.90–3.20) | 2.35 |" in page
+    readme = (tmp_path / "README.md").read_text()
+    assert "| paper config, one training step | × well-known implementation | × reference loop |" in readme
+    assert "| fast path, `--precision bf16` | 2.59 | 3.06 |" in readme
+    assert "| reference loop (`--reference`), plain PyTorch heap | 0.85 | 1.00 |" in readme
