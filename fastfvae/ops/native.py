@@ -57,7 +57,7 @@ _REPO_BUILD = _SOURCE_CHECKOUT / "build" / LIB_NAME
 _INSTALLED = _PACKAGE_DIR / LIB_NAME
 
 # path: the loaded library (None: not loaded); origin: where it came from; reason: why not loaded.
-_STATE: dict = {"tried": False, "path": None, "origin": None, "reason": None}
+_STATE: dict = {"tried": False, "path": None, "origin": None, "reason": None, "queries": {}}
 
 
 def sources() -> list[tuple[Path, str]]:
@@ -95,6 +95,7 @@ def _already_registered() -> bool:
 
 def _load() -> None:
     _STATE["tried"] = True
+    _STATE["queries"] = {}
     places = sources()
     found, origin = next(((p, o) for p, o in places if p.is_file()), (None, None))
     if found is None:
@@ -140,6 +141,32 @@ def loaded() -> bool:
     return _STATE["path"] is not None
 
 
+def active() -> bool:
+    """Whether CPU calls run native: the library loaded and not disabled (`status` says why
+    not). Checked at every dispatch, so it reads only the environment and the load state."""
+    return not disabled() and loaded()
+
+
+def query(name: str):
+    """The answer of the library's no-argument call ``name`` (the variant a kernel family runs,
+    whether it has a call), asked once: the library fixes its variants when it loads
+    (``FASTFVAE_NATIVE_ISA`` is read then), so the dispatch checks a step makes dozens of
+    times read a dict instead of crossing into the dispatcher. Call only when `loaded`."""
+    queries = _STATE.setdefault("queries", {})
+    if name not in queries:
+        queries[name] = getattr(torch.ops.fastfvae_native, name)()
+    return queries[name]
+
+
+def has(*names: str) -> bool:
+    """Whether the loaded library registers every call in ``names`` (asked once; call only when `loaded`)."""
+    queries = _STATE.setdefault("queries", {})
+    key = ("has", *names)
+    if key not in queries:
+        queries[key] = all(hasattr(torch.ops.fastfvae_native, name) for name in names)
+    return queries[key]
+
+
 def status() -> tuple[bool, str]:
     """(CPU calls run native, why) -- the line `fastfvae info` prints."""
     if disabled():
@@ -152,13 +179,13 @@ def status() -> tuple[bool, str]:
 
 def isa() -> str:
     """The SIMD variant the native loops run: avx512, avx2 or scalar."""
-    return torch.ops.fastfvae_native.isa() if loaded() else "not loaded"
+    return query("isa") if loaded() else "not loaded"
 
 
 def gemm_isa() -> str:
     """The variant the native GEMM (linear_leaky_relu, the discriminator) runs: avx512_bf16
     (vdpbf16ps), avx512, avx2 or scalar; ``FASTFVAE_NATIVE_ISA`` caps it as it caps `isa`."""
-    return torch.ops.fastfvae_native.mlp_isa() if loaded() else "not loaded"
+    return query("mlp_isa") if loaded() else "not loaded"
 
 
 def ops():

@@ -49,19 +49,19 @@ CONV_OPS = ("image_conv", "image_conv_transpose", "image_conv_weight_grad", "con
 
 def has_ops() -> bool:
     """Whether the loaded library has every convolution call (an older build does not)."""
-    return all(hasattr(torch.ops.fastfvae_native, name) for name in CONV_OPS)
+    return native.loaded() and native.has(*CONV_OPS)
 
 
 def enabled() -> bool:
     """Whether the native convolutions can run (module doc)."""
     if os.environ.get(CONV_ENV, "1") in ("0", ""):
         return False
-    return native.status()[0] and has_ops()
+    return native.active() and has_ops()
 
 
 def isa() -> str:
     """The variant the kernels run: avx512_bf16, avx512 or scalar."""
-    return torch.ops.fastfvae_native.conv_isa() if enabled() else "not loaded"
+    return native.query("conv_isa") if enabled() else "not loaded"
 
 
 #: the variants whose image-side kernels measured faster than oneDNN in fp32 and bf16
@@ -201,12 +201,12 @@ def relu_bias_fits(grad: torch.Tensor, out: torch.Tensor) -> bool:
         return False
     if grad.dtype == torch.float32 and not FUSED_RELU_BIAS_FP32:
         return False
-    return enabled() and hasattr(torch.ops.fastfvae_native, "relu_grad_bias") and relu_grad_isa() == "avx512"
+    return enabled() and native.has("relu_grad_bias") and relu_grad_isa() == "avx512"
 
 
 def relu_grad_isa() -> str:
     """The variant `relu_grad_bias` runs: avx512 or scalar."""
-    return torch.ops.fastfvae_native.relu_grad_isa()
+    return native.query("relu_grad_isa")
 
 
 def relu_grad_bias(grad: torch.Tensor, out: torch.Tensor, need_bias: bool):

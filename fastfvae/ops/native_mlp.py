@@ -46,7 +46,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def available() -> bool:
     """Whether the native library with the discriminator calls is loaded (and not disabled)."""
-    return native.status()[0] and hasattr(torch.ops.fastfvae_native, "mlp_forward")
+    return native.active() and native.has("mlp_forward")
 
 
 def _layers(disc: nn.Module) -> tuple[list[nn.Linear], float]:
