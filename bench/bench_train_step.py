@@ -160,7 +160,7 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
 INTERLEAVED = ("well-known", "reference", "reference-heap", "fast", "fast-bf16")
 CHILD_ROWS = ("well-known", "reference")
 RATIO_BASES = ("well-known", "reference", "reference-heap")
-INTERLEAVED_ROUNDS = 10
+INTERLEAVED_ROUNDS = 20
 
 
 def test_interleaved_paper_ratios(benchmark, data, bench_device):
