@@ -237,7 +237,7 @@ def performance_page(data: dict, groups) -> str:
         lines += ["## The paper config, interleaved", "",
                   "FactorVAE at the paper's settings (batch 64, z 10, discriminator 6 × 1000, one D update,",
                   "permuted codes from a second batch). Each round times a few steps of every row in turn, the",
-                  "plain reference in a child process (its default heap cannot be restored in the benchmark's",
+                  "plain PyTorch loops in child processes (their default heap cannot be restored in the benchmark's",
                   "process), so a machine whose speed drifts slows all rows of a round alike: compare the",
                   f"ratios, not the milliseconds. Ratios: median over {rounds} of that round's ratio, the",
                   "smallest and largest round's in brackets; ms / step: each row's median round.", "",
