@@ -212,7 +212,7 @@ def test_permute_large_and_thread_count_independent(native_on):
 THREADS = (1, 2, 3, 4)
 # The sources of the library whose ops thread with at::parallel_for (parallel_probe.h).
 THREADED_SOURCES = ("gaussian", "permute", "mlp", "mlp_gemm", "conv_image", "conv_s2", "conv_s2_wgrad", "conv_s2_fwd",
-                    "relu_bias")
+                    "relu_bias", "bernoulli")
 
 
 def on_each_thread_count(fn, sources):

@@ -18,8 +18,9 @@ run (native: the C++ library that `pip install` builds, or CMake by hand; triton
 kernels; reference: plain torch) and why: for native, which library file was loaded and where
 it came from ($FASTFVAE_NATIVE_LIB, the source checkout's build/, or the one pip install put in
 the package), or why none was (an install that skipped the build says what it lacked). Float
-dtypes the kernels do not take (float64) always run the reference. With the library loaded, two
-more lines say which of the fast step's convolutions run on it rather than on oneDNN.
+dtypes the kernels do not take (float64) always run the reference. With the library loaded,
+more lines say which of the fast step's convolutions run on it rather than on oneDNN, and
+whether its reconstruction loss does.
 """
 
 #: The public ops, in the order they are listed.
@@ -121,7 +122,28 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
             ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch"),
             ("conv_4s2", "native" if fw_on else "oneDNN", "cuDNN", f"{fw_why}; cuda: torch"),
             ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch"),
-            ("relu_grad_bias", "native" if rb_on else "torch", "torch", f"{rb_why}; cuda: torch")]
+            ("relu_grad_bias", "native" if rb_on else "torch", "torch", f"{rb_why}; cuda: torch"),
+            recon_row()]
+
+
+def recon_row() -> tuple[str, str, str, str]:
+    """The fast step's reconstruction loss (`fastfvae.ops.native_recon`): (name, cpu, cuda, why)."""
+    from fastfvae.ops import native, native_recon
+
+    has = native.has(*native_recon.CALLS)
+    bn_on = native.active() and has and native_recon.isa() == "avx512" and native_recon.FUSED_BERNOULLI_IN_STEP
+    if bn_on:
+        why = ("cpu: bf16 step: the BCE-with-logits sum of the bf16 logits and its gradient, one pass each"
+               + (" (fp32 too)" if native_recon.FUSED_BERNOULLI_FP32 else " (fp32: torch's, the parity precision)"))
+    elif not native.active():
+        why = f"cpu: {native.status()[1]}"
+    elif not has:
+        why = f"cpu: the loaded library has no bernoulli_nll_sum (an older build): rebuild it: {native.BUILD_HINT}"
+    elif not native_recon.FUSED_BERNOULLI_IN_STEP:
+        why = "cpu: torch's BCE-with-logits: fastfvae.ops.native_recon.FUSED_BERNOULLI_IN_STEP is off"
+    else:
+        why = f"cpu: torch's BCE-with-logits: the fused pass needs AVX-512 (this CPU: {native.gemm_isa()})"
+    return ("bernoulli_nll", "native" if bn_on else "torch", "torch", f"{why}; cuda: torch")
 
 
 def lines() -> list[str]:

@@ -19,9 +19,11 @@ round-off. What the mechanism does differently, and why each change leaves the r
    ``--loader device``): gather + unpack are part of the step; or from the torch/DALI loaders,
    in the same order. Observation noise (colour / noisy dSprites) is rendered on the device.
 6. On CPU (no compilation): the convolutions' bias gradients as plain sums outside oneDNN's
-   weight-gradient primitive (`fastfvae.fast.conv`), and D's forward/backward written out
-   (`fastfvae.fast.disc_by_hand`): D(z) for the regulariser is an autograd node whose backward
-   is D's input gradient only, D's parameter gradient for both halves is one 2B-row pass. With
+   weight-gradient primitive (`fastfvae.fast.conv`), with bf16 the reconstruction loss of the
+   bf16 logits as one native pass each way (`fastfvae.ops.native_recon`), and D's
+   forward/backward written out (`fastfvae.fast.disc_by_hand`): D(z) for the regulariser is an
+   autograd node whose backward is D's input gradient only, D's parameter gradient for both
+   halves is one 2B-row pass. With
    bf16 the layers run in bf16 with explicit casts instead of autocast, and D's Adam is one
    compiled kernel over flat buffers (`fastfvae.fast.flat_adam`: bf16 gradient in, bf16 weights out).
 7. On CUDA the whole iteration (batch, VAE forward/backward, adversary updates, both Adam
@@ -44,6 +46,8 @@ from fastfvae.fast.flat_adam import FlatAdam
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
 from fastfvae.fast.optim import FastAdam, fast_optimizers
 from fastfvae.fast.precision import autocast, check_precision
+from fastfvae.objectives import recon_loss
+from fastfvae.ops import native_recon
 from fastfvae.train.config import COMPILE_MODES, LOADERS
 from fastfvae.train.step import StepInputs, StepShapes, train_step
 
@@ -267,9 +271,20 @@ class FastStep:
     def decode(self, z):
         if self.options.by_hand:
             # with s2d the logits are in space-to-depth layout, as x is: the summed loss is the same
-            return by_hand.decode(self.state.models.vae.decoder, z, self._dtype, self._s2d).float()
+            logits = by_hand.decode(self.state.models.vae.decoder, z, self._dtype, self._s2d)
+            # bf16 logits the fused loss takes stay bf16 (it reads them as they are: no float32
+            # copy, and no cast in the backward); any other go to the loss in float32
+            return logits if native_recon.takes_logits(logits) else logits.float()
         with self.autocast():
             return self._decode(z).float()
+
+    def recon_loss(self, logits, x):
+        """The Bernoulli reconstruction loss: the native fused pass where it fits (the bf16
+        by-hand step's logits, `fastfvae.ops.native_recon`), else `fastfvae.objectives.recon_loss`
+        on float32 logits (the fp32 step's: torch's own summation order, the parity precision)."""
+        if native_recon.fits(logits, x):
+            return native_recon.recon_loss(logits, x)
+        return recon_loss(logits.float(), x)
 
     def sample_kl(self, mu, logvar, eps):
         return self.ops.sample_kl(mu, logvar, eps)

@@ -51,7 +51,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from fastfvae.errors import FastFVAEError
-from fastfvae.objectives import gaussian_kl, permute_dims, reparameterize
+from fastfvae.objectives import gaussian_kl, permute_dims, recon_loss, reparameterize
 from fastfvae.train import loop as single
 from fastfvae.train.checkpoint import (
     atomic_write_text, capture_rng_states, checkpoint_path, load_checkpoint, remove_stale_temp_files,
@@ -433,6 +433,10 @@ class StackedPackStep:
     def decode(self, z):
         with self.autocast():
             return self.decoder(z).float()
+
+    def recon_loss(self, logits, x):
+        """The Bernoulli reconstruction loss of each run ([K] values: `fastfvae.objectives.recon_loss`)."""
+        return recon_loss(logits, x)
 
     def sample_kl(self, mu, logvar, eps):
         return reparameterize(mu, logvar, eps), gaussian_kl(mu, logvar)

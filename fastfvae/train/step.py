@@ -111,7 +111,7 @@ def train_step(mech, method, x: torch.Tensor, x2: torch.Tensor | None, eps: torc
     """
     mu, logvar = mech.encode(x)
     z, kl_per_sample = mech.sample_kl(mu, logvar, eps)
-    recon = recon_loss(mech.decode(z), x)
+    recon = mech.recon_loss(mech.decode(z), x)
     kl = kl_per_sample.mean(dim=-1)
     regularizer, aux = method.vae_terms(kl, mu, logvar, z, step)
     loss = recon + regularizer
@@ -127,9 +127,10 @@ class EagerMechanism:
     """The reference mechanism: the models as they are, torch's Adam, fp32, nothing fused.
 
     Every piece `train_step` and a method's adversary step use: ``encode``, ``decode``,
-    ``sample_kl``, ``permute``, ``autocast``, ``adversary`` (the network's forward, attached to
-    the method), ``adversary_pair`` (its logits on the two halves of an update),
-    ``vae_update`` and ``adversary_update`` (backward into one set of parameters, then Adam).
+    ``recon_loss`` (of ``decode``'s logits and the batch), ``sample_kl``, ``permute``,
+    ``autocast``, ``adversary`` (the network's forward, attached to the method),
+    ``adversary_pair`` (its logits on the two halves of an update), ``vae_update`` and
+    ``adversary_update`` (backward into one set of parameters, then Adam).
     """
 
     def __init__(self, models, optims) -> None:
@@ -146,6 +147,10 @@ class EagerMechanism:
 
     def decode(self, z):
         return self.vae.decode(z)
+
+    def recon_loss(self, logits, x):
+        """The Bernoulli reconstruction loss (`fastfvae.objectives.recon_loss`)."""
+        return recon_loss(logits, x)
 
     def sample_kl(self, mu, logvar, eps):
         """(z, per-sample KL [B])."""

@@ -3,6 +3,7 @@
 // autograd and fake-tensor registrations.
 #include <torch/library.h>
 
+#include "bernoulli.h"
 #include "conv_image.h"
 #include "conv_s2.h"
 #include "conv_s2_fwd.h"
@@ -31,12 +32,13 @@ int64_t parallel_threads(c10::string_view source, int64_t n) {
       {"conv_s2_wgrad", &fastfvae_native::parallel_probe_conv_s2_wgrad},
       {"conv_s2_fwd", &fastfvae_native::parallel_probe_conv_s2_fwd},
       {"relu_bias", &fastfvae_native::parallel_probe_relu_bias},
+      {"bernoulli", &fastfvae_native::parallel_probe_bernoulli},
   };
   for (const auto& [name, probe] : probes) {
     if (source == name) return probe(n);
   }
   TORCH_CHECK(false, "fastfvae_native parallel_threads: unknown source '", source,
-              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2, conv_s2_wgrad, conv_s2_fwd or relu_bias");
+              "'; expected gaussian, permute, mlp, mlp_gemm, conv_image, conv_s2, conv_s2_wgrad, conv_s2_fwd, relu_bias or bernoulli");
 }
 
 }  // namespace
@@ -81,6 +83,11 @@ TORCH_LIBRARY(fastfvae_native, m) {
   // in one pass (kernels/native/relu_bias.h).
   m.def("relu_grad_bias(Tensor grad, Tensor out, bool need_bias) -> (Tensor, Tensor)");
   m.def("relu_grad_isa() -> str", &fastfvae_native::relu_grad_isa);
+  // The Bernoulli reconstruction loss (BCE with logits, summed) and its gradient, one pass each
+  // (kernels/native/bernoulli.h).
+  m.def("bernoulli_nll_sum(Tensor logits, Tensor x) -> Tensor");
+  m.def("bernoulli_nll_grad(Tensor logits, Tensor x, float scale) -> Tensor");
+  m.def("bernoulli_isa() -> str", &fastfvae_native::bernoulli_isa);
   // The SIMD variant the hot loops run (avx512 / avx2 / scalar), for `fastfvae info`.
   m.def("isa() -> str", &active_isa_name);
   // The GEMM variant of the MLP ops (avx512_bf16 / avx512 / avx2 / scalar).
@@ -111,6 +118,8 @@ TORCH_LIBRARY_IMPL(fastfvae_native, CPU, m) {
   m.impl("conv_4s2", &fastfvae_native::conv_4s2);
   m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad);
   m.impl("relu_grad_bias", &fastfvae_native::relu_grad_bias);
+  m.impl("bernoulli_nll_sum", &fastfvae_native::bernoulli_nll_sum);
+  m.impl("bernoulli_nll_grad", &fastfvae_native::bernoulli_nll_grad);
 }
 
 // Shapes for fake tensors (torch.compile, torch.library.opcheck) of the ops that have one here.
@@ -118,4 +127,6 @@ TORCH_LIBRARY_IMPL(fastfvae_native, Meta, m) {
   m.impl("conv_4s2_weight_grad", &fastfvae_native::conv_4s2_weight_grad_meta);
   m.impl("conv_4s2", &fastfvae_native::conv_4s2_meta);
   m.impl("relu_grad_bias", &fastfvae_native::relu_grad_bias_meta);
+  m.impl("bernoulli_nll_sum", &fastfvae_native::bernoulli_nll_sum_meta);
+  m.impl("bernoulli_nll_grad", &fastfvae_native::bernoulli_nll_grad_meta);
 }
