@@ -23,6 +23,11 @@ within each round; prints the median and the spread of the per-round ratios.
 relu_grad_bias (the mask and the float32 bias gradient in one pass) and on threshold_backward +
 sum (``native_conv.FUSED_RELU_BIAS_IN_STEP``), in the bf16 and the fp32 step. The relu_bias
 rows time the op alone against those two torch calls at the step's ReLU layers.
+
+``--step-recon``: the bf16 step with the reconstruction loss on bernoulli_nll_sum / _grad and on
+torch's ops (``native_recon.FUSED_BERNOULLI_IN_STEP``: the float32 cast, BCE-with-logits, and
+sigmoid, sub, mul, cast back in the backward). The bce rows time the op alone against those
+torch calls at the step's logits ([B, 4, 32, 32] channels_last, float32 x).
 """
 
 from __future__ import annotations
@@ -177,6 +182,42 @@ def _relu_bias_cases(batch: int):
     return rows
 
 
+def _bernoulli_cases(batch: int):
+    """bernoulli_nll_sum / _grad against the torch ops they replace in the step, at its
+    space-to-depth logits [B, 4, 32, 32] channels_last with float32 {0, 1} x: "fwd" the float32
+    cast and BCE-with-logits (sum) / B; "bwd" sigmoid, sub, mul by the scalar and the cast back;
+    "fwd+bwd" both through autograd (torch: recon_loss of the float32 cast; native: native_recon)."""
+    from fastfvae.objectives import recon_loss
+    from fastfvae.ops import native_recon
+
+    ops, g = native.ops(), torch.Generator().manual_seed(5)
+    rows = []
+    x = (torch.rand(batch, 4, 32, 32, generator=g) < 0.2).float().contiguous(memory_format=CL)
+    for dt in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(batch, 4, 32, 32, generator=g) * 4).to(dt).contiguous(memory_format=CL)
+        scale = torch.tensor(1.0) / batch
+        name = f"{'bf16' if dt == torch.bfloat16 else 'fp32':8s} bce"
+
+        def autograd_pass(fn, logits=logits):
+            with torch.enable_grad():
+                leaf = logits.detach().requires_grad_()
+                fn(leaf).backward()
+            return leaf.grad
+
+        rows += [
+            (f"{name} fwd {batch}x4x32x32",
+             lambda logits=logits: F.binary_cross_entropy_with_logits(logits.float(), x, reduction="sum") / batch,
+             lambda logits=logits: ops.bernoulli_nll_sum(logits, x) / batch),
+            (f"{name} bwd {batch}x4x32x32",
+             lambda logits=logits, dt=dt: ((torch.sigmoid(logits.float()) - x) * scale).to(dt),
+             lambda logits=logits: ops.bernoulli_nll_grad(logits, x, scale.item())),
+            (f"{name} fwd+bwd {batch}x4x32x32",
+             lambda f=autograd_pass: f(lambda leaf: recon_loss(leaf.float(), x)),
+             lambda f=autograd_pass: f(lambda leaf: native_recon.recon_loss(leaf, x))),
+        ]
+    return rows
+
+
 def _s2d_first_kernel(layer):
     c = layer.out_channels
     taps = F.pad(layer.weight.detach()[:, 0], (1, 1, 1, 1)).view(c, 3, 2, 3, 2)
@@ -240,12 +281,13 @@ def _env_switch(name: str):
     return switch
 
 
-def _flag_switch(flag_name: str):
-    """A `_interleaved_steps` switch over the module flag ``flag_name`` of native_conv."""
-    from fastfvae.ops import native_conv
+def _flag_switch(flag_name: str, module=None):
+    """A `_interleaved_steps` switch over the module flag ``flag_name`` of ``module`` (native_conv)."""
+    if module is None:
+        from fastfvae.ops import native_conv as module
 
-    saved = getattr(native_conv, flag_name)
-    return lambda on: setattr(native_conv, flag_name, saved if on is None else on)
+    saved = getattr(module, flag_name)
+    return lambda on: setattr(module, flag_name, saved if on is None else on)
 
 
 def _print_ratios(what: str, precision: str, threads: int, rounds: int, off_name: str, on_name: str,
@@ -268,6 +310,9 @@ def main(argv=None) -> int:
                    help="time the bf16 fast step, native inner-layer weight gradients on vs off")
     p.add_argument("--step-relu-bias", action="store_true",
                    help="time the bf16 and fp32 fast steps, relu_grad_bias on vs threshold_backward + sum")
+    p.add_argument("--only", default="", help="time only the rows whose name contains this (e.g. 'bce')")
+    p.add_argument("--step-recon", action="store_true",
+                   help="time the bf16 fast step, the fused reconstruction loss on vs torch's ops")
     args = p.parse_args(argv)
     if not native.loaded():
         print(f"native library not loaded: {native.status()[1]}")
@@ -293,7 +338,15 @@ def main(argv=None) -> int:
                           "threshold_backward + sum", "relu_grad_bias",
                           _interleaved_steps(_flag_switch("FUSED_RELU_BIAS_IN_STEP"), precision, rounds=args.rounds))
         return 0
-    cases = _cases(args.batch) + _s2_cases(args.batch) + _wgrad_cases(args.batch) + _relu_bias_cases(args.batch)
+    if args.step_recon:
+        from fastfvae.ops import native_recon
+
+        _print_ratios("reconstruction loss", "bf16", args.threads, args.rounds, "torch BCE", "bernoulli_nll",
+                      _interleaved_steps(_flag_switch("FUSED_BERNOULLI_IN_STEP", native_recon), rounds=args.rounds))
+        return 0
+    cases = (_cases(args.batch) + _s2_cases(args.batch) + _wgrad_cases(args.batch) + _relu_bias_cases(args.batch)
+             + _bernoulli_cases(args.batch))
+    cases = [c for c in cases if args.only in c[0]]
     times = {name: ([], []) for name, _, _ in cases}
     with torch.no_grad():
         for _, a, b in cases:  # warm-up (oneDNN primitive creation)
