@@ -7,7 +7,9 @@ benchmark can time it beside the reference loop and the fast step in the same ro
 
 - the networks as that implementation writes them: convolutions throughout (the fully
   connected layers of Kim & Mnih 2018 as a 4 x 4 convolution on the 4 x 4 feature map and
-  1 x 1 convolutions), in-place ReLUs, weights drawn from N(0, 0.02), zero biases; D is six
+  1 x 1 convolutions), in-place ReLUs, the convolutions' and linear layers' weights drawn from
+  N(0, 0.02) with zero biases (its initialiser takes ``nn.Linear`` and ``nn.Conv2d`` only: the
+  decoder's transposed convolutions keep torch's default initialisation); D is six
   linear layers with LeakyReLU(0.2), that is five hidden layers of 1000 units (its reading of
   the paper's "6-layer MLP"; fastfvae's D, like disentanglement_lib's, has six hidden layers
   and two logits, so a step of the well-known one computes ~3% fewer FLOPs: 11.2 GFLOP
@@ -41,8 +43,11 @@ D_LR, D_BETAS = 1e-4, (0.5, 0.9)
 
 
 def _normal_init(module: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases for the linear layers and the convolutions, as that
+    implementation's initialiser (an ``nn.ConvTranspose2d`` is not an ``nn.Conv2d``: it keeps
+    torch's default)."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
             nn.init.zeros_(m.bias)
 

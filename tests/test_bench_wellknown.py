@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -99,3 +100,23 @@ def test_its_shape_is_one_d_update_on_a_second_batch():
 def test_worker_times_the_well_known_iteration():
     with ReferenceWorker(batch_size=2, d_steps=1, threads=1, rows=64, warmup=1, variant="well-known") as worker:
         assert all(math.isfinite(s) and s > 0 for s in (worker.seconds_per_step(2), worker.seconds_per_step(1)))
+
+
+def test_its_initialiser_takes_the_linear_layers_and_convolutions_only():
+    """N(0, 0.02) weights and zero biases for nn.Linear and nn.Conv2d, as that implementation's
+    initialiser; its decoder's nn.ConvTranspose2d layers (not nn.Conv2d) keep torch's default:
+    uniform within 1 / sqrt(fan_in), biases too."""
+    step = WellKnownStep(z_dim=10, seed=0)
+    layers = [m for net in (step.vae, step.d) for m in net.modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    transposed = [m for m in layers if isinstance(m, nn.ConvTranspose2d)]
+    assert len(transposed) == 5 and len(layers) == 6 + 1 + 5 + 6
+    for m in layers:
+        if isinstance(m, nn.ConvTranspose2d):
+            bound = 1 / math.sqrt(m.weight.shape[1] * m.weight[0, 0].numel())
+            assert bool((m.bias != 0).any()) and m.bias.abs().max() <= bound
+            assert m.weight.abs().max() <= bound and m.weight.std() > bound / 3
+        else:
+            assert bool((m.bias == 0).all())
+            if m.weight.numel() >= 1000:
+                assert 0.018 < m.weight.std() < 0.022
