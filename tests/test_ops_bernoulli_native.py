@@ -353,3 +353,21 @@ def test_info_lists_the_fused_loss(native_lib):
     assert row[1:3] == (["native", "torch"] if isa_supported("avx512") else ["torch", "torch"]), out
     capped = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "scalar"})
     assert _row(capped, "bernoulli_nll")[1] == "torch" and "the fused pass needs AVX-512" in capped
+
+
+def test_info_row_on_its_own_loads_the_library_first(native_lib):
+    """`recon_row` as the first thing a process asks (nothing loaded yet): the library it loads
+    has the op, so the row does not call it an older build."""
+    import os
+    import subprocess
+    import sys
+
+    from fastfvae.ops import native
+
+    env = {k: v for k, v in os.environ.items() if k not in (native.LIB_ENV, native.DISABLE_ENV)}
+    env[native.LIB_ENV] = str(native_lib)
+    proc = subprocess.run([sys.executable, "-c", "from fastfvae.cli.info import recon_row; print(recon_row())"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "older build" not in proc.stdout, proc.stdout
+    assert ("'native'" in proc.stdout) == isa_supported("avx512"), proc.stdout

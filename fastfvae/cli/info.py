@@ -130,12 +130,13 @@ def recon_row() -> tuple[str, str, str, str]:
     """The fast step's reconstruction loss (`fastfvae.ops.native_recon`): (name, cpu, cuda, why)."""
     from fastfvae.ops import native, native_recon
 
-    has = native.has(*native_recon.CALLS)
-    bn_on = native.active() and has and native_recon.isa() == "avx512" and native_recon.FUSED_BERNOULLI_IN_STEP
+    active = native.active()  # loads the library first: `native.has` answers for a loaded one
+    has = native.loaded() and native.has(*native_recon.CALLS)
+    bn_on = active and has and native_recon.isa() == "avx512" and native_recon.FUSED_BERNOULLI_IN_STEP
     if bn_on:
         why = ("cpu: bf16 step: the BCE-with-logits sum of the bf16 logits and its gradient, one pass each"
                + (" (fp32 too)" if native_recon.FUSED_BERNOULLI_FP32 else " (fp32: torch's, the parity precision)"))
-    elif not native.active():
+    elif not active:
         why = f"cpu: {native.status()[1]}"
     elif not has:
         why = f"cpu: the loaded library has no bernoulli_nll_sum (an older build): rebuild it: {native.BUILD_HINT}"
