@@ -371,3 +371,20 @@ def test_info_row_on_its_own_loads_the_library_first(native_lib):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "older build" not in proc.stdout, proc.stdout
     assert ("'native'" in proc.stdout) == isa_supported("avx512"), proc.stdout
+
+
+def test_a_library_without_the_op_loads_and_the_step_keeps_torchs_loss(native_on, monkeypatch):
+    """A library built before bernoulli_nll (the calls absent, as `native.has` answers for it)
+    still loads (the calls are not among those checked at load), and the bf16 step, the choice
+    and the info row fall back to torch's BCE-with-logits."""
+    from fastfvae.cli.info import recon_row
+    from fastfvae.ops import native
+
+    assert not set(native_recon.CALLS) & set(native.NATIVE_OPS + native.NATIVE_CALLS + tuple(native.NATIVE_CALL_ARGS))
+    real_has = native.has
+    monkeypatch.setattr(native, "has", lambda *names: not set(names) & set(native_recon.CALLS) and real_has(*names))
+    logits, x = _operands((2, 4, 8, 8), BF16, "cl")
+    assert native.active() and not native_recon.available() and not native_recon.fits(logits, x)
+    assert recon_row()[1] == "torch" and "older build" in recon_row()[3]
+    _run_fast(monkeypatch, True, "bf16", steps=2)
+    assert "bernoulli_nll_sum" not in native_on.called and "bernoulli_nll_grad" not in native_on.called
