@@ -13,10 +13,11 @@ One benchmark group per config (so each row's ratio is against the other rows of
   (bf16 with autograd and autocast instead of the by-hand D and convolutions: what they add;
   skipped on CUDA, where it is fast-bf16), ``fast-fused`` (fp32
   with the `fastfvae.ops` fused ops; on CPU they run their torch reference).
-- ``test_interleaved_paper_ratios`` (``-k interleaved``) also times ``well-known``: the
-  well-known PyTorch FactorVAE's iteration (`bench.wellknown_step`) on the same batches, the
-  baseline of the step-rate goals.
-- Order: every config's ``reference`` row runs first, then the heap setting is applied (it is
+- ``well-known``: the well-known PyTorch FactorVAE's iteration (`bench.wellknown_step`) on the
+  same batches, the baseline of the step-rate goals: a row of ``paper-d1`` (its shape, on every
+  device: on a GPU this is the comparison `bench/gpu_check.sh` records), and one of the rows
+  ``test_interleaved_paper_ratios`` (``-k interleaved``) times in turn.
+- Order: every config's ``reference`` row (and paper-d1's ``well-known``) runs first, then the heap setting is applied (it is
   process-wide and one-way), then the other rows. ``extra_info["heap_kept"]`` records whether
   the setting was in effect for a row, so a ``reference`` row measured after it (another
   bench file in the same session created a fast step first) is visible as such.
@@ -26,7 +27,8 @@ from the resident set); ``extra_info``: ``steps_per_s`` (= steps / median call t
 ``peak_mb`` (over building the state and the warm-up call, which runs the same steps; CUDA:
 max allocated; CPU: peak RSS above the RSS before the state was built),
 ``vs_reference`` (steps/s over the reference row's, measured earlier in the same pytest run),
-``vs_reference_heap`` (over the reference-heap row's),
+``vs_reference_heap`` (over the reference-heap row's), ``vs_well_known`` (paper-d1: over the
+well-known row's),
 ``cpu_ms_per_step`` (process CPU time per step: on a shared machine with 1 thread a steadier
 work measure than wall time), ``threads``. CPU threads: all the process has (``torch.get_num_threads()``; set
 OMP_NUM_THREADS to pin). The images are random bits: a step's cost does not depend on them.
@@ -103,8 +105,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-#: every reference row first (before any fast step keeps the heap), then config by config
-ROWS = [(c, "reference") for c in CONFIGS] + [(c, v) for c in CONFIGS for v in VARIANTS if v != "reference"]
+#: every plain-heap row first (before any fast step keeps the heap): the references and the
+#: well-known implementation's iteration at the paper config (its shape: one D update), then
+#: config by config
+PLAIN_ROWS = [(c, "reference") for c in CONFIGS] + [("paper-d1", "well-known")]
+ROWS = PLAIN_ROWS + [(c, v) for c in CONFIGS for v in VARIANTS if v != "reference"]
 
 
 @pytest.mark.parametrize("config,variant", ROWS, ids=[f"{c}-{v}" for c, v in ROWS])
@@ -115,7 +120,7 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
         pytest.skip("the heap setting is a CPU lever")
     if variant == "fast-bf16-autograd" and bench_device.type == "cuda":
         pytest.skip("on CUDA the fast step is autograd already: the same as fast-bf16")
-    if variant != "reference" and bench_device.type == "cpu":
+    if (config, variant) not in PLAIN_ROWS and bench_device.type == "cpu":
         keep_freed_memory()
     cfg = TrainConfig(device=bench_device.type, **CONFIGS[config])
     cuda = bench_device.type == "cuda"
@@ -145,13 +150,14 @@ def test_train_step(benchmark, data, bench_device, reference_rates, config, vari
     if timing(benchmark) is None:
         return
     rate = steps / timing(benchmark).median  # the median round: robust to a noisy neighbour
-    if variant.startswith("reference"):
+    if variant.startswith("reference") or variant == "well-known":
         reference_rates[(config, variant)] = rate
     info = benchmark.extra_info
     info.update(config=config, variant=variant, steps_per_s=rate, peak_mb=round(memory["peak_mb"], 1),
                 threads=torch.get_num_threads(), batch_size=cfg.batch_size, d_steps=cfg.d_steps,
                 cpu_ms_per_step=1e3 * float(np.median(cpu_s[1:])) / steps, heap_kept=heap_kept())
-    for base, key in (("reference", "vs_reference"), ("reference-heap", "vs_reference_heap")):
+    for base, key in (("reference", "vs_reference"), ("reference-heap", "vs_reference_heap"),
+                      ("well-known", "vs_well_known")):
         if (config, base) in reference_rates:
             info[key] = rate / reference_rates[(config, base)]
 

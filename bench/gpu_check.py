@@ -82,7 +82,8 @@ PACK_JSON = "pack.measured.json"
 
 
 def train_step_selection(config: str) -> str:
-    """pytest -k for one config's reference, fast and fast-bf16 rows (fast-fused is fast on CUDA)."""
+    """pytest -k for one config's reference, fast and fast-bf16 rows (fast-fused is fast on CUDA),
+    and the paper config's well-known row (`bench.wellknown_step`)."""
     return f"test_train_step and {config}- and not fused and not autograd and not heap"
 
 

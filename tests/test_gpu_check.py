@@ -217,6 +217,9 @@ def _collected(target: str, k: str) -> list[str]:
 def test_the_benchmark_selections_pick_the_intended_rows():
     rows = _collected("bench/bench_train_step.py", gpu_check.train_step_selection("b256"))
     assert rows == ["test_train_step[b256-reference]", "test_train_step[b256-fast]", "test_train_step[b256-fast-bf16]"]
+    paper = _collected("bench/bench_train_step.py", gpu_check.train_step_selection("paper-d1"))
+    assert paper == ["test_train_step[paper-d1-reference]", "test_train_step[paper-d1-well-known]",
+                     "test_train_step[paper-d1-fast]", "test_train_step[paper-d1-fast-bf16]"]
     ops = _collected("bench/bench_ops.py", gpu_check.OPS_SELECTION)
     assert ops and all(("64" in r or "128" in r) and "compiled" not in r for r in ops)
     assert any("discriminator" in r and "128" in r for r in ops) and any("gaussian" in r for r in ops)
