@@ -105,25 +105,17 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
               "convolutions (fp32: oneDNN)" if wg_on
               else needs_bf16_dot)
     has_rb = hasattr(torch.ops.fastfvae_native, "relu_grad_bias")
-    rb_isa = native_conv.relu_grad_isa() if on and has_rb else None
-    rb_on = rb_isa == "avx512" and native_conv.FUSED_RELU_BIAS_IN_STEP
-    if rb_on:
-        rb_why = ("cpu: bf16 step: the ReLU convolutions' backward mask and float32 bias gradient in one pass"
-                  + (" (fp32 too)" if native_conv.FUSED_RELU_BIAS_FP32 else " (fp32: threshold_backward + sum)"))
-    elif not on:
-        rb_why = f"cpu: {off_why}"
-    elif not has_rb:
-        rb_why = f"cpu: the loaded library has no relu_grad_bias (an older build): rebuild it: {native.BUILD_HINT}"
-    elif not native_conv.FUSED_RELU_BIAS_IN_STEP:
-        rb_why = "cpu: threshold_backward + sum: fastfvae.ops.native_conv.FUSED_RELU_BIAS_IN_STEP is off"
-    else:
-        rb_why = f"cpu: threshold_backward + sum: the fused pass needs AVX-512 (this CPU: {native.gemm_isa()})"
+    rb_row = fused_pass_row(
+        "relu_grad_bias", "threshold_backward + sum",
+        "cpu: bf16 step: the ReLU convolutions' backward mask and float32 bias gradient in one pass"
+        + (" (fp32 too)" if native_conv.FUSED_RELU_BIAS_FP32 else " (fp32: threshold_backward + sum)"),
+        active=on, off_why=off_why, has=has_rb, isa_ok=on and has_rb and native_conv.relu_grad_isa() == "avx512",
+        flag="fastfvae.ops.native_conv.FUSED_RELU_BIAS_IN_STEP", flag_on=native_conv.FUSED_RELU_BIAS_IN_STEP)
     return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
             ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch"),
             ("conv_4s2", "native" if fw_on else "oneDNN", "cuDNN", f"{fw_why}; cuda: torch"),
             ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch"),
-            ("relu_grad_bias", "native" if rb_on else "torch", "torch", f"{rb_why}; cuda: torch"),
-            recon_row()]
+            rb_row, recon_row()]
 
 
 def recon_row() -> tuple[str, str, str, str]:
@@ -132,19 +124,34 @@ def recon_row() -> tuple[str, str, str, str]:
 
     active = native.active()  # loads the library first: `native.has` answers for a loaded one
     has = native.loaded() and native.has(*native_recon.CALLS)
-    bn_on = active and has and native_recon.isa() == "avx512" and native_recon.FUSED_BERNOULLI_IN_STEP
-    if bn_on:
-        why = ("cpu: bf16 step: the BCE-with-logits sum of the bf16 logits and its gradient, one pass each"
-               + (" (fp32 too)" if native_recon.FUSED_BERNOULLI_FP32 else " (fp32: torch's, the parity precision)"))
+    return fused_pass_row(
+        "bernoulli_nll", "torch's BCE-with-logits",
+        "cpu: bf16 step: the BCE-with-logits sum of the bf16 logits and its gradient, one pass each"
+        + (" (fp32 too)" if native_recon.FUSED_BERNOULLI_FP32 else " (fp32: torch's, the parity precision)"),
+        active=active, off_why=native.status()[1], has=has, isa_ok=active and has and native_recon.isa() == "avx512",
+        flag="fastfvae.ops.native_recon.FUSED_BERNOULLI_IN_STEP", flag_on=native_recon.FUSED_BERNOULLI_IN_STEP,
+        call="bernoulli_nll_sum")
+
+
+def fused_pass_row(name: str, torch_path: str, on_why: str, *, active: bool, off_why: str, has: bool, isa_ok: bool,
+                   flag: str, flag_on: bool, call: str | None = None) -> tuple[str, str, str, str]:
+    """(name, cpu, cuda, why) of a fused native pass of the fast step that replaces torch ops
+    (``torch_path``): native when the library is active (else ``off_why``), has the call (else an
+    older build), runs it on AVX-512 and the step's ``flag`` is on; on CUDA always torch."""
+    from fastfvae.ops import native
+
+    on = active and has and isa_ok and flag_on
+    if on:
+        why = on_why
     elif not active:
-        why = f"cpu: {native.status()[1]}"
+        why = f"cpu: {off_why}"
     elif not has:
-        why = f"cpu: the loaded library has no bernoulli_nll_sum (an older build): rebuild it: {native.BUILD_HINT}"
-    elif not native_recon.FUSED_BERNOULLI_IN_STEP:
-        why = "cpu: torch's BCE-with-logits: fastfvae.ops.native_recon.FUSED_BERNOULLI_IN_STEP is off"
+        why = f"cpu: the loaded library has no {call or name} (an older build): rebuild it: {native.BUILD_HINT}"
+    elif not flag_on:
+        why = f"cpu: {torch_path}: {flag} is off"
     else:
-        why = f"cpu: torch's BCE-with-logits: the fused pass needs AVX-512 (this CPU: {native.gemm_isa()})"
-    return ("bernoulli_nll", "native" if bn_on else "torch", "torch", f"{why}; cuda: torch")
+        why = f"cpu: {torch_path}: the fused pass needs AVX-512 (this CPU: {native.gemm_isa()})"
+    return (name, "native" if on else "torch", "torch", f"{why}; cuda: torch")
 
 
 def lines() -> list[str]:
