@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import timing
+from bench.conftest import skip_unless_bf16_runs, timing
 from fastfvae.models.discriminator import Discriminator
 from fastfvae.ops import FusedDiscriminator, gaussian_sample_kl, linear_leaky_relu, native, permute_dims
 
@@ -229,6 +229,7 @@ def test_native_linear_leaky_relu(benchmark, monkeypatch, dtype, impl):
     """One 1000 x 1000 layer of D at 2B = 128 rows, forward + both backward ops (the public op:
     the weight is packed at every call, as any GEMM library must for a weight it sees once)."""
     _native_or_skip(monkeypatch, impl)
+    skip_unless_bf16_runs(dtype)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     x = torch.randn(128, 1000).to(dt).requires_grad_()
     w = (torch.randn(1000, 1000) / 1000**0.5).to(dt).requires_grad_()
@@ -311,6 +312,7 @@ def test_native_discriminator_vs_torch(benchmark, monkeypatch, dtype, B):
     from fastfvae.fast.allocator import keep_freed_memory
 
     _native_or_skip(monkeypatch, "native")
+    skip_unless_bf16_runs(dtype)
     keep_freed_memory()  # as the fast CPU step does, for both
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(1)
@@ -455,6 +457,7 @@ def test_fast_step_native_d_interleaved(benchmark, monkeypatch, precision):
     from fastfvae.train.state import TrainState
 
     _native_or_skip(monkeypatch, "native")
+    skip_unless_bf16_runs(precision)
     data = random_bits_dsprites(4096)
     cfg = TrainConfig(batch_size=64, d_steps=1)
     steppers = {}

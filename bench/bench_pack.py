@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conftest import random_bits_dsprites, timing
+from bench.conftest import random_bits_dsprites, skip_unless_bf16_runs, timing
 from fastfvae.fast import FastOptions, FastStep
 from fastfvae.fast.allocator import keep_freed_memory
 from fastfvae.study.pack import make_pack_step
@@ -77,6 +77,7 @@ class _Gemm:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k", KS)
 def test_pack_vs_single_fast_runs(benchmark, bench_device, k, precision):
+    skip_unless_bf16_runs(precision, bench_device)
     cpu = bench_device.type == "cpu"
     if cpu:
         keep_freed_memory()

@@ -24,6 +24,22 @@ from fastfvae.data import DSprites
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def bf16_runs(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs bf16 at all (`fastfvae.fast.precision.bf16_support`: not an
+    AVX2-only CPU, where oneDNN refuses it and fastfvae refuses ``--precision bf16``)."""
+    from fastfvae.fast.precision import BF16_UNSUPPORTED, bf16_support
+
+    return bf16_support(device)[0] != BF16_UNSUPPORTED
+
+
+def skip_unless_bf16_runs(precision: str, device: torch.device | str = "cpu") -> None:
+    """Skip a bf16 row, with the reason, where ``device`` cannot run bf16 (the fp32 rows run)."""
+    if precision == "bf16" and not bf16_runs(device):
+        from fastfvae.fast.precision import bf16_support
+
+        pytest.skip(f"bf16 cannot run here: {bf16_support(device)[1]}")
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from cpu_bf16 import needs_cpu_bf16
 
 from fastfvae.cli import main
 from metrics_helpers import DATA, expected, tiny_dsprites
@@ -140,8 +141,7 @@ def test_largest_randomstate_seed_is_accepted(tmp_path, capsys):
     assert _scores(capsys, tmp_path, TABLE, "--metrics", "mig", "--seed", 2**32 - 1)["mig"]
 
 
-def test_precision_and_channels_last_reach_the_encoder_and_a_bad_precision_is_one_line(run_folder, tmp_path,
-                                                                                       capsys, monkeypatch):
+def test_a_bad_precision_is_one_line_before_the_checkpoint_loads(run_folder, capsys, monkeypatch):
     import fastfvae.cli.eval as eval_cli
 
     def no_checkpoint(*a):
@@ -151,6 +151,12 @@ def test_precision_and_channels_last_reach_the_encoder_and_a_bad_precision_is_on
         m.setattr(eval_cli, "_load_checkpoint", no_checkpoint)
         code, _, err = _cli(capsys, run_folder, "--metrics", "mig", "--precision", "fp16")
     assert code == 2 and err.strip() == "fastfvae: error: unknown encoder precision 'fp16'; expected one of fp32, bf16"
+
+
+@needs_cpu_bf16
+def test_precision_and_channels_last_reach_the_encoder(run_folder, tmp_path, capsys, monkeypatch):
+    import fastfvae.cli.eval as eval_cli
+
     asked = []
     real = eval_cli.evaluate_model
     monkeypatch.setattr(eval_cli, "evaluate_model", lambda *a, **kw: asked.append(kw) or real(*a, **kw))

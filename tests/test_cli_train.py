@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpu_bf16 import needs_cpu_bf16
 
+import fastfvae.fast.precision as precision
 from fastfvae.cli import main
 from fastfvae.errors import FastFVAEError
 from fastfvae.train.checkpoint import load_checkpoint
@@ -26,6 +28,13 @@ def existing_run(tmp_path_factory) -> Path:
     cfg = TrainConfig(steps=2, batch_size=8, d_hidden=32, d_layers=2, out=str(out), log_every=1)
     run_training(cfg, data=small_dsprites(256), progress=False)
     return out
+
+
+@pytest.fixture
+def bf16_machine(monkeypatch):
+    """Config-level checks as on a CPU with bfloat16 instructions, whatever this one has (what
+    other CPUs do: tests/test_precision_support.py)."""
+    monkeypatch.setattr(precision, "bf16_support", lambda device: (precision.BF16_NATIVE, "simulated"))
 
 
 def _digest(folder: Path) -> dict:
@@ -100,7 +109,7 @@ def test_a_flag_that_would_do_nothing_is_refused_with_its_reason(tmp_path, capsy
     assert capsys.readouterr().err.strip() == f"fastfvae: error: {expected}"
 
 
-def test_new_runs_use_the_fast_step_and_resumed_runs_keep_theirs(existing_run, tmp_path):
+def test_new_runs_use_the_fast_step_and_resumed_runs_keep_theirs(existing_run, tmp_path, bf16_machine):
     """--fast is the default for a new run (CPU too); --reference / --no-fast choose the reference
     loop; a resumed run keeps the step its config names (existing_run: the reference) unless a
     flag says otherwise."""
@@ -139,6 +148,9 @@ def test_reference_overrides_a_fast_preset_or_runs_precision_and_loader(tmp_path
         run_training(TrainConfig(fast=False, precision="bf16", out=str(tmp_path / "api")), progress=False)
     assert not (tmp_path / "api").exists()
 
+
+@needs_cpu_bf16
+def test_reference_resumes_a_bf16_run_in_fp32_and_back(tmp_path, capsys, monkeypatch):
     import fastfvae.train.loop as loop
 
     monkeypatch.setattr(loop, "load_training_data", lambda path, *_: small_dsprites(256))
@@ -166,7 +178,7 @@ def test_reference_overrides_a_fast_preset_or_runs_precision_and_loader(tmp_path
      "as flags (--steps 5000 --vae-lr 0.0003 --precision bf16 --ckpt-every 1000)"),
 ], ids=["paper-betavae", "dlib-annealedvae", "quickstart-vae"])
 def test_a_factorvae_preset_with_another_model_is_refused_naming_what_would_not_apply(tmp_path, capsys, argv,
-                                                                                       expected):
+                                                                                       expected, bf16_machine):
     """A preset's hyperparameters are FactorVAE's: with another --model they would be dropped (or,
     for AnnealedVAE's gamma, carried into another meaning), so the run is refused with the
     flags that give the preset's other settings; the preset's own model still takes it."""
@@ -353,7 +365,7 @@ def test_traverse_checks_out_before_loading_data_and_leaves_nothing(existing_run
     assert not (tmp_path / "figs").exists()  # the folder made for the figures is removed again
 
 
-def test_quickstart_preset_trains_on_the_fast_bf16_step_and_says_what_to_open(tmp_path, capsys):
+def test_quickstart_preset_trains_on_the_fast_step_and_says_what_to_open(tmp_path, capsys):
     """The README's first command, shortened: the preset's settings reach the run (config.json),
     and the summary names the figures and the time taken."""
     import json
@@ -362,7 +374,9 @@ def test_quickstart_preset_trains_on_the_fast_bf16_step_and_says_what_to_open(tm
     assert main(["train", "--preset", "quickstart", "--steps", "2", "--batch-size", "8", "--out", str(out),
                  "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())
+    # bf16 where the CPU has bfloat16 instructions, else fp32 (tests/test_precision_support.py)
+    bf16 = precision.bf16_support("cpu")[0] == precision.BF16_NATIVE
     assert (saved["preset"], saved["fast"], saved["precision"], saved["vae_lr"], saved["hparams"]["d_lr"]) == (
-        "quickstart", True, "bf16", 3e-4, 1e-3)
+        "quickstart", True, "bf16" if bf16 else "fp32", 3e-4, 1e-3)
     err = capsys.readouterr().err
     assert "steps/s" in err and str(out / "traversals.png") in err

@@ -15,6 +15,7 @@ from fastfvae.train.checkpoint import load_checkpoint, load_models
 from fastfvae.train.config import TrainConfig
 from fastfvae.train.loop import run_training
 from train_data import one_thread, small_dsprites  # noqa: F401 (autouse fixture)
+from cpu_bf16 import bf16_param, needs_cpu_bf16
 
 TINY = ["--batch-size", "8", "--no-progress", "--no-figures", "--log-every", "1"]
 
@@ -43,6 +44,7 @@ def test_cli_fast_trains_and_saves_a_reference_checkpoint(tmp_path, capsys):
         assert torch.equal(v, payload["state"]["vae"][k])
 
 
+@needs_cpu_bf16
 def test_cli_bf16_and_bad_values(tmp_path, capsys):
     assert main(["train", "--fast", "--precision", "bf16", "--steps", "2", "--out", str(tmp_path / "a"), *TINY]) == 0
     capsys.readouterr()
@@ -52,7 +54,7 @@ def test_cli_bf16_and_bad_values(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("fastfvae: error:")
 
 
-@pytest.mark.parametrize("precision,d_steps", [("fp32", 1), ("bf16", 2)])
+@pytest.mark.parametrize("precision,d_steps", [("fp32", 1), bf16_param("bf16", 2, id="bf16-2")])
 def test_fast_resume_is_bit_exact(tmp_path, precision, d_steps):
     """bf16 also covers the by-hand D's bf16 weight cache: rebuilt from the checkpoint's
     parameters on resume, it must equal the cache the uninterrupted run carried over."""

@@ -9,6 +9,7 @@ from torch import nn
 from fastfvae.fast import conv
 from fastfvae.models.vae import VAE
 from train_data import one_thread  # noqa: F401 (autouse fixture)
+from cpu_bf16 import bf16_param
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 # max |a - b| <= TOL * max(1, max |b|), per dtype the layer runs in (references in float64)
@@ -104,7 +105,7 @@ def check_layer_split(layer, x, dtype, relu, tol):
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_layer_split_matches_module(geom, transposed, bias, relu, dtype):
     layer = make_layer(transposed, geom, bias)
     torch.manual_seed(1)
@@ -133,7 +134,7 @@ def test_narrowing_backward_is_taken_only_for_stride1_narrowing_convs(monkeypatc
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_layer_split_channels_last_input(transposed, relu, dtype):
     layer = make_layer(transposed, GEOMETRIES[0], True)
     x = torch.randn(4, 3, 8, 6).contiguous(memory_format=torch.channels_last)
@@ -142,7 +143,7 @@ def test_layer_split_channels_last_input(transposed, relu, dtype):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_conv_split_matches_functional_with_explicit_arguments(transposed, dtype):
     torch.manual_seed(2)
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
@@ -163,7 +164,7 @@ def test_conv_split_matches_functional_with_explicit_arguments(transposed, dtype
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_fused_relu_path_agrees_with_fallback(monkeypatch, transposed, layout, dtype):
     """The oneDNN conv+ReLU primitive and the convolution-then-relu_ fallback."""
     layer = make_layer(transposed, GEOMETRIES[0], True)
@@ -337,7 +338,7 @@ def test_space_to_depth_round_trips(layout):
 @pytest.mark.parametrize("cout, batch", [(1, 1), (3, 2), (32, 3)])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_first_conv_s2d_is_the_strided_conv(cout, batch, bias, relu, dtype):
     torch.manual_seed(cout + batch)
     layer = nn.Conv2d(1, cout, 4, stride=2, padding=1, bias=bias)
@@ -357,7 +358,7 @@ def test_first_conv_s2d_is_the_strided_conv(cout, batch, bias, relu, dtype):
 
 @pytest.mark.parametrize("cin, batch", [(1, 1), (3, 2), (32, 3)])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_last_deconv_s2d_is_the_strided_deconv(cin, batch, bias, dtype):
     torch.manual_seed(cin * batch)
     layer = nn.ConvTranspose2d(cin, 1, 4, stride=2, padding=1, bias=bias)
@@ -423,7 +424,7 @@ def _images(batch, seed=5):
 
 
 @pytest.mark.parametrize("s2d", [False, True], ids=["plain", "s2d"])
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_encode_matches_the_module(vae, s2d, dtype):
     model = _vae_in(vae, dtype)
     pdtype = next(model.parameters()).dtype
@@ -454,7 +455,7 @@ def test_encode_matches_the_module(vae, s2d, dtype):
 
 
 @pytest.mark.parametrize("s2d", [False, True], ids=["plain", "s2d"])
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32, bf16_param(BF16, id=str(BF16))], ids=str)
 def test_decode_matches_the_module(vae, s2d, dtype):
     model = _vae_in(vae, dtype)
     pdtype = next(model.parameters()).dtype

@@ -4,6 +4,7 @@ where the library is loaded and D and its optimiser fit it, else the torch by-ha
 The library comes from tests/test_ops_native.py's fixtures (these tests skip without a compiler)."""
 
 import pytest
+from cpu_bf16 import bf16_param
 import torch
 from test_fast_step import small_cfg
 from test_methods_registry import _factorvae_with, registry  # noqa: F401  (fixture)
@@ -24,7 +25,7 @@ def _step(cfg, **options) -> FastStep:
     return FastStep(TrainState.create(cfg, 512), small_dsprites(512), FastOptions(**options))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", bf16_param("bf16", id="bf16")])
 def test_the_native_discriminator_is_the_cpu_default_where_the_library_is_loaded(native_on, precision):
     step = _step(small_cfg(), precision=precision)
     assert step.options.native_d is True
@@ -68,7 +69,7 @@ def test_the_gpu_and_compiled_steps_resolve_native_d_off():
         FastOptions(native_d=True, compile="model").resolved(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", bf16_param("bf16", id="bf16")])
 def test_d_update_reuses_the_tc_backward_in_the_step(native_on, precision):
     """In the fast step D's update takes the codes' rows from the TC term's backward (the two
     upstream gradients are parallel on those rows: tests/test_ops_mlp_native_shared.py); with

@@ -13,6 +13,7 @@ import torch
 from fastfvae import methods
 from fastfvae.errors import FastFVAEError
 from fastfvae.methods.base import Hyperparameters, Method, at_least, hparam
+from cpu_bf16 import bf16_param
 
 BUILTINS = ("vae", "betavae", "annealedvae", "factorvae", "dipvae", "betatcvae")
 
@@ -265,7 +266,7 @@ def _factorvae_with(kind: str):
 
 @pytest.mark.parametrize("kind,precision", [
     ("sgd", "fp32"), ("nadam", "fp32"), ("adamax", "fp32"), ("clipped_adam", "fp32"),
-    ("sgd", "bf16"), ("adamw", "bf16"), ("adam_weight_decay", "bf16"),
+    *(bf16_param(kind, "bf16", id=f"{kind}-bf16") for kind in ("sgd", "adamw", "adam_weight_decay")),
 ])
 def test_the_fast_step_runs_an_adversary_optimiser_it_cannot_replace_as_built(registry, kind, precision):
     """The fast step's own Adam (fused; in bf16 on CPU the flat one) is built from an Adam's lr,

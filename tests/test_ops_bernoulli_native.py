@@ -13,6 +13,7 @@ tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests
 """
 
 import pytest
+from cpu_bf16 import needs_cpu_bf16
 import torch
 import torch.nn.functional as F
 from test_ops_native import each_variant, isa_supported, native_lib, native_on, run_with_isa  # noqa: F401  (fixtures)
@@ -373,6 +374,7 @@ def test_info_row_on_its_own_loads_the_library_first(native_lib):
     assert ("'native'" in proc.stdout) == isa_supported("avx512"), proc.stdout
 
 
+@needs_cpu_bf16
 def test_a_library_without_the_op_loads_and_the_step_keeps_torchs_loss(native_on, monkeypatch):
     """A library built before bernoulli_nll (the calls absent, as `native.has` answers for it)
     still loads (the calls are not among those checked at load), and the bf16 step, the choice

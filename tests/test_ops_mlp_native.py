@@ -11,6 +11,7 @@ $FASTFVAE_NATIVE_LIB); without cmake or a C++ compiler these tests skip.
 import copy
 
 import pytest
+from cpu_bf16 import bf16_param
 import torch
 import torch.nn.functional as F
 from ops_backends import graph_breaks_of
@@ -410,7 +411,7 @@ def test_discriminator_bits_independent_of_thread_count(native_on, dtype):
 
 # --- the fast step's opt-in native D ------------------------------------------------------------
 
-@pytest.mark.parametrize("precision, d_steps", [("fp32", 1), ("fp32", 2), ("bf16", 1)])
+@pytest.mark.parametrize("precision, d_steps", [("fp32", 1), ("fp32", 2), bf16_param("bf16", 1, id="bf16-1")])
 def test_fast_step_with_native_d_keeps_parity(native_on, precision, d_steps):
     """FastOptions(native_d=True): the by-hand CPU step with D on the native library keeps the
     fast path's parity with the reference step (tests/test_fast_step.py's tolerances), and the

@@ -556,7 +556,10 @@ def test_info_and_ops_without_the_library(tmp_path):
     out = _info({native.LIB_ENV: str(missing)})
     row = _row(out, "gaussian_sample_kl")
     assert row[1:3] == ["reference", "triton"] and "cmake -S . -B build" in out and str(missing) in out
-    assert len(out.strip().splitlines()) == 10  # the header and one line per op
+    assert len(out.strip().splitlines()) == 11  # the header, one line per op and the bf16 line
+    from fastfvae.fast.precision import bf16_support
+
+    assert _row(out, "precision_bf16")[1] == bf16_support("cpu")[0]
 
 
 _FALLBACK_SCRIPT = """

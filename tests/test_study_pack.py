@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from cpu_bf16 import bf16_param
 import torch
 
 from fastfvae import methods
@@ -112,7 +113,7 @@ def _bit_equal(single_state, pack_state, single_metrics, model_metrics):
             assert all(torch.equal(sa[m], sb[m]) for m in ("exp_avg", "exp_avg_sq")), part
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", bf16_param("bf16", id="bf16")])
 @pytest.mark.parametrize("name", ["factorvae", "betavae"])
 def test_threaded_pack_runs_each_model_as_its_single_fast_run(name, precision):
     """Fast runs (by-hand convolutions and D; bf16: space-to-depth layers and D's flat Adam) in a

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cpu_bf16 import bf16_param
 import torch
 
 import fastfvae.train.loop as loop
@@ -319,7 +320,7 @@ def test_cli_beta_1e30_exits_1_with_one_line(tmp_path, small_data, capsys):
 
 
 @pytest.mark.parametrize("native_d", [None, False], ids=["default-d", "torch-d"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", bf16_param("bf16", id="bf16")])
 def test_the_guard_sees_the_fast_steps_own_optimiser_buffers(tmp_path, precision, native_d):
     """The bf16 CPU step with the torch D keeps D's Adam moments in flat buffers of its own
     (`FlatAdam`), the native D the optimiser's own: an inf written there (not through the

@@ -221,6 +221,9 @@ def run(args) -> int:
         source = {"codes": str(ckpt)}
     else:
         device = _device(args.device)
+        from fastfvae.fast.precision import check_bf16_runs
+
+        check_bf16_runs(args.precision, device)
         model, cfg = _load_checkpoint(str(ckpt), device)  # before the data: a bad checkpoint fails fast
         dataset, data_path = run_dataset(cfg, args.data)
         data = _load_data(dataset, data_path)

@@ -20,7 +20,8 @@ it came from ($FASTFVAE_NATIVE_LIB, the source checkout's build/, or the one pip
 the package), or why none was (an install that skipped the build says what it lacked). Float
 dtypes the kernels do not take (float64) always run the reference. With the library loaded,
 more lines say which of the fast step's convolutions run on it rather than on oneDNN, and
-whether its reconstruction loss does.
+whether its reconstruction loss does. The last line says how `--precision bf16` runs here:
+native (bfloat16 instructions), emulated (slower than fp32) or unsupported (refused).
 """
 
 #: The public ops, in the order they are listed.
@@ -154,17 +155,30 @@ def fused_pass_row(name: str, torch_path: str, on_why: str, *, active: bool, off
     return (name, "native" if on else "torch", "torch", f"{why}; cuda: torch")
 
 
+def bf16_row() -> tuple[str, str, str, str]:
+    """How `--precision bf16` runs on this CPU and on CUDA (`fastfvae.fast.precision.bf16_support`)."""
+    from fastfvae.fast.precision import bf16_support
+
+    cpu, cpu_why = bf16_support("cpu")
+    if torch.cuda.is_available():
+        cuda, cuda_why = bf16_support("cuda")
+    else:
+        cuda, cuda_why = "-", "no CUDA device here"
+    return ("precision_bf16", cpu, cuda, f"cpu: {cpu_why}; cuda: {cuda_why}")
+
+
 def lines() -> list[str]:
     """The table `fastfvae info` prints: a header, then one line per op (and, with the native
-    library loaded, per native fast-step convolution)."""
+    library loaded, per native fast-step convolution), then how bf16 runs."""
     rows = [("op", "cpu", "cuda", "why")]
     for op in OPS:
         cpu, cpu_why = cpu_choice(op)
         cuda, cuda_why = cuda_choice(op)
         rows.append((op, cpu, cuda, f"cpu: {cpu_why}; cuda: {cuda_why}"))
     rows += conv_rows()
-    width = max(len(r[0]) for r in rows)
-    return [f"{op:<{width}}  {cpu:<9}  {cuda:<9}  {why}" for op, cpu, cuda, why in rows]
+    rows.append(bf16_row())
+    w_op, w_cpu, w_cuda = (max(len(r[i]) for r in rows) for i in range(3))
+    return [f"{op:<{w_op}}  {cpu:<{w_cpu}}  {cuda:<{w_cuda}}  {why}" for op, cpu, cuda, why in rows]
 
 
 def run(args) -> int:

@@ -11,7 +11,10 @@ mode (``--precision bf16`` or ``--loader`` with ``--reference``, a hyperparamete
 not declare: ``--beta`` with FactorVAE; a FactorVAE ``--preset`` with another ``--model``) is refused
 with one line rather than ignored; ``--reference``
 on a fast preset or run (the bf16 quickstart) sets precision and loader back to fp32 / device,
-so a checkpoint of either step resumes under the other.
+so a checkpoint of either step resumes under the other. bf16 on a machine that cannot run it
+(`fastfvae.fast.precision.bf16_support`: oneDNN refuses bf16 on an AVX2-only CPU) is refused
+with one line when it was asked for (``--precision bf16``, a resumed bf16 run); a preset's bf16
+trains in fp32 where bf16 would not be the faster choice, with a one-line notice.
 
 Exit codes: 0 done (the last lines name the checkpoint and figures and give the time taken
 and steps/s), 2 bad input or an unwritable checkpoint (one line), 1 the run diverged (NaN/inf),
@@ -184,7 +187,7 @@ def add_arguments(p: argparse.ArgumentParser, hparams_of: str | None = None) -> 
     p.add_argument("--reference", "--no-fast", dest="fast", action="store_const", const=False,
                    help="the readable reference loop (fastfvae.train.reference) instead of the fast path")
     p.add_argument("--precision", metavar=_choices(PRECISIONS), default=None,
-                   help=f"fast path only: arithmetic: fp32 (parity with the reference) or bf16 (convolutions and GEMMs in bfloat16; weights, optimiser state and losses fp32) (default {d.precision})")
+                   help=f"fast path only: arithmetic: fp32 (parity with the reference) or bf16 (convolutions and GEMMs in bfloat16; weights, optimiser state and losses fp32; refused on a CPU that cannot run it, see the last line of `fastfvae info`) (default {d.precision})")
     p.add_argument("--loader", metavar=_choices(LOADERS), default=None,
                    help=f"fast path only: batches from device (resident stored set), dali, torch (default {d.loader})")
     p.add_argument("--compile", metavar=_choices(COMPILE_MODES), default=None,
@@ -264,7 +267,35 @@ def config_and_resume_point(args: argparse.Namespace) -> tuple[TrainConfig, Resu
     check_hparams_apply(overrides.get("model", base.model), overrides)
     cfg = base.replace(**overrides).validate()
     check_settings_apply(cfg, given, source)
+    cfg, notice = precision_for_this_machine(cfg, given, source)
+    if notice:
+        print(f"fastfvae: {notice}", file=sys.stderr)
     return cfg, point
+
+
+def precision_for_this_machine(cfg: TrainConfig, given=(), source: str = "the config") -> tuple[TrainConfig, str | None]:
+    """``cfg`` with a precision this machine can run, and a one-line notice when it says more
+    than the config does. An explicit ``--precision bf16`` (in ``given``) or one from a resumed
+    run that the device cannot run at all: FastFVAEError. bf16 from a preset (``source``) where
+    it is not native (no AVX-512 BF16 / AMX, a pre-Ampere GPU): fp32 instead, since there bf16
+    is the slower choice; explicit bf16 where it is emulated: kept, with the notice."""
+    if not (cfg.fast and cfg.precision == "bf16"):
+        return cfg, None
+    from fastfvae.fast.precision import BF16_NATIVE, BF16_UNSUPPORTED, bf16_support, check_bf16_runs
+    from fastfvae.train.state import resolve_device
+
+    device = resolve_device(cfg.device)
+    level, why = bf16_support(device)
+    if level == BF16_NATIVE:
+        return cfg, None
+    if "precision" in given:
+        check_bf16_runs(cfg.precision, device)
+        return cfg, f"--precision bf16 runs emulated here ({why}): expect it slower than --precision fp32"
+    if cfg.preset is not None and source.startswith("--preset"):
+        cannot = "cannot run here" if level == BF16_UNSUPPORTED else "would be slower than fp32 here"
+        return cfg.replace(precision="fp32"), f"{source} trains in fp32: its bf16 {cannot} ({why})"
+    check_bf16_runs(cfg.precision, device, source=f"bf16 from {source}")
+    return cfg, None
 
 
 def _as_flags(settings: dict) -> str:

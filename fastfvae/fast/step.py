@@ -45,7 +45,7 @@ from fastfvae.fast.disc_by_hand import DiscriminatorByHand
 from fastfvae.fast.flat_adam import FlatAdam
 from fastfvae.fast.impl import OpSet, fused_ops_available, select_ops
 from fastfvae.fast.optim import FastAdam, fast_optimizers
-from fastfvae.fast.precision import autocast, check_precision
+from fastfvae.fast.precision import autocast, check_bf16_runs, check_precision
 from fastfvae.objectives import recon_loss
 from fastfvae.ops import native_recon
 from fastfvae.train.config import COMPILE_MODES, LOADERS
@@ -73,7 +73,7 @@ class FastOptions:
                                      # optimiser fit it (a plain Adam, Linear/LeakyReLU layers)
 
     def resolved(self, device: torch.device) -> "FastOptions":
-        check_precision(self.precision)
+        check_bf16_runs(check_precision(self.precision), device, source="precision bf16")
         if self.loader not in LOADERS:
             raise FastFVAEError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.compile not in COMPILE_MODES:

@@ -51,6 +51,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from fastfvae.errors import FastFVAEError
+from fastfvae.fast.precision import check_bf16_runs
 from fastfvae.objectives import gaussian_kl, permute_dims, recon_loss, reparameterize
 from fastfvae.train import loop as single
 from fastfvae.train.checkpoint import (
@@ -384,6 +385,7 @@ class StackedPackStep:
             self.method.attach(self.adversary)
         self._render = self.shapes.obs is not None
         self.precision = cfgs[0].precision if cfgs[0].fast else "fp32"
+        check_bf16_runs(self.precision, self.device, source="the pack's precision bf16")
 
     # --- the step ----------------------------------------------------------------------------
     def __call__(self, inputs: Sequence) -> dict:

@@ -362,10 +362,14 @@ def run_sweep(plan: SweepPlan, *, progress: bool = True, console=None,
     ``data``: the dataset for every run (default: each dataset loaded once, on first use,
     shared by the packs that train on it). ``callbacks_for(cfg, data)``: each run's per-step
     callbacks. ``status(line)``: called with one line before each pack (the sweep's progress)."""
+    from fastfvae.fast.precision import check_bf16_runs
     from fastfvae.train.state import resolve_device
 
-    for kind in {run.config.device for run in plan.runs}:
-        resolve_device(kind)  # --device cuda without CUDA: refused before anything is written
+    # refused before anything is written: --device cuda without CUDA, bf16 where it cannot run
+    for kind, precision in {(run.config.device, run.config.precision if run.config.fast else "fp32")
+                            for run in plan.runs}:
+        check_bf16_runs(precision, resolve_device(kind), source="the sweep's precision bf16",
+                        fix='set precision = "fp32" in its blocks')
     with owned_sweep(plan) as (plan, packs):
         return _run_packs(plan, packs, progress, console, callbacks_for, data, status)
 
