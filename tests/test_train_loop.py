@@ -233,3 +233,33 @@ def test_the_api_runs_cfg_fast_on_the_fast_step_without_a_step_builder(tmp_path,
     cfg = TrainConfig(steps=2, out=str(tmp_path / "run"), fast=True, **SMALL)
     result = run_training(cfg, data=small_dsprites(256), progress=False)
     assert result.status == "completed" and result.state.step == 2 and built == [1]
+
+
+def test_progress_on_a_console_that_is_not_a_terminal_is_plain_lines_every_30_s(monkeypatch):
+    """A log file or a batch job's output gets a line at most every LINE_EVERY_S seconds and one at
+    the last step, with no control codes; a terminal gets the live bar instead."""
+    import io
+
+    from rich.console import Console
+
+    import fastfvae.train.progress as progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+
+    def run(terminal: bool) -> str:
+        out = io.StringIO()
+        clock[0] = 0.0
+        with progress.TrainProgress(100, 0, True, Console(file=out, force_terminal=terminal, width=200)) as bar:
+            bar.update(10, {"recon": 101.25, "kl": 2.5, "tc": None, "d_acc": None}, 5.0)  # 0 s: too soon
+            for t, step in ((31.0, 20), (40.0, 30), (41.0, 100)):
+                clock[0] = t
+                bar.update(step)
+        return out.getvalue()
+
+    assert run(terminal=False).splitlines() == [
+        "step 20/100 (20%), 5.0 it/s, ETA 0m16s  recon 101.2 KL 2.50 TC - Dacc -",
+        "step 100/100 (100%), 5.0 it/s  recon 101.2 KL 2.50 TC - Dacc -",
+    ]
+    live = run(terminal=True)
+    assert "\x1b[" in live and "step 20/100" not in live

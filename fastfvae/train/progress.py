@@ -152,27 +152,46 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 class TrainProgress:
-    """A rich progress bar: done/total, it/s, ETA, recon, KL, TC, D accuracy (disabled: a no-op)."""
+    """A rich progress bar: done/total, it/s, ETA, recon, KL, TC, D accuracy (disabled: a no-op).
+
+    On a console that is not a terminal (a log file, a batch job's output, a pipe) a live bar
+    draws nothing until it stops, so there it prints one plain line (step, it/s, ETA and the
+    same numbers) at most every `LINE_EVERY_S` seconds instead, and one at the last step."""
+
+    #: seconds between two plain lines on a console that is not a terminal
+    LINE_EVERY_S = 30.0
 
     def __init__(self, total: int, start: int, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
         if not enabled:
             return
+        self.console = console or Console(stderr=True)
+        self.total, self.lines = total, not self.console.is_terminal
+        self._last_line = time.monotonic()
+        self._stats, self._rate = "", None
+        if self.lines:
+            return
         self.progress = Progress(
             BarColumn(bar_width=12), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(compact=True),
             TextColumn("{task.fields[stats]}"),
-            console=console or Console(stderr=True), transient=False,
+            console=self.console, transient=False,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, stats="", rate=None)
 
     def __enter__(self) -> "TrainProgress":
-        if self.enabled:
+        if self.enabled and not self.lines:
             self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.enabled and not self.lines:
             self.progress.stop()
 
     def update(self, step: int, means: dict | None = None, rate: float | None = None) -> None:
@@ -183,4 +202,18 @@ class TrainProgress:
             fields["stats"] = (f"recon {_fmt(means['recon'], '.1f')} KL {_fmt(means['kl'], '.2f')} "
                                f"TC {_fmt(means['tc'], '.3f')} Dacc {_fmt(means['d_acc'], '.2f')}")
             fields["rate"] = rate
+        if self.lines:
+            self._line(step, fields)
+            return
         self.progress.update(self.task, completed=step, **fields)
+
+    def _line(self, step: int, fields: dict) -> None:
+        self._stats, self._rate = fields.get("stats", self._stats), fields.get("rate", self._rate)
+        now = time.monotonic()
+        if step < self.total and now - self._last_line < self.LINE_EVERY_S:
+            return
+        self._last_line = now
+        rate = f"{self._rate:.1f} it/s" if self._rate else "-- it/s"
+        eta = f", ETA {_duration((self.total - step) / self._rate)}" if self._rate and step < self.total else ""
+        self.console.print(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {rate}{eta}  "
+                           f"{self._stats}".rstrip(), highlight=False, soft_wrap=True)
