@@ -1,5 +1,6 @@
 """The fast step's default discriminator on CPU: the native one (`fastfvae.ops.native_mlp`)
-where the library is loaded and D and its optimiser fit it, else the torch by-hand D, quietly;
+where the library is loaded with a GEMM variant it measured faster on (`DEFAULT_GEMM_ISAS`) and
+D and its optimiser fit it, else the torch by-hand D, quietly;
 ``native_d=True`` asks for it and says why it cannot, ``native_d=False`` keeps the torch D.
 The library comes from tests/test_ops_native.py's fixtures (these tests skip without a compiler)."""
 
@@ -16,9 +17,18 @@ from fastfvae.errors import FastFVAEError
 from fastfvae.fast import FastOptions, FastStep
 from fastfvae.fast.disc_by_hand import DiscriminatorByHand
 from fastfvae.ops import native
+from fastfvae.ops import native_mlp
 from fastfvae.ops.native_mlp import NativeDiscriminator
 from fastfvae.train.reference import draw_step_inputs
 from fastfvae.train.state import TrainState
+
+
+@pytest.fixture(autouse=True)
+def native_d_default_on_this_gemm(monkeypatch):
+    """The native D as the default on whatever GEMM variant this CPU runs (the AVX2 and scalar
+    ones compute the same sums, slower), so these tests cover the choice on any machine; what
+    the default is per variant: `test_the_native_d_is_the_default_only_on_the_gemm_variants_it_beats_torch_on`."""
+    monkeypatch.setattr(native_mlp, "DEFAULT_GEMM_ISAS", (*native_mlp.DEFAULT_GEMM_ISAS, native.gemm_isa()))
 
 
 def _step(cfg, **options) -> FastStep:
@@ -32,6 +42,19 @@ def test_the_native_discriminator_is_the_cpu_default_where_the_library_is_loaded
     assert isinstance(step._d_by_hand, NativeDiscriminator)
     step(draw_step_inputs(step.cfg, step.state.sampler, step.state.generator))
     assert "mlp_update" in native_on.called  # D's update ran natively
+
+
+@pytest.mark.parametrize("isa,default", [("avx512_bf16", True), ("avx512", True), ("avx2", False), ("scalar", False)])
+def test_the_native_d_is_the_default_only_on_the_gemm_variants_it_beats_torch_on(native_on, monkeypatch, isa,
+                                                                                  default):
+    monkeypatch.setattr(native_mlp, "DEFAULT_GEMM_ISAS", ("avx512_bf16", "avx512"))
+    monkeypatch.setattr(native, "gemm_isa", lambda: isa)
+    assert native_mlp.default_here() is default
+    step = _step(small_cfg())
+    assert step.options.native_d is default
+    assert isinstance(step._d_by_hand, NativeDiscriminator if default else DiscriminatorByHand)
+    asked = _step(small_cfg(), native_d=True)  # asked for, it runs on any variant
+    assert asked.options.native_d is True and isinstance(asked._d_by_hand, NativeDiscriminator)
 
 
 def test_native_d_false_keeps_the_torch_discriminator(native_on):

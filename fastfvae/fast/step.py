@@ -69,8 +69,9 @@ class FastOptions:
                                      # None = when nothing is compiled or captured (CPU)
     native_d: bool | None = None     # the by-hand D on the native library (fastfvae.ops.native_mlp:
                                      # forward, input grad, fused grads + Adam); None = on the CPU
-                                     # by-hand step where the library is loaded and D and its
-                                     # optimiser fit it (a plain Adam, Linear/LeakyReLU layers)
+                                     # by-hand step where the library is loaded with an AVX-512
+                                     # GEMM (`native_mlp.default_here`) and D and its optimiser
+                                     # fit it (a plain Adam, Linear/LeakyReLU layers)
 
     def resolved(self, device: torch.device) -> "FastOptions":
         check_bf16_runs(check_precision(self.precision), device, source="precision bf16")
@@ -103,7 +104,7 @@ class FastOptions:
             from fastfvae.ops import native_mlp
 
             # None stays None where it would apply: the step then tries it and falls back quietly
-            native_d = None if by_hand and device.type == "cpu" and native_mlp.available() else False
+            native_d = None if by_hand and device.type == "cpu" and native_mlp.default_here() else False
         return replace(self, fused_ops=fused_ops, compile=compile_mode, cuda_graph=cuda_graph, noise=noise,
                        by_hand=by_hand, native_d=native_d)
 

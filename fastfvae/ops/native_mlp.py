@@ -49,6 +49,19 @@ def available() -> bool:
     return native.active() and native.has("mlp_forward")
 
 
+#: the GEMM variants on which the native D measured faster than torch's D in the fast step
+#: (AVX-512: 1.32x the fp32 step, 1.04x the bf16 step on a Zen 5; docs/ops.md); on AVX2 (Zen 3)
+#: it made the fp32 step slower (0.86x: MKL's AVX2 sgemm beats the native AVX2 kernel), so there
+#: the fast step keeps torch's D unless asked (``native_d=True``)
+DEFAULT_GEMM_ISAS = ("avx512_bf16", "avx512")
+
+
+def default_here() -> bool:
+    """Whether the fast CPU step takes the native D by default: `available`, on a GEMM variant
+    of `DEFAULT_GEMM_ISAS`."""
+    return available() and native.gemm_isa() in DEFAULT_GEMM_ISAS
+
+
 def _layers(disc: nn.Module) -> tuple[list[nn.Linear], float]:
     """D's Linear layers and the one LeakyReLU slope between them."""
     seq = getattr(disc, "net", disc)
