@@ -236,8 +236,8 @@ def test_the_api_runs_cfg_fast_on_the_fast_step_without_a_step_builder(tmp_path,
 
 
 def test_progress_on_a_console_that_is_not_a_terminal_is_plain_lines_every_30_s(monkeypatch):
-    """A log file or a batch job's output gets a line at most every LINE_EVERY_S seconds and one at
-    the last step, with no control codes; a terminal gets the live bar instead."""
+    """A log file or a batch job's output gets a line at most every LINE_EVERY_S seconds and one for
+    the step it ends at (with the last numbers), with no control codes; a terminal gets the live bar."""
     import io
 
     from rich.console import Console
@@ -255,11 +255,12 @@ def test_progress_on_a_console_that_is_not_a_terminal_is_plain_lines_every_30_s(
             for t, step in ((31.0, 20), (40.0, 30), (41.0, 100)):
                 clock[0] = t
                 bar.update(step)
+            bar.update(100, {"recon": 99.0, "kl": 3.0, "tc": 0.125, "d_acc": 0.5}, 6.0)  # the last log line
         return out.getvalue()
 
     assert run(terminal=False).splitlines() == [
         "step 20/100 (20%), 5.0 it/s, ETA 0m16s  recon 101.2 KL 2.50 TC - Dacc -",
-        "step 100/100 (100%), 5.0 it/s  recon 101.2 KL 2.50 TC - Dacc -",
+        "step 100/100 (100%), 6.0 it/s  recon 99.0 KL 3.00 TC 0.125 Dacc 0.50",  # once, at the end
     ]
     live = run(terminal=True)
     assert "\x1b[" in live and "step 20/100" not in live

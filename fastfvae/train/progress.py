@@ -163,7 +163,7 @@ class TrainProgress:
 
     On a console that is not a terminal (a log file, a batch job's output, a pipe) a live bar
     draws nothing until it stops, so there it prints one plain line (step, it/s, ETA and the
-    same numbers) at most every `LINE_EVERY_S` seconds instead, and one at the last step."""
+    same numbers) at most every `LINE_EVERY_S` seconds instead, and one for the step it ends at."""
 
     #: seconds between two plain lines on a console that is not a terminal
     LINE_EVERY_S = 30.0
@@ -176,6 +176,7 @@ class TrainProgress:
         self.total, self.lines = total, not self.console.is_terminal
         self._last_line = time.monotonic()
         self._stats, self._rate = "", None
+        self._step = self._printed = None
         if self.lines:
             return
         self.progress = Progress(
@@ -191,8 +192,12 @@ class TrainProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled and not self.lines:
+        if not self.enabled:
+            return
+        if not self.lines:
             self.progress.stop()
+        elif self._step is not None and self._step != self._printed:
+            self._print_line()  # the step it ended at (the last, or where it was stopped)
 
     def update(self, step: int, means: dict | None = None, rate: float | None = None) -> None:
         if not self.enabled:
@@ -209,10 +214,14 @@ class TrainProgress:
 
     def _line(self, step: int, fields: dict) -> None:
         self._stats, self._rate = fields.get("stats", self._stats), fields.get("rate", self._rate)
+        self._step = step
         now = time.monotonic()
-        if step < self.total and now - self._last_line < self.LINE_EVERY_S:
-            return
-        self._last_line = now
+        if step < self.total and now - self._last_line >= self.LINE_EVERY_S:
+            self._last_line = now
+            self._print_line()
+
+    def _print_line(self) -> None:
+        step, self._printed = self._step, self._step
         rate = f"{self._rate:.1f} it/s" if self._rate else "-- it/s"
         eta = f", ETA {_duration((self.total - step) / self._rate)}" if self._rate and step < self.total else ""
         self.console.print(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {rate}{eta}  "
