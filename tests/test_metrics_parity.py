@@ -17,9 +17,9 @@ from metrics_helpers import TABLES, expected, load_table
 EXPECTED = expected()
 #: numpy dispatches its AVX-512 loops here (the CPUs the DCI table is bit-exact on)
 NUMPY_AVX512 = bool(__cpu_features__.get("AVX512F"))
-INFORMATIVENESS = ("informativeness_train", "informativeness_test")
-#: off AVX-512: how far DCI's importance-based scores may move (measured: 1.2e-4 on the ignore table)
-DCI_IMPORTANCE_ATOL = 1e-3
+#: off AVX-512: how far DCI's scores may move (measured: 1.2e-4 on the ignore table, test
+#: accuracies 4e-4 on the disentangled and entangled tables)
+DCI_OFF_AVX512_ATOL = 1e-3
 QUICK = ("factor_vae", "beta_vae", "mig", "sap")
 
 
@@ -41,9 +41,9 @@ def test_metric_equals_dlib(table, metric):
 ])
 def test_dci_equals_dlib(table):
     """Bit for bit on an AVX-512 CPU, as on the machines that made and checked the table. On an
-    AVX2-only CPU (same numpy and scikit-learn) the boosted trees' feature importances, and so
-    disentanglement and completeness, move in the 4th decimal while the informativeness
-    accuracies stay exact (docs/metrics-parity.md, §4.5)."""
+    AVX2-only CPU (same numpy and scikit-learn) the boosted trees differ in their last bits:
+    disentanglement, completeness and the test accuracies move in the 4th decimal
+    (docs/metrics-parity.md, §4.5)."""
     codes, sizes = load_table(table)
     entry = EXPECTED[table]
     scores = evaluate_codes(codes, sizes, ("dci",), seed=entry["seed"], config=entry["config"])
@@ -52,9 +52,8 @@ def test_dci_equals_dlib(table):
         return
     got, want = scores["dci"], entry["dci"]
     assert got.keys() == want.keys()
-    assert {k: got[k] for k in INFORMATIVENESS} == {k: want[k] for k in INFORMATIVENESS}
-    for k in ("disentanglement", "completeness"):
-        assert got[k] == pytest.approx(want[k], abs=DCI_IMPORTANCE_ATOL), k
+    for k in want:  # the accuracies move too: 0.6632 against 0.6628 (2 of 5000 test points)
+        assert got[k] == pytest.approx(want[k], abs=DCI_OFF_AVX512_ATOL), k
 
 
 def test_result_keys_are_dlibs():
