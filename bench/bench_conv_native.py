@@ -15,6 +15,10 @@ six layers (bf16, the result in bf16 channels_last as the step takes it).
 convolutions and without them (``FASTFVAE_NATIVE_CONV=0``, the oneDNN path; everything else
 the same), the two alternating within each round.
 
+``--step-fp32-all``: the fp32 step with every convolution that has a native kernel on it
+(`fastfvae.fast.conv.native_fp32_convolutions`, off by default: docs/fast-path.md) against
+the step as it ships (oneDNN), alternating within each round.
+
 ``--step-wgrad``: the bf16 step with the inner layers' weight gradients on conv_4s2_weight_grad
 and on oneDNN (``native_conv.S2_WGRAD_IN_STEP``), everything else native in both, alternating
 within each round; prints the median and the spread of the per-round ratios.
@@ -290,6 +294,19 @@ def _flag_switch(flag_name: str, module=None):
     return lambda on: setattr(module, flag_name, saved if on is None else on)
 
 
+def _fp32_routes_switch():
+    """A `_interleaved_steps` switch over every float32 native-convolution route at once
+    (`fastfvae.fast.conv.FP32_NATIVE_ROUTES`)."""
+    from fastfvae.fast.conv import FP32_NATIVE_ROUTES
+
+    saved = [(sys.modules[mod], name, getattr(sys.modules[mod], name)) for mod, name in FP32_NATIVE_ROUTES]
+
+    def switch(on):
+        for module, name, value in saved:
+            setattr(module, name, value if on is None else on)
+    return switch
+
+
 def _print_ratios(what: str, precision: str, threads: int, rounds: int, off_name: str, on_name: str,
                   result: tuple[float, float, list[float]]) -> None:
     on, off, ratios = result
@@ -310,6 +327,8 @@ def main(argv=None) -> int:
                    help="time the bf16 fast step, native inner-layer weight gradients on vs off")
     p.add_argument("--step-relu-bias", action="store_true",
                    help="time the bf16 and fp32 fast steps, relu_grad_bias on vs threshold_backward + sum")
+    p.add_argument("--step-fp32-all", action="store_true",
+                   help="time the fp32 fast step, every convolution with a native kernel on it vs oneDNN")
     p.add_argument("--only", default="", help="time only the rows whose name contains this (e.g. 'bce')")
     p.add_argument("--step-recon", action="store_true",
                    help="time the bf16 fast step, the fused reconstruction loss on vs torch's ops")
@@ -324,6 +343,10 @@ def main(argv=None) -> int:
         for precision in ("bf16", "fp32"):
             _print_ratios("native convolutions", precision, args.threads, args.rounds, "oneDNN", "native",
                           _interleaved_steps(_env_switch(CONV_ENV), precision, rounds=args.rounds))
+        return 0
+    if args.step_fp32_all:
+        _print_ratios("every convolution with a native kernel", "fp32", args.threads, args.rounds, "oneDNN",
+                      "native", _interleaved_steps(_fp32_routes_switch(), "fp32", rounds=args.rounds))
         return 0
     if args.step_wgrad:
         _print_ratios("inner-layer weight gradients", "bf16", args.threads, args.rounds, "oneDNN wgrad", "native",

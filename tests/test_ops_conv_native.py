@@ -550,3 +550,29 @@ def test_the_float32_step_keeps_onednn_for_the_plain_image_layers(native_on):
         by_hand.encode(encoder, img, dtype)
         by_hand.decode(decoder, z, dtype)
         assert {"image_conv", "image_conv_transpose"} & set(native_on.called) == want, (dtype, native_on.called)
+
+
+# --- every native convolution in the float32 step (off by default) ----------------------------
+
+def test_the_fp32_step_keeps_onednn_unless_its_native_routes_are_switched_on(native_on, monkeypatch):
+    """By default no float32 convolution of the fast step runs natively; within
+    `native_fp32_convolutions` every one that has a kernel does (on AVX-512), and the step still
+    matches the reference loop over a short run, where round-off has not been amplified (50-step
+    runs are where it leaves the tolerance: docs/fast-path.md)."""
+    if native_conv.isa() not in ("avx512_bf16", "avx512"):
+        pytest.skip(f"the float32 strided kernels run on AVX-512 only (this CPU: {native_conv.isa()})")
+    from test_fast_step import assert_parity, run_both, small_cfg
+
+    from fastfvae.fast import FastOptions
+
+    monkeypatch.setattr(native_conv, "image_isa_fits", lambda: True)
+    cfg = small_cfg(model="factorvae", perm_batch="second", d_steps=1)
+    kernels = {"image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_4s2",
+               "conv_transpose_4s2", "conv_4s2_weight_grad", "relu_grad_bias"}
+    run_both(cfg, 2, FastOptions())
+    assert not kernels & set(native_on.called), "a float32 convolution ran natively by default"
+    with by_hand.native_fp32_convolutions():
+        runs = run_both(cfg, 10, FastOptions())
+    assert kernels <= set(native_on.called), kernels - set(native_on.called)
+    assert not native_conv.S2_FWD_FP32 and not by_hand.NATIVE_PLAIN_FP32  # restored
+    assert_parity(*runs, "fp32")

@@ -25,6 +25,9 @@ convolution's backward; other ReLUs run in place (no linear backward needs its o
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +40,30 @@ from fastfvae.ops import native_conv
 #: float32 step drift from the reference loop (beta-TC-VAE: 7e-4 relative in its losses after 50
 #: steps, past the fp32 parity's 1e-4; docs/ops.md), and the fp32 step is the parity precision
 NATIVE_PLAIN_FP32 = False
+
+#: the switches that route the float32 step's convolutions to the native kernels, each off by
+#: default: (module, flag name); `fastfvae.fast.conv` itself stands for this module
+FP32_NATIVE_ROUTES = (("fastfvae.fast.conv", "NATIVE_PLAIN_FP32"), ("fastfvae.ops.native_conv", "S2_FP32"),
+                      ("fastfvae.ops.native_conv", "S2_DGRAD_FP32"), ("fastfvae.ops.native_conv", "S2_FWD_FP32"),
+                      ("fastfvae.ops.native_conv", "S2_WGRAD_FP32"),
+                      ("fastfvae.ops.native_conv", "FUSED_RELU_BIAS_FP32"))
+
+
+@contextlib.contextmanager
+def native_fp32_convolutions(on: bool = True):
+    """Within the block, every convolution of the float32 fast step that has a native kernel runs
+    on it (`FP32_NATIVE_ROUTES`), as the bf16 step does; restored on exit. Off by default: the
+    step is 1.19-1.25x faster with them, but in runs whose trajectory amplifies round-off (a
+    KL growing 300-fold in 50 steps) their summation order leaves the fp32 parity tolerance
+    (docs/fast-path.md, "Native convolutions in the fp32 step"). For benchmarks and experiments."""
+    saved = [(sys.modules[mod], name, getattr(sys.modules[mod], name)) for mod, name in FP32_NATIVE_ROUTES]
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, on)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 _aten = torch.ops.aten
 

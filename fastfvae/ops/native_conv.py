@@ -99,6 +99,8 @@ S2_IN_STEP = True
 #: alone, but its other summation order moved the 50-step fp32 parity with the reference loop
 #: past its 1e-4 tolerance (docs/ops.md), and fp32 is the parity precision
 S2_FP32 = False
+#: ... and for the float32 step's strided input gradients (with `S2_FP32`): off, as `S2_FP32`
+S2_DGRAD_FP32 = False
 #: the strided convolutions' input gradients go native up to this input width: the encoder's
 #: (32, 16 and 8), where the kernel measured 1.75-1.89x oneDNN's backward-data kernel and the
 #: bf16 step 1.02-1.03x faster than with the 32 x 32 one on oneDNN (2 threads); wider inputs
@@ -114,9 +116,15 @@ def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dgrad: bool 
     if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 2 == 0 and tuple(weight.shape[2:]) == (4, 4)
             and list(stride) == [2, 2] and list(padding) == [1, 1] and S2_IN_STEP and enabled()):
         return False
-    if x.dtype == torch.bfloat16:
+    return _s2_variant_fits(x.dtype, S2_FP32 and (not dgrad or S2_DGRAD_FP32))
+
+
+def _s2_variant_fits(dtype: torch.dtype, fp32_routed: bool) -> bool:
+    """The strided kernels' variant measured faster than oneDNN for ``dtype``: bfloat16 with
+    vdpbf16ps; float32 (AVX-512 FMA) only where its route into the fp32 step is switched on."""
+    if dtype == torch.bfloat16:
         return isa() == "avx512_bf16"
-    return x.dtype == torch.float32 and not dgrad and S2_FP32 and isa() in ("avx512_bf16", "avx512")
+    return dtype == torch.float32 and fp32_routed and isa() in ("avx512_bf16", "avx512")
 
 
 def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -132,17 +140,20 @@ S2_FWD_IN_STEP = True
 #: ... from this input width: the VAE's narrowest, 8 x 8 (64 -> 64, a 4 x 4 output), measured
 #: 1.02-1.12x oneDNN too; narrower inputs were not measured
 S2_FWD_MIN_WIDTH = 8
+#: `conv_4s2` in the float32 step: off (fp32 keeps oneDNN's order; docs/fast-path.md, "Native
+#: convolutions in the fp32 step")
+S2_FWD_FP32 = False
 
 
 def s2_fwd_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """``conv_4s2(x, weight)`` computes this 4x4 stride-2 padding-1 convolution where it measured
     faster than oneDNN: bfloat16 with vdpbf16ps, an even input channel count, inputs of at least
-    `S2_FWD_MIN_WIDTH` columns. float32 keeps oneDNN (the parity precision)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4
+    `S2_FWD_MIN_WIDTH` columns. float32 keeps oneDNN (the parity precision) unless `S2_FWD_FP32`."""
+    return (x.dtype in DTYPES and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4
             and weight.dim() == 4 and weight.shape[1] == x.shape[1] and x.shape[1] % 2 == 0
             and tuple(weight.shape[2:]) == (4, 4) and list(stride) == [2, 2] and list(padding) == [1, 1]
             and x.shape[-1] >= S2_FWD_MIN_WIDTH and x.shape[-2] >= 2 and S2_FWD_IN_STEP and enabled()
-            and isa() == "avx512_bf16")
+            and _s2_variant_fits(x.dtype, S2_FWD_FP32))
 
 
 def conv_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -156,6 +167,8 @@ def conv_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r
 #: (vdpbf16ps): 1.4-2.0x oneDNN's weight-gradient primitives at the VAE's six layers on 1
 #: thread, 1.8-4.5x on 2, the bf16 step 1.04-1.05x / 1.075x (docs/ops.md, "Native convolutions")
 S2_WGRAD_IN_STEP = True
+#: `conv_4s2_weight_grad` in the float32 step: off, as `S2_FWD_FP32`
+S2_WGRAD_FP32 = False
 
 
 def s2_wgrad_fits(big: torch.Tensor, small: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
@@ -163,12 +176,13 @@ def s2_wgrad_fits(big: torch.Tensor, small: torch.Tensor, weight: torch.Tensor, 
     padding-1 layer (big: a Conv2d's input or a ConvTranspose2d's output gradient, [B, Cb, 2H,
     2W]; small: the other operand, [B, Cs, H, W]) where it measured faster than oneDNN: bfloat16
     with vdpbf16ps. float32 keeps oneDNN (the parity precision, whose summation order the fp32
-    step's parity tests pin)."""
-    return (big.dtype == torch.bfloat16 and small.dtype == torch.bfloat16 and big.device.type == "cpu"
+    step's parity tests pin) unless `S2_WGRAD_FP32`."""
+    return (big.dtype in DTYPES and small.dtype == big.dtype and big.device.type == "cpu"
             and small.device.type == "cpu" and big.dim() == 4 and small.dim() == 4
             and big.shape[0] == small.shape[0] and list(big.shape[2:]) == [2 * n for n in small.shape[2:]]
             and tuple(weight.shape[2:]) == (4, 4) and weight.dtype in DTYPES and list(stride) == [2, 2]
-            and list(padding) == [1, 1] and S2_WGRAD_IN_STEP and enabled() and isa() == "avx512_bf16")
+            and list(padding) == [1, 1] and S2_WGRAD_IN_STEP and enabled()
+            and _s2_variant_fits(big.dtype, S2_WGRAD_FP32))
 
 
 def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
