@@ -345,6 +345,12 @@ def main(argv=None) -> int:
                           _interleaved_steps(_env_switch(CONV_ENV), precision, rounds=args.rounds))
         return 0
     if args.step_fp32_all:
+        from fastfvae.ops import native_conv
+
+        if native_conv.isa() not in ("avx512_bf16", "avx512"):
+            print(f"the float32 native convolutions run on AVX-512 only (this CPU: {native_conv.isa()}): "
+                  "both sides would be oneDNN")
+            return 1
         _print_ratios("every convolution with a native kernel", "fp32", args.threads, args.rounds, "oneDNN",
                       "native", _interleaved_steps(_fp32_routes_switch(), "fp32", rounds=args.rounds))
         return 0

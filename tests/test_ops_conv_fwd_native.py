@@ -198,7 +198,8 @@ def test_bad_inputs_are_refused(native_on):
 
 
 def test_choice(native_on, monkeypatch):
-    """bf16 with vdpbf16ps, an even Cin and an input at least S2_FWD_MIN_WIDTH wide; never float32."""
+    """bf16 with vdpbf16ps, an even Cin and an input at least S2_FWD_MIN_WIDTH wide; float32 only
+    with S2_FWD_FP32, on AVX-512."""
     x, w = torch.randn(2, 32, 16, 16).bfloat16(), torch.randn(64, 32, 4, 4)
     bf16_ok = native_conv.isa() == "avx512_bf16"
     assert native_conv.s2_fwd_fits(x, w, [2, 2], [1, 1]) == bf16_ok
@@ -208,6 +209,10 @@ def test_choice(native_on, monkeypatch):
     assert not native_conv.s2_fwd_fits(x, w[..., :3, :3], [2, 2], [1, 1])
     assert not native_conv.s2_fwd_fits(x[:, :31], w[:, :31], [2, 2], [1, 1])  # odd Cin
     assert not native_conv.s2_fwd_fits(x[..., :native_conv.S2_FWD_MIN_WIDTH - 1], w, [2, 2], [1, 1])
+    monkeypatch.setattr(native_conv, "S2_FWD_FP32", True)
+    assert native_conv.s2_fwd_fits(x.float(), w, [2, 2], [1, 1]) == (native_conv.isa() in ("avx512_bf16", "avx512"))
+    assert not native_conv.s2_fwd_fits(x.double(), w, [2, 2], [1, 1])
+    monkeypatch.setattr(native_conv, "S2_FWD_FP32", False)
     monkeypatch.setattr(native_conv, "S2_FWD_IN_STEP", False)
     assert not native_conv.s2_fwd_fits(x, w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_FWD_IN_STEP", True)

@@ -12,6 +12,8 @@ others are under ``-m slow``: `each_variant`); and the wiring in fastfvae.fast.c
 comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,7 +267,7 @@ def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on
 
 
 def test_conv_transpose_4s2_choice(native_on, monkeypatch):
-    """bf16 with vdpbf16ps; float32 only when S2_FP32 and not for an input gradient."""
+    """bf16 with vdpbf16ps; float32 only when S2_FP32, and for an input gradient only with S2_DGRAD_FP32."""
     x, w = torch.randn(2, 32, 4, 4), torch.randn(32, 16, 4, 4)
     bf16_ok = native_conv.isa() == "avx512_bf16"
     assert native_conv.s2_fits(x.bfloat16(), w, [2, 2], [1, 1]) == bf16_ok
@@ -275,6 +277,8 @@ def test_conv_transpose_4s2_choice(native_on, monkeypatch):
     monkeypatch.setattr(native_conv, "S2_FP32", True)
     assert native_conv.s2_fits(x, w, [2, 2], [1, 1]) == (native_conv.isa() != "scalar")
     assert not native_conv.s2_fits(x, w, [2, 2], [1, 1], dgrad=True)
+    monkeypatch.setattr(native_conv, "S2_DGRAD_FP32", True)
+    assert native_conv.s2_fits(x, w, [2, 2], [1, 1], dgrad=True) == (native_conv.isa() != "scalar")
     monkeypatch.setenv(native_conv.CONV_ENV, "0")
     assert not native_conv.s2_fits(x.bfloat16(), w, [2, 2], [1, 1])
 
@@ -565,7 +569,6 @@ def test_the_fp32_step_keeps_onednn_unless_its_native_routes_are_switched_on(nat
 
     from fastfvae.fast import FastOptions
 
-    monkeypatch.setattr(native_conv, "image_isa_fits", lambda: True)
     cfg = small_cfg(model="factorvae", perm_batch="second", d_steps=1)
     kernels = {"image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_4s2",
                "conv_transpose_4s2", "conv_4s2_weight_grad", "relu_grad_bias"}
@@ -574,5 +577,5 @@ def test_the_fp32_step_keeps_onednn_unless_its_native_routes_are_switched_on(nat
     with by_hand.native_fp32_convolutions():
         runs = run_both(cfg, 10, FastOptions())
     assert kernels <= set(native_on.called), kernels - set(native_on.called)
-    assert not native_conv.S2_FWD_FP32 and not by_hand.NATIVE_PLAIN_FP32  # restored
+    assert not any(getattr(sys.modules[module], flag) for module, flag in by_hand.FP32_NATIVE_ROUTES)  # restored
     assert_parity(*runs, "fp32")

@@ -193,7 +193,8 @@ def test_each_variant_matches_reference(native_lib, isa):
 # --- the choice and the wiring in fastfvae.fast.conv --------------------------------------
 
 def test_choice(native_on, monkeypatch):
-    """bf16 with vdpbf16ps only, 4x4 stride 2 padding 1, big exactly twice small's grid."""
+    """bf16 with vdpbf16ps (float32 only with S2_WGRAD_FP32, on AVX-512), 4x4 stride 2 padding 1,
+    big exactly twice small's grid."""
     big, small, w = torch.randn(2, 8, 8, 8).bfloat16(), torch.randn(2, 4, 4, 4).bfloat16(), torch.randn(4, 8, 4, 4)
     fits = native_conv.s2_wgrad_fits
     ok = native_conv.isa() == "avx512_bf16"
@@ -205,6 +206,10 @@ def test_choice(native_on, monkeypatch):
     assert not fits(big, small, w.half(), [2, 2], [1, 1])  # a result dtype the kernel does not give
     assert not fits(big[:, :, :7], small, w, [2, 2], [1, 1])
     assert not fits(big[:1], small, w, [2, 2], [1, 1])
+    monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", True)
+    assert fits(big.float(), small.float(), w, [2, 2], [1, 1]) == (native_conv.isa() in ("avx512_bf16", "avx512"))
+    assert not fits(big.float(), small, w, [2, 2], [1, 1])  # mixed dtypes
+    monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", False)
     monkeypatch.setattr(native_conv, "S2_WGRAD_IN_STEP", False)
     assert not fits(big, small, w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_WGRAD_IN_STEP", True)

@@ -111,7 +111,8 @@ DGRAD_MAX_WIDTH = 32
 def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dgrad: bool = False) -> bool:
     """``conv_transpose_4s2`` computes this 4x4 stride-2 padding-1 transposed convolution of
     ``x`` where it measured faster than oneDNN: bfloat16 with vdpbf16ps, and float32 (AVX-512)
-    for the transposed convolutions' forward only (``dgrad``: a strided convolution's input
+    for the transposed convolutions' forward (`S2_FP32`) and, with `S2_DGRAD_FP32`, a strided
+    convolution's input gradient (``dgrad``; off by default: a strided convolution's input
     gradient, where fp32 oneDNN was as fast)."""
     if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 2 == 0 and tuple(weight.shape[2:]) == (4, 4)
             and list(stride) == [2, 2] and list(padding) == [1, 1] and S2_IN_STEP and enabled()):
@@ -199,7 +200,8 @@ def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dt
 #: 2 threads (per-round medians; the profiler: 1.2-1.4 ms a step against 2.9-3.3), docs/ops.md
 FUSED_RELU_BIAS_IN_STEP = True
 #: the same in the float32 step: off. 1.5-1.8x per call with a bias (the mask alone 0.96x) and
-#: the fp32 parity tests pass with it, but the fp32 step on 1 thread was no faster (1.004-1.005x;
+#: the fp32 parity tests pass with it but the beta-TC-VAE run's (docs/fast-path.md, "Native
+#: convolutions in the fp32 step"), and the fp32 step on 1 thread was no faster (1.004-1.005x;
 #: the profiler: 3.0-3.8 ms a step against the torch ops' 2.3-2.9), 1.015-1.045x on 2 (docs/ops.md)
 FUSED_RELU_BIAS_FP32 = False
 
