@@ -53,8 +53,8 @@ FP32_NATIVE_ROUTES = (("fastfvae.fast.conv", "NATIVE_PLAIN_FP32"), ("fastfvae.op
 def native_fp32_convolutions(on: bool = True):
     """Within the block, every convolution of the float32 fast step that has a native kernel runs
     on it (`FP32_NATIVE_ROUTES`), as the bf16 step does; restored on exit. Off by default: the
-    step is 1.19-1.27x faster with them (1 and 2 threads), but in runs whose trajectory amplifies round-off (a
-    KL growing 300-fold in 50 steps) their summation order leaves the fp32 parity tolerance
+    step is 1.19-1.27x faster with them (1 and 2 threads), but over 50 steps of FactorVAE with 2 D
+    updates and of beta-TC-VAE it leaves the fp32 parity tolerance of all three runs that decide
     (docs/fast-path.md, "Native convolutions in the fp32 step"). For benchmarks and experiments."""
     saved = [(sys.modules[mod], name, getattr(sys.modules[mod], name)) for mod, name in FP32_NATIVE_ROUTES]
     try:
