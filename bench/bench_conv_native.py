@@ -295,15 +295,18 @@ def _flag_switch(flag_name: str, module=None):
 
 
 def _fp32_routes_switch():
-    """A `_interleaved_steps` switch over every float32 native-convolution route at once
-    (`fastfvae.fast.conv.FP32_NATIVE_ROUTES`)."""
-    from fastfvae.fast.conv import FP32_NATIVE_ROUTES
+    """A `_interleaved_steps` switch over every float32 native-convolution route at once: on is
+    inside `fastfvae.fast.conv.native_fp32_convolutions`, off (and None) outside it."""
+    import contextlib
 
-    saved = [(sys.modules[mod], name, getattr(sys.modules[mod], name)) for mod, name in FP32_NATIVE_ROUTES]
+    from fastfvae.fast.conv import native_fp32_convolutions
+
+    inside = contextlib.ExitStack()
 
     def switch(on):
-        for module, name, value in saved:
-            setattr(module, name, value if on is None else on)
+        inside.close()
+        if on:
+            inside.enter_context(native_fp32_convolutions())
     return switch
 
 
