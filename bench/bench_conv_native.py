@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     if args.step_fp32_all:
         from fastfvae.ops import native_conv
 
-        if native_conv.isa() not in ("avx512_bf16", "avx512"):
+        if native_conv.isa() not in native_conv.FP32_S2_ISAS:
             print(f"the float32 native convolutions run on AVX-512 only (this CPU: {native_conv.isa()}): "
                   "both sides would be oneDNN")
             return 1

@@ -210,7 +210,7 @@ def test_choice(native_on, monkeypatch):
     assert not native_conv.s2_fwd_fits(x[:, :31], w[:, :31], [2, 2], [1, 1])  # odd Cin
     assert not native_conv.s2_fwd_fits(x[..., :native_conv.S2_FWD_MIN_WIDTH - 1], w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_FWD_FP32", True)
-    assert native_conv.s2_fwd_fits(x.float(), w, [2, 2], [1, 1]) == (native_conv.isa() in ("avx512_bf16", "avx512"))
+    assert native_conv.s2_fwd_fits(x.float(), w, [2, 2], [1, 1]) == (native_conv.isa() in native_conv.FP32_S2_ISAS)
     assert not native_conv.s2_fwd_fits(x.double(), w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_FWD_FP32", False)
     monkeypatch.setattr(native_conv, "S2_FWD_IN_STEP", False)

@@ -563,7 +563,7 @@ def test_the_fp32_step_keeps_onednn_unless_its_native_routes_are_switched_on(nat
     `native_fp32_convolutions` every one that has a kernel does (on AVX-512), and the step still
     matches the reference loop over a short run, where round-off has not been amplified (50-step
     runs are where it leaves the tolerance: docs/fast-path.md)."""
-    if native_conv.isa() not in ("avx512_bf16", "avx512"):
+    if native_conv.isa() not in native_conv.FP32_S2_ISAS:
         pytest.skip(f"the float32 strided kernels run on AVX-512 only (this CPU: {native_conv.isa()})")
     from test_fast_step import assert_parity, run_both, small_cfg
 

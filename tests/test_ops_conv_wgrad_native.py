@@ -207,7 +207,7 @@ def test_choice(native_on, monkeypatch):
     assert not fits(big[:, :, :7], small, w, [2, 2], [1, 1])
     assert not fits(big[:1], small, w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", True)
-    assert fits(big.float(), small.float(), w, [2, 2], [1, 1]) == (native_conv.isa() in ("avx512_bf16", "avx512"))
+    assert fits(big.float(), small.float(), w, [2, 2], [1, 1]) == (native_conv.isa() in native_conv.FP32_S2_ISAS)
     assert not fits(big.float(), small, w, [2, 2], [1, 1])  # mixed dtypes
     monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", False)
     monkeypatch.setattr(native_conv, "S2_WGRAD_IN_STEP", False)

@@ -120,12 +120,16 @@ def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dgrad: bool 
     return _s2_variant_fits(x.dtype, S2_FP32 and (not dgrad or S2_DGRAD_FP32))
 
 
+#: the variants with the strided kernels' float32 code (AVX-512 FMA), which the fp32 routes need
+FP32_S2_ISAS = ("avx512_bf16", "avx512")
+
+
 def _s2_variant_fits(dtype: torch.dtype, fp32_routed: bool) -> bool:
     """The strided kernels' variant measured faster than oneDNN for ``dtype``: bfloat16 with
     vdpbf16ps; float32 (AVX-512 FMA) only where its route into the fp32 step is switched on."""
     if dtype == torch.bfloat16:
         return isa() == "avx512_bf16"
-    return dtype == torch.float32 and fp32_routed and isa() in ("avx512_bf16", "avx512")
+    return dtype == torch.float32 and fp32_routed and isa() in FP32_S2_ISAS
 
 
 def conv_transpose_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
