@@ -15,9 +15,9 @@ six layers (bf16, the result in bf16 channels_last as the step takes it).
 convolutions and without them (``FASTFVAE_NATIVE_CONV=0``, the oneDNN path; everything else
 the same), the two alternating within each round.
 
-``--step-fp32-all``: the fp32 step with every convolution that has a native kernel on it
-(`fastfvae.fast.conv.native_fp32_convolutions`, off by default: docs/fast-path.md) against
-the step as it ships (oneDNN), alternating within each round.
+``--step-fp32-all``: the fp32 step as it ships on AVX-512 (every convolution that has a native
+kernel on it, docs/fast-path.md) against the same step on oneDNN
+(``fastfvae.fast.conv.native_fp32_convolutions(False)``), alternating within each round.
 
 ``--step-wgrad``: the bf16 step with the inner layers' weight gradients on conv_4s2_weight_grad
 and on oneDNN (``native_conv.S2_WGRAD_IN_STEP``), everything else native in both, alternating
@@ -295,8 +295,9 @@ def _flag_switch(flag_name: str, module=None):
 
 
 def _fp32_routes_switch():
-    """A `_interleaved_steps` switch over every float32 native-convolution route at once: on is
-    inside `fastfvae.fast.conv.native_fp32_convolutions`, off (and None) outside it."""
+    """A `_interleaved_steps` switch over every float32 native-convolution route at once: off is
+    inside ``fastfvae.fast.conv.native_fp32_convolutions(False)``, on (and None, the routes as
+    shipped) outside it."""
     import contextlib
 
     from fastfvae.fast.conv import native_fp32_convolutions
@@ -305,8 +306,8 @@ def _fp32_routes_switch():
 
     def switch(on):
         inside.close()
-        if on:
-            inside.enter_context(native_fp32_convolutions())
+        if on is False:
+            inside.enter_context(native_fp32_convolutions(False))
     return switch
 
 
@@ -362,9 +363,6 @@ def main(argv=None) -> int:
                       _interleaved_steps(_flag_switch("S2_WGRAD_IN_STEP"), rounds=args.rounds))
         return 0
     if args.step_relu_bias:
-        from fastfvae.ops import native_conv
-
-        native_conv.FUSED_RELU_BIAS_FP32 = True  # the float32 step too, to measure it
         for precision in ("bf16", "fp32"):
             _print_ratios("ReLU backward prologue", precision, args.threads, args.rounds,
                           "threshold_backward + sum", "relu_grad_bias",

@@ -1,6 +1,8 @@
 """fastfvae.fast.conv: the split-backward convolution, the space-to-depth image layers and
 the functional encoder/decoder, against torch's modules (values and gradients)."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,6 +219,10 @@ class _SpyAten:
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])
 def test_only_the_needed_gradients_are_computed(monkeypatch, relu, transposed):
+    """oneDNN's backward gets the masks of the gradients needed (the fp32 native routes, which
+    would take this layer on AVX-512, switched off: they are chosen per gradient, in their tests)."""
+    for module, flag in conv.FP32_NATIVE_ROUTES:
+        monkeypatch.setattr(sys.modules[module], flag, False)
     spy = _SpyAten()
     monkeypatch.setattr(conv, "_aten", spy)
     layer = make_layer(transposed, GEOMETRIES[0], True)

@@ -199,10 +199,12 @@ def test_bad_inputs_are_refused(native_on):
 
 def test_choice(native_on, monkeypatch):
     """bf16 with vdpbf16ps, an even Cin and an input at least S2_FWD_MIN_WIDTH wide; float32 only
-    with S2_FWD_FP32, on AVX-512."""
+    while S2_FWD_FP32 (on by default), on AVX-512."""
     x, w = torch.randn(2, 32, 16, 16).bfloat16(), torch.randn(64, 32, 4, 4)
     bf16_ok = native_conv.isa() == "avx512_bf16"
     assert native_conv.s2_fwd_fits(x, w, [2, 2], [1, 1]) == bf16_ok
+    assert native_conv.S2_FWD_FP32
+    monkeypatch.setattr(native_conv, "S2_FWD_FP32", False)
     assert not native_conv.s2_fwd_fits(x.float(), w, [2, 2], [1, 1])
     assert not native_conv.s2_fwd_fits(x, w, [1, 1], [1, 1])
     assert not native_conv.s2_fwd_fits(x, w, [2, 2], [0, 0])
@@ -255,9 +257,13 @@ def test_in_conv_split(native_on, monkeypatch):
         assert rel <= 2e-2, (i, rel)
 
 
-def test_float32_keeps_onednn(native_on):
+def test_float32_runs_on_avx512_and_keeps_onednn_when_switched_off(native_on, monkeypatch):
+    monkeypatch.setattr(native_conv, "S2_FWD_FP32", False)
     _layers_run(F32)()
     assert "conv_4s2" not in native_on.called
+    monkeypatch.setattr(native_conv, "S2_FWD_FP32", True)
+    _layers_run(F32)()
+    assert ("conv_4s2" in native_on.called) == (native_conv.isa() in native_conv.FP32_S2_ISAS)
 
 
 def test_info_lists_conv_4s2(native_lib):

@@ -267,18 +267,22 @@ def test_conv_transpose_4s2_is_the_strided_convolutions_input_gradient(native_on
 
 
 def test_conv_transpose_4s2_choice(native_on, monkeypatch):
-    """bf16 with vdpbf16ps; float32 only when S2_FP32, and for an input gradient only with S2_DGRAD_FP32."""
+    """bf16 with vdpbf16ps; float32 (AVX-512) only while S2_FP32, and for an input gradient only
+    with S2_DGRAD_FP32 too (both on by default)."""
     x, w = torch.randn(2, 32, 4, 4), torch.randn(32, 16, 4, 4)
     bf16_ok = native_conv.isa() == "avx512_bf16"
     assert native_conv.s2_fits(x.bfloat16(), w, [2, 2], [1, 1]) == bf16_ok
     assert not native_conv.s2_fits(x.bfloat16(), w, [1, 1], [1, 1])
     assert not native_conv.s2_fits(x.bfloat16(), w[..., :3, :3], [2, 2], [1, 1])
+    assert native_conv.S2_FP32 and native_conv.S2_DGRAD_FP32
+    monkeypatch.setattr(native_conv, "S2_FP32", False)
     assert not native_conv.s2_fits(x, w, [2, 2], [1, 1])
     monkeypatch.setattr(native_conv, "S2_FP32", True)
-    assert native_conv.s2_fits(x, w, [2, 2], [1, 1]) == (native_conv.isa() != "scalar")
+    monkeypatch.setattr(native_conv, "S2_DGRAD_FP32", False)
+    assert native_conv.s2_fits(x, w, [2, 2], [1, 1]) == (native_conv.isa() in native_conv.FP32_S2_ISAS)
     assert not native_conv.s2_fits(x, w, [2, 2], [1, 1], dgrad=True)
     monkeypatch.setattr(native_conv, "S2_DGRAD_FP32", True)
-    assert native_conv.s2_fits(x, w, [2, 2], [1, 1], dgrad=True) == (native_conv.isa() != "scalar")
+    assert native_conv.s2_fits(x, w, [2, 2], [1, 1], dgrad=True) == (native_conv.isa() in native_conv.FP32_S2_ISAS)
     monkeypatch.setenv(native_conv.CONV_ENV, "0")
     assert not native_conv.s2_fits(x.bfloat16(), w, [2, 2], [1, 1])
 
@@ -488,8 +492,11 @@ def test_info_says_onednn_where_the_variant_is_not_measured_faster(native_lib):
     assert _row(capped, "conv_transpose_4s2")[1] == "oneDNN" and "needs vdpbf16ps" in capped
     if isa_supported("avx512"):
         no_dot = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx512"})
-        assert _row(no_dot, "conv_image_layers")[1] == "native" and "bf16 step (fp32 step: oneDNN" in no_dot and "(avx512)" in no_dot, no_dot
-        assert _row(no_dot, "conv_transpose_4s2")[1] == "oneDNN" and "needs vdpbf16ps" in no_dot
+        assert _row(no_dot, "conv_image_layers")[1] == "native" and "fp32 and bf16 (avx512)" in no_dot, no_dot
+        # the strided kernels' float32 variant runs the fp32 step; their bf16 one needs vdpbf16ps
+        for name in ("conv_transpose_4s2", "conv_4s2", "conv_4s2_weight_grad"):
+            assert _row(no_dot, name)[1] == "native", no_dot
+        assert "fp32 step (bf16: oneDNN, needs vdpbf16ps" in no_dot, no_dot
 
 
 def test_info_on_a_library_without_the_convolutions(native_on, monkeypatch):
@@ -538,9 +545,9 @@ def test_weights_and_bias_on_another_device(native_on):
     assert not native_conv.s2_fits(x.to(BF16), w2.to(meta), (2, 2), (1, 1))
 
 
-def test_the_float32_step_keeps_onednn_for_the_plain_image_layers(native_on):
-    """By default the plain-image layers go native in bf16 only: in float32 the kernels' other
-    summation order makes the step drift from the reference loop past the fp32 parity."""
+def test_the_plain_image_layers_go_native_in_float32_unless_switched_off(native_on, monkeypatch):
+    """By default the plain-image layers go native in float32 and bf16; with NATIVE_PLAIN_FP32
+    off, in bf16 only."""
     from types import SimpleNamespace
 
     if not native_conv.image_isa_fits():
@@ -549,20 +556,22 @@ def test_the_float32_step_keeps_onednn_for_the_plain_image_layers(native_on):
     encoder = SimpleNamespace(net=nn.Sequential(nn.Conv2d(1, 8, 4, 2, 1), nn.ReLU(), nn.Flatten()), z_dim=64)
     decoder = SimpleNamespace(fc=nn.Sequential(nn.Linear(3, 64 * 4 * 4)), deconv=nn.Sequential(nn.ConvTranspose2d(64, 1, 4, 2, 1)))
     img, z = torch.rand(2, 1, 8, 8), torch.randn(2, 3)
-    for dtype, want in ((F32, set()), (BF16, {"image_conv", "image_conv_transpose"})):
-        native_on.called.clear()
-        by_hand.encode(encoder, img, dtype)
-        by_hand.decode(decoder, z, dtype)
-        assert {"image_conv", "image_conv_transpose"} & set(native_on.called) == want, (dtype, native_on.called)
+    both = {"image_conv", "image_conv_transpose"}
+    for fp32_on in (True, False):
+        monkeypatch.setattr(by_hand, "NATIVE_PLAIN_FP32", fp32_on)
+        for dtype, want in ((F32, both if fp32_on else set()), (BF16, both)):
+            native_on.called.clear()
+            by_hand.encode(encoder, img, dtype)
+            by_hand.decode(decoder, z, dtype)
+            assert both & set(native_on.called) == want, (fp32_on, dtype, native_on.called)
 
 
-# --- every native convolution in the float32 step (off by default) ----------------------------
+# --- every native convolution in the float32 step -------------------------------------------
 
-def test_the_fp32_step_keeps_onednn_unless_its_native_routes_are_switched_on(native_on, monkeypatch):
-    """By default no float32 convolution of the fast step runs natively; within
-    `native_fp32_convolutions` every one that has a kernel does (on AVX-512), and the step still
-    matches the reference loop over a short run, where round-off has not been amplified (50-step
-    runs are where it leaves the tolerance: docs/fast-path.md)."""
+def test_the_fp32_step_runs_its_convolutions_natively_unless_switched_back_to_onednn(native_on):
+    """By default every float32 convolution of the fast step that has a kernel runs on it (on
+    AVX-512), and the step keeps fp32 parity; within ``native_fp32_convolutions(False)`` none
+    does (oneDNN's, the reference loop's kernels), and the switches are back on after it."""
     if native_conv.isa() not in native_conv.FP32_S2_ISAS:
         pytest.skip(f"the float32 strided kernels run on AVX-512 only (this CPU: {native_conv.isa()})")
     from test_fast_step import assert_parity, run_both, small_cfg
@@ -572,10 +581,10 @@ def test_the_fp32_step_keeps_onednn_unless_its_native_routes_are_switched_on(nat
     cfg = small_cfg(model="factorvae", perm_batch="second", d_steps=1)
     kernels = {"image_conv", "image_conv_transpose", "image_conv_weight_grad", "conv_4s2",
                "conv_transpose_4s2", "conv_4s2_weight_grad", "relu_grad_bias"}
-    run_both(cfg, 2, FastOptions())
-    assert not kernels & set(native_on.called), "a float32 convolution ran natively by default"
-    with by_hand.native_fp32_convolutions():
-        runs = run_both(cfg, 10, FastOptions())
+    with by_hand.native_fp32_convolutions(False):
+        run_both(cfg, 2, FastOptions())
+    assert not kernels & set(native_on.called), "a float32 convolution ran natively with the routes off"
+    assert all(getattr(sys.modules[module], flag) for module, flag in by_hand.FP32_NATIVE_ROUTES)  # restored
+    runs = run_both(cfg, 10, FastOptions())
     assert kernels <= set(native_on.called), kernels - set(native_on.called)
-    assert not any(getattr(sys.modules[module], flag) for module, flag in by_hand.FP32_NATIVE_ROUTES)  # restored
     assert_parity(*runs, "fp32")

@@ -193,12 +193,14 @@ def test_each_variant_matches_reference(native_lib, isa):
 # --- the choice and the wiring in fastfvae.fast.conv --------------------------------------
 
 def test_choice(native_on, monkeypatch):
-    """bf16 with vdpbf16ps (float32 only with S2_WGRAD_FP32, on AVX-512), 4x4 stride 2 padding 1,
-    big exactly twice small's grid."""
+    """bf16 with vdpbf16ps (float32 only while S2_WGRAD_FP32, on by default, on AVX-512), 4x4
+    stride 2 padding 1, big exactly twice small's grid."""
     big, small, w = torch.randn(2, 8, 8, 8).bfloat16(), torch.randn(2, 4, 4, 4).bfloat16(), torch.randn(4, 8, 4, 4)
     fits = native_conv.s2_wgrad_fits
     ok = native_conv.isa() == "avx512_bf16"
     assert fits(big, small, w, [2, 2], [1, 1]) == ok
+    assert native_conv.S2_WGRAD_FP32
+    monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", False)
     assert not fits(big.float(), small.float(), w, [2, 2], [1, 1])
     assert not fits(big, small, w, [1, 1], [1, 1])
     assert not fits(big, small, w, [2, 2], [0, 0])
@@ -268,10 +270,16 @@ def test_the_native_weight_gradient_has_the_weights_layout_and_dtype(native_on, 
     assert gw.dtype == BF16 and gw.is_contiguous(memory_format=CL)
 
 
-def test_the_fp32_layers_keep_onednn(native_on):
+def test_the_fp32_layers_run_it_on_avx512_with_onednn_s_gradients(native_on, monkeypatch):
+    monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", False)
     want = _layer_grads(F32)
     assert "conv_4s2_weight_grad" not in native_on.called
     assert all(g is not None and torch.isfinite(g).all() for g in want)
+    monkeypatch.setattr(native_conv, "S2_WGRAD_FP32", True)
+    got = _layer_grads(F32)
+    assert ("conv_4s2_weight_grad" in native_on.called) == (native_conv.isa() in native_conv.FP32_S2_ISAS)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_info_lists_the_native_weight_gradient(native_lib):
@@ -281,8 +289,12 @@ def test_info_lists_the_native_weight_gradient(native_lib):
 
     out = _info({native.LIB_ENV: str(native_lib)})
     row = _row(out, "conv_4s2_weight_grad")
-    assert row[1:3] == (["native", "cuDNN"] if isa_supported("avx512_bf16") else ["oneDNN", "cuDNN"]), out
+    # native where the bf16 step (vdpbf16ps) or the fp32 step (AVX-512) runs it
+    assert row[1:3] == (["native", "cuDNN"] if isa_supported("avx512") else ["oneDNN", "cuDNN"]), out
     off = _info({native.LIB_ENV: str(native_lib), native_conv.CONV_ENV: "0"})
     assert _row(off, "conv_4s2_weight_grad")[1] == "oneDNN" and f"{native_conv.CONV_ENV}=0" in off
-    capped = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx512"})
+    capped = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx2"})
     assert _row(capped, "conv_4s2_weight_grad")[1] == "oneDNN" and "needs vdpbf16ps" in capped
+    if isa_supported("avx512"):
+        no_dot = _info({native.LIB_ENV: str(native_lib), "FASTFVAE_NATIVE_ISA": "avx512"})
+        assert _row(no_dot, "conv_4s2_weight_grad")[1] == "native" and "fp32 step (bf16: oneDNN" in no_dot

@@ -214,7 +214,9 @@ def test_the_bf16_relu_layers_take_the_fused_prologue(native_on, monkeypatch, bi
         assert rel <= 1e-2, (i, rel)
 
 
-def test_the_fp32_relu_layers_keep_the_torch_ops(native_on, monkeypatch):
+def test_the_fp32_relu_layers_take_it_unless_switched_off(native_on, monkeypatch):
+    assert native_conv.FUSED_RELU_BIAS_FP32
+    monkeypatch.setattr(native_conv, "FUSED_RELU_BIAS_FP32", False)
     want = _split_layer_grads(F32)
     assert "relu_grad_bias" not in native_on.called
     _need_avx512()

@@ -81,41 +81,49 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
     else:
         off_why = native.status()[1]
     isa = native_conv.isa()
-    if on and native_conv.image_isa_fits():
-        from fastfvae.fast.conv import NATIVE_PLAIN_FP32
+    from fastfvae.fast.conv import NATIVE_PLAIN_FP32
 
-        which = "fp32 and bf16" if NATIVE_PLAIN_FP32 else "bf16 step (fp32 step: oneDNN, for the reference's summation order)"
+    if on and native_conv.image_isa_fits():
+        which = "fp32 and bf16" if NATIVE_PLAIN_FP32 else "bf16 step (fp32 step: oneDNN, switched off)"
         image = ("native", f"cpu: the encoder's first and the decoder's last layer, {which} ({isa})")
     elif on:
         image = ("oneDNN", f"cpu: oneDNN: the native kernels need AVX-512 (this CPU: {native.gemm_isa()})")
     else:
         image = ("oneDNN", f"cpu: {off_why}")
-    # why a bf16-only kernel runs oneDNN (or nothing native) here
+    # why a strided kernel runs oneDNN (or nothing native) here
     needs_bf16_dot = "cpu: " + (off_why if not on
                                 else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})")
-    s2_on = on and native_conv.S2_IN_STEP and isa == "avx512_bf16"
-    s2_why = (f"cpu: bf16 step: the decoder's transposed convolutions, strided input gradients up to width "
-              f"{native_conv.DGRAD_MAX_WIDTH} (fp32: oneDNN)" if s2_on
-              else needs_bf16_dot)
-    fw_on = on and native_conv.S2_FWD_IN_STEP and isa == "avx512_bf16"
-    fw_why = (f"cpu: bf16 step: the encoder's strided convolutions' forward and the decoder's transposed "
-              f"convolutions' input gradients, inputs from width {native_conv.S2_FWD_MIN_WIDTH} (fp32: oneDNN)"
-              if fw_on else needs_bf16_dot)
-    wg_on = on and native_conv.S2_WGRAD_IN_STEP and isa == "avx512_bf16"
-    wg_why = ("cpu: bf16 step: the weight gradients of the encoder's strided and the decoder's transposed "
-              "convolutions (fp32: oneDNN)" if wg_on
-              else needs_bf16_dot)
+
+    def strided(in_step: bool, fp32_flag: bool, what: str) -> tuple[str, str]:
+        """(cpu implementation, why) of a strided kernel: its bf16 variant needs vdpbf16ps, its
+        float32 one AVX-512 and its fp32 route (`native_fp32_convolutions`)."""
+        bf16 = on and in_step and isa == "avx512_bf16"
+        fp32 = on and in_step and fp32_flag and isa in native_conv.FP32_S2_ISAS
+        if not (bf16 or fp32):
+            return "oneDNN", needs_bf16_dot
+        steps = ("bf16 and fp32 steps" if bf16 and fp32 else "bf16 step (fp32: oneDNN, switched off)" if bf16
+                 else f"fp32 step (bf16: oneDNN, needs vdpbf16ps; this CPU: {native.gemm_isa()})")
+        return "native", f"cpu: {steps}: {what}"
+
+    s2_impl, s2_why = strided(native_conv.S2_IN_STEP, native_conv.S2_FP32,
+                              f"the decoder's transposed convolutions, strided input gradients up to width "
+                              f"{native_conv.DGRAD_MAX_WIDTH}")
+    fw_impl, fw_why = strided(native_conv.S2_FWD_IN_STEP, native_conv.S2_FWD_FP32,
+                              f"the encoder's strided convolutions' forward and the decoder's transposed "
+                              f"convolutions' input gradients, inputs from width {native_conv.S2_FWD_MIN_WIDTH}")
+    wg_impl, wg_why = strided(native_conv.S2_WGRAD_IN_STEP, native_conv.S2_WGRAD_FP32,
+                              "the weight gradients of the encoder's strided and the decoder's transposed convolutions")
     has_rb = hasattr(torch.ops.fastfvae_native, "relu_grad_bias")
     rb_row = fused_pass_row(
         "relu_grad_bias", "threshold_backward + sum",
         "cpu: bf16 step: the ReLU convolutions' backward mask and float32 bias gradient in one pass"
-        + (" (fp32 too)" if native_conv.FUSED_RELU_BIAS_FP32 else " (fp32: threshold_backward + sum)"),
+        + (" (fp32 too)" if native_conv.FUSED_RELU_BIAS_FP32 else " (fp32: threshold_backward + sum, switched off)"),
         active=on, off_why=off_why, has=has_rb, isa_ok=on and has_rb and native_conv.relu_grad_isa() == "avx512",
         flag="fastfvae.ops.native_conv.FUSED_RELU_BIAS_IN_STEP", flag_on=native_conv.FUSED_RELU_BIAS_IN_STEP)
     return [("conv_image_layers", image[0], "cuDNN", f"{image[1]}; cuda: torch"),
-            ("conv_transpose_4s2", "native" if s2_on else "oneDNN", "cuDNN", f"{s2_why}; cuda: torch"),
-            ("conv_4s2", "native" if fw_on else "oneDNN", "cuDNN", f"{fw_why}; cuda: torch"),
-            ("conv_4s2_weight_grad", "native" if wg_on else "oneDNN", "cuDNN", f"{wg_why}; cuda: torch"),
+            ("conv_transpose_4s2", s2_impl, "cuDNN", f"{s2_why}; cuda: torch"),
+            ("conv_4s2", fw_impl, "cuDNN", f"{fw_why}; cuda: torch"),
+            ("conv_4s2_weight_grad", wg_impl, "cuDNN", f"{wg_why}; cuda: torch"),
             rb_row, recon_row()]
 
 

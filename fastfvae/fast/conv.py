@@ -14,7 +14,7 @@ CPU (oneDNN); their per-layer timings are in docs/fast-path.md:
   `last_deconv_s2d`), where oneDNN's one-channel kernels are slow.
 - native image-side layers: with the native library loaded (`fastfvae.ops.native_conv.enabled`)
   the first and last layers run on its kernels instead, in the space-to-depth form (bf16 step)
-  or on the plain image (bf16 only unless `NATIVE_PLAIN_FP32`), several times faster than oneDNN
+  or on the plain image (fp32 too while `NATIVE_PLAIN_FP32`), several times faster than oneDNN
   there (docs/ops.md, "Native convolutions"), on the CPUs where they measured faster
   (`native_conv.IMAGE_ISAS`); otherwise the oneDNN path below.
 
@@ -36,13 +36,12 @@ from fastfvae.models.vae import FEATURE_SHAPE, Decoder, Encoder
 from fastfvae.ops import native_conv
 
 #: the image-side layers on the plain image (no space-to-depth) on the native kernels in float32
-#: too: off. 3-8x oneDNN per pass, but their other summation order makes the
-#: float32 step drift from the reference loop (beta-TC-VAE: 7e-4 relative in its losses after 50
-#: steps, past the fp32 parity's 1e-4; docs/ops.md), and the fp32 step is the parity precision
-NATIVE_PLAIN_FP32 = False
+#: too (3-8x oneDNN per pass, docs/ops.md)
+NATIVE_PLAIN_FP32 = True
 
-#: the switches that route the float32 step's convolutions to the native kernels, each off by
-#: default: (module, flag name); `fastfvae.fast.conv` itself stands for this module
+#: the switches that route the float32 step's convolutions to the native kernels (their AVX-512
+#: variants; each on, `native_fp32_convolutions` sets them all): (module, flag name);
+#: `fastfvae.fast.conv` itself stands for this module
 FP32_NATIVE_ROUTES = (("fastfvae.fast.conv", "NATIVE_PLAIN_FP32"), ("fastfvae.ops.native_conv", "S2_FP32"),
                       ("fastfvae.ops.native_conv", "S2_DGRAD_FP32"), ("fastfvae.ops.native_conv", "S2_FWD_FP32"),
                       ("fastfvae.ops.native_conv", "S2_WGRAD_FP32"),
@@ -52,10 +51,13 @@ FP32_NATIVE_ROUTES = (("fastfvae.fast.conv", "NATIVE_PLAIN_FP32"), ("fastfvae.op
 @contextlib.contextmanager
 def native_fp32_convolutions(on: bool = True):
     """Within the block, every convolution of the float32 fast step that has a native kernel runs
-    on it (`FP32_NATIVE_ROUTES`), as the bf16 step does; restored on exit. Off by default: the
-    step is 1.19-1.27x faster with them (1 and 2 threads), but over 50 steps of FactorVAE with 2 D
-    updates and of beta-TC-VAE it leaves the fp32 parity tolerance of all three runs that decide
-    (docs/fast-path.md, "Native convolutions in the fp32 step"). For benchmarks and experiments."""
+    on it (``on``, the default state: `FP32_NATIVE_ROUTES`, as the bf16 step does), or none does
+    (``on=False``: oneDNN's kernels, the reference loop's, for an A/B or a run in the reference's
+    summation order); restored on exit. The routes make the fp32 step 1.19-1.27x faster (1 and 2
+    threads). Their summation order is another fp32 rounding of the same sums, so a ReLU input
+    within round-off of zero can land on the other side; in adversarial runs that parts the
+    trajectories within 50 steps, while each step stays the reference loop's step within the fp32
+    tolerance (docs/fast-path.md, "Native convolutions in the fp32 step")."""
     saved = [(sys.modules[mod], name, getattr(sys.modules[mod], name)) for mod, name in FP32_NATIVE_ROUTES]
     try:
         for module, name, _ in saved:

@@ -95,12 +95,12 @@ def fits(layer: nn.Module, x: torch.Tensor, transposed: bool, dtype: torch.dtype
 #: and the encoder's strided convolutions' input gradients (1.75-1.89x oneDNN's), docs/ops.md,
 #: "Native convolutions"
 S2_IN_STEP = True
-#: `conv_transpose_4s2` for the float32 step's transposed convolutions: off. Faster than oneDNN
-#: alone, but its other summation order moved the 50-step fp32 parity with the reference loop
-#: past its 1e-4 tolerance (docs/ops.md), and fp32 is the parity precision
-S2_FP32 = False
-#: ... and for the float32 step's strided input gradients (with `S2_FP32`): off, as `S2_FP32`
-S2_DGRAD_FP32 = False
+#: `conv_transpose_4s2` for the float32 step's transposed convolutions (the AVX-512 FMA variant;
+#: with the input gradients below the fp32 step 1.12x, docs/fast-path.md, "Native convolutions in
+#: the fp32 step"); `fastfvae.fast.conv.native_fp32_convolutions(False)` turns every fp32 route off
+S2_FP32 = True
+#: ... and for the float32 step's strided input gradients (with `S2_FP32`)
+S2_DGRAD_FP32 = True
 #: the strided convolutions' input gradients go native up to this input width: the encoder's
 #: (32, 16 and 8), where the kernel measured 1.75-1.89x oneDNN's backward-data kernel and the
 #: bf16 step 1.02-1.03x faster than with the 32 x 32 one on oneDNN (2 threads); wider inputs
@@ -112,8 +112,7 @@ def s2_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding, dgrad: bool 
     """``conv_transpose_4s2`` computes this 4x4 stride-2 padding-1 transposed convolution of
     ``x`` where it measured faster than oneDNN: bfloat16 with vdpbf16ps, and float32 (AVX-512)
     for the transposed convolutions' forward (`S2_FP32`) and, with `S2_DGRAD_FP32`, a strided
-    convolution's input gradient (``dgrad``; off by default: a strided convolution's input
-    gradient, where fp32 oneDNN was as fast)."""
+    convolution's input gradient (``dgrad``)."""
     if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4 and x.shape[1] % 2 == 0 and tuple(weight.shape[2:]) == (4, 4)
             and list(stride) == [2, 2] and list(padding) == [1, 1] and S2_IN_STEP and enabled()):
         return False
@@ -145,15 +144,16 @@ S2_FWD_IN_STEP = True
 #: ... from this input width: the VAE's narrowest, 8 x 8 (64 -> 64, a 4 x 4 output), measured
 #: 1.02-1.12x oneDNN too; narrower inputs were not measured
 S2_FWD_MIN_WIDTH = 8
-#: `conv_4s2` in the float32 step: off (fp32 keeps oneDNN's order; docs/fast-path.md, "Native
-#: convolutions in the fp32 step")
-S2_FWD_FP32 = False
+#: `conv_4s2` in the float32 step (AVX-512 FMA): 0.95x alone, a part of the 1.19-1.27x of all the
+#: fp32 routes together, where the layers pass native tensors to each other (docs/fast-path.md,
+#: "Native convolutions in the fp32 step")
+S2_FWD_FP32 = True
 
 
 def s2_fwd_fits(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """``conv_4s2(x, weight)`` computes this 4x4 stride-2 padding-1 convolution where it measured
     faster than oneDNN: bfloat16 with vdpbf16ps, an even input channel count, inputs of at least
-    `S2_FWD_MIN_WIDTH` columns. float32 keeps oneDNN (the parity precision) unless `S2_FWD_FP32`."""
+    `S2_FWD_MIN_WIDTH` columns; float32 (AVX-512) while `S2_FWD_FP32`."""
     return (x.dtype in DTYPES and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() == 4
             and weight.dim() == 4 and weight.shape[1] == x.shape[1] and x.shape[1] % 2 == 0
             and tuple(weight.shape[2:]) == (4, 4) and list(stride) == [2, 2] and list(padding) == [1, 1]
@@ -172,16 +172,15 @@ def conv_4s2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r
 #: (vdpbf16ps): 1.4-2.0x oneDNN's weight-gradient primitives at the VAE's six layers on 1
 #: thread, 1.8-4.5x on 2, the bf16 step 1.04-1.05x / 1.075x (docs/ops.md, "Native convolutions")
 S2_WGRAD_IN_STEP = True
-#: `conv_4s2_weight_grad` in the float32 step: off, as `S2_FWD_FP32`
-S2_WGRAD_FP32 = False
+#: `conv_4s2_weight_grad` in the float32 step (AVX-512 FMA), as `S2_FWD_FP32`
+S2_WGRAD_FP32 = True
 
 
 def s2_wgrad_fits(big: torch.Tensor, small: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """``conv_4s2_weight_grad(big, small)`` is the weight gradient of this 4x4 stride-2
     padding-1 layer (big: a Conv2d's input or a ConvTranspose2d's output gradient, [B, Cb, 2H,
     2W]; small: the other operand, [B, Cs, H, W]) where it measured faster than oneDNN: bfloat16
-    with vdpbf16ps. float32 keeps oneDNN (the parity precision, whose summation order the fp32
-    step's parity tests pin) unless `S2_WGRAD_FP32`."""
+    with vdpbf16ps; float32 (AVX-512) while `S2_WGRAD_FP32`."""
     return (big.dtype in DTYPES and small.dtype == big.dtype and big.device.type == "cpu"
             and small.device.type == "cpu" and big.dim() == 4 and small.dim() == 4
             and big.shape[0] == small.shape[0] and list(big.shape[2:]) == [2 * n for n in small.shape[2:]]
@@ -203,11 +202,10 @@ def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dt
 #: (+ sum) per call in bf16 (cache-warm; 1.65x from memory), the bf16 step 1.013-1.038x on 1 and
 #: 2 threads (per-round medians; the profiler: 1.2-1.4 ms a step against 2.9-3.3), docs/ops.md
 FUSED_RELU_BIAS_IN_STEP = True
-#: the same in the float32 step: off. 1.5-1.8x per call with a bias (the mask alone 0.96x) and
-#: the fp32 parity tests pass with it but the beta-TC-VAE run's (docs/fast-path.md, "Native
-#: convolutions in the fp32 step"), and the fp32 step on 1 thread was no faster (1.004-1.005x;
-#: the profiler: 3.0-3.8 ms a step against the torch ops' 2.3-2.9), 1.015-1.045x on 2 (docs/ops.md)
-FUSED_RELU_BIAS_FP32 = False
+#: the same in the float32 step: 1.5-1.8x per call with a bias (the mask alone 0.96x); the fp32
+#: step on 1 thread 1.004-1.005x, 1.015-1.045x on 2 (docs/ops.md), and with the other fp32 routes
+#: it keeps their layers' native tensors native (docs/fast-path.md)
+FUSED_RELU_BIAS_FP32 = True
 
 
 def relu_bias_fits(grad: torch.Tensor, out: torch.Tensor) -> bool:
