@@ -26,11 +26,13 @@ Some runs part from all three whatever the fast step's kernels: an adversarial r
 2 D updates, beta-TC-VAE) amplifies a ReLU input that lies within round-off of zero landing on the
 other side (a decoder pre-activation of -1.7e-9 in the float64 run, on a layer whose values are
 ~5e-2: the native kernels' rounding gives +8.8e-9, the reference's -1.9e-9), until after 50 steps
-the runs are 1e-2 apart. So the last check is step by step (`every_step_is_a_reference_step`):
-from each state of the fast run, one reference step on the same inputs must reach the fast step's
-next state within the same tolerances, and each tensor's update must match the reference's to
-`STEP_UPDATE_RTOL` of its norm (which rejects a systematic error too small for the elementwise
-tolerance in one step).
+the runs are 1e-2 apart. So the last check is step by step (`every_step_is_a_reference_step`,
+on a rerun of the fast run that must reproduce it bit for bit): from each state of the fast run,
+one reference step on the same inputs must reach the fast step's next state within the same
+tolerances, each tensor's update and each Adam moment must match the reference's to
+`STEP_UPDATE_RTOL` of its norm (a systematic error of a few per cent fails in one step), and the
+steps' parameter differences, summed over the run, must stay within the 50-step tolerance (an
+error too small for one step adds up there, as it would along the trajectory).
 bf16 rounds every GEMM/conv operand to 8 mantissa bits: losses agree to rtol 5e-2 and
 parameters to atol 50 steps x lr = 5e-3 (each step can move a parameter by ~lr either way).
 """
@@ -133,25 +135,44 @@ def _native_routes() -> dict:
 STEP_UPDATE_RTOL = 1e-2
 
 
-def _assert_same_updates(start: dict, ref: dict, fast: dict) -> None:
-    for k, p in start.items():
-        ref_update = (ref[k] - p).norm()
-        gap = float((fast[k].to(p.dtype) - ref[k]).norm())
-        floor = 1e-8 * p.numel() ** 0.5  # an update of round-off size: 1e-8 per element
-        assert gap <= STEP_UPDATE_RTOL * float(ref_update) + floor, (
-            f"{k}: its update differs from the reference's by {gap / max(float(ref_update), 1e-30):.2e} "
-            f"of its norm, past {STEP_UPDATE_RTOL:g}")
+def _assert_within_norm(name: str, gap: torch.Tensor, scale: torch.Tensor, what: str) -> None:
+    """||gap|| <= STEP_UPDATE_RTOL ||scale|| + 1e-8 per element (a round-off-sized floor)."""
+    gap_norm, scale_norm = float(gap.double().norm()), float(scale.double().norm())
+    floor = 1e-8 * gap.numel() ** 0.5
+    assert gap_norm <= STEP_UPDATE_RTOL * scale_norm + floor, (
+        f"{name}: {what} differs from the reference's by {gap_norm / max(scale_norm, 1e-30):.2e} of its norm, "
+        f"past {STEP_UPDATE_RTOL:g} (+ {floor:.1e})")
 
 
-def every_step_is_a_reference_step(cfg: TrainConfig, steps: int, data, options: FastOptions, routes: dict) -> None:
-    """The fast run checked one step at a time: before each of its steps its state (the step's
-    own optimiser state and flat buffers written back) is copied into a fresh reference loop,
-    which takes one step on the same inputs; that step's metrics and the parameters it reaches
-    must be within the fp32 tolerances of the fast step's. The fast step runs on, free, as in
+def _assert_same_optimiser_states(ref_state, fast_state) -> None:
+    """Each Adam's step counts equal, its moments within `STEP_UPDATE_RTOL` of their norm."""
+    for which, ref_opt, fast_opt in zip(("vae", "disc"), ref_state.optims, fast_state.optims):
+        if ref_opt is None:
+            continue
+        ref_sd, fast_sd = ref_opt.state_dict()["state"], fast_opt.state_dict()["state"]
+        assert ref_sd.keys() == fast_sd.keys(), f"{which} optimiser: states for other parameters"
+        for i, ref_s in ref_sd.items():
+            assert float(fast_sd[i]["step"]) == float(ref_s["step"]), f"{which} optimiser, parameter {i}: step count"
+            for key in ("exp_avg", "exp_avg_sq"):
+                _assert_within_norm(f"{which} optimiser, parameter {i}", fast_sd[i][key] - ref_s[key], ref_s[key], key)
+
+
+def every_step_is_a_reference_step(cfg: TrainConfig, steps: int, data, options: FastOptions, routes: dict,
+                                   compared=None) -> None:
+    """The fast run checked one step at a time. Before each of its steps its state (the step's own
+    optimiser state and flat buffers written back) is copied into a fresh reference loop, which
+    takes one step on the same inputs. That step's metrics and parameters must be within the fp32
+    tolerances of the fast step's, each tensor's update and each Adam moment within
+    `STEP_UPDATE_RTOL` of its norm and the Adam step counts equal; and the sum over the steps of
+    the two steps' parameter differences (what the fast step's own error adds up to, without the
+    trajectory's amplification) within the 50-step tolerance. The fast step runs on, free, as in
     training (its packed weights and buffers carried across steps). ``routes``: the fp32
-    native-convolution flags the run was made with (`_native_routes`)."""
-    state = TrainState.create(cfg, len(data))
+    native-convolution flags the run was made with (`_native_routes`); ``compared``: (fast state,
+    per-step fast metrics) of the run under judgment, which this rerun must reproduce bit for bit."""
+    with torch.random.fork_rng():  # building a state seeds the global generator
+        state = TrainState.create(cfg, len(data))
     saved = _native_routes()
+    drift: dict = {}
     try:
         for (mod, name), value in routes.items():
             setattr(sys.modules[mod], name, value)
@@ -163,15 +184,33 @@ def every_step_is_a_reference_step(cfg: TrainConfig, steps: int, data, options: 
             fast_metrics = fast(inputs)
             state.step += 1
             fast.sync_state()
-            ref = TrainState.create(cfg, len(data))
+            if compared is not None and step < len(compared[1]):
+                assert all(torch.equal(fast_metrics[k], compared[1][step][k]) for k in fast_metrics), (
+                    f"the step-by-step rerun is not the run compared: its metrics differ at step {step + 1}")
+            with torch.random.fork_rng():
+                ref = TrainState.create(cfg, len(data))
             ref.load_state_dict(before)
             start = {k: v.clone() for k, v in params_of(ref).items()}
             ref_metrics = make_reference_step(ref, data)(inputs)
+            ref_p, fast_p = params_of(ref), params_of(state)
             try:
                 _assert_close_runs(ref, state, [ref_metrics], [fast_metrics], "fp32")
-                _assert_same_updates(start, params_of(ref), params_of(state))
+                for k, p in start.items():
+                    _assert_within_norm(k, fast_p[k] - ref_p[k], ref_p[k] - p, "its update")
+                _assert_same_optimiser_states(ref, state)
             except AssertionError as exc:
                 raise AssertionError(f"step {step + 1} from the fast run's state: {str(exc).splitlines()[0]}") from None
+            for k in ref_p:
+                drift[k] = drift.get(k, 0) + (fast_p[k].double() - ref_p[k].double())
+        if compared is not None:
+            final = params_of(compared[0])
+            assert all(torch.equal(final[k], v) for k, v in params_of(state).items()), (
+                "the step-by-step rerun is not the run compared: its final parameters differ")
+        for k, d in drift.items():
+            past = int((d.abs() > PARAM_ATOL["fp32"]).sum())
+            assert past <= ROUND_OFF_SHARE * d.numel() and float(d.abs().max()) <= ROUND_OFF_STEP, (
+                f"{k}: the fast steps' differences from the reference steps add up to {float(d.abs().max()):.2e} "
+                f"over {steps} steps ({past} of {d.numel()} elements past {PARAM_ATOL['fp32']:g})")
     finally:
         for (mod, name), value in saved.items():
             setattr(sys.modules[mod], name, value)
@@ -226,7 +265,7 @@ def assert_parity(ref_state, fast_state, ref_metrics, fast_metrics, precision: s
     stepwise = getattr(ref_state, "stepwise", None)
     if stepwise is not None:
         try:
-            stepwise()
+            stepwise(compared=(fast_state, fast_metrics))
             return
         except AssertionError as exc:
             failures.append(f"step by step: {str(exc).splitlines()[0]}")
@@ -279,10 +318,14 @@ def test_fp32_parity_is_not_vacuous():
         fast(inputs._replace(eps=torch.randn_like(inputs.eps)))
     with pytest.raises(AssertionError):
         _assert_close_runs(ref_state, fast_state, [], [], "fp32")
-    # nor do the referees accept it
+    # nor do the referees accept it, nor the step-by-step check (whose rerun of the fast step, on
+    # the right noise, is not this run)
     ref_state.referees = {name: functools.partial(run, cfg, 5, data) for name, run in REFEREES.items()}
+    ref_state.stepwise = functools.partial(every_step_is_a_reference_step, cfg, 5, data, FastOptions(),
+                                           _native_routes())
     with pytest.raises(AssertionError, match="against the fp32 reference: .*; against the float64 reference: .*; "
-                                             "against the reference with fused Adam: "):
+                                             "against the reference with fused Adam: .*; step by step: "
+                                             "the step-by-step rerun is not the run compared"):
         assert_parity(ref_state, fast_state, [], [], "fp32")
 
 
@@ -293,16 +336,14 @@ def test_every_fast_step_is_a_reference_step_from_its_own_state():
     every_step_is_a_reference_step(cfg, 10, small_dsprites(512), FastOptions(), _native_routes())
 
 
-def test_the_step_by_step_comparison_rejects_an_update_two_per_cent_too_long(monkeypatch):
-    """An Adam step 2% too long moves each parameter by ~2e-6 more a step, well inside the
-    elementwise tolerance, so it is the updates' norms that reject it, at the first step
-    (beta-VAE: no discriminator, whose near-zero gradients the changed codes could flip)."""
+def _adam_steps_too_long(monkeypatch, factor: float) -> None:
+    """The fast step's Adam steps ``factor`` times too long (its lr as the state records it)."""
     real = FastAdam.step
 
     def long_step(self, *args, **kwargs):
         lrs = [group["lr"] for group in self.param_groups]
         for group in self.param_groups:
-            group["lr"] *= 1.02
+            group["lr"] *= factor
         try:
             return real(self, *args, **kwargs)
         finally:
@@ -310,8 +351,24 @@ def test_the_step_by_step_comparison_rejects_an_update_two_per_cent_too_long(mon
                 group["lr"] = lr
 
     monkeypatch.setattr(FastAdam, "step", long_step)
+
+
+def test_the_step_by_step_comparison_rejects_an_update_two_per_cent_too_long(monkeypatch):
+    """An Adam step 2% too long moves each parameter by ~2e-6 more a step, well inside the
+    elementwise tolerance, so it is the updates' norms that reject it, at the first step
+    (beta-VAE: no discriminator, whose near-zero gradients the changed codes could flip)."""
+    _adam_steps_too_long(monkeypatch, 1.02)
     with pytest.raises(AssertionError, match=r"step 1 from the fast run's state: .*its update differs"):
         every_step_is_a_reference_step(small_cfg(model="betavae"), 3, small_dsprites(512), FastOptions(),
+                                       _native_routes())
+
+
+def test_the_step_by_step_comparison_adds_up_an_error_too_small_for_one_step(monkeypatch):
+    """0.5% too long passes each step's norm check (5e-3 of 1e-2); the steps' differences add up
+    over 50 steps past the 50-step tolerance, as the free-running comparison's would."""
+    _adam_steps_too_long(monkeypatch, 1.005)
+    with pytest.raises(AssertionError, match="differences from the reference steps add up to"):
+        every_step_is_a_reference_step(small_cfg(model="betavae"), STEPS, small_dsprites(512), FastOptions(),
                                        _native_routes())
 
 
@@ -328,7 +385,7 @@ def test_the_step_by_step_comparison_rejects_a_transposed_convolution_without_it
         return real(x, layer, dtype, relu)
 
     monkeypatch.setattr(by_hand, "layer_split", without_bias)
-    with pytest.raises(AssertionError, match=r"step \d+ from the fast run's state: "):
+    with pytest.raises(AssertionError, match=r"step 1 from the fast run's state: "):
         every_step_is_a_reference_step(small_cfg(), 5, small_dsprites(512), FastOptions(), _native_routes())
 
 

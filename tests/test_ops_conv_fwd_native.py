@@ -8,8 +8,8 @@ inputs, float32 and bfloat16; a ConvTranspose2d's input gradient through its wei
 Conv2d weight; empty inputs and each variant (AVX-512 with and without vdpbf16ps, scalar) in a
 subprocess (the default run: the empty inputs on the best variant this CPU has, the values on
 the scalar one; the others under ``-m slow``: `each_variant`); the same bits on 1-4 threads;
-opcheck; refused inputs; and the wiring in fastfvae.fast.conv (bf16: native, the oneDNN path's
-values and gradients; fp32: oneDNN). The library comes from tests/test_ops_native.py's
+opcheck; refused inputs; and the wiring in fastfvae.fast.conv (bf16, and fp32 on AVX-512: native,
+the oneDNN path's values and gradients; fp32 with `S2_FWD_FP32` off: oneDNN). The library comes from tests/test_ops_native.py's
 fixtures; without cmake or a C++ compiler these tests skip.
 """
 

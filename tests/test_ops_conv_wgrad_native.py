@@ -9,7 +9,8 @@ odd, several chunks of the batch, odd grids, width 1, channel counts off the ker
 blocks and odd ones, float32 and bfloat16, NCHW and strided inputs, each variant (AVX-512 with
 and without vdpbf16ps, scalar) in a subprocess (scalar in the default run, the others under
 ``-m slow``: `each_variant`), the same bits on 1-4 threads, opcheck, refused inputs, and the
-wiring in fastfvae.fast.conv (bf16 step: native, the oneDNN path's gradients; fp32: oneDNN).
+wiring in fastfvae.fast.conv (bf16 step, and fp32 on AVX-512: native, the oneDNN path's
+gradients; fp32 with `S2_WGRAD_FP32` off: oneDNN).
 The library comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler
 these tests skip (the identity test runs anyway).
 """

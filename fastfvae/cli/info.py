@@ -90,28 +90,35 @@ def conv_rows() -> list[tuple[str, str, str, str]]:
         image = ("oneDNN", f"cpu: oneDNN: the native kernels need AVX-512 (this CPU: {native.gemm_isa()})")
     else:
         image = ("oneDNN", f"cpu: {off_why}")
-    # why a strided kernel runs oneDNN (or nothing native) here
-    needs_bf16_dot = "cpu: " + (off_why if not on
-                                else f"oneDNN: needs vdpbf16ps (avx512_bf16; this CPU: {native.gemm_isa()})")
+    cpu_isa = native.gemm_isa()
 
-    def strided(in_step: bool, fp32_flag: bool, what: str) -> tuple[str, str]:
-        """(cpu implementation, why) of a strided kernel: its bf16 variant needs vdpbf16ps, its
-        float32 one AVX-512 and its fp32 route (`native_fp32_convolutions`)."""
-        bf16 = on and in_step and isa == "avx512_bf16"
-        fp32 = on and in_step and fp32_flag and isa in native_conv.FP32_S2_ISAS
+    def strided(in_step: str, fp32_flag: bool, what: str) -> tuple[str, str]:
+        """(cpu implementation, why) of a strided kernel switched into the step by the
+        `native_conv` flag ``in_step``: its bf16 variant needs vdpbf16ps, its float32 one AVX-512
+        and its fp32 route (``fp32_flag``, `native_fp32_convolutions`)."""
+        stepped = on and getattr(native_conv, in_step)
+        bf16 = stepped and isa == "avx512_bf16"
+        fp32 = stepped and fp32_flag and isa in native_conv.FP32_S2_ISAS
+        if not on:
+            return "oneDNN", f"cpu: {off_why}"
+        if not stepped:
+            return "oneDNN", f"cpu: oneDNN: switched out of the step (native_conv.{in_step})"
         if not (bf16 or fp32):
-            return "oneDNN", needs_bf16_dot
+            if isa not in native_conv.FP32_S2_ISAS:
+                return "oneDNN", f"cpu: oneDNN: needs vdpbf16ps (bf16) or AVX-512 (fp32; this CPU: {cpu_isa})"
+            return "oneDNN", f"cpu: oneDNN: bf16 needs vdpbf16ps (this CPU: {cpu_isa}), the fp32 route is switched off"
         steps = ("bf16 and fp32 steps" if bf16 and fp32 else "bf16 step (fp32: oneDNN, switched off)" if bf16
-                 else f"fp32 step (bf16: oneDNN, needs vdpbf16ps; this CPU: {native.gemm_isa()})")
+                 else f"fp32 step (bf16: oneDNN, needs vdpbf16ps; this CPU: {cpu_isa})")
         return "native", f"cpu: {steps}: {what}"
 
-    s2_impl, s2_why = strided(native_conv.S2_IN_STEP, native_conv.S2_FP32,
+    dgrad_fp32 = "" if native_conv.S2_DGRAD_FP32 else " (fp32: the input gradients on oneDNN, switched off)"
+    s2_impl, s2_why = strided("S2_IN_STEP", native_conv.S2_FP32,
                               f"the decoder's transposed convolutions, strided input gradients up to width "
-                              f"{native_conv.DGRAD_MAX_WIDTH}")
-    fw_impl, fw_why = strided(native_conv.S2_FWD_IN_STEP, native_conv.S2_FWD_FP32,
+                              f"{native_conv.DGRAD_MAX_WIDTH}{dgrad_fp32}")
+    fw_impl, fw_why = strided("S2_FWD_IN_STEP", native_conv.S2_FWD_FP32,
                               f"the encoder's strided convolutions' forward and the decoder's transposed "
                               f"convolutions' input gradients, inputs from width {native_conv.S2_FWD_MIN_WIDTH}")
-    wg_impl, wg_why = strided(native_conv.S2_WGRAD_IN_STEP, native_conv.S2_WGRAD_FP32,
+    wg_impl, wg_why = strided("S2_WGRAD_IN_STEP", native_conv.S2_WGRAD_FP32,
                               "the weight gradients of the encoder's strided and the decoder's transposed convolutions")
     has_rb = hasattr(torch.ops.fastfvae_native, "relu_grad_bias")
     rb_row = fused_pass_row(

@@ -11,9 +11,10 @@ kernels empty. Three native kernels cover every pass of both layers:
 
 and one for the decoder's inner transposed convolutions (4x4, stride 2): ``conv_transpose_4s2``,
 their forward (ReLU fused) and the encoder's strided convolutions' input gradient (the same
-sum), in the bf16 step with vdpbf16ps, where it measured faster than oneDNN (`s2_fits`); and
-``conv_4s2_weight_grad``, the weight gradient of both kinds of inner 4x4 stride-2 layers
-(`s2_wgrad_fits`). ``relu_grad_bias`` is every ReLU-fused convolution's backward prologue
+sum), where it measured faster than oneDNN (`s2_fits`): in the bf16 step with vdpbf16ps, in the
+float32 step with AVX-512 FMA; ``conv_4s2``, the encoder's strided convolutions' forward and the
+transposed convolutions' input gradient (`s2_fwd_fits`); and ``conv_4s2_weight_grad``, the
+weight gradient of both kinds of inner 4x4 stride-2 layers (`s2_wgrad_fits`). ``relu_grad_bias`` is every ReLU-fused convolution's backward prologue
 (the masked gradient and the float32 bias gradient in one pass, `relu_bias_fits`).
 
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
@@ -25,8 +26,9 @@ convolutions"; `bench/bench_conv_native.py` measures them again.
 `enabled` says whether `fastfvae.fast.conv` can take this path: the library loaded (with these
 calls), not ``FASTFVAE_NO_NATIVE=1``, and not ``FASTFVAE_NATIVE_CONV=0`` (this path alone off,
 to compare). The image-side layers then go native only on the variants measured faster than
-oneDNN (`IMAGE_ISAS`: AVX-512, with or without vdpbf16ps), `conv_transpose_4s2` only where
-`s2_fits`.
+oneDNN (`IMAGE_ISAS`: AVX-512, with or without vdpbf16ps), the strided kernels only where their
+``*_fits`` say; `fastfvae.fast.conv.native_fp32_convolutions(False)` keeps the float32 step on
+oneDNN.
 """
 
 from __future__ import annotations
@@ -202,9 +204,9 @@ def conv_4s2_weight_grad(big: torch.Tensor, small: torch.Tensor, dtype: torch.dt
 #: (+ sum) per call in bf16 (cache-warm; 1.65x from memory), the bf16 step 1.013-1.038x on 1 and
 #: 2 threads (per-round medians; the profiler: 1.2-1.4 ms a step against 2.9-3.3), docs/ops.md
 FUSED_RELU_BIAS_IN_STEP = True
-#: the same in the float32 step: 1.5-1.8x per call with a bias (the mask alone 0.96x); the fp32
-#: step on 1 thread 1.004-1.005x, 1.015-1.045x on 2 (docs/ops.md), and with the other fp32 routes
-#: it keeps their layers' native tensors native (docs/fast-path.md)
+#: the same in the float32 step: 1.5-1.8x per call with a bias (the mask alone 0.96x); the only
+#: native piece of an fp32 step it made it 1.00-1.045x faster over several runs on 1 and 2 threads
+#: (docs/ops.md, docs/fast-path.md), and it is part of all the fp32 routes' 1.19-1.27x
 FUSED_RELU_BIAS_FP32 = True
 
 
