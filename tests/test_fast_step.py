@@ -372,6 +372,23 @@ def test_the_step_by_step_comparison_adds_up_an_error_too_small_for_one_step(mon
                                        _native_routes())
 
 
+def test_the_step_by_step_comparison_rejects_an_adam_whose_step_count_stands_still(monkeypatch):
+    """A reference loop started from such a state makes the same update as the fast step (both
+    read the same count), so it is the optimiser states' comparison that rejects it."""
+    real = FastAdam.step
+
+    def stuck(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        for state in self.state.values():
+            state["step"] -= 1
+        return out
+
+    monkeypatch.setattr(FastAdam, "step", stuck)
+    with pytest.raises(AssertionError, match=r"step 1 from the fast run's state: vae optimiser, parameter 0: step count"):
+        every_step_is_a_reference_step(small_cfg(model="betavae"), 3, small_dsprites(512), FastOptions(),
+                                       _native_routes())
+
+
 def test_the_step_by_step_comparison_rejects_a_transposed_convolution_without_its_bias(monkeypatch):
     from torch import nn
 
