@@ -39,7 +39,6 @@ parameters to atol 50 steps x lr = 5e-3 (each step can move a parameter by ~lr e
 
 import copy
 import functools
-import sys
 
 import numpy as np
 import pytest
@@ -47,7 +46,7 @@ from cpu_bf16 import bf16_param, needs_cpu_bf16
 import torch
 
 from fastfvae.fast import PARITY_RTOL, FastOptions, FastStep
-from fastfvae.fast.conv import FP32_NATIVE_ROUTES
+from fastfvae.fast.conv import fp32_routes, native_fp32_convolutions
 from fastfvae.fast.impl import fused_ops_available
 from fastfvae.fast.optim import FastAdam, fast_optimizers
 from fastfvae.train.config import TrainConfig
@@ -123,11 +122,6 @@ def fused_adam_reference(cfg: TrainConfig, steps: int, data):
 REFEREES = {"the float64 reference": float64_reference, "the reference with fused Adam": fused_adam_reference}
 
 
-def _native_routes() -> dict:
-    """The fp32 native-convolution flags as they are now (`FP32_NATIVE_ROUTES`)."""
-    return {(mod, name): getattr(sys.modules[mod], name) for mod, name in FP32_NATIVE_ROUTES}
-
-
 #: one step from the same state: the largest relative difference of a tensor's update (the norm
 #: of the two runs' difference over the norm of the reference's update). Round-off gives ~1e-5,
 #: and up to 1.5e-3 where a ReLU input within round-off of zero lands on the other side (measured:
@@ -167,15 +161,12 @@ def every_step_is_a_reference_step(cfg: TrainConfig, steps: int, data, options: 
     the two steps' parameter differences (what the fast step's own error adds up to, without the
     trajectory's amplification) within the 50-step tolerance. The fast step runs on, free, as in
     training (its packed weights and buffers carried across steps). ``routes``: the fp32
-    native-convolution flags the run was made with (`_native_routes`); ``compared``: (fast state,
+    native-convolution flags the run was made with (`fp32_routes`); ``compared``: (fast state,
     per-step fast metrics) of the run under judgment, which this rerun must reproduce bit for bit."""
     with torch.random.fork_rng():  # building a state seeds the global generator
         state = TrainState.create(cfg, len(data))
-    saved = _native_routes()
     drift: dict = {}
-    try:
-        for (mod, name), value in routes.items():
-            setattr(sys.modules[mod], name, value)
+    with native_fp32_convolutions(routes):
         fast, shapes = FastStep(state, data, options), StepShapes.of(cfg, data=data)
         for step in range(steps):
             fast.sync_state()
@@ -211,9 +202,6 @@ def every_step_is_a_reference_step(cfg: TrainConfig, steps: int, data, options: 
             assert past <= ROUND_OFF_SHARE * d.numel() and float(d.abs().max()) <= ROUND_OFF_STEP, (
                 f"{k}: the fast steps' differences from the reference steps add up to {float(d.abs().max()):.2e} "
                 f"over {steps} steps ({past} of {d.numel()} elements past {PARAM_ATOL['fp32']:g})")
-    finally:
-        for (mod, name), value in saved.items():
-            setattr(sys.modules[mod], name, value)
 
 
 def run_both(cfg: TrainConfig, steps: int, options: FastOptions, data=None):
@@ -223,7 +211,7 @@ def run_both(cfg: TrainConfig, steps: int, options: FastOptions, data=None):
     data = small_dsprites(512) if data is None else data
     ref_state, fast_state = TrainState.create(cfg, len(data)), TrainState.create(cfg, len(data))
     ref_state.referees = {name: functools.partial(run, cfg, steps, data) for name, run in REFEREES.items()}
-    ref_state.stepwise = functools.partial(every_step_is_a_reference_step, cfg, steps, data, options, _native_routes())
+    ref_state.stepwise = functools.partial(every_step_is_a_reference_step, cfg, steps, data, options, fp32_routes())
     ref, fast = make_reference_step(ref_state, data), FastStep(fast_state, data, options)
     ref_metrics, fast_metrics = [], []
     shapes = StepShapes.of(cfg, data=data)
@@ -322,7 +310,7 @@ def test_fp32_parity_is_not_vacuous():
     # the right noise, is not this run)
     ref_state.referees = {name: functools.partial(run, cfg, 5, data) for name, run in REFEREES.items()}
     ref_state.stepwise = functools.partial(every_step_is_a_reference_step, cfg, 5, data, FastOptions(),
-                                           _native_routes())
+                                           fp32_routes())
     with pytest.raises(AssertionError, match="against the fp32 reference: .*; against the float64 reference: .*; "
                                              "against the reference with fused Adam: .*; step by step: "
                                              "the step-by-step rerun is not the run compared"):
@@ -333,7 +321,7 @@ def test_every_fast_step_is_a_reference_step_from_its_own_state():
     """The step-by-step comparison (`every_step_is_a_reference_step`) passes a correct fast step,
     FactorVAE with 2 D updates (D's packed weights and buffers carried across the steps)."""
     cfg = small_cfg(model="factorvae", perm_batch="second", d_steps=2)
-    every_step_is_a_reference_step(cfg, 10, small_dsprites(512), FastOptions(), _native_routes())
+    every_step_is_a_reference_step(cfg, 10, small_dsprites(512), FastOptions(), fp32_routes())
 
 
 def _adam_steps_too_long(monkeypatch, factor: float) -> None:
@@ -360,7 +348,7 @@ def test_the_step_by_step_comparison_rejects_an_update_two_per_cent_too_long(mon
     _adam_steps_too_long(monkeypatch, 1.02)
     with pytest.raises(AssertionError, match=r"step 1 from the fast run's state: .*its update differs"):
         every_step_is_a_reference_step(small_cfg(model="betavae"), 3, small_dsprites(512), FastOptions(),
-                                       _native_routes())
+                                       fp32_routes())
 
 
 def test_the_step_by_step_comparison_adds_up_an_error_too_small_for_one_step(monkeypatch):
@@ -369,7 +357,7 @@ def test_the_step_by_step_comparison_adds_up_an_error_too_small_for_one_step(mon
     _adam_steps_too_long(monkeypatch, 1.005)
     with pytest.raises(AssertionError, match="differences from the reference steps add up to"):
         every_step_is_a_reference_step(small_cfg(model="betavae"), STEPS, small_dsprites(512), FastOptions(),
-                                       _native_routes())
+                                       fp32_routes())
 
 
 def test_the_step_by_step_comparison_rejects_an_adam_whose_step_count_stands_still(monkeypatch):
@@ -386,7 +374,7 @@ def test_the_step_by_step_comparison_rejects_an_adam_whose_step_count_stands_sti
     monkeypatch.setattr(FastAdam, "step", stuck)
     with pytest.raises(AssertionError, match=r"step 1 from the fast run's state: vae optimiser, parameter 0: step count"):
         every_step_is_a_reference_step(small_cfg(model="betavae"), 3, small_dsprites(512), FastOptions(),
-                                       _native_routes())
+                                       fp32_routes())
 
 
 def test_the_step_by_step_comparison_rejects_a_transposed_convolution_without_its_bias(monkeypatch):
@@ -403,7 +391,7 @@ def test_the_step_by_step_comparison_rejects_a_transposed_convolution_without_it
 
     monkeypatch.setattr(by_hand, "layer_split", without_bias)
     with pytest.raises(AssertionError, match=r"step 1 from the fast run's state: "):
-        every_step_is_a_reference_step(small_cfg(), 5, small_dsprites(512), FastOptions(), _native_routes())
+        every_step_is_a_reference_step(small_cfg(), 5, small_dsprites(512), FastOptions(), fp32_routes())
 
 
 def test_fused_adam_differs_from_the_reference_adam_by_round_off_only():

@@ -12,8 +12,6 @@ others are under ``-m slow``: `each_variant`); and the wiring in fastfvae.fast.c
 comes from tests/test_ops_native.py's fixtures; without cmake or a C++ compiler these tests skip.
 """
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -584,7 +582,7 @@ def test_the_fp32_step_runs_its_convolutions_natively_unless_switched_back_to_on
     with by_hand.native_fp32_convolutions(False):
         run_both(cfg, 2, FastOptions())
     assert not kernels & set(native_on.called), "a float32 convolution ran natively with the routes off"
-    assert all(getattr(sys.modules[module], flag) for module, flag in by_hand.FP32_NATIVE_ROUTES)  # restored
+    assert all(by_hand.fp32_routes().values())  # restored
     runs = run_both(cfg, 10, FastOptions())
     assert kernels <= set(native_on.called), kernels - set(native_on.called)
     assert_parity(*runs, "fp32")

@@ -48,24 +48,31 @@ FP32_NATIVE_ROUTES = (("fastfvae.fast.conv", "NATIVE_PLAIN_FP32"), ("fastfvae.op
                       ("fastfvae.ops.native_conv", "FUSED_RELU_BIAS_FP32"))
 
 
+def fp32_routes() -> dict:
+    """The `FP32_NATIVE_ROUTES` flags as they are now: {(module name, flag name): on}, which
+    `native_fp32_convolutions` takes back."""
+    return {(mod, name): getattr(sys.modules[mod], name) for mod, name in FP32_NATIVE_ROUTES}
+
+
 @contextlib.contextmanager
-def native_fp32_convolutions(on: bool = True):
+def native_fp32_convolutions(on: bool | dict = True):
     """Within the block, every convolution of the float32 fast step that has a native kernel runs
     on it (``on``, the default state: `FP32_NATIVE_ROUTES`, as the bf16 step does), or none does
     (``on=False``: oneDNN's kernels, the reference loop's, for an A/B or a run in the reference's
-    summation order); restored on exit. The routes make the fp32 step 1.19-1.27x faster (1 and 2
-    threads). Their summation order is another fp32 rounding of the same sums, so a ReLU input
-    within round-off of zero can land on the other side; in adversarial runs that parts the
-    trajectories within 50 steps, while each step stays the reference loop's step within the fp32
-    tolerance (docs/fast-path.md, "Native convolutions in the fp32 step")."""
-    saved = [(sys.modules[mod], name, getattr(sys.modules[mod], name)) for mod, name in FP32_NATIVE_ROUTES]
+    summation order), or each route as a `fp32_routes` mapping says; restored on exit. The routes
+    make the fp32 step 1.19-1.27x faster (1 and 2 threads). Their summation order is another fp32
+    rounding of the same sums, so a ReLU input within round-off of zero can land on the other
+    side; in adversarial runs that parts the trajectories within 50 steps, while each step stays
+    the reference loop's step within the fp32 tolerance (docs/fast-path.md, "Native convolutions
+    in the fp32 step")."""
+    saved = fp32_routes()
     try:
-        for module, name, _ in saved:
-            setattr(module, name, on)
+        for mod, name in FP32_NATIVE_ROUTES:
+            setattr(sys.modules[mod], name, on[(mod, name)] if isinstance(on, dict) else on)
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for (mod, name), value in saved.items():
+            setattr(sys.modules[mod], name, value)
 
 _aten = torch.ops.aten
 
