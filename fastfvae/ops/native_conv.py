@@ -14,8 +14,9 @@ their forward (ReLU fused) and the encoder's strided convolutions' input gradien
 sum), where it measured faster than oneDNN (`s2_fits`): in the bf16 step with vdpbf16ps, in the
 float32 step with AVX-512 FMA; ``conv_4s2``, the encoder's strided convolutions' forward and the
 transposed convolutions' input gradient (`s2_fwd_fits`); and ``conv_4s2_weight_grad``, the
-weight gradient of both kinds of inner 4x4 stride-2 layers (`s2_wgrad_fits`). ``relu_grad_bias`` is every ReLU-fused convolution's backward prologue
-(the masked gradient and the float32 bias gradient in one pass, `relu_bias_fits`).
+weight gradient of both kinds of inner 4x4 stride-2 layers (`s2_wgrad_fits`).
+``relu_grad_bias`` is every ReLU-fused convolution's backward prologue (the masked gradient and
+the float32 bias gradient in one pass, `relu_bias_fits`).
 
 The image side is the plain [B, 1, 2H, 2W] image or its space-to-depth form [B, 4, H, W]
 (`fastfvae.fast.conv.space_to_depth`, what the bf16 fast step feeds). The layers run in the
