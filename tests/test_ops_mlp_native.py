@@ -176,6 +176,7 @@ for dtype in (t.F32, t.BF16):
         for slope in (0.0, 0.2, 1.0):
             t._check_layer(M, K, N, dtype, slope)
     t._check_discriminator_steps((7, 33, 3), 5, dtype, steps=2)
+    t._check_fused_update((7, 97, 3), dtype)
 print("ok")
 """
 
@@ -287,17 +288,22 @@ def test_fp32_trajectory_equals_torch_autograd_and_adam(native_on, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_fused_update_equals_grads_then_step(native_on, dtype):
+@pytest.mark.parametrize("size", [(9, 100, 3), (7, 97, 3)], ids=str)
+def test_fused_update_equals_grads_then_step(native_on, dtype, size):
     """`update` (weight gradients straight into Adam) is `param_grads` + `step` bit for bit,
-    and the packed copies Adam writes equal a fresh packing of the updated weights."""
-    size, B = (9, 100, 3), 7
+    and the packed copies Adam writes equal a fresh packing of the updated weights, padding
+    included: 97 rows end in a band of one row, whose bfloat16 pair partner must stay zero."""
+    _check_fused_update(size, dtype)
+
+
+def _check_fused_update(size, dtype, B=7):
     d1, d2 = make_disc(size), make_disc(size)
     o1 = torch.optim.Adam(d1.parameters(), lr=1e-3, betas=(0.5, 0.9))
     o2 = torch.optim.Adam(d2.parameters(), lr=1e-3, betas=(0.5, 0.9))
     n1, n2 = NativeDiscriminator(d1, 2 * B, dtype, o1), NativeDiscriminator(d2, 2 * B, dtype, o2)
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
-        z, g = torch.randn(2 * B, 9, generator=gen), torch.randn(2 * B, 2, generator=gen)
+        z, g = torch.randn(2 * B, size[0], generator=gen), torch.randn(2 * B, 2, generator=gen)
         assert torch.equal(n1.forward(z), n2.forward(z))
         n1.update(g)
         n2.param_grads(g)

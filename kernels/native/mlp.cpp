@@ -372,8 +372,8 @@ mlp::AdamScalars adam_scalars(double step_size, double bias_correction2_sqrt, do
           static_cast<float>(beta2), static_cast<float>(one_minus_beta2), static_cast<float>(eps)};
 }
 
-// The backward of mlp_backward; with `adam`, each layer's weight gradient goes straight into
-// Adam (the GEMM's epilogue) after the layer's input gradient was formed from the old weights.
+// The backward of mlp_backward; with `adam`, each layer's weight gradient goes into Adam
+// (48 rows of W at a time, mlp::gemm) after the layer's input gradient was formed from the old weights.
 // With `signals`, layer l's d(loss)/d(pre-activation) of row r lives in row start + r of
 // signals[l] (kept there for a later call); rows 0:shared of it are already there, from an
 // earlier backward, and enter the weight gradient times row_scale[r] (see mlp_update).
@@ -479,7 +479,6 @@ at::Tensor backward_impl(const at::Tensor& grad, at::TensorList packed_t, at::Te
                   adam->exp_avg_sq_w[li].data_ptr<float>(), N, K, adam->s, e, adam->packed[li].data_ptr(),
                   packed_t[li].data_ptr()};
         epi.adam = &update;
-        epi.rows_outer = true;  // along the rows of W and its moments
       } else {
         epi.out = grad_w[li].mutable_data_ptr();
         epi.ldc = K;

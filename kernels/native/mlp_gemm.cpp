@@ -138,64 +138,6 @@ inline __attribute__((always_inline)) void adam_rows_body(float* w, float* m, fl
   }
 }
 
-// The Adam epilogue of one tile: rows m0.. of W (mr <= 8, m0 a multiple of mr's block, the
-// tile inside one forward panel), columns n0..n0 + ncols (one input-gradient panel).
-inline __attribute__((always_inline)) void adam_tile_body(const float* tile, int mr, int64_t m0, int64_t n0, int ncols,
-                                                          const AdamUpdate& a) {
-  alignas(64) float wt[kMaxRows * kPanel];
-  for (int i = 0; i < mr; ++i) {
-    const int64_t off = (m0 + i) * a.K + n0;
-    float* w = a.w + off;
-    float* m = a.m + off;
-    float* v = a.v + off;
-    const float* g = tile + i * kPanel;
-    float* out = wt + i * kPanel;
-    for (int c = 0; c < ncols; ++c) {
-      float wi = w[c], mi = m[c], vi = v[c];
-      adam_one(wi, mi, vi, g[c], a.s);
-      w[c] = wi;
-      m[c] = mi;
-      v[c] = vi;
-      out[c] = wi;
-    }
-  }
-  const int64_t p = m0 / kPanel, kb = n0 / kPanel;
-  if (a.e == Elem::F32) {
-    float* f = static_cast<float*>(a.packed);
-    float* t = static_cast<float*>(a.packed_t);
-    for (int i = 0; i < mr; ++i) {
-      const int64_t n = m0 + i;
-      float* fp = f + p * a.K * kPanel + n % kPanel;
-      for (int c = 0; c < ncols; ++c) fp[(n0 + c) * kPanel] = wt[i * kPanel + c];
-      float* tp = t + (kb * a.N + n) * kPanel;
-      for (int c = 0; c < ncols; ++c) tp[c] = wt[i * kPanel + c];
-    }
-    return;
-  }
-  alignas(64) uint16_t bt[kMaxRows * (kPanel + 2)];
-  for (int i = 0; i < mr; ++i) {
-    for (int c = 0; c < ncols; ++c) bt[i * (kPanel + 2) + c] = round_bf16(wt[i * kPanel + c]);
-    bt[i * (kPanel + 2) + ncols] = 0;  // the pair partner past an odd K
-  }
-  const int64_t K2 = (a.K + 1) / 2, N2 = (a.N + 1) / 2;
-  uint32_t* f = static_cast<uint32_t*>(a.packed);
-  for (int i = 0; i < mr; ++i) {
-    const int64_t n = m0 + i;
-    uint32_t* fp = f + (p * K2 + n0 / 2) * kPanel + n % kPanel;
-    const uint16_t* br = bt + i * (kPanel + 2);
-    for (int j = 0; 2 * j < ncols; ++j) {
-      fp[j * kPanel] = static_cast<uint32_t>(br[2 * j]) | (static_cast<uint32_t>(br[2 * j + 1]) << 16);
-    }
-  }
-  uint16_t* t = static_cast<uint16_t*>(a.packed_t);
-  for (int i = 0; i < mr; ++i) {
-    const int64_t n = m0 + i;
-    uint16_t* tp = t + (kb * N2 + n / 2) * kPanel * 2 + (n & 1);
-    const uint16_t* br = bt + i * (kPanel + 2);
-    for (int c = 0; c < ncols; ++c) tp[2 * c] = br[c];
-  }
-}
-
 // --- scalar -----------------------------------------------------------------------------------
 
 void kernel_scalar(int mr, int ncols, int64_t K, const void* A, int64_t lda, Elem e, const void* B, float* tile) {
@@ -231,7 +173,6 @@ inline float gate_value(const Epilogue& e, int64_t m, int64_t n) {
 }
 
 void epilogue_scalar(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const Epilogue& e) {
-  if (e.adam != nullptr) return adam_tile_body(tile, mr, m0, n0, ncols, *e.adam);
   for (int i = 0; i < mr; ++i) {
     const int64_t m = m0 + i;
     for (int c = 0; c < ncols; ++c) {
@@ -349,11 +290,13 @@ FFV_AVX512 inline __m512 leaky512(__m512 v, __m512 ref, __m512 slope) {
   return _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, slope), v);
 }
 
-// adam_one on 16 consecutive elements (the same operations, so the same bits), in place;
-// returns the new weights. Inlined, so the broadcasts are hoisted out of the callers' loops.
-FFV_AVX512 inline __attribute__((always_inline)) __m512 adam16(float* wp, float* mp, float* vp, __m512 g,
-                                                               const AdamScalars& s) {
-  const __m512 m = _mm512_loadu_ps(mp), v = _mm512_loadu_ps(vp), w = _mm512_loadu_ps(wp);
+// adam_one on the lanes of `k` of 16 consecutive elements (the same operations, so the same
+// bits), in place; returns the new weights. Inlined, so the broadcasts are hoisted out of the
+// callers' loops.
+FFV_AVX512 inline __attribute__((always_inline)) __m512 adam16(float* wp, float* mp, float* vp, const float* gp,
+                                                               const AdamScalars& s, __mmask16 k) {
+  const __m512 m = _mm512_maskz_loadu_ps(k, mp), v = _mm512_maskz_loadu_ps(k, vp), w = _mm512_maskz_loadu_ps(k, wp);
+  const __m512 g = _mm512_maskz_loadu_ps(k, gp);
   const __m512 d = _mm512_sub_ps(g, m);
   const __m512 mi = s.one_minus_beta1 < 0.5f ? _mm512_add_ps(m, _mm512_mul_ps(_mm512_set1_ps(s.one_minus_beta1), d))
                                              : _mm512_sub_ps(g, _mm512_mul_ps(d, _mm512_set1_ps(1.0f - s.one_minus_beta1)));
@@ -362,75 +305,93 @@ FFV_AVX512 inline __attribute__((always_inline)) __m512 adam16(float* wp, float*
   const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), _mm512_set1_ps(s.bias_correction2_sqrt)),
                                      _mm512_set1_ps(s.eps));
   const __m512 wi = _mm512_add_ps(w, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(-s.step_size), mi), denom));
-  _mm512_storeu_ps(mp, mi);
-  _mm512_storeu_ps(vp, vi);
-  _mm512_storeu_ps(wp, wi);
+  _mm512_mask_storeu_ps(mp, k, mi);
+  _mm512_mask_storeu_ps(vp, k, vi);
+  _mm512_mask_storeu_ps(wp, k, wi);
   return wi;
 }
 
-// adam_tile_body for a full float32 tile (8 rows x 48 columns) in vector code: the Adam update
-// 16 lanes at a time, the input-gradient copy row by row (48 contiguous floats of one weight
-// row), the forward copy (8 consecutive columns of one k) as 8-lane gathers.
-FFV_AVX512 void adam_tile_512_f32(const float* tile, int64_t m0, int64_t n0, const AdamUpdate& a) {
-  const AdamScalars& s = a.s;
-  alignas(64) float wt[8 * kPanel];
-  const int64_t p = m0 / kPanel, kb = n0 / kPanel;
-  float* t = static_cast<float*>(a.packed_t);
-  for (int i = 0; i < 8; ++i) {
-    const int64_t off = (m0 + i) * a.K + n0;
-    float* tp = t + (kb * a.N + m0 + i) * kPanel;
-    for (int j = 0; j < 3; ++j) {
-      const __m512 wi = adam16(a.w + off + 16 * j, a.m + off + 16 * j, a.v + off + 16 * j,
-                               _mm512_loadu_ps(tile + i * kPanel + 16 * j), s);
-      _mm512_store_ps(wt + i * kPanel + 16 * j, wi);
-      _mm512_storeu_ps(tp + 16 * j, wi);
-    }
-  }
-  float* f = static_cast<float*>(a.packed) + (p * a.K + n0) * kPanel + m0 % kPanel;
-  const __m256i rows = _mm256_setr_epi32(0, 48, 96, 144, 192, 240, 288, 336);  // kPanel floats per tile row
-  for (int c = 0; c < kPanel; ++c) _mm256_storeu_ps(f + c * kPanel, _mm256_i32gather_ps(wt + c, rows, 4));
+// round_bf16 on 16 lanes: round to nearest even in integers, NaN to 0x7FC0.
+FFV_AVX512 inline __m256i bf16x16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
 }
 
-// The same for a full bfloat16 tile: the input-gradient copy as row pairs interleaved by
-// widening, the forward copy (8 consecutive columns of one k pair) as 8-lane gathers of the
-// tile's pairs.
-FFV_AVX512 void adam_tile_512(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const AdamUpdate& a) {
-  if (mr == 8 && ncols == kPanel && a.e == Elem::F32) return adam_tile_512_f32(tile, m0, n0, a);
-  if (a.e != Elem::BF16 || mr != 8 || ncols != kPanel) return adam_tile_body(tile, mr, m0, n0, ncols, a);
-  const AdamScalars& s = a.s;
-  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
-  alignas(64) uint16_t bt[8 * kPanel];
-  for (int i = 0; i < 8; ++i) {
-    const int64_t off = (m0 + i) * a.K + n0;
-    for (int j = 0; j < 3; ++j) {
-      const __m512 wi = adam16(a.w + off + 16 * j, a.m + off + 16 * j, a.v + off + 16 * j,
-                               _mm512_loadu_ps(tile + i * kPanel + 16 * j), s);
-      const __m512i u = _mm512_castps_si512(wi);
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half)), 16);
-      r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(wi, wi, _CMP_UNORD_Q), r, qnan);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(bt + i * kPanel + 16 * j), _mm512_cvtepi32_epi16(r));
+FFV_AVX512 inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// adam_rows for one forward panel (rows r0..r0 + rows of W, r0 a multiple of kPanel) in vector
+// code. Adam streams the panel's rows (contiguous in W, its moments and g); the updated rows go
+// to the input-gradient copy as 48-column runs (row pairs interleaved in bfloat16) and, through
+// `band` (the rows as float32 or bfloat16 pairs, zero past K and past the last row), to the
+// forward copy, whose panel is one contiguous [k][48] block written as a blocked transposition.
+FFV_AVX512 void adam_panel_512(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0,
+                               int rows, const AdamScalars& s, Elem e, void* packed, void* packed_t, uint32_t* band) {
+  const int64_t p = r0 / kPanel, kpanels = panel_count(K), width = kpanels * kPanel;
+  if (e == Elem::F32) {
+    float* f = static_cast<float*>(packed) + p * K * kPanel;
+    float* t = static_cast<float*>(packed_t);
+    float* bandf = reinterpret_cast<float*>(band);
+    for (int i = 0; i < rows; ++i) {
+      const int64_t off = (r0 + i) * K;
+      float* br = bandf + i * width;
+      for (int64_t c = 0; c < K; c += 16) {
+        const __mmask16 k = lanes(K - c);
+        _mm512_mask_storeu_ps(br + c, k, adam16(w + off + c, m + off + c, v + off + c, g + off + c, s, k));
+      }
+      for (int64_t kb = 0; kb < kpanels; ++kb) {
+        const int64_t cols = std::min<int64_t>(kPanel, K - kb * kPanel);
+        std::memcpy(t + (kb * N + r0 + i) * kPanel, br + kb * kPanel, sizeof(float) * cols);
+      }
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {  // f[k][c] = band[c][k], 16 k at a time
+      const int64_t k1 = std::min<int64_t>(K, k0 + 16);
+      for (int64_t k = k0; k < k1; ++k)
+        for (int c = 0; c < rows; ++c) f[k * kPanel + c] = bandf[c * width + k];
+    }
+    return;
+  }
+  const int64_t K2 = (K + 1) / 2, N2 = (N + 1) / 2;
+  uint16_t* band16 = reinterpret_cast<uint16_t*>(band);  // row i: width bfloat16 (K, then zeros)
+  const int64_t stride16 = width;
+  for (int i = 0; i < rows; ++i) {
+    const int64_t off = (r0 + i) * K;
+    uint16_t* br = band16 + i * stride16;
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 k = lanes(K - c);
+      _mm256_mask_storeu_epi16(br + c, k, bf16x16(adam16(w + off + c, m + off + c, v + off + c, g + off + c, s, k)));
+    }
+    std::fill(br + K, br + stride16, uint16_t{0});
+  }
+  if (rows & 1) std::fill(band16 + rows * stride16, band16 + (rows + 1) * stride16, uint16_t{0});
+  uint16_t* t = static_cast<uint16_t*>(packed_t);
+  for (int i = 0; i < rows; i += 2) {  // rows r0 + i and r0 + i + 1 interleaved, 48 columns per panel
+    const uint16_t* lo_row = band16 + i * stride16;
+    const uint16_t* hi_row = lo_row + stride16;
+    for (int64_t kb = 0; kb < kpanels; ++kb) {
+      uint16_t* tp = t + (kb * N2 + (r0 + i) / 2) * kPanel * 2;
+      for (int j = 0; j < 3; ++j) {
+        const int64_t c = kb * kPanel + 16 * j;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo_row + c)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi_row + c)));
+        _mm512_storeu_si512(tp + 32 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
     }
   }
-  const int64_t p = m0 / kPanel, kb = n0 / kPanel, K2 = (a.K + 1) / 2, N2 = (a.N + 1) / 2;
-  uint16_t* t = static_cast<uint16_t*>(a.packed_t);
-  for (int i = 0; i < 8; i += 2) {
-    uint16_t* tp = t + (kb * N2 + (m0 + i) / 2) * kPanel * 2;
-    for (int j = 0; j < 3; ++j) {
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(bt + i * kPanel + 16 * j)));
-      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(bt + (i + 1) * kPanel + 16 * j)));
-      _mm512_storeu_si512(tp + 32 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-  }
-  uint32_t* f = static_cast<uint32_t*>(a.packed) + (p * K2 + n0 / 2) * kPanel + m0 % kPanel;
-  const int* pairs = reinterpret_cast<const int*>(bt);
-  const __m256i rows = _mm256_setr_epi32(0, 24, 48, 72, 96, 120, 144, 168);  // 24 pairs per tile row
-  for (int j = 0; j < kPanel / 2; ++j) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(f + j * kPanel), _mm256_i32gather_epi32(pairs + j, rows, 4));
+  uint32_t* f = static_cast<uint32_t*>(packed) + p * K2 * kPanel;  // f[kp][c] = pair kp of row c
+  const int64_t words = stride16 / 2;
+  for (int64_t k0 = 0; k0 < K2; k0 += 16) {
+    const int64_t k1 = std::min<int64_t>(K2, k0 + 16);
+    for (int64_t kp = k0; kp < k1; ++kp)
+      for (int c = 0; c < rows; ++c) f[kp * kPanel + c] = band[c * words + kp];
   }
 }
 
 FFV_AVX512 void epilogue512(const float* tile, int mr, int64_t m0, int64_t n0, int ncols, const Epilogue& e) {
-  if (e.adam != nullptr) return adam_tile_512(tile, mr, m0, n0, ncols, *e.adam);
   const __m512 slope = _mm512_set1_ps(e.slope);
   for (int i = 0; i < mr; ++i) {
     const int64_t m = m0 + i;
@@ -611,32 +572,11 @@ void run_epilogue(GemmIsa isa, const float* tile, int mr, int64_t m0, int64_t n0
 }
 
 #if defined(FASTFVAE_MLP_SIMD)
-FFV_AVX512 void adam_rows_512(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0,
-                              int64_t r1, const AdamScalars& s, Elem e, void* packed, void* packed_t, uint16_t* b16) {
-  adam_rows_body(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16);
-}
 FFV_AVX2 void adam_rows_2(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0, int64_t r1,
                           const AdamScalars& s, Elem e, void* packed, void* packed_t, uint16_t* b16) {
   adam_rows_body(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16);
 }
 #endif
-
-// The weight rows, moments of tile t of an Adam epilogue into the cache while tile t - 1 computes:
-// its 3 x mr short row segments are too scattered for the hardware prefetcher.
-void prefetch_adam(const AdamUpdate& a, bool rows_outer, int64_t t, int64_t blocks, int64_t panels, int MR, int64_t M,
-                   int64_t N) {
-  const int64_t p = rows_outer ? t % panels : t / blocks, b = rows_outer ? t / panels : t % blocks;
-  const int64_t m0 = b * MR, n0 = p * kPanel;
-  const int64_t mr = std::min<int64_t>(MR, M - m0), cols = std::min<int64_t>(kPanel, N - n0);
-  for (int64_t i = 0; i < mr; ++i) {
-    const int64_t off = (m0 + i) * a.K + n0;
-    for (int64_t c = 0; c < cols; c += 16) {
-      __builtin_prefetch(a.w + off + c, 1, 3);
-      __builtin_prefetch(a.m + off + c, 1, 3);
-      __builtin_prefetch(a.v + off + c, 1, 3);
-    }
-  }
-}
 
 }  // namespace
 
@@ -646,11 +586,21 @@ void adam_vector(float* w, float* m, float* v, const float* g, int64_t n, const 
 
 void adam_rows(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0, int64_t r1,
                const AdamScalars& s, Elem e, void* packed, void* packed_t) {
+#if defined(FASTFVAE_MLP_SIMD)
+  const GemmIsa isa = gemm_isa();
+  if (isa == GemmIsa::Avx512Bf16 || isa == GemmIsa::Avx512) {
+    // one panel's rows, 48-column padded: float32, or bfloat16 with a zero row after an odd count
+    std::vector<uint32_t> band(static_cast<size_t>(kPanel * panel_count(K) * kPanel));
+    for (int64_t r = r0; r < r1; r += kPanel) {
+      adam_panel_512(w, m, v, g, N, K, r, static_cast<int>(std::min<int64_t>(kPanel, r1 - r)), s, e, packed, packed_t,
+                     band.data());
+    }
+    return;
+  }
+#endif
   std::vector<uint16_t> b16(static_cast<size_t>(4 * ((K + 1) / 2)));
 #if defined(FASTFVAE_MLP_SIMD)
-  switch (gemm_isa()) {
-    case GemmIsa::Avx512Bf16:
-    case GemmIsa::Avx512: return adam_rows_512(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16.data());
+  switch (isa) {
     case GemmIsa::Avx2: return adam_rows_2(w, m, v, g, N, K, r0, r1, s, e, packed, packed_t, b16.data());
     default: break;
   }
@@ -760,10 +710,47 @@ void pack_b(const void* src, Src src_type, int64_t ld, bool transposed, int64_t 
   });
 }
 
+namespace {
+
+// gemm with an Adam epilogue, in bands of one forward panel (48 rows of C = 48 rows of W): the
+// band's gradient tiles go to a float32 buffer that stays in L2, then adam_rows streams the band's
+// rows of W and its moments, which are contiguous. (Adam on each tile as it left the registers
+// touched 3 x 8 short row segments per tile, which the hardware prefetchers follow poorly.) One
+// band is one task, so no two threads write one cache line of the packed copies.
+void gemm_adam(GemmIsa isa, int MR, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e,
+               const void* B, const AdamUpdate& a) {
+  const int64_t bands = (M + kPanel - 1) / kPanel, panels = panel_count(N);
+  const int64_t esize = e == Elem::F32 ? 4 : 2;
+  const int64_t panel_bytes = reduction_rows(K, e) * kPanel * esize * (e == Elem::BF16 ? 2 : 1);
+  at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> grad(static_cast<size_t>(kPanel * N));
+    alignas(64) float tile[kMaxRows * kPanel];
+    for (int64_t band = b0; band < b1; ++band) {
+      const int64_t r0 = band * kPanel, r1 = std::min<int64_t>(M, r0 + kPanel);
+      for (int64_t m0 = r0; m0 < r1; m0 += MR) {  // MR divides kPanel
+        const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - m0));
+        const void* ap = static_cast<const char*>(A) + m0 * lda * esize;
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t n0 = p * kPanel;
+          const int ncols = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
+          run_block(isa, mr, ncols, K, ap, lda, e, static_cast<const char*>(B) + p * panel_bytes, tile);
+          for (int i = 0; i < mr; ++i)
+            std::memcpy(grad.data() + (m0 - r0 + i) * N + n0, tile + i * kPanel, sizeof(float) * ncols);
+        }
+      }
+      // adam_rows indexes the gradient by W's row: this band's rows start at grad
+      adam_rows(a.w, a.m, a.v, grad.data() - r0 * N, a.N, a.K, r0, r1, a.s, a.e, a.packed, a.packed_t);
+    }
+  });
+}
+
+}  // namespace
+
 void gemm(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e, const void* B, const Epilogue& epi) {
   if (M <= 0 || N <= 0) return;
   const GemmIsa isa = gemm_isa();
   const int MR = rows_per_block(isa, e);
+  if (epi.adam != nullptr) return gemm_adam(isa, MR, M, N, K, A, lda, e, B, *epi.adam);
   const int64_t blocks = (M + MR - 1) / MR, panels = panel_count(N);
   const int64_t esize = e == Elem::F32 ? 4 : 2;
   const int64_t panel_bytes = reduction_rows(K, e) * kPanel * esize * (e == Elem::BF16 ? 2 : 1);
@@ -772,13 +759,12 @@ void gemm(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e, c
   at::parallel_for(0, panels * blocks, grain, [&](int64_t t0, int64_t t1) {
     alignas(64) float tile[kMaxRows * kPanel];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = epi.rows_outer ? t % panels : t / blocks, b = epi.rows_outer ? t / panels : t % blocks;
+      const int64_t p = t / blocks, b = t % blocks;
       const int64_t m0 = b * MR, n0 = p * kPanel;
       const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
       const int ncols = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
       const void* a = static_cast<const char*>(A) + m0 * lda * esize;
       const void* bp = static_cast<const char*>(B) + p * panel_bytes;
-      if (epi.adam != nullptr && t + 4 < t1) prefetch_adam(*epi.adam, epi.rows_outer, t + 4, blocks, panels, MR, M, N);
       run_block(isa, mr, ncols, K, a, lda, e, bp, tile);
       run_epilogue(isa, tile, mr, m0, n0, ncols, epi);
     }

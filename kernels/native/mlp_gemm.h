@@ -55,7 +55,8 @@ struct AdamScalars {
 };
 
 // A weight-gradient GEMM's epilogue that applies Adam instead of storing the gradient: for
-// C[n, k] = d(loss)/d(W[n, k]), W, its moments and both packed copies are updated in place.
+// C[n, k] = d(loss)/d(W[n, k]), W, its moments and both packed copies are updated in place,
+// 48 rows of W at a time (their gradient kept in a buffer the size of L2, not in memory).
 struct AdamUpdate {
   float* w;
   float* m;
@@ -78,7 +79,6 @@ struct Epilogue {
   int64_t ldg = 0;
   Elem gate_elem = Elem::F32;
   const AdamUpdate* adam = nullptr;  // when given: Adam on C (a weight gradient), nothing stored
-  bool rows_outer = false;           // tiles in row-major order (consecutive tiles share A rows)
 };
 
 // C = epilogue(A . B) on the active variant; threads over (panel, row block) tiles.
@@ -88,7 +88,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, Elem e, c
 // Adam on n float32 elements (a bias).
 void adam_vector(float* w, float* m, float* v, const float* g, int64_t n, const AdamScalars& s);
 
-// Adam on rows [r0, r1) of a weight [N, K] (r0 even), then the updated rows into both packed
+// Adam on rows [r0, r1) of a weight [N, K] (r0 a multiple of kPanel), g the gradient indexed as W, then the updated rows into both packed
 // copies in e: `packed` (forward, B = W^T) and `packed_t` (input gradient, B = W).
 void adam_rows(float* w, float* m, float* v, const float* g, int64_t N, int64_t K, int64_t r0, int64_t r1,
                const AdamScalars& s, Elem e, void* packed, void* packed_t);
