@@ -415,13 +415,7 @@ FFV_AVX512 void epilogue512(const float* tile, int mr, int64_t m0, int64_t n0, i
       if (e.out_elem == Elem::F32) {
         _mm512_mask_storeu_ps(static_cast<float*>(e.out) + m * e.ldc + n, mask, v);
       } else {
-        // round to nearest even in integers (f32_to_bf16), NaN to 0x7FC0
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
-        const __m256i h = _mm512_cvtepi32_epi16(r);
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * e.ldc + n, mask, h);
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * e.ldc + n, mask, bf16x16(v));
       }
     }
   }
